@@ -1,0 +1,178 @@
+package diskserve
+
+import "io"
+
+// A DiskFile is a virtual disk: Size() bytes addressable by byte offset.
+//
+// ReadAt follows the [io.ReaderAt] contract: a read that returns fewer than
+// len(p) bytes returns a non-nil error saying why; a read that starts at or
+// past Size returns 0, [io.EOF]; a read that crosses Size returns the bytes
+// up to Size and [io.EOF]; a read that ends exactly at Size may return
+// either nil or io.EOF. Formats never return a short read for any other
+// reason than an I/O error: a read that spans clusters, chunks, frames or
+// components is split internally.
+//
+// WriteAt follows the [io.WriterAt] contract, except that a DiskFile never
+// grows by being written: a write that does not fit inside [0, Size) writes
+// nothing and returns an error wrapping [ErrOutOfRange]. On a read-only
+// DiskFile, WriteAt and every mutating capability return an error wrapping
+// [ErrReadOnly].
+//
+// A DiskFile is safe for concurrent use: any number of ReadAt calls may run
+// in parallel, and so may WriteAt calls on non-overlapping ranges, with each
+// other and with reads of other ranges. The capability methods below may
+// run concurrently with ReadAt and WriteAt on ranges they do not touch.
+// Implementations must not retain p after returning. Close must not be
+// called concurrently with any other method; after Close, the DiskFile and
+// every image it opened (backing files, components) are released.
+//
+// Features that not every format has are optional interfaces ([Flusher],
+// [ZeroWriter], [HolePuncher], [ExtentMapper], [Resizer], [Describer]).
+// Callers never type-assert them: the package-level functions [Flush],
+// [WriteZeroes], [PunchHole], [Extents], [Resize] and [Describe] do, and hold
+// the fallback for disks that lack the capability.
+type DiskFile interface {
+	io.ReaderAt
+	io.WriterAt
+	io.Closer
+
+	// Size returns the virtual size in bytes, as a guest sees it. It
+	// changes only through [Resize].
+	Size() int64
+
+	// ReadOnly reports whether the disk refuses writes. Exporters read it
+	// once, when a client attaches (NBD_FLAG_READ_ONLY, the FUSE file mode).
+	ReadOnly() bool
+}
+
+// A Flusher has writes or metadata that are not yet on stable storage.
+//
+// Flush returns once every write that completed before the call is durable:
+// data, and the metadata needed to find it after a crash. Every writable
+// format implements Flusher; the conformance suite checks that. If a disk
+// does not implement it, [Flush] does nothing, which is right only for disks
+// that have nothing to make durable.
+type Flusher interface {
+	Flush() error
+}
+
+// ZeroFlags modify a [ZeroWriter.WriteZeroesAt] request. The zero value asks
+// for zeroes that stay allocated.
+type ZeroFlags uint32
+
+const (
+	// ZeroMayUnmap lets the disk deallocate the range instead of writing
+	// zeroes into it, as long as it reads back as zeroes (NBD: a
+	// WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE).
+	ZeroMayUnmap ZeroFlags = 1 << iota
+
+	// ZeroFast asks the disk to fail with an error wrapping
+	// [errors.ErrUnsupported] rather than zero the range by writing data
+	// (NBD_CMD_FLAG_FAST_ZERO). [WriteZeroes] then does not fall back.
+	ZeroFast
+)
+
+// A ZeroWriter can make a range read as zeroes without transferring a buffer
+// of zeroes: FALLOC_FL_ZERO_RANGE, the qcow2 zero flag, a sparse hole.
+//
+// WriteZeroesAt makes [off, off+n) read as zeroes. The range must lie inside
+// [0, Size), or the call fails with [ErrOutOfRange]. A disk that cannot do
+// this cheaply for a given request (a file system without ZERO_RANGE, say)
+// returns an error wrapping [errors.ErrUnsupported], and [WriteZeroes]
+// falls back to writing zeroes unless [ZeroFast] was asked for. If a disk
+// does not implement ZeroWriter, [WriteZeroes] always falls back.
+type ZeroWriter interface {
+	WriteZeroesAt(off, n int64, flags ZeroFlags) error
+}
+
+// A HolePuncher can deallocate a range of the disk.
+//
+// PunchHole deallocates [off, off+n) where it can; afterwards the whole range
+// reads as zeroes, also where nothing could be deallocated (an unaligned
+// head or tail, a qcow2 overlay whose backing file holds data there). The
+// range must lie inside [0, Size). A disk that cannot punch holes returns an
+// error wrapping [errors.ErrUnsupported], and [PunchHole] falls back to
+// [WriteZeroes] with [ZeroMayUnmap]; so it does if the disk does not
+// implement HolePuncher.
+//
+// PunchHole takes no flags: the only NBD flag that applies to TRIM is FUA,
+// and exporters implement FUA for every command as a [Flush] after it.
+type HolePuncher interface {
+	PunchHole(off, n int64) error
+}
+
+// ExtentFlags describe the allocation state of an [Extent]. The bits are
+// those of the NBD base:allocation metadata context, so exporters pass them
+// through unchanged. The zero value means "allocated data", the safe answer
+// for a disk that does not know better.
+type ExtentFlags uint32
+
+const (
+	// ExtentHole marks a range that is not allocated in this image
+	// (NBD_STATE_HOLE). It may still read as data from a backing file.
+	ExtentHole ExtentFlags = 1 << 0
+
+	// ExtentZero marks a range that reads as zeroes (NBD_STATE_ZERO).
+	ExtentZero ExtentFlags = 1 << 1
+)
+
+// An Extent is a range of the virtual disk with one allocation state.
+type Extent struct {
+	Off, Len int64
+	Flags    ExtentFlags
+}
+
+// An ExtentMapper knows which parts of the disk hold data.
+//
+// AppendExtents appends to dst extents that cover exactly [off, off+n), in
+// order and without gaps or overlaps, and returns the extended slice. The
+// range lies inside [0, Size). Adjacent extents may share flags; callers that
+// care merge them. An extent may claim data where there are zeroes, never the
+// reverse: ExtentZero is a promise about what a read returns. If a disk does
+// not implement ExtentMapper, [Extents] reports the whole range as data.
+type ExtentMapper interface {
+	AppendExtents(dst []Extent, off, n int64) ([]Extent, error)
+}
+
+// A Resizer can change the virtual size of the disk.
+//
+// Resize sets the size to size bytes. Growing adds a range that reads as
+// zeroes; shrinking discards the tail. A disk that can only grow returns an
+// error wrapping [errors.ErrUnsupported] for a smaller size. If a disk does
+// not implement Resizer, [Resize] fails with errors.ErrUnsupported.
+type Resizer interface {
+	Resize(size int64) error
+}
+
+// A Describer reports facts about its image for `diskserve info`.
+//
+// Describe fills in the format's own fields of info; [Describe] has already
+// set the virtual size. Formats that open other images describe them too
+// (Info.Backing, Info.Children).
+type Describer interface {
+	Describe(info *Info)
+}
+
+// Info is what `diskserve info` reports about an image. Field names follow
+// the keys of `qemu-img info --output=json`, so the CLI can encode it in
+// that shape.
+type Info struct {
+	Filename      string // the path the image was opened from
+	Format        string // format name, as in Format.Name
+	VirtualSize   int64
+	ReadOnly      bool
+	ClusterSize   int64  // 0 if the format has no clusters
+	BackingFile   string // as recorded in the image; "" if none
+	BackingFormat string // as recorded in the image; "" if none or unrecorded
+	Dirty         bool   // the image was not closed cleanly
+
+	// Specific holds format-specific facts, with keys as in the
+	// "format-specific" data of qemu-img info where one exists.
+	Specific map[string]any
+
+	// Backing describes the backing image, if there is one.
+	Backing *Info
+	// Children describe the images a container is made of (composite
+	// components), in guest order.
+	Children []Info
+}

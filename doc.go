@@ -1,0 +1,36 @@
+// Package diskserve holds the contracts of the diskserve disk engine: the
+// [DiskFile] interface every image format implements, the optional
+// capability interfaces, the errors, and the format-agnostic opener.
+//
+// # The contract
+//
+// A [DiskFile] is an [io.ReaderAt] and [io.WriterAt] over a fixed-size
+// virtual disk, safe for concurrent use. What only some formats can do is an
+// optional one-method interface: [Flusher], [ZeroWriter], [HolePuncher],
+// [ExtentMapper], [Resizer] and [Describer]. Code that uses a disk calls the
+// functions [Flush], [WriteZeroes], [PunchHole], [Extents], [Resize] and
+// [Describe], which use the capability when the disk has it and fall back
+// when it does not; nothing outside this package type-asserts a capability.
+// A wrapper around a DiskFile must therefore implement every capability
+// itself and forward it through these functions: embedding a DiskFile
+// forwards only the methods of DiskFile.
+//
+// # Opening images
+//
+// [Open] opens a file, reads its first [SniffSize] bytes, and gives the file
+// to the first [Format] of [Options.Formats] whose magic matches, or to the
+// format named by [Options.Format]. Formats that refer to other images
+// (qcow2 backing files, composite components) open them through
+// [OpenContext.OpenChild], which applies the nesting depth limit and the
+// path policy. This package knows no format: package format lists the
+// built-in ones, and each lives in its own package under format/, importing
+// only this one.
+//
+// # Errors
+//
+// Errors wrap the sentinels [ErrReadOnly], [ErrOutOfRange],
+// [ErrUnsupported], [ErrNestingDepth], [ErrCorrupt] and [ErrUnknownFormat].
+// A malformed image gives a [*FormatError] naming the format, the byte
+// offset and what is wrong; the opener wraps it in an [*fs.PathError]
+// naming the file.
+package diskserve

@@ -1,0 +1,81 @@
+// Package format lists diskserve's built-in image formats and opens images
+// with them.
+//
+// It is the only package that knows every format: the root package holds
+// the format-agnostic opener, and each format lives in its own package under
+// format/, importing only the root.
+package format
+
+import (
+	"encoding/binary"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/raw"
+)
+
+// All returns the built-in formats in the order the opener tries them.
+// Raw matches every file and comes last.
+//
+// Formats whose packages have not landed yet are recognised by their magic
+// and refused with an error wrapping [diskserve.ErrUnsupported], so that
+// such an image is never taken for raw and served with its metadata
+// exposed to the guest.
+func All() []diskserve.Format {
+	return []diskserve.Format{
+		recognised("composite", "composite_disk\x1d", nil),
+		recognised("qcow2", "QFI\xfb", nil),
+		recognised("android-sparse", "\x3a\xff\x26\xed", nil),
+		recognised("zstd", "", isZstd),
+		raw.Format,
+	}
+}
+
+// Options returns opts with the built-in formats and the raw file opener
+// filled in where opts leaves them empty.
+func Options(opts diskserve.Options) diskserve.Options {
+	if opts.Formats == nil {
+		opts.Formats = All()
+	}
+	if opts.OpenFile == nil {
+		opts.OpenFile = raw.OpenFile
+	}
+	return opts
+}
+
+// Open opens the image at path with the built-in formats: it is
+// [diskserve.Open] with [Options] applied to opts.
+func Open(path string, opts diskserve.Options) (diskserve.DiskFile, error) {
+	return diskserve.Open(path, Options(opts))
+}
+
+// Names returns the names of the built-in formats, for help texts.
+func Names() []string {
+	var names []string
+	for _, f := range All() {
+		names = append(names, f.Name)
+	}
+	return names
+}
+
+// isZstd matches a zstd frame (magic 0xFD2FB528) or a skippable frame
+// (0x184D2A50 to 0x184D2A5F), both little-endian, as crosvm does.
+func isZstd(head []byte) bool {
+	if len(head) < 4 {
+		return false
+	}
+	m := binary.LittleEndian.Uint32(head)
+	return m == 0xFD2FB528 || m&^0xF == 0x184D2A50
+}
+
+// recognised returns a format that claims images by their magic and
+// refuses to open them.
+func recognised(name, magic string, match func([]byte) bool) diskserve.Format {
+	return diskserve.Format{
+		Name:  name,
+		Magic: magic,
+		Match: match,
+		Open: func(diskserve.DiskFile, *diskserve.OpenContext) (diskserve.DiskFile, error) {
+			return nil, diskserve.Unsupported(name, -1, "%s images are recognised but not supported yet", name)
+		},
+	}
+}

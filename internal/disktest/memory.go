@@ -1,0 +1,57 @@
+package disktest
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/diskserve/diskserve"
+)
+
+// A Memory is a DiskFile held in memory, with no capability beyond the
+// DiskFile methods and a Flush that has nothing to do: it is the bare disk
+// on which tests check the fallbacks of package diskserve and of wrappers.
+type Memory struct {
+	data     []byte
+	readOnly bool
+}
+
+// NewMemory returns a Memory disk holding data, which it uses without
+// copying.
+func NewMemory(data []byte, readOnly bool) *Memory {
+	return &Memory{data: data, readOnly: readOnly}
+}
+
+// Size returns len(data).
+func (m *Memory) Size() int64 { return int64(len(m.data)) }
+
+// ReadOnly reports whether writes are refused.
+func (m *Memory) ReadOnly() bool { return m.readOnly }
+
+// ReadAt copies from data.
+func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
+	}
+	if off >= m.Size() {
+		return 0, io.EOF
+	}
+	n := copy(p, m.data[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// WriteAt copies into data.
+func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
+	if err := diskserve.CheckWrite(m, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return copy(m.data[off:], p), nil
+}
+
+// Close does nothing.
+func (m *Memory) Close() error { return nil }
+
+// Flush does nothing: memory has no stable storage to reach.
+func (m *Memory) Flush() error { return nil }

@@ -1,0 +1,254 @@
+package diskserve_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/raw"
+)
+
+// nestFormat is a fake nesting format, standing in for qcow2 backing files
+// and composite components: "NEST\n" followed by an optional child name.
+// The child is sniffed; the image's data is its own container's bytes.
+var nestFormat = diskserve.Format{
+	Name:  "nest",
+	Magic: "NEST",
+	Open: func(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
+		buf := make([]byte, c.Size())
+		if _, err := c.ReadAt(buf, 0); err != nil {
+			return nil, err
+		}
+		header, child, ok := bytes.Cut(buf, []byte("\n"))
+		if !ok || string(header) != "NEST" {
+			return nil, diskserve.Corrupt("nest", 0, "truncated header")
+		}
+		n := &nestDisk{DiskFile: c}
+		if name := strings.TrimSpace(string(child)); name != "" {
+			var err error
+			if n.child, err = oc.OpenChild(name, "", true); err != nil {
+				return nil, fmt.Errorf("child: %w", err)
+			}
+		}
+		return n, nil
+	},
+}
+
+type nestDisk struct {
+	diskserve.DiskFile
+	child diskserve.DiskFile
+}
+
+func (n *nestDisk) Close() error {
+	if n.child != nil {
+		n.child.Close()
+	}
+	return n.DiskFile.Close()
+}
+
+func nestOptions() diskserve.Options {
+	return diskserve.Options{Formats: []diskserve.Format{nestFormat, raw.Format}, OpenFile: raw.OpenFile, ReadOnly: true}
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func write(t *testing.T, path, content string) string {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// chain writes n nest images, each referring to the next by a relative
+// name, the last one a leaf, and returns the path of the first.
+func chain(t *testing.T, n int) string {
+	dir := t.TempDir()
+	for i := range n {
+		content := "NEST\n"
+		if i < n-1 {
+			content += fmt.Sprintf("img%d\n", i+1)
+		}
+		write(t, filepath.Join(dir, fmt.Sprintf("img%d", i)), content)
+	}
+	return filepath.Join(dir, "img0")
+}
+
+func TestOpenNestingDepth(t *testing.T) {
+	for _, tc := range []struct {
+		images int
+		ok     bool
+	}{
+		{1, true},
+		{diskserve.DefaultMaxDepth + 1, true},  // the last image is at depth 10
+		{diskserve.DefaultMaxDepth + 2, false}, // the last image would be at depth 11
+	} {
+		t.Run(fmt.Sprint(tc.images), func(t *testing.T) {
+			top := chain(t, tc.images)
+			before := openFDs(t)
+			d, err := diskserve.Open(top, nestOptions())
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Open of a chain of %d: %v", tc.images, err)
+				}
+				d.Close()
+			} else if !errors.Is(err, diskserve.ErrNestingDepth) {
+				t.Fatalf("Open of a chain of %d: %v, want ErrNestingDepth", tc.images, err)
+			}
+			if after := openFDs(t); after != before {
+				t.Errorf("%d file descriptors open before, %d after", before, after)
+			}
+		})
+	}
+}
+
+func TestOpenMaxDepthOption(t *testing.T) {
+	opts := nestOptions()
+	opts.MaxDepth = 2
+	if d, err := diskserve.Open(chain(t, 3), opts); err != nil {
+		t.Fatalf("chain of 3 with MaxDepth 2: %v", err)
+	} else {
+		d.Close()
+	}
+	if _, err := diskserve.Open(chain(t, 4), opts); !errors.Is(err, diskserve.ErrNestingDepth) {
+		t.Fatalf("chain of 4 with MaxDepth 2: %v, want ErrNestingDepth", err)
+	}
+}
+
+func TestOpenSelfReference(t *testing.T) {
+	path := write(t, filepath.Join(t.TempDir(), "self"), "NEST\nself\n")
+	before := openFDs(t)
+	_, err := diskserve.Open(path, nestOptions())
+	if !errors.Is(err, diskserve.ErrNestingDepth) {
+		t.Fatalf("Open of a self-referencing image: %v, want ErrNestingDepth", err)
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d file descriptors open before, %d after", before, after)
+	}
+	if !strings.HasPrefix(err.Error(), "open "+path+": child: open ") {
+		t.Errorf("error does not name the chain: %v", err)
+	}
+}
+
+func TestOpenChildRelativeToReferrer(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
+	write(t, filepath.Join(dir, "sub", "base"), "NEST\n")
+	top := write(t, filepath.Join(dir, "top"), "NEST\nsub/base\n")
+	t.Chdir(t.TempDir()) // resolving against the working directory would fail
+	d, err := diskserve.Open(top, nestOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+}
+
+func TestOpenResolvePathPolicy(t *testing.T) {
+	dir := t.TempDir()
+	write(t, filepath.Join(dir, "base"), "NEST\n")
+	top := write(t, filepath.Join(dir, "top"), "NEST\n"+filepath.Join(dir, "base")+"\n")
+	opts := nestOptions()
+	errAbsolute := errors.New("absolute names are not allowed")
+	opts.ResolvePath = func(referrer, name string) (string, error) {
+		if filepath.IsAbs(name) {
+			return "", errAbsolute
+		}
+		return diskserve.ResolveRelative(referrer, name)
+	}
+	before := openFDs(t)
+	if _, err := diskserve.Open(top, opts); !errors.Is(err, errAbsolute) {
+		t.Fatalf("Open with a refused child path: %v", err)
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d file descriptors open before, %d after", before, after)
+	}
+}
+
+func TestOpenSniffing(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, content string
+		wantErr       error // nil: opens
+		raw           bool  // opens as raw
+	}{
+		{"nest", "NEST\n", nil, false},
+		{"raw", "hello, world", nil, true},
+		{"short raw", "NE", nil, true},
+		{"empty", "", nil, true},
+		{"truncated header", "NEST", diskserve.ErrCorrupt, false},
+		{"bad header", "NESTING\n", diskserve.ErrCorrupt, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := write(t, filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")), tc.content)
+			d, err := diskserve.Open(path, nestOptions())
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("Open: %v, want %v", err, tc.wantErr)
+				}
+				var pe *fs.PathError
+				if !errors.As(err, &pe) || pe.Path != path || strings.Count(err.Error(), "\n") != 0 {
+					t.Fatalf("error %q does not name the file on one line", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if _, isRaw := d.(*raw.Disk); isRaw != tc.raw {
+				t.Fatalf("opened as %T", d)
+			}
+		})
+	}
+}
+
+func TestOpenExplicitFormat(t *testing.T) {
+	path := write(t, filepath.Join(t.TempDir(), "img"), "NEST\n")
+	opts := nestOptions()
+	opts.Format = "raw"
+	d, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := d.(*raw.Disk); !ok {
+		t.Errorf("-f raw opened %T", d)
+	}
+	d.Close()
+	opts.Format = "vmdk"
+	if _, err := diskserve.Open(path, opts); !errors.Is(err, diskserve.ErrUnknownFormat) || !strings.Contains(err.Error(), `"vmdk" (known: nest, raw)`) {
+		t.Fatalf("unknown format: %v", err)
+	}
+}
+
+func TestOpenBadInput(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, path, msg string
+	}{
+		{"missing", filepath.Join(dir, "missing.img"), "no such file or directory"},
+		{"directory", dir, "is a directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := diskserve.Open(tc.path, nestOptions())
+			if err == nil || !strings.Contains(err.Error(), tc.path) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("Open(%s) = %v, want an error naming it and saying %q", tc.path, err, tc.msg)
+			}
+		})
+	}
+	if _, err := diskserve.Open(filepath.Join(dir, "x"), diskserve.Options{}); err == nil {
+		t.Fatal("Open without formats succeeded")
+	}
+}

@@ -1,0 +1,138 @@
+package diskserve
+
+import (
+	"errors"
+	"fmt"
+)
+
+// The functions in this file are how callers use a disk's optional
+// capabilities. Each one type-asserts the capability and holds the fallback
+// for disks that lack it, as io.Copy does for io.WriterTo; exporters and
+// wrappers call them instead of asserting, so the fallbacks live in one
+// place.
+
+// Flush makes every completed write to d durable, using d's [Flusher]. A
+// disk that is not a Flusher has nothing to flush, and Flush returns nil.
+func Flush(d DiskFile) error {
+	if f, ok := d.(Flusher); ok {
+		return f.Flush()
+	}
+	return nil
+}
+
+// WriteZeroes makes [off, off+n) of d read as zeroes. It uses d's
+// [ZeroWriter] if it has one, and falls back to writing zeroes from a shared
+// buffer when d has none or its ZeroWriter reports [errors.ErrUnsupported].
+// With [ZeroFast] it never falls back: it returns an error wrapping
+// errors.ErrUnsupported instead.
+func WriteZeroes(d DiskFile, off, n int64, flags ZeroFlags) error {
+	if err := CheckWrite(d, off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if z, ok := d.(ZeroWriter); ok {
+		err := z.WriteZeroesAt(off, n, flags)
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return err
+		}
+	}
+	if flags&ZeroFast != 0 {
+		return fmt.Errorf("fast zero of %d bytes at %d: %w", n, off, errors.ErrUnsupported)
+	}
+	for n > 0 {
+		c := min(n, int64(len(zeroes)))
+		if _, err := d.WriteAt(zeroes[:c], off); err != nil {
+			return err
+		}
+		off, n = off+c, n-c
+	}
+	return nil
+}
+
+// zeroes is the source of fallback zero writes. It is never written to.
+var zeroes [256 << 10]byte
+
+// PunchHole deallocates [off, off+n) of d where it can, and makes the whole
+// range read as zeroes. It uses d's [HolePuncher] if it has one, and falls
+// back to [WriteZeroes] with [ZeroMayUnmap] when d has none or its
+// HolePuncher reports [errors.ErrUnsupported].
+func PunchHole(d DiskFile, off, n int64) error {
+	if err := CheckWrite(d, off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if p, ok := d.(HolePuncher); ok {
+		err := p.PunchHole(off, n)
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return err
+		}
+	}
+	return WriteZeroes(d, off, n, ZeroMayUnmap)
+}
+
+// Extents appends to dst the allocation extents of [off, off+n) of d, which
+// must lie inside the disk, and returns the extended slice. It uses d's
+// [ExtentMapper] if it has one; otherwise the whole range is one extent of
+// data, which is always a safe answer.
+func Extents(d DiskFile, dst []Extent, off, n int64) ([]Extent, error) {
+	if err := CheckRange(d.Size(), off, n); err != nil {
+		return dst, fmt.Errorf("extents: %w", err)
+	}
+	if n == 0 {
+		return dst, nil
+	}
+	if m, ok := d.(ExtentMapper); ok {
+		return m.AppendExtents(dst, off, n)
+	}
+	return append(dst, Extent{Off: off, Len: n}), nil
+}
+
+// Resize sets the virtual size of d to size bytes, using d's [Resizer]. A
+// disk that is not a Resizer cannot change size, and Resize returns an error
+// wrapping [errors.ErrUnsupported].
+func Resize(d DiskFile, size int64) error {
+	if d.ReadOnly() {
+		return fmt.Errorf("resize: %w", ErrReadOnly)
+	}
+	if size < 0 {
+		return fmt.Errorf("resize to %d bytes: %w", size, ErrOutOfRange)
+	}
+	if r, ok := d.(Resizer); ok {
+		return r.Resize(size)
+	}
+	return fmt.Errorf("resize: %w", errors.ErrUnsupported)
+}
+
+// Describe returns what is known about d's image: its size and read-only
+// state, and whatever d's [Describer] adds.
+func Describe(d DiskFile) Info {
+	info := Info{VirtualSize: d.Size(), ReadOnly: d.ReadOnly()}
+	if de, ok := d.(Describer); ok {
+		de.Describe(&info)
+	}
+	return info
+}
+
+// CheckRange returns an error wrapping [ErrOutOfRange] unless off and n are
+// non-negative and [off, off+n) lies inside a disk of the given size.
+func CheckRange(size, off, n int64) error {
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("%d bytes at offset %d on a disk of %d bytes: %w", n, off, size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// CheckWrite returns the error that a write, zero or punch of [off, off+n)
+// on d must fail with, or nil: [ErrReadOnly] on a read-only disk,
+// [ErrOutOfRange] for a range outside it. Formats call it at the top of
+// every mutating method.
+func CheckWrite(d DiskFile, off, n int64) error {
+	if d.ReadOnly() {
+		return ErrReadOnly
+	}
+	return CheckRange(d.Size(), off, n)
+}
