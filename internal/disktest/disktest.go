@@ -55,9 +55,21 @@ func (c *checker) size(t *testing.T) {
 	}
 }
 
+// readAll compares the whole disk with want in large reads, and runs
+// iotest.TestReader (which reads in small pieces, and slowly under -race)
+// over a window at the start and one that ends at the end of the disk.
 func (c *checker) readAll(t *testing.T) {
-	if err := iotest.TestReader(io.NewSectionReader(c.d, 0, c.d.Size()), c.want); err != nil {
-		t.Fatal(err)
+	size := int64(len(c.want))
+	p := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(p)) {
+		c.checkReadInto(t, p, off, min(int64(len(p)), size-off))
+	}
+	const window = 64 << 10
+	for _, off := range []int64{0, max(0, size-window)} {
+		n := min(window, size-off)
+		if err := iotest.TestReader(io.NewSectionReader(c.d, off, n), c.want[off:off+n]); err != nil {
+			t.Fatalf("window [%d, %d): %v", off, off+n, err)
+		}
 	}
 }
 
@@ -120,7 +132,12 @@ func (c *checker) readAt(t *testing.T) {
 // with want.
 func (c *checker) checkRead(t *testing.T, off, n int64) {
 	t.Helper()
-	p := make([]byte, n)
+	c.checkReadInto(t, make([]byte, n), off, n)
+}
+
+func (c *checker) checkReadInto(t *testing.T, buf []byte, off, n int64) {
+	t.Helper()
+	p := buf[:n]
 	got, err := c.d.ReadAt(p, off)
 	if int64(got) != n || (err != nil && !(err == io.EOF && off+n == int64(len(c.want)))) {
 		t.Fatalf("ReadAt(%d bytes at %d) = %d, %v", n, off, got, err)
