@@ -75,7 +75,7 @@ func recognised(name, magic string, match func([]byte) bool) diskserve.Format {
 		Magic: magic,
 		Match: match,
 		Open: func(diskserve.DiskFile, *diskserve.OpenContext) (diskserve.DiskFile, error) {
-			return nil, diskserve.Unsupported(name, -1, "%s images are recognised but not supported yet", name)
+			return nil, diskserve.Unsupported(name, -1, "this build recognises %s images but cannot open them yet", name)
 		},
 	}
 }

@@ -19,7 +19,7 @@ import (
 func OpenFile(path string, readOnly bool) (diskserve.DiskFile, error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, err
+		return nil, &fs.PathError{Op: "open", Path: path, Err: errors.Unwrap(err)}
 	}
 	if err := checkMode(st.Mode()); err != nil {
 		return nil, &fs.PathError{Op: "open", Path: path, Err: err}

@@ -1,0 +1,162 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/diskserve/diskserve"
+)
+
+func newInfoCommand() *cobra.Command {
+	var flags imageFlags
+	cmd := &cobra.Command{
+		Use:   "info [-f FORMAT] [--output=human|json] IMAGE",
+		Short: "Show an image's format, sizes and format-specific facts",
+		Long: `info opens IMAGE read-only and shows its format, virtual size, allocated
+size and the facts its format records. The JSON output uses the keys of
+"qemu-img info --output=json" (format, virtual-size, actual-size, filename,
+backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
+		Args: oneImage,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.validate(); err != nil {
+				return err
+			}
+			d, err := flags.open(args[0], true)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			info := diskserve.Describe(d)
+			if info.Filename == "" {
+				info.Filename = args[0]
+			}
+			if flags.output == "json" {
+				return writeJSON(cmd.OutOrStdout(), newInfoJSON(info))
+			}
+			writeInfo(cmd.OutOrStdout(), info, "")
+			return nil
+		},
+	}
+	flags.register(cmd.Flags())
+	return cmd
+}
+
+// infoJSON is the shape of `qemu-img info --output=json`.
+type infoJSON struct {
+	VirtualSize         int64           `json:"virtual-size"`
+	Filename            string          `json:"filename"`
+	ClusterSize         int64           `json:"cluster-size,omitempty"`
+	Format              string          `json:"format"`
+	ActualSize          *int64          `json:"actual-size,omitempty"`
+	DirtyFlag           bool            `json:"dirty-flag"`
+	BackingFilename     string          `json:"backing-filename,omitempty"`
+	FullBackingFilename string          `json:"full-backing-filename,omitempty"`
+	BackingFormat       string          `json:"backing-filename-format,omitempty"`
+	FormatSpecific      *formatSpecific `json:"format-specific,omitempty"`
+	BackingImage        *infoJSON       `json:"backing-image,omitempty"`
+	Children            []childJSON     `json:"children,omitempty"`
+}
+
+type formatSpecific struct {
+	Type string         `json:"type"`
+	Data map[string]any `json:"data"`
+}
+
+type childJSON struct {
+	Name string   `json:"name"`
+	Info infoJSON `json:"info"`
+}
+
+func newInfoJSON(info diskserve.Info) infoJSON {
+	j := infoJSON{
+		VirtualSize:     info.VirtualSize,
+		Filename:        info.Filename,
+		ClusterSize:     info.ClusterSize,
+		Format:          info.Format,
+		ActualSize:      actualSize(info.Filename),
+		DirtyFlag:       info.Dirty,
+		BackingFilename: info.BackingFile,
+		BackingFormat:   info.BackingFormat,
+	}
+	if len(info.Specific) > 0 {
+		j.FormatSpecific = &formatSpecific{Type: info.Format, Data: info.Specific}
+	}
+	if info.Backing != nil {
+		b := newInfoJSON(*info.Backing)
+		j.BackingImage = &b
+		j.FullBackingFilename = info.Backing.Filename
+	}
+	for i, c := range info.Children {
+		j.Children = append(j.Children, childJSON{Name: fmt.Sprintf("component %d", i), Info: newInfoJSON(c)})
+	}
+	return j
+}
+
+// actualSize returns the space the file at path occupies on disk, or nil if
+// it cannot be told (as qemu-img leaves the key out).
+func actualSize(path string) *int64 {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	n := sys.Blocks * 512
+	return &n
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "    ")
+	return enc.Encode(v)
+}
+
+// writeInfo prints info in qemu-img's human layout, indenting nested images.
+func writeInfo(w io.Writer, info diskserve.Info, indent string) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, indent+format+"\n", args...) }
+	p("image: %s", info.Filename)
+	p("file format: %s", info.Format)
+	p("virtual size: %s (%d bytes)", humanSize(info.VirtualSize), info.VirtualSize)
+	if n := actualSize(info.Filename); n != nil {
+		p("disk size: %s", humanSize(*n))
+	}
+	if info.ClusterSize != 0 {
+		p("cluster_size: %d", info.ClusterSize)
+	}
+	if info.BackingFile != "" {
+		p("backing file: %s", info.BackingFile)
+		if info.BackingFormat != "" {
+			p("backing file format: %s", info.BackingFormat)
+		}
+	}
+	if info.Dirty {
+		p("dirty flag: true")
+	}
+	if len(info.Specific) > 0 {
+		p("Format specific information:")
+		keys := make([]string, 0, len(info.Specific))
+		for k := range info.Specific {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			p("    %s: %v", k, info.Specific[k])
+		}
+	}
+	if info.Backing != nil {
+		p("Backing image:")
+		writeInfo(w, *info.Backing, indent+"    ")
+	}
+	for i, c := range info.Children {
+		p("Component %d:", i)
+		writeInfo(w, c, indent+"    ")
+	}
+}

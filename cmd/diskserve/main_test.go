@@ -1,0 +1,210 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+// binary is the diskserve command built for these tests, in a directory
+// that any user can read, so that it can also run unprivileged.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "diskserve-cli")
+	if err != nil {
+		panic(err)
+	}
+	os.Chmod(dir, 0o755)
+	binary = filepath.Join(dir, "diskserve")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// run runs diskserve and returns its output and exit code.
+func run(t *testing.T, cred *syscall.Credential, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run diskserve: %v", err)
+	}
+	return o.String(), e.String(), code
+}
+
+// mustRun runs diskserve and fails the test unless it succeeds.
+func mustRun(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, code := run(t, nil, args...)
+	if code != 0 {
+		t.Fatalf("diskserve %s: exit %d\n%s", strings.Join(args, " "), code, errOut)
+	}
+	return out
+}
+
+func TestInfoMatchesQemuImg(t *testing.T) {
+	dir := t.TempDir()
+	for _, size := range []string{"0", "512", "1000000", "10M", "1G", "3T"} {
+		t.Run(size, func(t *testing.T) {
+			img := filepath.Join(dir, size+".img")
+			testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", img, size)
+			if size == "10M" {
+				testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 7 1M 300k", img)
+			}
+			var want, got map[string]any
+			if err := json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", img), &want); err != nil {
+				t.Fatal(err)
+			}
+			if err := json.Unmarshal([]byte(mustRun(t, "info", "--output=json", img)), &got); err != nil {
+				t.Fatal(err)
+			}
+			for _, key := range []string{"virtual-size", "format", "actual-size", "filename", "dirty-flag"} {
+				if fmt.Sprint(got[key]) != fmt.Sprint(want[key]) {
+					t.Errorf("%s: diskserve says %v, qemu-img says %v", key, got[key], want[key])
+				}
+			}
+		})
+	}
+}
+
+// dataRanges returns the merged [start, end) ranges that a map output
+// marks as data.
+func dataRanges(t *testing.T, out []byte) [][2]int64 {
+	t.Helper()
+	var recs []struct {
+		Start, Length int64
+		Data          bool
+	}
+	if err := json.Unmarshal(out, &recs); err != nil {
+		t.Fatalf("map output: %v\n%s", err, out)
+	}
+	var r [][2]int64
+	for _, rec := range recs {
+		if !rec.Data {
+			continue
+		}
+		if len(r) > 0 && r[len(r)-1][1] == rec.Start {
+			r[len(r)-1][1] += rec.Length
+			continue
+		}
+		r = append(r, [2]int64{rec.Start, rec.Start + rec.Length})
+	}
+	return r
+}
+
+func TestMapMatchesQemuImg(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "sparse.img")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", img, "64M")
+	testtool.Run(t, "qemu-io", "-f", "raw",
+		"-c", "write -P 1 0 512",
+		"-c", "write -P 2 1M 64k",
+		"-c", "write -P 3 5000 3000",
+		"-c", "write -P 4 32M 4M",
+		"-c", "write -P 5 63M 1M", img)
+	want := dataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", img))
+	got := dataRanges(t, []byte(mustRun(t, "map", "--output=json", img)))
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("data ranges:\ndiskserve %v\n qemu-img %v", got, want)
+	}
+	if len(want) < 4 {
+		t.Fatalf("qemu-img found only %v: the image is not sparse enough to test anything", want)
+	}
+}
+
+func TestMapTilesTheDisk(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "a.img")
+	if err := os.WriteFile(img, bytes.Repeat([]byte{1}, 100000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := mustRun(t, "map", "--output=json", img)
+	if strings.TrimSpace(out) != `[{"start":0,"length":100000,"data":true,"zero":false}]` {
+		t.Fatalf("map of a full file: %s", out)
+	}
+	if human := mustRun(t, "map", img); !strings.Contains(human, "0x186a0") {
+		t.Fatalf("human map does not show the length: %s", human)
+	}
+}
+
+// TestBadInput checks that bad input gives one clear line naming the file,
+// exit status 1, and no Go panic.
+func TestBadInput(t *testing.T) {
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	unreadable := filepath.Join(dir, "unreadable.img")
+	os.WriteFile(unreadable, make([]byte, 4096), 0o000)
+	truncated := filepath.Join(dir, "truncated.qcow2")
+	os.WriteFile(truncated, []byte("QFI\xfb\x00\x00"), 0o644)
+	var nobody *syscall.Credential
+	if os.Geteuid() == 0 { // root reads anything: drop to nobody
+		nobody = &syscall.Credential{Uid: 65534, Gid: 65534}
+	}
+	for _, tc := range []struct {
+		name string
+		cred *syscall.Credential
+		args []string
+		want string
+	}{
+		{"missing file", nil, []string{"info", filepath.Join(dir, "missing.img")}, "missing.img: no such file or directory"},
+		{"directory", nil, []string{"info", dir}, dir + ": is a directory"},
+		{"unreadable file", nobody, []string{"info", unreadable}, unreadable + ": permission denied"},
+		{"truncated header", nil, []string{"info", truncated}, truncated + ": qcow2: "},
+		{"map of missing file", nil, []string{"map", filepath.Join(dir, "missing.img")}, "no such file or directory"},
+		{"unknown format", nil, []string{"info", "-f", "vmdk", truncated}, `unknown disk format "vmdk"`},
+		{"bad output", nil, []string{"info", "--output=xml", truncated}, "--output must be human or json"},
+		{"no image", nil, []string{"info"}, "info takes one image"},
+		{"unknown flag", nil, []string{"map", "--frobnicate", truncated}, "unknown flag: --frobnicate"},
+		{"unknown command", nil, []string{"frobnicate"}, `unknown command "frobnicate"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, errOut, code := run(t, tc.cred, tc.args...)
+			if code != 1 {
+				t.Errorf("exit status %d, want 1", code)
+			}
+			if out != "" {
+				t.Errorf("wrote to stdout: %q", out)
+			}
+			if strings.Count(errOut, "\n") != 1 || !strings.HasPrefix(errOut, "diskserve: ") || !strings.Contains(errOut, tc.want) {
+				t.Errorf("stderr = %q, want one line containing %q", errOut, tc.want)
+			}
+		})
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"info", "--help"}, {"map", "--help"}} {
+		if out := mustRun(t, args...); !strings.Contains(out, "Usage:") {
+			t.Errorf("diskserve %s: no usage in %q", strings.Join(args, " "), out)
+		}
+	}
+	if out := mustRun(t, "--version"); !strings.Contains(out, version) {
+		t.Errorf("--version printed %q", out)
+	}
+}
+
+func TestHumanSize(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1000: "1000 B", 1024: "1 KiB", 69632: "68 KiB", 10 << 20: "10 MiB", 3 << 29: "1.5 GiB", 1<<40 + 1<<30: "1.001 TiB"} {
+		if got := humanSize(n); got != want {
+			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+
+	"github.com/diskserve/diskserve"
+)
+
+func newMapCommand() *cobra.Command {
+	var flags imageFlags
+	cmd := &cobra.Command{
+		Use:   "map [-f FORMAT] [--output=human|json] IMAGE",
+		Short: "Show which ranges of an image hold data and which read as zeroes",
+		Long: `map opens IMAGE read-only and lists its allocation extents, merging
+neighbours with the same state. The JSON output is an array of
+{"start", "length", "data", "zero"} records in the shape of
+"qemu-img map --output=json".`,
+		Args: oneImage,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.validate(); err != nil {
+				return err
+			}
+			d, err := flags.open(args[0], true)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			w := newMapWriter(cmd.OutOrStdout(), flags.output == "json")
+			if err := walkExtents(d, w.add); err != nil {
+				return fmt.Errorf("map %s: %w", args[0], err)
+			}
+			return w.close()
+		},
+	}
+	flags.register(cmd.Flags())
+	return cmd
+}
+
+// mapChunk bounds how much of the disk one Extents call covers, and so the
+// memory that a badly fragmented image can take.
+const mapChunk = 1 << 30
+
+// walkExtents calls fn for every extent of d, in order, merging neighbours
+// with the same flags.
+func walkExtents(d diskserve.DiskFile, fn func(diskserve.Extent) error) error {
+	var buf []diskserve.Extent
+	var pending diskserve.Extent
+	size := d.Size()
+	for off := int64(0); off < size; off += mapChunk {
+		var err error
+		if buf, err = diskserve.Extents(d, buf[:0], off, min(mapChunk, size-off)); err != nil {
+			return err
+		}
+		for _, e := range buf {
+			if pending.Len > 0 && pending.Flags == e.Flags && pending.Off+pending.Len == e.Off {
+				pending.Len += e.Len
+				continue
+			}
+			if pending.Len > 0 {
+				if err := fn(pending); err != nil {
+					return err
+				}
+			}
+			pending = e
+		}
+	}
+	if pending.Len > 0 {
+		return fn(pending)
+	}
+	return nil
+}
+
+// mapRecord is one record of `qemu-img map --output=json`, reduced to the
+// fields every format can fill in truthfully.
+type mapRecord struct {
+	Start  int64 `json:"start"`
+	Length int64 `json:"length"`
+	Data   bool  `json:"data"`
+	Zero   bool  `json:"zero"`
+}
+
+// mapWriter prints extents as they come: a JSON array with one record per
+// line (as qemu-img does), or a table.
+type mapWriter struct {
+	w     io.Writer
+	json  bool
+	count int
+	err   error
+}
+
+func newMapWriter(w io.Writer, asJSON bool) *mapWriter {
+	return &mapWriter{w: w, json: asJSON}
+}
+
+func (m *mapWriter) add(e diskserve.Extent) error {
+	r := mapRecord{Start: e.Off, Length: e.Len, Data: e.Flags&diskserve.ExtentHole == 0, Zero: e.Flags&diskserve.ExtentZero != 0}
+	switch {
+	case m.json:
+		b, _ := json.Marshal(r) // a struct of numbers and bools always encodes
+		sep := ",\n"
+		if m.count == 0 {
+			sep = "["
+		}
+		_, m.err = fmt.Fprintf(m.w, "%s%s", sep, b)
+	default:
+		if m.count == 0 {
+			fmt.Fprintf(m.w, "%-20s%-20s%s\n", "Offset", "Length", "State")
+		}
+		state := "data"
+		if !r.Data {
+			state = "hole"
+		}
+		if r.Zero {
+			state += ", zero"
+		}
+		_, m.err = fmt.Fprintf(m.w, "%-20s%-20s%s\n", fmt.Sprintf("%#x", r.Start), fmt.Sprintf("%#x", r.Length), state)
+	}
+	m.count++
+	return m.err
+}
+
+func (m *mapWriter) close() error {
+	if m.err != nil || !m.json {
+		return m.err
+	}
+	if m.count == 0 {
+		_, err := fmt.Fprintln(m.w, "[]")
+		return err
+	}
+	_, err := fmt.Fprintln(m.w, "]")
+	return err
+}
