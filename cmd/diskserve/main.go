@@ -27,12 +27,12 @@ func newRootCommand() *cobra.Command {
 		Use:   "diskserve",
 		Short: "Open, inspect and serve virtual disk images",
 		Long: `diskserve opens virtual disk images (raw; qcow2, composite, Android sparse
-and seekable zstd are recognised) and reports on them.`,
+and seekable zstd are recognised), reports on them and serves them over NBD.`,
 		Version:       version,
 		SilenceUsage:  true, // errors are one line; --help shows usage
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newInfoCommand(), newMapCommand())
+	root.AddCommand(newInfoCommand(), newMapCommand(), newServeCommand())
 	return root
 }

@@ -1,0 +1,269 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/export/nbd"
+	"github.com/diskserve/diskserve/format"
+)
+
+type serveFlags struct {
+	format      string
+	readOnly    bool
+	listen      []string
+	exportName  string
+	description string
+	tlsCert     string
+	tlsKey      string
+	tlsCA       string
+	tlsMode     string
+	verbose     bool
+}
+
+func newServeCommand() *cobra.Command {
+	var f serveFlags
+	cmd := &cobra.Command{
+		Use:   "serve [flags] IMAGE | NAME=IMAGE...",
+		Short: "Serve images over NBD",
+		Long: `serve exports images over the Network Block Device protocol until it is
+interrupted (SIGINT or SIGTERM), then finishes the requests in flight,
+flushes every image and exits.
+
+With one IMAGE it is the default export (name ""), and also NAME with
+-x NAME. With NAME=IMAGE arguments each image is exported under its name;
+nbdinfo --list shows them.
+
+Clients: qemu (-drive file=nbd://HOST:PORT/NAME or
+nbd+unix:///NAME?socket=PATH), nbdinfo, nbdcopy, nbdfuse, fio, nbd-client.
+
+Listeners: --listen HOST:PORT (TCP) or --listen unix:PATH, as often as
+needed; the default is 127.0.0.1:10809. Under systemd socket activation
+(LISTEN_FDS) the passed sockets are used instead.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return runServe(&f, args) },
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&f.format, "format", "f", "", "image format ("+strings.Join(format.Names(), ", ")+"); detected when omitted")
+	fl.BoolVarP(&f.readOnly, "read-only", "r", false, "export read-only")
+	fl.StringArrayVarP(&f.listen, "listen", "l", nil, "address to listen on: HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
+	fl.StringVarP(&f.exportName, "export-name", "x", "", "also export a single IMAGE under this name")
+	fl.StringVarP(&f.description, "description", "D", "", "export description shown to clients")
+	fl.StringVar(&f.tlsCert, "tls-cert", "", "x509 server certificate (PEM); enables TLS")
+	fl.StringVar(&f.tlsKey, "tls-key", "", "private key of --tls-cert (PEM)")
+	fl.StringVar(&f.tlsCA, "tls-ca", "", "CA certificates (PEM) that client certificates must chain to; requires client certificates")
+	fl.StringVar(&f.tlsMode, "tls", "require", "with TLS: require (no export before STARTTLS) or allow")
+	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
+	return cmd
+}
+
+func runServe(f *serveFlags, args []string) error {
+	level := slog.LevelInfo
+	if f.verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	tlsConfig, tlsMode, err := f.tlsConfig()
+	if err != nil {
+		return err
+	}
+	exports, err := f.openExports(args, log)
+	defer closeDisks(exports)
+	if err != nil {
+		return err
+	}
+	srv, err := nbd.NewServer(exports, nbd.Options{TLS: tlsConfig, TLSMode: tlsMode, Logger: log})
+	if err != nil {
+		return err
+	}
+	listeners, err := f.listeners()
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		log.Info("listening", "addr", l.Addr().Network()+":"+l.Addr().String())
+		go func() { errc <- srv.Serve(l) }()
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	var serveErr error
+	select {
+	case s := <-sig:
+		log.Info("shutting down", "signal", s.String())
+	case serveErr = <-errc:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		return errors.Join(serveErr, err)
+	}
+	return serveErr
+}
+
+// openExports opens the images named on the command line.
+func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
+	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Logger: log}
+	if len(args) == 1 && !isNamed(args[0]) {
+		d, err := format.Open(args[0], opts)
+		if err != nil {
+			return nil, err
+		}
+		exports := []nbd.Export{{Name: "", Description: f.description, Disk: d}}
+		if f.exportName != "" {
+			exports = append(exports, nbd.Export{Name: f.exportName, Description: f.description, Disk: d})
+		}
+		return exports, nil
+	}
+	if f.exportName != "" {
+		return nil, errors.New("-x names the export of a single IMAGE; with NAME=IMAGE arguments each names its own")
+	}
+	var exports []nbd.Export
+	for _, a := range args {
+		name, path, ok := strings.Cut(a, "=")
+		if !ok {
+			return exports, fmt.Errorf("%q: with several images, each argument is NAME=IMAGE", a)
+		}
+		d, err := format.Open(path, opts)
+		if err != nil {
+			return exports, err
+		}
+		exports = append(exports, nbd.Export{Name: name, Description: f.description, Disk: d})
+	}
+	return exports, nil
+}
+
+// closeDisks closes the disks of exports, each once.
+func closeDisks(exports []nbd.Export) {
+	closed := map[diskserve.DiskFile]bool{}
+	for _, e := range exports {
+		if !closed[e.Disk] {
+			closed[e.Disk] = true
+			e.Disk.Close()
+		}
+	}
+}
+
+// isNamed reports whether arg is NAME=IMAGE rather than a path that
+// happens to contain '='.
+func isNamed(arg string) bool {
+	if !strings.Contains(arg, "=") {
+		return false
+	}
+	_, err := os.Stat(arg)
+	return err != nil
+}
+
+// listeners returns the sockets passed by systemd socket activation, or
+// else those named by --listen.
+func (f *serveFlags) listeners() ([]net.Listener, error) {
+	if ls, err := activationListeners(); ls != nil || err != nil {
+		return ls, err
+	}
+	addrs := f.listen
+	if len(addrs) == 0 {
+		addrs = []string{"127.0.0.1:10809"}
+	}
+	var ls []net.Listener
+	for _, a := range addrs {
+		l, err := listen(a)
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
+func listen(addr string) (net.Listener, error) {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		// A socket left by an earlier run would make Listen fail.
+		if st, err := os.Lstat(path); err == nil && st.Mode()&os.ModeSocket != 0 {
+			os.Remove(path)
+		}
+		return net.Listen("unix", path)
+	}
+	return net.Listen("tcp", addr)
+}
+
+// activationListeners returns the listening sockets systemd passed in
+// (LISTEN_PID and LISTEN_FDS, first descriptor 3), or nil.
+func activationListeners() ([]net.Listener, error) {
+	pid, err := strconv.Atoi(os.Getenv("LISTEN_PID"))
+	if err != nil || pid != os.Getpid() {
+		return nil, nil
+	}
+	n, err := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	if err != nil || n <= 0 {
+		return nil, fmt.Errorf("socket activation: bad LISTEN_FDS %q", os.Getenv("LISTEN_FDS"))
+	}
+	os.Unsetenv("LISTEN_PID")
+	os.Unsetenv("LISTEN_FDS")
+	os.Unsetenv("LISTEN_FDNAMES")
+	var ls []net.Listener
+	for fd := 3; fd < 3+n; fd++ {
+		file := os.NewFile(uintptr(fd), "LISTEN_FD_"+strconv.Itoa(fd))
+		l, err := net.FileListener(file)
+		file.Close() // FileListener made its own copy
+		if err != nil {
+			return nil, fmt.Errorf("socket activation: descriptor %d: %w", fd, err)
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
+// tlsConfig builds the TLS configuration from the flags, or nil without
+// --tls-cert.
+func (f *serveFlags) tlsConfig() (*tls.Config, nbd.TLSMode, error) {
+	var mode nbd.TLSMode
+	switch f.tlsMode {
+	case "require":
+		mode = nbd.TLSRequire
+	case "allow":
+		mode = nbd.TLSAllow
+	default:
+		return nil, 0, fmt.Errorf("--tls must be require or allow, not %q", f.tlsMode)
+	}
+	if f.tlsCert == "" {
+		if f.tlsKey != "" || f.tlsCA != "" {
+			return nil, 0, errors.New("--tls-key and --tls-ca need --tls-cert")
+		}
+		return nil, mode, nil
+	}
+	cert, err := tls.LoadX509KeyPair(f.tlsCert, f.tlsKey)
+	if err != nil {
+		return nil, 0, fmt.Errorf("TLS certificate: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if f.tlsCA != "" {
+		pem, err := os.ReadFile(f.tlsCA)
+		if err != nil {
+			return nil, 0, fmt.Errorf("TLS CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, 0, fmt.Errorf("TLS CA %s: no PEM certificates", f.tlsCA)
+		}
+		cfg.ClientCAs = pool
+		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return cfg, mode, nil
+}
