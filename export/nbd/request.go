@@ -19,8 +19,8 @@ type request struct {
 	off        uint64
 	length     uint32
 
-	cost int64             // bytes of the connection's budget held
-	buf  *[]byte           // pooled buffer: WRITE payload, READ data, BLOCK_STATUS payload
+	cost int64              // bytes of the connection's budget held
+	buf  *[]byte            // pooled buffer: WRITE payload, READ data, BLOCK_STATUS payload
 	ext  []diskserve.Extent // scratch for READ and BLOCK_STATUS
 
 	hdr  [hdrSpace]byte // reply headers; out points into it
