@@ -1,0 +1,191 @@
+package main
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+// syncBuffer is a bytes.Buffer safe to read while a process writes to it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// server is a running `diskserve serve`.
+type server struct {
+	cmd    *exec.Cmd
+	stderr *syncBuffer
+	done   chan error
+}
+
+// startServe runs diskserve serve with args and waits until the log says
+// it is listening. The process is killed when the test ends, if still up.
+func startServe(t *testing.T, cmd *exec.Cmd) *server {
+	t.Helper()
+	s := &server{cmd: cmd, stderr: &syncBuffer{}, done: make(chan error, 1)}
+	cmd.Stderr = s.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-s.done
+	})
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(s.stderr.String(), "msg=listening"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("diskserve serve did not start:\n%s", s.stderr)
+		}
+	}
+	return s
+}
+
+// stop sends sig and returns the exit code.
+func (s *server) stop(t *testing.T, sig os.Signal) int {
+	t.Helper()
+	s.cmd.Process.Signal(sig)
+	select {
+	case err := <-s.done:
+		s.done <- err // for the cleanup
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(20 * time.Second):
+		t.Fatalf("diskserve serve did not exit after %v:\n%s", sig, s.stderr)
+		return -1
+	}
+}
+
+func image(t *testing.T, dir, name, size string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", path, size)
+	return path
+}
+
+func TestServeSeveralExportsAndSIGTERM(t *testing.T) {
+	dir := t.TempDir()
+	a, b := image(t, dir, "a.img", "8M"), image(t, dir, "b.img", "16M")
+	sock := filepath.Join(dir, "s.sock")
+	s := startServe(t, exec.Command(binary, "serve", "--listen", "unix:"+sock, "first="+a, "second="+b))
+	list := string(testtool.Run(t, "nbdinfo", "--list", "nbd+unix:///?socket="+sock))
+	for _, want := range []string{`export="first"`, `export="second"`, "export-size: 8388608", "export-size: 16777216"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("nbdinfo --list lacks %q:\n%s", want, list)
+		}
+	}
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x42 1M 64k", "nbd+unix:///second?socket="+sock)
+	if code := s.stop(t, syscall.SIGTERM); code != 0 {
+		t.Fatalf("exit status %d after SIGTERM:\n%s", code, s.stderr)
+	}
+	data, _ := os.ReadFile(b)
+	if !bytes.Equal(data[1<<20:1<<20+64<<10], bytes.Repeat([]byte{0x42}, 64<<10)) {
+		t.Fatal("the write did not reach the second image")
+	}
+	if !strings.Contains(s.stderr.String(), "shutting down") {
+		t.Errorf("no shutdown in the log:\n%s", s.stderr)
+	}
+}
+
+func TestServeDefaultAndNamedExport(t *testing.T) {
+	dir := t.TempDir()
+	img := image(t, dir, "disk.img", "4M")
+	sock := filepath.Join(dir, "s.sock")
+	s := startServe(t, exec.Command(binary, "serve", "-r", "-x", "named", "--listen", "unix:"+sock, img))
+	for _, export := range []string{"", "named"} {
+		out := string(testtool.Run(t, "nbdinfo", "nbd+unix:///"+export+"?socket="+sock))
+		if !strings.Contains(out, "is_read_only: true") || !strings.Contains(out, "export-size: 4194304") {
+			t.Errorf("export %q:\n%s", export, out)
+		}
+	}
+	if code := s.stop(t, os.Interrupt); code != 0 {
+		t.Fatalf("exit status %d after SIGINT", code)
+	}
+}
+
+func TestServeTCP(t *testing.T) {
+	img := image(t, t.TempDir(), "disk.img", "1M")
+	s := startServe(t, exec.Command(binary, "serve", "--listen", "127.0.0.1:0", img))
+	m := regexp.MustCompile(`addr=tcp:(127\.0\.0\.1:\d+)`).FindStringSubmatch(s.stderr.String())
+	if m == nil {
+		t.Fatalf("no TCP address in the log:\n%s", s.stderr)
+	}
+	if out := string(testtool.Run(t, "nbdinfo", "nbd://"+m[1])); !strings.Contains(out, "export-size: 1048576") {
+		t.Fatalf("nbdinfo over TCP:\n%s", out)
+	}
+}
+
+// TestServeSocketActivation passes a listening socket the way systemd
+// does: as descriptor 3, with LISTEN_PID and LISTEN_FDS set.
+func TestServeSocketActivation(t *testing.T) {
+	dir := t.TempDir()
+	img := image(t, dir, "disk.img", "2M")
+	sock := filepath.Join(dir, "activated.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ul := l.(*net.UnixListener)
+	f, err := ul.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ul.SetUnlinkOnClose(false) // the socket lives on in the server
+	ul.Close()
+	// LISTEN_PID must be the server's own pid: the shell's, kept by exec.
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve "$1"`, binary, img)
+	cmd.ExtraFiles = []*os.File{f}
+	startServe(t, cmd)
+	f.Close()
+	if out := string(testtool.Run(t, "nbdinfo", "nbd+unix:///?socket="+sock)); !strings.Contains(out, "export-size: 2097152") {
+		t.Fatalf("nbdinfo over the activated socket:\n%s", out)
+	}
+}
+
+func TestServeBadArguments(t *testing.T) {
+	dir := t.TempDir()
+	img := image(t, dir, "disk.img", "1M")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve", filepath.Join(dir, "missing.img")}, "missing.img: no such file or directory"},
+		{[]string{"serve", "--tls", "maybe", img}, "--tls must be require or allow"},
+		{[]string{"serve", "--tls-key", "k.pem", img}, "need --tls-cert"},
+		{[]string{"serve", "-x", "n", "a=" + img, "b=" + img}, "-x names the export of a single IMAGE"},
+		{[]string{"serve", "--listen", "unix:" + filepath.Join(dir, "no", "such", "dir", "s"), img}, "no such file or directory"},
+		{[]string{"serve"}, "requires at least 1 arg"},
+	} {
+		out, errOut, code := run(t, nil, tc.args...)
+		if code != 1 || out != "" || strings.Count(errOut, "\n") != 1 || !strings.Contains(errOut, tc.want) {
+			t.Errorf("diskserve %s: exit %d, stderr %q; want one line containing %q", strings.Join(tc.args, " "), code, errOut, tc.want)
+		}
+	}
+}
