@@ -35,10 +35,11 @@ const (
 	// hdrSpace holds the reply headers of one request: up to
 	// maxReadChunks data or hole chunks (32 bytes each with their offset
 	// and size fields), or one error chunk with its message.
-	hdrSpace   = maxReadChunks*32 + 64 + maxErrMsg
-	maxErrMsg  = 256
-	statusStep = 256 << 20 // the range one Extents call covers in BLOCK_STATUS
-	cacheStep  = 1 << 20   // the buffer CACHE reads into
+	hdrSpace       = maxReadChunks*32 + 64 + maxErrMsg
+	maxErrMsg      = 256
+	statusStep     = 256 << 20 // the range one Extents call covers in BLOCK_STATUS
+	unixSendBuffer = 4 << 20
+	cacheStep      = 1 << 20 // the buffer CACHE reads into
 )
 
 // errDisconnect ends a connection after the client sent NBD_CMD_DISC.
@@ -94,6 +95,13 @@ func (t *transmission) stop() {
 }
 
 func (t *transmission) serve() {
+	if uc, ok := t.c.(*net.UnixConn); ok {
+		// The default Unix socket buffer holds a fraction of a 1 MiB
+		// READ reply; 4 MiB made 1 MiB sequential reads about 1.4x
+		// faster (fio, nbd engine, queue depth 4). TCP keeps its
+		// autotuning, which a fixed size would turn off.
+		uc.SetWriteBuffer(unixSendBuffer)
+	}
 	t.log.Info("client attached", "structured", t.structured, "block-status", t.blockStat)
 	var workers, writer sync.WaitGroup
 	for range workersPerConn {
