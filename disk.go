@@ -22,6 +22,10 @@ import "io"
 // in parallel, and so may WriteAt calls on non-overlapping ranges, with each
 // other and with reads of other ranges. The capability methods below may
 // run concurrently with ReadAt and WriteAt on ranges they do not touch.
+// Requests that do overlap a concurrent write may still arrive (an NBD
+// client may send them, and the protocol leaves their outcome to the
+// client): the bytes they share are then undefined, but the disk must stay
+// memory-safe and its metadata consistent, and no other byte may change.
 // Implementations must not retain p after returning. Close must not be
 // called concurrently with any other method; after Close, the DiskFile and
 // every image it opened (backing files, components) are released.

@@ -11,7 +11,8 @@ declare -A package=(
 	[qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
 	[nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin
 	[fio]=fio [fusermount3]=fuse3 [img2simg]=android-sdk-libsparse-utils
-	[zstd]=zstd [mkfs.ext4]=e2fsprogs [sgdisk]=gdisk [losetup]=mount
+	[zstd]=zstd [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [sgdisk]=gdisk [losetup]=mount
+	[qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [cpio]=cpio
 )
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin:/usr/local/go/bin
 missing=$(for tool in "${!package[@]}"; do
@@ -26,7 +27,18 @@ if [ -n "$missing" ]; then
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
 fi
 
+# The kernel that TestGuestBoot boots, from Debian's cloud kernel package.
+bash testdata/guest/fetch-kernel.sh
+
 export DISKSERVE_REQUIRE_INTEROP=1
 go vet ./...
 # -count=1: never report a cached pass; -race: the contract is concurrent.
 go test -race -count=1 -timeout 30m ./...
+
+# Every fuzz target, for a bounded time each (crashers land in the
+# package's testdata/fuzz and are replayed by every later go test).
+grep -l --include='*_test.go' -r '^func Fuzz' . | while read -r file; do
+	for target in $(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' "$file"); do
+		go test -run '^$' -fuzz "^$target\$" -fuzztime "${DISKSERVE_FUZZTIME:-30s}" "./$(dirname "$file")"
+	done
+done

@@ -33,36 +33,8 @@ func pattern(n int) []byte {
 
 const diskSize = 1<<20 + 512 // not a multiple of 4096
 
-// lockedDisk is a memory disk whose content the test can read safely while
-// the server writes to it.
-type lockedDisk struct {
-	mu sync.Mutex
-	*disktest.Memory
-	data []byte
-}
-
-func (d *lockedDisk) ReadAt(p []byte, off int64) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.Memory.ReadAt(p, off)
-}
-
-func (d *lockedDisk) WriteAt(p []byte, off int64) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.Memory.WriteAt(p, off)
-}
-
-// bytes returns a copy of the disk's content.
-func (d *lockedDisk) bytes() []byte {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return bytes.Clone(d.data)
-}
-
-func memExport(name string, readOnly bool) (Export, *lockedDisk) {
-	data := pattern(diskSize)
-	d := &lockedDisk{Memory: disktest.NewMemory(data, readOnly), data: data}
+func memExport(name string, readOnly bool) (Export, *disktest.Memory) {
+	d := disktest.NewMemory(pattern(diskSize), readOnly)
 	return Export{Name: name, Description: "test disk " + name, Disk: d}, d
 }
 
@@ -248,7 +220,7 @@ func TestHandshakeTimeout(t *testing.T) {
 // the Linux kernel does.
 func TestSimpleReplies(t *testing.T) {
 	e, d := memExport("", false)
-	data := d.bytes()
+	data := d.Bytes()
 	_, path := start(t, []Export{e}, Options{})
 	cl := connect(t, path)
 	cl.goExport("")
@@ -267,12 +239,12 @@ func TestSimpleReplies(t *testing.T) {
 	payload := bytes.Repeat([]byte{0xab}, 777)
 	cl.request(cmdWrite, cmdFlagFUA, 2, 1000, 777, payload)
 	check("WRITE", 0, 2)
-	if !bytes.Equal(d.bytes()[1000:1777], payload) {
+	if !bytes.Equal(d.Bytes()[1000:1777], payload) {
 		t.Fatal("WRITE did not reach the disk")
 	}
 	cl.request(cmdWriteZeroes, cmdFlagNoHole, 3, 2000, 5000, nil)
 	check("WRITE_ZEROES", 0, 3)
-	if !bytes.Equal(d.bytes()[2000:7000], make([]byte, 5000)) {
+	if !bytes.Equal(d.Bytes()[2000:7000], make([]byte, 5000)) {
 		t.Fatal("WRITE_ZEROES did not zero")
 	}
 	cl.request(cmdFlush, 0, 4, 0, 0, nil)
@@ -320,7 +292,7 @@ func TestReadOnlyExport(t *testing.T) {
 	if f := cl.goExport(""); f&tflagReadOnly == 0 || f&(tflagSendFlush|tflagSendWriteZeroes|tflagSendTrim) != 0 {
 		t.Fatalf("read-only export flags %#x", f)
 	}
-	before := d.bytes()
+	before := d.Bytes()
 	cl.request(cmdWrite, 0, 1, 0, 4096, make([]byte, 4096))
 	cl.request(cmdWriteZeroes, 0, 2, 0, 4096, nil)
 	cl.request(cmdTrim, 0, 3, 0, 4096, nil)
@@ -329,7 +301,7 @@ func TestReadOnlyExport(t *testing.T) {
 			t.Fatalf("write to a read-only export: errno %d, want EPERM", errno)
 		}
 	}
-	if !bytes.Equal(d.bytes(), before) {
+	if !bytes.Equal(d.Bytes(), before) {
 		t.Fatal("read-only export changed")
 	}
 }
@@ -478,7 +450,7 @@ func TestParallelOutOfOrder(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	data := d.bytes()
+	data := d.Bytes()
 	for g := range 4 {
 		region := g * (diskSize / 4)
 		if data[region] != byte(g+1) || data[region+198*512] != byte(g+1) {
@@ -568,7 +540,7 @@ func TestTLS(t *testing.T) {
 	for _, mode := range []TLSMode{TLSRequire, TLSAllow} {
 		t.Run(fmt.Sprint(mode), func(t *testing.T) {
 			e, d := memExport("", false)
-			data := d.bytes()
+			data := d.Bytes()
 			_, path := start(t, []Export{e}, Options{TLS: &tls.Config{Certificates: []tls.Certificate{cert}}, TLSMode: mode})
 			cl := connect(t, path)
 			cl.option(optStructuredReply, nil)

@@ -181,7 +181,7 @@ func (t *transmission) readRequest(br *bufio.Reader, r *request) error {
 	}
 	if r.typ == cmdWrite {
 		if _, err := io.ReadFull(br, r.buffer(int(r.length))); err != nil {
-			t.release(r)
+			t.unhold(r) // readLoop returns r itself
 			return fmt.Errorf("read WRITE payload: %w", err)
 		}
 	}
@@ -439,9 +439,9 @@ func (t *transmission) cache(off, n int64, buf []byte) error {
 // at once in one writev, and returns each request to the free list.
 func (t *transmission) writeLoop() {
 	var (
-		batch net.Buffers
-		done  []*request
-		dead  bool
+		batch, bufs net.Buffers // bufs escapes through WriteTo: one allocation, here
+		done        []*request
+		dead        bool
 	)
 	for r := range t.replies {
 		batch, done = append(batch[:0], r.out...), append(done[:0], r)
@@ -458,7 +458,7 @@ func (t *transmission) writeLoop() {
 			}
 		}
 		if !dead {
-			bufs := batch // WriteTo consumes its receiver
+			bufs = batch // WriteTo consumes its receiver
 			if _, err := bufs.WriteTo(t.c); err != nil {
 				dead = true
 				t.c.Close() // the reader fails next and ends the connection
@@ -472,10 +472,15 @@ func (t *transmission) writeLoop() {
 
 // release returns r and its buffer for reuse.
 func (t *transmission) release(r *request) {
+	t.unhold(r)
+	t.free <- r
+}
+
+// unhold returns r's buffer and budget.
+func (t *transmission) unhold(r *request) {
 	r.reset()
 	if r.cost > 0 {
 		t.budget.Release(r.cost)
 		r.cost = 0
 	}
-	t.free <- r
 }

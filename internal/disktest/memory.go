@@ -1,8 +1,10 @@
 package disktest
 
 import (
+	"bytes"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/diskserve/diskserve"
 )
@@ -11,6 +13,7 @@ import (
 // DiskFile methods and a Flush that has nothing to do: it is the bare disk
 // on which tests check the fallbacks of package diskserve and of wrappers.
 type Memory struct {
+	mu       sync.RWMutex // for overlapping requests, which DiskFile allows
 	data     []byte
 	readOnly bool
 }
@@ -35,6 +38,8 @@ func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
 	if off >= m.Size() {
 		return 0, io.EOF
 	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	n := copy(p, m.data[off:])
 	if n < len(p) {
 		return n, io.EOF
@@ -47,6 +52,8 @@ func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(m, off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	return copy(m.data[off:], p), nil
 }
 
@@ -55,3 +62,11 @@ func (m *Memory) Close() error { return nil }
 
 // Flush does nothing: memory has no stable storage to reach.
 func (m *Memory) Flush() error { return nil }
+
+// Bytes returns a copy of the disk's content, safe to take while requests
+// run.
+func (m *Memory) Bytes() []byte {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return bytes.Clone(m.data)
+}
