@@ -19,7 +19,7 @@ import (
 
 // start serves exports on a Unix socket and returns its path. The server is
 // shut down when the test ends.
-func start(t *testing.T, exports []Export, opts Options) (*Server, string) {
+func start(t testing.TB, exports []Export, opts Options) (*Server, string) {
 	t.Helper()
 	srv, err := NewServer(exports, opts)
 	if err != nil {
@@ -42,12 +42,12 @@ func start(t *testing.T, exports []Export, opts Options) (*Server, string) {
 }
 
 type client struct {
-	t *testing.T
+	t testing.TB
 	c net.Conn
 }
 
 // dial connects and reads the greeting; it sends no client flags yet.
-func dial(t *testing.T, path string) *client {
+func dial(t testing.TB, path string) *client {
 	t.Helper()
 	c, err := net.Dial("unix", path)
 	if err != nil {
@@ -64,7 +64,7 @@ func dial(t *testing.T, path string) *client {
 }
 
 // connect dials and sends the usual client flags.
-func connect(t *testing.T, path string) *client {
+func connect(t testing.TB, path string) *client {
 	cl := dial(t, path)
 	cl.u32(flagFixedNewstyle | flagNoZeroes)
 	return cl
