@@ -2,9 +2,18 @@ package nbd
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
-	"math/rand/v2"
+	"math/big"
+	mrand "math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,7 +41,7 @@ func rawImage(t *testing.T, size int64) string {
 	if err := f.Truncate(size); err != nil {
 		t.Fatal(err)
 	}
-	rnd := rand.New(rand.NewPCG(5, 6))
+	rnd := mrand.New(mrand.NewPCG(5, 6))
 	for _, off := range []int64{0, 3 << 20, size / 2, size - 100<<10} {
 		p := make([]byte, 100<<10)
 		for i := range p {
@@ -293,4 +302,64 @@ func TestInteropNbdfuse(t *testing.T) {
 	if !bytes.Equal(got[5<<20+7:5<<20+30], []byte("written through nbdfuse")) {
 		t.Fatal("a write through nbdfuse did not reach the image")
 	}
+}
+
+// TestInteropTLS serves over TLS (required) to nbdinfo, whose TLS is
+// GnuTLS: a certificate chain written the way libnbd looks for it
+// (tls-certificates=DIR with ca-cert.pem), and a refusal without TLS.
+func TestInteropTLS(t *testing.T) {
+	certDir := t.TempDir()
+	serverCert := writeCA(t, certDir)
+	img := rawImage(t, 8<<20)
+	d, err := raw.OpenFile(img, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	_, sock := start(t, []Export{{Disk: d}}, Options{TLS: &tls.Config{Certificates: []tls.Certificate{serverCert}}, TLSMode: TLSRequire})
+	out := string(testtool.Run(t, "nbdinfo", "nbds+unix:///?socket="+sock+"&tls-certificates="+certDir))
+	if !strings.Contains(out, "export-size: 8388608") || !strings.Contains(out, "with TLS") {
+		t.Errorf("nbdinfo over TLS:\n%s", out)
+	}
+	if err := exec.Command(testtool.Need(t, "nbdinfo"), uri(sock, "")).Run(); err == nil {
+		t.Error("nbdinfo without TLS was served by a server that requires it")
+	}
+}
+
+// writeCA makes a CA and a server certificate for localhost signed by it,
+// writes the CA to dir/ca-cert.pem, and returns the server's certificate.
+func writeCA(t *testing.T, dir string) tls.Certificate {
+	t.Helper()
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	caKey, srvKey := newKey(), newKey()
+	now := time.Now()
+	ca := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "diskserve test CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "localhost"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srv, ca, &srvKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca-cert.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{srvDER, caDER}, PrivateKey: srvKey}
 }
