@@ -30,6 +30,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -161,10 +162,16 @@ func writeRandom(path string, size int64, spans [][2]int64) {
 			}
 		}
 	}
+	if err := f.Sync(); err != nil {
+		log.Fatal(err)
+	}
 }
 
-// withServer starts p on image, runs fn against it and stops it.
+// withServer starts p on image, runs fn against it and stops it. It first
+// writes back every dirty page, so that no server pays for the writeback
+// of the previous one's writes.
 func withServer(p peer, image, dir string, fn func(uri string) float64) float64 {
+	syscall.Sync()
 	sock := filepath.Join(dir, p.name+".sock")
 	os.Remove(sock)
 	cmd := p.start(image, sock)
