@@ -6,13 +6,12 @@ package nbd
 
 // Magic numbers.
 const (
-	magicInit          = 0x4e42444d41474943 // "NBDMAGIC", the greeting
-	magicOpt           = 0x49484156454F5054 // "IHAVEOPT", greeting and option headers
-	magicOptReply      = 0x0003e889045565a9
-	magicRequest       = 0x25609513
-	magicSimpleReply   = 0x67446698
-	magicStructReply   = 0x668e33ef
-	magicExtendRequest = 0x21e41c71 // extended headers, not negotiated by this server
+	magicInit        = 0x4e42444d41474943 // "NBDMAGIC", the greeting
+	magicOpt         = 0x49484156454F5054 // "IHAVEOPT", greeting and option headers
+	magicOptReply    = 0x0003e889045565a9
+	magicRequest     = 0x25609513
+	magicSimpleReply = 0x67446698
+	magicStructReply = 0x668e33ef
 )
 
 // Handshake flags (server, 16 bits) and client flags (32 bits) share bits.
@@ -26,7 +25,7 @@ const (
 	optExportName      = 1
 	optAbort           = 2
 	optList            = 3
-	optPeekExport      = 4 // withdrawn
+	optPeekExport      = 4 // withdrawn; answered ERR_UNSUP
 	optStartTLS        = 5
 	optInfo            = 6
 	optGo              = 7
@@ -48,7 +47,6 @@ const (
 	repErrInvalid = 1<<31 | 3
 	repErrTLSReqd = 1<<31 | 5
 	repErrUnknown = 1<<31 | 6
-	repErrShutdwn = 1<<31 | 7
 	repErrTooBig  = 1<<31 | 9
 )
 
@@ -109,15 +107,12 @@ const (
 // Error values sent to clients. Never raw errno values: clients know only
 // these.
 const (
-	errPerm      = 1
-	errIO        = 5
-	errNoMem     = 12
-	errInval     = 22
-	errNoSpc     = 28
-	errOverflow  = 75
-	errNotSup    = 95
-	errShutdown  = 108
-	errNoneValue = 0
+	errPerm   = 1
+	errIO     = 5
+	errNoMem  = 12
+	errInval  = 22
+	errNoSpc  = 28
+	errNotSup = 95
 )
 
 // Sizes and limits.
