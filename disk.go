@@ -1,6 +1,9 @@
 package diskserve
 
-import "io"
+import (
+	"io"
+	"time"
+)
 
 // A DiskFile is a virtual disk: Size() bytes addressable by byte offset.
 //
@@ -174,9 +177,21 @@ type Info struct {
 	// "format-specific" data of qemu-img info where one exists.
 	Specific map[string]any
 
+	// Snapshots are the image's internal snapshots, oldest first.
+	Snapshots []Snapshot
+
 	// Backing describes the backing image, if there is one.
 	Backing *Info
 	// Children describe the images a container is made of (composite
 	// components), in guest order.
 	Children []Info
+}
+
+// A Snapshot is an internal snapshot of an image (qcow2 has them).
+type Snapshot struct {
+	ID, Name    string
+	Date        time.Time     // when it was taken
+	VMClock     time.Duration // the guest's clock then
+	VMStateSize uint64        // bytes of saved VM state, 0 for a disk-only snapshot
+	DiskSize    uint64        // virtual size of the disk then, 0 if unrecorded
 }

@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
 )
 
@@ -23,7 +24,7 @@ import (
 func All() []diskserve.Format {
 	return []diskserve.Format{
 		recognised("composite", "composite_disk\x1d", nil),
-		recognised("qcow2", "QFI\xfb", nil),
+		qcow2.Format,
 		recognised("android-sparse", "\x3a\xff\x26\xed", nil),
 		recognised("zstd", "", isZstd),
 		raw.Format,

@@ -44,7 +44,6 @@ func TestGoldenRaw(t *testing.T) {
 // (which would hand its metadata to a guest as disk content).
 func TestRecognisedNeverRaw(t *testing.T) {
 	for path, name := range map[string]string{
-		"../testdata/qcow2/pattern.qcow2": "qcow2",
 		"../testdata/sparse/pattern.simg": "android-sparse",
 		"../testdata/zstd/plain.zst":      "zstd",
 	} {
@@ -60,6 +59,25 @@ func TestRecognisedNeverRaw(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSniffQcow2 opens the qcow2 conversion of the raw golden image
+// without naming its format: it must be found to be qcow2 and read the
+// same bytes.
+func TestSniffQcow2(t *testing.T) {
+	want, err := os.ReadFile("../testdata/raw/pattern.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := format.Open("../testdata/qcow2/pattern.qcow2", diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if f := diskserve.Describe(d).Format; f != "qcow2" {
+		t.Fatalf("opened as %q", f)
+	}
+	disktest.Check(t, d, want)
 }
 
 func TestAllRawLast(t *testing.T) {

@@ -22,8 +22,25 @@ sha256sum raw/pattern.img | cut -d' ' -f1 > raw/pattern.img.sha256
 
 # Images of the formats the opener recognises, made from the same content.
 mkdir -p qcow2 sparse zstd
-rm -f qcow2/pattern.qcow2 sparse/pattern.simg zstd/plain.zst
+rm -f qcow2/*.qcow2 qcow2/*.sha256 sparse/pattern.simg zstd/plain.zst
 qemu-img convert -q -f raw -O qcow2 -o compat=1.1,cluster_size=65536 raw/pattern.img qcow2/pattern.qcow2
+
+# Small qcow2 images, one per feature, for table tests and fuzz seeds.
+# Each has a .sha256 of its content as `qemu-img convert -O raw` reads it.
+writes=(-c 'write -P 0xa1 0 1536' -c 'write -P 0xb2 5000 700' -c 'write -P 0xc3 40960 8192' -c 'write -z 45056 4096' -c 'write -P 0xd4 65024 512')
+qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=512 qcow2/tiny-v2-c512.qcow2 64K
+qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-v2-c512.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -o cluster_size=4096,refcount_bits=1 qcow2/tiny-c4k-rc1.qcow2 64K
+qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-c4k-rc1.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -o cluster_size=16384,extended_l2=on qcow2/tiny-extl2.qcow2 64K
+qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-extl2.qcow2 >/dev/null
+qemu-img convert -q -c -f qcow2 -O qcow2 -o cluster_size=4096 qcow2/tiny-c4k-rc1.qcow2 qcow2/tiny-zlib.qcow2
+qemu-img convert -q -c -f qcow2 -O qcow2 -o cluster_size=4096,compression_type=zstd qcow2/tiny-c4k-rc1.qcow2 qcow2/tiny-zstd.qcow2
+for img in qcow2/*.qcow2; do
+	qemu-img convert -f qcow2 -O raw "$img" "$img.raw"
+	sha256sum "$img.raw" | cut -d' ' -f1 > "$img.sha256"
+	rm "$img.raw"
+done
 img2simg raw/pattern.img sparse/pattern.simg 4096
 # A plain zstd stream without a seek table: recognised as zstd, and refused
 # as a disk (it cannot be read at an offset).

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sort"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -58,6 +59,7 @@ type infoJSON struct {
 	BackingFilename     string          `json:"backing-filename,omitempty"`
 	FullBackingFilename string          `json:"full-backing-filename,omitempty"`
 	BackingFormat       string          `json:"backing-filename-format,omitempty"`
+	Snapshots           []snapshotJSON  `json:"snapshots,omitempty"`
 	FormatSpecific      *formatSpecific `json:"format-specific,omitempty"`
 	BackingImage        *infoJSON       `json:"backing-image,omitempty"`
 	Children            []childJSON     `json:"children,omitempty"`
@@ -66,6 +68,17 @@ type infoJSON struct {
 type formatSpecific struct {
 	Type string         `json:"type"`
 	Data map[string]any `json:"data"`
+}
+
+// snapshotJSON is one element of qemu-img info's "snapshots".
+type snapshotJSON struct {
+	ID          string `json:"id"`
+	Name        string `json:"name"`
+	VMStateSize uint64 `json:"vm-state-size"`
+	DateSec     int64  `json:"date-sec"`
+	DateNsec    int    `json:"date-nsec"`
+	VMClockSec  int64  `json:"vm-clock-sec"`
+	VMClockNsec int64  `json:"vm-clock-nsec"`
 }
 
 type childJSON struct {
@@ -83,6 +96,13 @@ func newInfoJSON(info diskserve.Info) infoJSON {
 		DirtyFlag:       info.Dirty,
 		BackingFilename: info.BackingFile,
 		BackingFormat:   info.BackingFormat,
+	}
+	for _, sn := range info.Snapshots {
+		j.Snapshots = append(j.Snapshots, snapshotJSON{
+			ID: sn.ID, Name: sn.Name, VMStateSize: sn.VMStateSize,
+			DateSec: sn.Date.Unix(), DateNsec: sn.Date.Nanosecond(),
+			VMClockSec: int64(sn.VMClock / time.Second), VMClockNsec: int64(sn.VMClock % time.Second),
+		})
 	}
 	if len(info.Specific) > 0 {
 		j.FormatSpecific = &formatSpecific{Type: info.Format, Data: info.Specific}
@@ -139,6 +159,13 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	}
 	if info.Dirty {
 		p("dirty flag: true")
+	}
+	if len(info.Snapshots) > 0 {
+		p("Snapshot list:")
+		p("%-8s%-24s%12s%21s%16s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK")
+		for _, sn := range info.Snapshots {
+			p("%-8s%-24s%12s%21s%16s", sn.ID, sn.Name, humanSize(int64(sn.VMStateSize)), sn.Date.Local().Format("2006-01-02 15:04:05"), sn.VMClock)
+		}
 	}
 	if len(info.Specific) > 0 {
 		p("Format specific information:")

@@ -134,8 +134,8 @@ func (s *Server) export(name string) *Export {
 }
 
 // Serve accepts connections on l and serves each in its own goroutine,
-// until l fails or [Server.Shutdown] is called; it then returns
-// [ErrServerClosed]. Serve closes l.
+// until l is closed or [Server.Shutdown] is called; after Shutdown it
+// returns [ErrServerClosed]. Serve closes l.
 func (s *Server) Serve(l net.Listener) error {
 	s.mu.Lock()
 	if s.closing {
@@ -151,21 +151,27 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 		l.Close()
 	}()
+	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			s.mu.Lock()
 			closing := s.closing
 			s.mu.Unlock()
-			if closing {
+			switch {
+			case closing:
 				return ErrServerClosed
+			case errors.Is(err, net.ErrClosed):
+				return err
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return err
+			// Out of descriptors, say: wait and try again, as net/http
+			// does, rather than stop serving everyone.
+			s.log.Warn("accept failed", "err", err)
+			time.Sleep(backoff)
+			backoff = min(2*backoff, time.Second)
+			continue
 		}
+		backoff = 5 * time.Millisecond
 		if !s.track(c) {
 			c.Close()
 			return ErrServerClosed

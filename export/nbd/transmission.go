@@ -39,7 +39,8 @@ const (
 	maxErrMsg      = 256
 	statusStep     = 256 << 20 // the range one Extents call covers in BLOCK_STATUS
 	unixSendBuffer = 4 << 20
-	cacheStep      = 1 << 20 // the buffer CACHE reads into
+	stopGrace      = 10 * time.Second // for a client to read its last replies at shutdown
+	cacheStep      = 1 << 20          // the buffer CACHE reads into
 )
 
 // errDisconnect ends a connection after the client sent NBD_CMD_DISC.
@@ -88,10 +89,12 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 }
 
 // stop makes the reader stop at the next request; requests already read
-// are still served. Used by Server.Shutdown.
+// are still served, and a client has stopGrace to take their replies.
+// Used by Server.Shutdown.
 func (t *transmission) stop() {
 	t.stopping.Store(true)
 	t.c.SetReadDeadline(time.Now())
+	t.c.SetWriteDeadline(time.Now().Add(stopGrace))
 }
 
 func (t *transmission) serve() {

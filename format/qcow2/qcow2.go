@@ -1,0 +1,467 @@
+// Package qcow2 reads qcow2 images, the format of qemu, as specified in
+// docs/interop/qcow2.txt of the qemu project.
+//
+// # Supported
+//
+//   - Versions 2 and 3; cluster sizes from 512 B to 2 MiB; any refcount
+//     width.
+//   - Header extensions: the backing file format (0xE2792ACA) and the
+//     feature name table, which names unknown feature bits in errors;
+//     others are skipped.
+//   - The zero flag, plain and allocated: such clusters read as zeroes,
+//     never as backing data or as what the host cluster holds.
+//   - Compressed clusters, zlib (raw deflate) and zstd, with pooled
+//     decoders and a small cache of decompressed clusters.
+//   - Extended L2 entries (32 subclusters per cluster).
+//   - Backing files, opened through the opener with the format the image
+//     records, relative names taken relative to the image's directory;
+//     reads past the end of a shorter backing file return zeroes.
+//   - Internal snapshots, listed by Describe; reads see the active layer.
+//   - Allocation extents from the L1 and L2 tables, through to the backing
+//     file, so NBD block status and `diskserve map` are exact.
+//   - Dirty (lazy refcounts) and corrupt images open for reading; their
+//     state is reported by Describe.
+//
+// # Not supported
+//
+//   - Writing: an image opened read-write is refused with an error that
+//     says to open it read-only.
+//   - Encryption (AES and LUKS), external data files, and unknown
+//     incompatible features are refused with an error naming them.
+//   - A backing file whose format the image does not record: probing it
+//     could take a raw file a guest wrote for a qcow2 image, so it is
+//     refused; `qemu-img rebase -u -F FORMAT` records the format.
+//
+// # Concurrency
+//
+// Every method may be called concurrently. L2 tables are kept in an LRU
+// cache of bounded size, shared by all readers.
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/diskserve/diskserve"
+)
+
+// Format is the qcow2 format for the opener.
+var Format = diskserve.Format{Name: "qcow2", Magic: Magic, Open: open}
+
+// L2 entry bits.
+const (
+	entryCopied     = 1 << 63
+	entryCompressed = 1 << 62
+	entryZero       = 1 << 0
+	offsetMask      = 0x00ff_ffff_ffff_fe00 // bits 9-55: host offsets of L2 tables and clusters
+)
+
+// A Disk is an open qcow2 image.
+type Disk struct {
+	c       diskserve.DiskFile // the image file
+	path    string
+	h       *header
+	cs      int64 // cluster size
+	bits    uint  // cluster_bits
+	l2n     int64 // entries per L2 table
+	l1      []uint64
+	l2      *l2Cache
+	clust   *clusterCache // decompressed clusters
+	backing diskserve.DiskFile
+	snaps   []snapshot
+}
+
+var (
+	_ diskserve.DiskFile     = (*Disk)(nil)
+	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.Describer    = (*Disk)(nil)
+)
+
+func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
+	fileSize := c.Size()
+	// The cluster size comes from the header; read enough to know it,
+	// then the whole first cluster, which holds the extensions and the
+	// backing file name.
+	var fixed [v3HeaderLen]byte
+	n, err := c.ReadAt(fixed[:min(int64(len(fixed)), fileSize)], 0)
+	if err != nil && err != io.EOF {
+		return nil, fmt.Errorf("read header: %w", err)
+	}
+	if n < 24 {
+		return nil, corrupt(0, "header truncated: the file has %d bytes", fileSize)
+	}
+	bits := be.Uint32(fixed[20:])
+	if bits < minClusterBits || bits > maxClusterBits {
+		return nil, corrupt(20, "cluster_bits %d outside %d..%d", bits, minClusterBits, maxClusterBits)
+	}
+	cluster0 := make([]byte, min(int64(1)<<bits, fileSize))
+	if err := readFull(c, cluster0, 0); err != nil {
+		return nil, fmt.Errorf("read header: %w", err)
+	}
+	h, err := parseHeader(cluster0, fileSize)
+	if err != nil {
+		return nil, err
+	}
+	if !oc.ReadOnly() {
+		return nil, unsupported(-1, "writing to qcow2 images is not supported yet: open it read-only (diskserve serve -r)")
+	}
+	d := &Disk{
+		c:     c,
+		path:  oc.Path(),
+		h:     h,
+		cs:    h.clusterSize(),
+		bits:  uint(h.ClusterBits),
+		l2n:   h.l2Entries(),
+		l2:    newL2Cache(h.clusterSize()),
+		clust: newClusterCache(),
+	}
+	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
+		return nil, fmt.Errorf("read L1 table: %w", err)
+	}
+	if d.snaps, err = readSnapshots(c, h); err != nil {
+		return nil, err
+	}
+	if h.BackingFile != "" {
+		if h.BackingFormat == "" {
+			return nil, unsupported(-1, "backing file %q has no recorded format: record it with qemu-img rebase -u -b %q -F FORMAT", h.BackingFile, h.BackingFile)
+		}
+		if d.backing, err = oc.OpenChild(h.BackingFile, h.BackingFormat, true); err != nil {
+			return nil, fmt.Errorf("backing file: %w", err)
+		}
+	}
+	return d, nil
+}
+
+// readFull reads len(p) bytes at off from the image file.
+func readFull(c diskserve.DiskFile, p []byte, off int64) error {
+	n, err := c.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// readTable reads n big-endian 64-bit entries at off.
+func readTable(c diskserve.DiskFile, off uint64, n uint32) ([]uint64, error) {
+	b := make([]byte, int64(n)*8)
+	if err := readFull(c, b, int64(off)); err != nil {
+		return nil, err
+	}
+	t := make([]uint64, n)
+	for i := range t {
+		t[i] = be.Uint64(b[i*8:])
+	}
+	return t, nil
+}
+
+// Size returns the virtual size.
+func (d *Disk) Size() int64 { return int64(d.h.Size) }
+
+// ReadOnly is true: this package does not write qcow2 images yet.
+func (d *Disk) ReadOnly() bool { return true }
+
+// WriteAt fails: the image is read-only.
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	return 0, fmt.Errorf("write: %w", diskserve.ErrReadOnly)
+}
+
+// Close closes the backing chain and the image file.
+func (d *Disk) Close() error {
+	var errs []error
+	if d.backing != nil {
+		errs = append(errs, d.backing.Close())
+	}
+	return errors.Join(append(errs, d.c.Close())...)
+}
+
+// A mapping is where the bytes of one guest range come from.
+type mapping struct {
+	kind mappingKind
+	host int64  // kindData: host offset of the range's first byte
+	l2e  uint64 // kindCompressed: the L2 entry
+	n    int64  // length of the range
+}
+
+type mappingKind uint8
+
+const (
+	kindBacking    mappingKind = iota // not allocated here: the backing file, or zeroes
+	kindZero                          // the zero flag
+	kindData                          // stored verbatim at host
+	kindCompressed                    // a compressed cluster
+)
+
+// mapAt returns how the guest bytes from off onwards are stored, for as
+// far as one cluster (one subcluster with extended L2) stores them alike.
+func (d *Disk) mapAt(off int64) (mapping, error) {
+	ci := off >> d.bits
+	in := off & (d.cs - 1)
+	clusterLeft := d.cs - in
+	entry, bitmap, err := d.l2Entry(ci)
+	if err != nil {
+		return mapping{}, err
+	}
+	if entry&entryCompressed != 0 {
+		return mapping{kind: kindCompressed, l2e: entry, n: clusterLeft}, nil
+	}
+	host := int64(entry & offsetMask)
+	if host%d.cs != 0 {
+		return mapping{}, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", entry, off)
+	}
+	if !d.h.extendedL2() {
+		switch {
+		case entry&entryZero != 0 && d.h.Version >= 3:
+			return mapping{kind: kindZero, n: clusterLeft}, nil
+		case host != 0:
+			return mapping{kind: kindData, host: host + in, n: clusterLeft}, nil
+		case entry&entryCopied != 0:
+			return mapping{}, corrupt(-1, "L2 entry %#x for guest offset %#x: data cluster at host offset 0", entry, off)
+		}
+		return mapping{kind: kindBacking, n: clusterLeft}, nil
+	}
+	// Extended L2: 32 subclusters, each allocated, zero, or neither.
+	sub := d.cs / 32
+	si := in / sub
+	left := sub - in%sub
+	alloc, zero := bitmap&(1<<si) != 0, bitmap&(1<<(32+si)) != 0
+	switch {
+	case alloc && zero:
+		return mapping{}, corrupt(-1, "subcluster %d of guest cluster %#x is both allocated and zero", si, ci<<d.bits)
+	case zero:
+		return mapping{kind: kindZero, n: left}, nil
+	case alloc && host == 0:
+		return mapping{}, corrupt(-1, "allocated subcluster %d of guest cluster %#x has host offset 0", si, ci<<d.bits)
+	case alloc:
+		return mapping{kind: kindData, host: host + in, n: left}, nil
+	}
+	return mapping{kind: kindBacking, n: left}, nil
+}
+
+// l2Entry returns the L2 entry of guest cluster ci, and its subcluster
+// bitmap when the image has extended L2 entries. An unallocated L2 table
+// gives a zero entry.
+func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
+	l1i := ci / d.l2n
+	if l1i >= int64(len(d.l1)) {
+		return 0, 0, nil // checked against the size at open; unreachable
+	}
+	l2off := d.l1[l1i] & offsetMask
+	if l2off == 0 {
+		return 0, 0, nil
+	}
+	if l2off%uint64(d.cs) != 0 {
+		return 0, 0, corrupt(int64(d.h.L1TableOffset)+l1i*8, "L2 table offset %#x not cluster aligned", l2off)
+	}
+	table, err := d.l2.get(l2off, d.loadL2)
+	if err != nil {
+		return 0, 0, err
+	}
+	i := ci % d.l2n
+	if d.h.extendedL2() {
+		return be.Uint64(table[i*16:]), be.Uint64(table[i*16+8:]), nil
+	}
+	return be.Uint64(table[i*8:]), 0, nil
+}
+
+func (d *Disk) loadL2(off uint64) ([]byte, error) {
+	t := make([]byte, d.cs)
+	if err := readFull(d.c, t, int64(off)); err != nil {
+		return nil, fmt.Errorf("read L2 table at %#x: %w", off, err)
+	}
+	return t, nil
+}
+
+// ReadAt reads the guest bytes at off. Host ranges that follow each other
+// are read in one call.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	size := d.Size()
+	if off < 0 {
+		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	var eof error
+	if int64(len(p)) > size-off {
+		p, eof = p[:size-off], io.EOF
+	}
+	var run mapping // pending verbatim range, not yet read
+	runBuf := p[:0]
+	for done := int64(0); done < int64(len(p)); {
+		m, err := d.mapAt(off + done)
+		if err != nil {
+			return int(done), err
+		}
+		m.n = min(m.n, int64(len(p))-done)
+		dst := p[done : done+m.n]
+		if m.kind == kindData && run.n > 0 && run.host+run.n == m.host {
+			run.n += m.n
+			runBuf = p[done-int64(len(runBuf)) : done+m.n]
+			done += m.n
+			continue
+		}
+		if run.n > 0 {
+			if err := d.readHost(runBuf, run.host); err != nil {
+				return int(done) - len(runBuf), err
+			}
+			run.n = 0
+		}
+		switch m.kind {
+		case kindData:
+			run, runBuf = m, dst
+		case kindZero:
+			clear(dst)
+		case kindBacking:
+			err = d.readBacking(dst, off+done)
+		case kindCompressed:
+			err = d.readCompressed(dst, m.l2e, (off+done)&(d.cs-1))
+		}
+		if err != nil {
+			return int(done), err
+		}
+		done += m.n
+	}
+	if run.n > 0 {
+		if err := d.readHost(runBuf, run.host); err != nil {
+			return len(p) - len(runBuf), err
+		}
+	}
+	return len(p), eof
+}
+
+// readHost reads clusters stored verbatim. Clusters past the end of the
+// file (preallocated metadata without data) read as zeroes, as in qemu.
+func (d *Disk) readHost(p []byte, host int64) error {
+	n, err := d.c.ReadAt(p, host)
+	if n == len(p) || err == io.EOF {
+		clear(p[n:])
+		return nil
+	}
+	return fmt.Errorf("read host cluster at %#x: %w", host, err)
+}
+
+// readBacking reads guest bytes that this image does not hold: from the
+// backing file, and zeroes past its end or without one.
+func (d *Disk) readBacking(p []byte, off int64) error {
+	if d.backing == nil {
+		clear(p)
+		return nil
+	}
+	n := max(0, min(int64(len(p)), d.backing.Size()-off))
+	if n > 0 {
+		got, err := d.backing.ReadAt(p[:n], off)
+		if int64(got) < n {
+			if err == nil || err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("backing file: %w", err)
+		}
+	}
+	clear(p[n:])
+	return nil
+}
+
+// AppendExtents reports data, zeroes and unallocated ranges from the L2
+// tables; unallocated ranges take the backing file's extents.
+func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	end := off + n
+	add := func(e diskserve.Extent) {
+		if k := len(dst); k > 0 && dst[k-1].Flags == e.Flags && dst[k-1].Off+dst[k-1].Len == e.Off {
+			dst[k-1].Len += e.Len
+			return
+		}
+		dst = append(dst, e)
+	}
+	for pos := off; pos < end; {
+		// An unallocated L2 table leaves its whole span to the backing
+		// file: skip it in one step, which keeps huge sparse images fast.
+		span := d.l2n << d.bits
+		if l1i := pos >> d.bits / d.l2n; l1i < int64(len(d.l1)) && d.l1[l1i]&offsetMask == 0 {
+			next := min(end, (pos/span+1)*span)
+			if err := d.backingExtents(add, pos, next-pos); err != nil {
+				return dst, err
+			}
+			pos = next
+			continue
+		}
+		m, err := d.mapAt(pos)
+		if err != nil {
+			return dst, err
+		}
+		m.n = min(m.n, end-pos)
+		switch m.kind {
+		case kindBacking:
+			err = d.backingExtents(add, pos, m.n)
+		case kindZero:
+			add(diskserve.Extent{Off: pos, Len: m.n, Flags: diskserve.ExtentHole | diskserve.ExtentZero})
+		default:
+			add(diskserve.Extent{Off: pos, Len: m.n})
+		}
+		if err != nil {
+			return dst, err
+		}
+		pos += m.n
+	}
+	return dst, nil
+}
+
+// backingExtents adds the extents of an unallocated range: the backing
+// file's where it has data, a zero hole elsewhere.
+func (d *Disk) backingExtents(add func(diskserve.Extent), off, n int64) error {
+	hole := diskserve.ExtentHole | diskserve.ExtentZero
+	covered := int64(0)
+	if d.backing != nil {
+		covered = max(0, min(n, d.backing.Size()-off))
+	}
+	if covered > 0 {
+		ext, err := diskserve.Extents(d.backing, nil, off, covered)
+		if err != nil {
+			return fmt.Errorf("backing file: %w", err)
+		}
+		for _, e := range ext {
+			add(e)
+		}
+	}
+	if covered < n {
+		add(diskserve.Extent{Off: off + covered, Len: n - covered, Flags: hole})
+	}
+	return nil
+}
+
+// Describe reports the image's header facts, its snapshots and its
+// backing chain.
+func (d *Disk) Describe(info *diskserve.Info) {
+	h := d.h
+	info.Format = Format.Name
+	info.Filename = d.path
+	info.ClusterSize = d.cs
+	info.BackingFile = h.BackingFile
+	info.BackingFormat = h.BackingFormat
+	info.Dirty = h.IncompatibleFeatures&incompatDirty != 0
+	compat := "1.1"
+	if h.Version == 2 {
+		compat = "0.10"
+	}
+	info.Specific = map[string]any{"compat": compat, "refcount-bits": 1 << h.RefcountOrder}
+	if h.Version >= 3 {
+		ct := "zlib"
+		if h.CompressionType == compressionZstd {
+			ct = "zstd"
+		}
+		info.Specific["compression-type"] = ct
+		info.Specific["lazy-refcounts"] = h.CompatibleFeatures&compatLazyRefcounts != 0
+		info.Specific["corrupt"] = h.IncompatibleFeatures&incompatCorrupt != 0
+		info.Specific["extended-l2"] = d.h.extendedL2()
+	}
+	for _, s := range d.snaps {
+		info.Snapshots = append(info.Snapshots, s.info())
+	}
+	if d.backing != nil {
+		b := diskserve.Describe(d.backing)
+		info.Backing = &b
+	}
+}

@@ -1,0 +1,178 @@
+package qcow2_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/qcow2"
+	"github.com/diskserve/diskserve/format/raw"
+	"github.com/diskserve/diskserve/internal/disktest"
+)
+
+// options opens qcow2 and raw images from files, read-only.
+func options() diskserve.Options {
+	return diskserve.Options{Formats: []diskserve.Format{qcow2.Format, raw.Format}, OpenFile: raw.OpenFile, ReadOnly: true}
+}
+
+func openFile(t *testing.T, path string) diskserve.DiskFile {
+	t.Helper()
+	d, err := diskserve.Open(path, options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func readAll(t *testing.T, d diskserve.DiskFile) []byte {
+	t.Helper()
+	b, err := io.ReadAll(io.NewSectionReader(d, 0, d.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestGolden reads every qcow2 image of testdata (made by qemu-img, see
+// testdata/gen.sh) and compares it with the sha256 of qemu-img's own
+// conversion, then runs the conformance suite on it.
+func TestGolden(t *testing.T) {
+	images, _ := filepath.Glob("../../testdata/qcow2/*.qcow2")
+	if len(images) < 6 {
+		t.Fatalf("only %d golden images", len(images))
+	}
+	for _, img := range images {
+		t.Run(filepath.Base(img), func(t *testing.T) {
+			d := openFile(t, img)
+			data := readAll(t, d)
+			sum, err := os.ReadFile(img + ".sha256")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := sha256.Sum256(data); hex.EncodeToString(got[:]) != strings.TrimSpace(string(sum)) {
+				t.Fatalf("content differs from qemu-img's")
+			}
+			disktest.Check(t, d, data)
+		})
+	}
+}
+
+// memOptions opens the image from memory: a fuzz input or a mutated
+// golden image. Any other path (a backing file) does not exist.
+func memOptions(name string, image []byte) diskserve.Options {
+	return diskserve.Options{
+		Formats:  []diskserve.Format{qcow2.Format},
+		ReadOnly: true,
+		OpenFile: func(path string, _ bool) (diskserve.DiskFile, error) {
+			if filepath.Base(path) != name {
+				return nil, os.ErrNotExist
+			}
+			return disktest.NewMemory(image, true), nil
+		},
+	}
+}
+
+// l2Table returns the offset of the first L2 table of a golden image.
+func l2Table(b []byte) int64 {
+	l1 := binary.BigEndian.Uint64(b[40:])
+	return int64(binary.BigEndian.Uint64(b[l1:]) & 0x00ff_ffff_ffff_fe00)
+}
+
+// TestCorruptL2 points an L2 entry at host offset 0, where the header is:
+// reading that cluster must fail as corrupt, not return the header.
+func TestCorruptL2(t *testing.T) {
+	b, err := os.ReadFile("../../testdata/qcow2/tiny-c4k-rc1.qcow2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	binary.BigEndian.PutUint64(b[l2Table(b):], 1<<63) // COPIED, offset 0
+	d, err := diskserve.Open("img", memOptions("img", b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.ReadAt(make([]byte, 512), 0)
+	if !errors.Is(err, diskserve.ErrCorrupt) || !strings.Contains(err.Error(), "host offset 0") {
+		t.Fatalf("read of a cluster at host offset 0: %v", err)
+	}
+	if _, err := diskserve.Extents(d, nil, 0, 4096); !errors.Is(err, diskserve.ErrCorrupt) {
+		t.Fatalf("extents of a cluster at host offset 0: %v", err)
+	}
+}
+
+func TestReadWriteRefused(t *testing.T) {
+	opts := options()
+	opts.ReadOnly = false
+	_, err := diskserve.Open("../../testdata/qcow2/pattern.qcow2", opts)
+	if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("read-write open: %v", err)
+	}
+}
+
+// FuzzOpen opens arbitrary bytes as a qcow2 image. Whatever opens must
+// keep the DiskFile contract: reads stay in bounds and return whole
+// ranges or errors, extents tile the range, ranges claimed to read as
+// zeroes do, and a read in pieces equals a read in one go.
+func FuzzOpen(f *testing.F) {
+	images, _ := filepath.Glob("../../testdata/qcow2/tiny-*.qcow2")
+	for _, img := range images {
+		b, err := os.ReadFile(img)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := diskserve.Open("img", memOptions("img", b))
+		if err != nil {
+			return
+		}
+		defer d.Close()
+		size := d.Size()
+		if size < 0 {
+			t.Fatalf("size %d", size)
+		}
+		n := min(size, 256<<10) // bound the work per input
+		whole := make([]byte, n)
+		if got, err := d.ReadAt(whole, 0); int64(got) != n && err == nil {
+			t.Fatalf("short read without an error: %d of %d", got, n)
+		} else if err != nil && err != io.EOF {
+			return // a corrupt table somewhere: reported, fine
+		}
+		piece := make([]byte, 1000)
+		for off := int64(0); off < n; off += int64(len(piece)) {
+			k, err := d.ReadAt(piece, off)
+			if err != nil && err != io.EOF {
+				t.Fatalf("piece at %d failed after the whole read worked: %v", off, err)
+			}
+			if !bytes.Equal(piece[:min(int64(k), n-off)], whole[off:min(off+int64(k), n)]) {
+				t.Fatalf("piece at %d differs from the whole read", off)
+			}
+		}
+		ext, err := diskserve.Extents(d, nil, 0, n)
+		if err != nil {
+			return
+		}
+		pos := int64(0)
+		for _, e := range ext {
+			if e.Off != pos || e.Len <= 0 {
+				t.Fatalf("extents do not tile: %+v", ext)
+			}
+			if e.Flags&diskserve.ExtentZero != 0 && !bytes.Equal(whole[e.Off:e.Off+e.Len], make([]byte, e.Len)) {
+				t.Fatalf("extent %+v claims zeroes over data", e)
+			}
+			pos += e.Len
+		}
+		if pos != n {
+			t.Fatalf("extents end at %d, not %d", pos, n)
+		}
+	})
+}
