@@ -77,38 +77,53 @@ func initramfs(t *testing.T, kernelDir string) string {
 }
 
 // TestGuestBoot boots a Linux guest under qemu (TCG) whose virtio disk is
-// an ext4 image served by diskserve over NBD. The guest reads a file the
-// test put there and writes one; afterwards the image holds the guest's
-// file and e2fsck finds it clean.
+// an ext4 image served by diskserve over NBD, raw and qcow2. The guest
+// reads a file the test put there and writes one; afterwards the image
+// holds the guest's file, e2fsck finds the file system clean and, for
+// qcow2, qemu-img check finds the image clean.
 func TestGuestBoot(t *testing.T) {
 	kernelDir := guestDir(t)
 	qemu := testtool.Need(t, "qemu-system-x86_64")
-	dir := t.TempDir()
-	content := filepath.Join(dir, "content")
-	os.Mkdir(content, 0o755)
-	os.WriteFile(filepath.Join(content, "hello.txt"), []byte("hello from the host"), 0o644)
-	img := filepath.Join(dir, "disk.raw")
-	testtool.Run(t, "mkfs.ext4", "-q", "-F", "-d", content, img, "64M")
 	initrd := initramfs(t, kernelDir)
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) {
+			dir := t.TempDir()
+			content := filepath.Join(dir, "content")
+			os.Mkdir(content, 0o755)
+			os.WriteFile(filepath.Join(content, "hello.txt"), []byte("hello from the host"), 0o644)
+			img := filepath.Join(dir, "disk.raw")
+			testtool.Run(t, "mkfs.ext4", "-q", "-F", "-d", content, img, "64M")
+			if format == "qcow2" {
+				testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, img+".qcow2")
+				img += ".qcow2"
+			}
 
-	sock := filepath.Join(dir, "nbd.sock")
-	srv := startServe(t, exec.Command(binary, "serve", "-f", "raw", "--listen", "unix:"+sock, img))
-	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
-	defer cancel()
-	guest := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
-		"-kernel", filepath.Join(kernelDir, "vmlinuz"), "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1",
-		"-drive", "file=nbd+unix:///?socket="+sock+",format=raw,if=virtio,cache=writeback")
-	out, err := guest.CombinedOutput()
-	console := string(out)
-	if err != nil || !strings.Contains(console, "GUEST-READ: hello from the host") || !strings.Contains(console, "GUEST-DONE") {
-		t.Fatalf("guest: %v\nconsole:\n%s\nserver log:\n%s", err, console, srv.stderr)
+			sock := filepath.Join(dir, "nbd.sock")
+			srv := startServe(t, exec.Command(binary, "serve", "-f", format, "--listen", "unix:"+sock, img))
+			ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+			defer cancel()
+			guest := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
+				"-kernel", filepath.Join(kernelDir, "vmlinuz"), "-initrd", initrd,
+				"-append", "console=ttyS0 quiet panic=-1",
+				"-drive", "file=nbd+unix:///?socket="+sock+",format=raw,if=virtio,cache=writeback")
+			out, err := guest.CombinedOutput()
+			console := string(out)
+			if err != nil || !strings.Contains(console, "GUEST-READ: hello from the host") || !strings.Contains(console, "GUEST-DONE") {
+				t.Fatalf("guest: %v\nconsole:\n%s\nserver log:\n%s", err, console, srv.stderr)
+			}
+			if code := srv.stop(t, syscall.SIGTERM); code != 0 {
+				t.Fatalf("diskserve exit status %d:\n%s", code, srv.stderr)
+			}
+			fsImage := img
+			if format == "qcow2" {
+				testtool.Run(t, "qemu-img", "check", img)
+				fsImage = filepath.Join(dir, "back.raw")
+				testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, fsImage)
+			}
+			if got := string(testtool.Run(t, "debugfs", "-R", "cat /guest.txt", fsImage)); strings.TrimSpace(got) != "written by the guest" {
+				t.Fatalf("the guest's file holds %q", got)
+			}
+			testtool.Run(t, "e2fsck", "-fn", fsImage)
+		})
 	}
-	if code := srv.stop(t, syscall.SIGTERM); code != 0 {
-		t.Fatalf("diskserve exit status %d:\n%s", code, srv.stderr)
-	}
-	if got := string(testtool.Run(t, "debugfs", "-R", "cat /guest.txt", img)); strings.TrimSpace(got) != "written by the guest" {
-		t.Fatalf("the guest's file holds %q", got)
-	}
-	testtool.Run(t, "e2fsck", "-fn", img)
 }

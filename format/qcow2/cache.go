@@ -1,61 +1,97 @@
 package qcow2
 
-import (
-	"container/list"
-	"sync"
-)
+import "container/list"
 
-// l2CacheBytes bounds the memory of cached L2 tables: 32 MiB holds 512
-// tables of 64 KiB, which map 256 GiB of guest space at the default cluster
-// size.
+// metaCacheBytes bounds the memory of cached metadata clusters (L2 tables
+// and refcount blocks): 32 MiB holds 512 L2 tables of 64 KiB, which map
+// 256 GiB of guest space at the default cluster size.
 const (
-	l2CacheBytes     = 32 << 20
-	l2CacheMinTables = 16
+	metaCacheBytes     = 32 << 20
+	metaCacheMinTables = 16
 )
 
-// l2Cache is an LRU cache of L2 tables by host offset. Tables are never
-// changed once loaded (the image is read-only), so a table can be used
-// after it has been evicted.
-type l2Cache struct {
-	mu     sync.Mutex
+// metaCache is an LRU cache of metadata clusters by host offset. Entries
+// changed in memory are dirty until Flush writes them; only clean entries
+// are evicted, so the cache may hold more than max dirty ones until then.
+//
+// Preconditions: Disk.mu is held for every method.
+type metaCache struct {
 	max    int
-	byOff  map[uint64]*list.Element // of *l2Table
-	recent list.List                // front: most recently used
+	byOff  map[int64]*list.Element // of *metaTable
+	recent list.List               // front: most recently used
+	dirty  int
 }
 
-type l2Table struct {
-	off  uint64
-	data []byte
+type metaTable struct {
+	off   int64
+	kind  tableKind
+	data  []byte
+	dirty bool
 }
 
-func newL2Cache(clusterSize int64) *l2Cache {
-	return &l2Cache{max: max(l2CacheMinTables, int(l2CacheBytes/clusterSize)), byOff: map[uint64]*list.Element{}}
+type tableKind uint8
+
+const (
+	kindL2 tableKind = iota
+	kindRefblock
+)
+
+func newMetaCache(clusterSize int64) *metaCache {
+	return &metaCache{max: max(metaCacheMinTables, int(metaCacheBytes/clusterSize)), byOff: map[int64]*list.Element{}}
 }
 
-// get returns the table at off, loading it with load on a miss. Two
-// goroutines that miss at once both load it; the second copy is dropped.
-func (c *l2Cache) get(off uint64, load func(uint64) ([]byte, error)) ([]byte, error) {
-	c.mu.Lock()
+// get returns the table at off, loading it with load on a miss.
+func (c *metaCache) get(off int64, kind tableKind, load func(int64) ([]byte, error)) (*metaTable, error) {
 	if e, ok := c.byOff[off]; ok {
 		c.recent.MoveToFront(e)
-		c.mu.Unlock()
-		return e.Value.(*l2Table).data, nil
+		return e.Value.(*metaTable), nil
 	}
-	c.mu.Unlock()
 	data, err := load(off)
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e, ok := c.byOff[off]; ok {
-		return e.Value.(*l2Table).data, nil
+	return c.add(off, kind, data, false), nil
+}
+
+// add puts a table into the cache, evicting clean tables past max.
+func (c *metaCache) add(off int64, kind tableKind, data []byte, dirty bool) *metaTable {
+	t := &metaTable{off: off, kind: kind, data: data}
+	c.byOff[off] = c.recent.PushFront(t)
+	if dirty {
+		c.markDirty(t)
 	}
-	c.byOff[off] = c.recent.PushFront(&l2Table{off: off, data: data})
-	if c.recent.Len() > c.max {
-		last := c.recent.Back()
-		c.recent.Remove(last)
-		delete(c.byOff, last.Value.(*l2Table).off)
+	for e := c.recent.Back(); c.recent.Len() > c.max && e != nil; {
+		prev := e.Prev()
+		if !e.Value.(*metaTable).dirty {
+			c.recent.Remove(e)
+			delete(c.byOff, e.Value.(*metaTable).off)
+		}
+		e = prev
 	}
-	return data, nil
+	return t
+}
+
+func (c *metaCache) markDirty(t *metaTable) {
+	if !t.dirty {
+		t.dirty = true
+		c.dirty++
+	}
+}
+
+// dirtyTables returns the dirty tables of a kind, for Flush to write.
+func (c *metaCache) dirtyTables(kind tableKind) []*metaTable {
+	var ts []*metaTable
+	for e := c.recent.Front(); e != nil; e = e.Next() {
+		if t := e.Value.(*metaTable); t.dirty && t.kind == kind {
+			ts = append(ts, t)
+		}
+	}
+	return ts
+}
+
+func (c *metaCache) markClean(t *metaTable) {
+	if t.dirty {
+		t.dirty = false
+		c.dirty--
+	}
 }

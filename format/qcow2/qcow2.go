@@ -1,47 +1,59 @@
-// Package qcow2 reads qcow2 images, the format of qemu, as specified in
-// docs/interop/qcow2.txt of the qemu project.
+// Package qcow2 reads and writes qcow2 images, the format of qemu, as
+// specified in docs/interop/qcow2.txt of the qemu project.
 //
 // # Supported
 //
-//   - Versions 2 and 3; cluster sizes from 512 B to 2 MiB; any refcount
-//     width.
+//   - Versions 2 and 3; cluster sizes from 512 B to 2 MiB; refcount widths
+//     from 1 to 64 bits.
 //   - Header extensions: the backing file format (0xE2792ACA) and the
 //     feature name table, which names unknown feature bits in errors;
-//     others are skipped.
+//     others are skipped, and left as they are when writing.
 //   - The zero flag, plain and allocated: such clusters read as zeroes,
-//     never as backing data or as what the host cluster holds.
+//     never as backing data or as what the host cluster holds. Write
+//     zeroes and punch hole set it (or unallocate, where no backing file
+//     would show through) instead of writing data.
 //   - Compressed clusters, zlib (raw deflate) and zstd, with pooled
-//     decoders and a small cache of decompressed clusters.
-//   - Extended L2 entries (32 subclusters per cluster).
+//     decoders and a small cache of decompressed clusters. A write into a
+//     compressed cluster copies it to a new one and frees the old sectors.
+//   - Extended L2 entries (32 subclusters per cluster), for reading.
 //   - Backing files, opened through the opener with the format the image
 //     records, relative names taken relative to the image's directory;
-//     reads past the end of a shorter backing file return zeroes.
+//     reads past the end of a shorter backing file return zeroes, and
+//     partial writes over it copy the rest of the cluster from it.
 //   - Internal snapshots, listed by Describe; reads see the active layer.
 //   - Allocation extents from the L1 and L2 tables, through to the backing
 //     file, so NBD block status and `diskserve map` are exact.
-//   - Dirty (lazy refcounts) and corrupt images open for reading; their
-//     state is reported by Describe.
+//   - Writing with refcounts kept exact (qemu-img check finds no error and
+//     no leak), copy-on-write of clusters whose COPIED flag is clear, a
+//     refcount table that grows, and resize (grow). Metadata reaches the
+//     file in crash-safe order on Flush; see write.go.
 //
 // # Not supported
 //
-//   - Writing: an image opened read-write is refused with an error that
-//     says to open it read-only.
 //   - Encryption (AES and LUKS), external data files, and unknown
 //     incompatible features are refused with an error naming them.
+//   - Writing images with internal snapshots or extended L2 entries, and
+//     dirty (lazy-refcount) or corrupt images: they open read-only only.
 //   - A backing file whose format the image does not record: probing it
 //     could take a raw file a guest wrote for a qcow2 image, so it is
 //     refused; `qemu-img rebase -u -F FORMAT` records the format.
+//   - Reusing freed clusters while the image is open: the file grows by
+//     appending, and freed clusters are punched out of it.
 //
 // # Concurrency
 //
-// Every method may be called concurrently. L2 tables are kept in an LRU
-// cache of bounded size, shared by all readers.
+// Every method may be called concurrently. Metadata (the L1 table, the
+// cache of L2 tables and refcount blocks, the allocator) is behind one
+// mutex; data is read and written outside it. Clusters are never reused
+// while the image is open, so a write that races with a discard of the same
+// cluster cannot land in a cluster given to someone else.
 package qcow2
 
 import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/diskserve/diskserve"
 )
@@ -61,15 +73,21 @@ const (
 type Disk struct {
 	c       diskserve.DiskFile // the image file
 	path    string
-	h       *header
-	cs      int64 // cluster size
-	bits    uint  // cluster_bits
-	l2n     int64 // entries per L2 table
-	l1      []uint64
-	l2      *l2Cache
+	cs      int64         // cluster size
+	bits    uint          // cluster_bits
+	l2n     int64         // entries per L2 table
 	clust   *clusterCache // decompressed clusters
 	backing diskserve.DiskFile
 	snaps   []snapshot
+	w       *writer // nil when read-only
+
+	// mu guards the metadata: the header's mutable fields, the L1 table,
+	// the metadata cache and the writer's state. Data is read and written
+	// outside it.
+	mu   sync.Mutex
+	h    *header
+	l1   []uint64
+	meta *metaCache
 }
 
 var (
@@ -103,9 +121,6 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	if err != nil {
 		return nil, err
 	}
-	if !oc.ReadOnly() {
-		return nil, unsupported(-1, "writing to qcow2 images is not supported yet: open it read-only (diskserve serve -r)")
-	}
 	d := &Disk{
 		c:     c,
 		path:  oc.Path(),
@@ -113,7 +128,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		cs:    h.clusterSize(),
 		bits:  uint(h.ClusterBits),
 		l2n:   h.l2Entries(),
-		l2:    newL2Cache(h.clusterSize()),
+		meta:  newMetaCache(h.clusterSize()),
 		clust: newClusterCache(),
 	}
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
@@ -121,6 +136,11 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	}
 	if d.snaps, err = readSnapshots(c, h); err != nil {
 		return nil, err
+	}
+	if !oc.ReadOnly() {
+		if d.w, err = newWriter(d, fileSize); err != nil {
+			return nil, err
+		}
 	}
 	if h.BackingFile != "" {
 		if h.BackingFormat == "" {
@@ -159,19 +179,22 @@ func readTable(c diskserve.DiskFile, off uint64, n uint32) ([]uint64, error) {
 }
 
 // Size returns the virtual size.
-func (d *Disk) Size() int64 { return int64(d.h.Size) }
-
-// ReadOnly is true: this package does not write qcow2 images yet.
-func (d *Disk) ReadOnly() bool { return true }
-
-// WriteAt fails: the image is read-only.
-func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
-	return 0, fmt.Errorf("write: %w", diskserve.ErrReadOnly)
+func (d *Disk) Size() int64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return int64(d.h.Size)
 }
 
-// Close closes the backing chain and the image file.
+// ReadOnly reports whether the image was opened read-only.
+func (d *Disk) ReadOnly() bool { return d.w == nil }
+
+// Close flushes a writable image and closes the backing chain and the
+// image file.
 func (d *Disk) Close() error {
 	var errs []error
+	if d.w != nil {
+		errs = append(errs, d.Flush())
+	}
 	if d.backing != nil {
 		errs = append(errs, d.backing.Close())
 	}
@@ -197,6 +220,8 @@ const (
 
 // mapAt returns how the guest bytes from off onwards are stored, for as
 // far as one cluster (one subcluster with extended L2) stores them alike.
+//
+// Preconditions: d.mu is held.
 func (d *Disk) mapAt(off int64) (mapping, error) {
 	ci := off >> d.bits
 	in := off & (d.cs - 1)
@@ -244,6 +269,8 @@ func (d *Disk) mapAt(off int64) (mapping, error) {
 // l2Entry returns the L2 entry of guest cluster ci, and its subcluster
 // bitmap when the image has extended L2 entries. An unallocated L2 table
 // gives a zero entry.
+//
+// Preconditions: d.mu is held.
 func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
 	l1i := ci / d.l2n
 	if l1i >= int64(len(d.l1)) {
@@ -256,23 +283,32 @@ func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
 	if l2off%uint64(d.cs) != 0 {
 		return 0, 0, corrupt(int64(d.h.L1TableOffset)+l1i*8, "L2 table offset %#x not cluster aligned", l2off)
 	}
-	table, err := d.l2.get(l2off, d.loadL2)
+	t, err := d.meta.get(int64(l2off), kindL2, d.loadTable)
 	if err != nil {
 		return 0, 0, err
 	}
 	i := ci % d.l2n
 	if d.h.extendedL2() {
-		return be.Uint64(table[i*16:]), be.Uint64(table[i*16+8:]), nil
+		return be.Uint64(t.data[i*16:]), be.Uint64(t.data[i*16+8:]), nil
 	}
-	return be.Uint64(table[i*8:]), 0, nil
+	return be.Uint64(t.data[i*8:]), 0, nil
 }
 
-func (d *Disk) loadL2(off uint64) ([]byte, error) {
+// loadTable reads the metadata cluster (an L2 table or a refcount block)
+// at off.
+func (d *Disk) loadTable(off int64) ([]byte, error) {
 	t := make([]byte, d.cs)
-	if err := readFull(d.c, t, int64(off)); err != nil {
-		return nil, fmt.Errorf("read L2 table at %#x: %w", off, err)
+	if err := readFull(d.c, t, off); err != nil {
+		return nil, fmt.Errorf("read metadata cluster at %#x: %w", off, err)
 	}
 	return t, nil
+}
+
+// lockedMapAt is mapAt for callers that do not hold d.mu.
+func (d *Disk) lockedMapAt(off int64) (mapping, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.mapAt(off)
 }
 
 // ReadAt reads the guest bytes at off. Host ranges that follow each other
@@ -292,7 +328,7 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	var run mapping // pending verbatim range, not yet read
 	runBuf := p[:0]
 	for done := int64(0); done < int64(len(p)); {
-		m, err := d.mapAt(off + done)
+		m, err := d.lockedMapAt(off + done)
 		if err != nil {
 			return int(done), err
 		}
@@ -380,7 +416,7 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		// An unallocated L2 table leaves its whole span to the backing
 		// file: skip it in one step, which keeps huge sparse images fast.
 		span := d.l2n << d.bits
-		if l1i := pos >> d.bits / d.l2n; l1i < int64(len(d.l1)) && d.l1[l1i]&offsetMask == 0 {
+		if d.l2Unallocated(pos) {
 			next := min(end, (pos/span+1)*span)
 			if err := d.backingExtents(add, pos, next-pos); err != nil {
 				return dst, err
@@ -388,7 +424,7 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 			pos = next
 			continue
 		}
-		m, err := d.mapAt(pos)
+		m, err := d.lockedMapAt(pos)
 		if err != nil {
 			return dst, err
 		}
@@ -407,6 +443,14 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		pos += m.n
 	}
 	return dst, nil
+}
+
+// l2Unallocated reports whether the L2 table that maps off is unallocated.
+func (d *Disk) l2Unallocated(off int64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l1i := off >> d.bits / d.l2n
+	return l1i < int64(len(d.l1)) && d.l1[l1i]&offsetMask == 0
 }
 
 // backingExtents adds the extents of an unallocated range: the backing
@@ -435,6 +479,8 @@ func (d *Disk) backingExtents(add func(diskserve.Extent), off, n int64) error {
 // Describe reports the image's header facts, its snapshots and its
 // backing chain.
 func (d *Disk) Describe(info *diskserve.Info) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	h := d.h
 	info.Format = Format.Name
 	info.Filename = d.path

@@ -108,15 +108,6 @@ func TestCorruptL2(t *testing.T) {
 	}
 }
 
-func TestReadWriteRefused(t *testing.T) {
-	opts := options()
-	opts.ReadOnly = false
-	_, err := diskserve.Open("../../testdata/qcow2/pattern.qcow2", opts)
-	if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), "read-only") {
-		t.Fatalf("read-write open: %v", err)
-	}
-}
-
 // FuzzOpen opens arbitrary bytes as a qcow2 image. Whatever opens must
 // keep the DiskFile contract: reads stay in bounds and return whole
 // ranges or errors, extents tile the range, ranges claimed to read as

@@ -1,0 +1,502 @@
+package qcow2
+
+import (
+	"fmt"
+
+	"github.com/diskserve/diskserve"
+)
+
+// The write path. Clusters are allocated at the end of the file and never
+// reused while the image is open, so a mapping read under the lock stays
+// safe to use after it: at worst it points at a cluster freed meanwhile,
+// which nothing else will be given. Metadata changes are made in the cache
+// and reach the file in Flush, in an order that survives a crash at any
+// point: refcount increments before the tables that refer to the clusters,
+// L2 tables before the L1 entries that point to them, and refcount
+// decrements only after the references are gone on disk. A crash may leak
+// clusters (qemu-img check -r leaks repairs that); it never leaves a
+// reference to a cluster whose refcount is 0.
+
+// writer is the state of an image open for writing.
+type writer struct {
+	rt       []uint64 // the refcount table
+	bits     uint     // refcount width
+	perBlock int64    // refcounts per refcount block
+	end      int64    // where the next cluster is allocated
+
+	rtDirty     bool
+	rtMoved     bool // the header must point to the new table
+	l1Dirty     bool
+	pendingFree []int64 // host clusters to unreference once the references are durably gone
+}
+
+var (
+	_ diskserve.Flusher     = (*Disk)(nil)
+	_ diskserve.ZeroWriter  = (*Disk)(nil)
+	_ diskserve.HolePuncher = (*Disk)(nil)
+	_ diskserve.Resizer     = (*Disk)(nil)
+)
+
+// newWriter prepares d for writing, refusing images whose state this
+// writer cannot keep right.
+func newWriter(d *Disk, fileSize int64) (*writer, error) {
+	h := d.h
+	switch {
+	case h.IncompatibleFeatures&incompatCorrupt != 0:
+		return nil, corrupt(72, "the image is marked corrupt: repair it with qemu-img check -r all, or open it read-only")
+	case h.IncompatibleFeatures&incompatDirty != 0:
+		return nil, unsupported(72, "the image is dirty (lazy refcounts) and writing it needs a refcount rebuild: run qemu-img check -r all, or open it read-only")
+	case h.NbSnapshots > 0:
+		return nil, unsupported(60, "writing images with internal snapshots is not supported yet: open it read-only")
+	case h.extendedL2():
+		return nil, unsupported(72, "writing images with extended L2 entries is not supported yet: open it read-only")
+	}
+	rt, err := readTable(d.c, h.RefcountTableOffset, uint32(int64(h.RefcountTableClusters)*d.cs/8))
+	if err != nil {
+		return nil, fmt.Errorf("read refcount table: %w", err)
+	}
+	w := &writer{
+		rt:       rt,
+		bits:     1 << h.RefcountOrder,
+		perBlock: d.cs * 8 / (1 << h.RefcountOrder),
+		end:      (fileSize + d.cs - 1) &^ (d.cs - 1),
+	}
+	// Unknown autoclear bits must be cleared before the first write, and
+	// the known ones (bitmaps) describe data this writer does not keep.
+	if h.AutoclearFeatures != 0 {
+		var zero [8]byte
+		if _, err := d.c.WriteAt(zero[:], 88); err != nil {
+			return nil, fmt.Errorf("clear autoclear features: %w", err)
+		}
+		if err := diskserve.Flush(d.c); err != nil {
+			return nil, err
+		}
+		h.AutoclearFeatures = 0
+	}
+	return w, nil
+}
+
+// reserve takes n clusters at the end of the file, growing the file to
+// hold them, and returns the offset of the first. Their refcounts are the
+// caller's to set.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) reserve(n int64) int64 {
+	off := d.w.end
+	d.w.end += n * d.cs
+	return off
+}
+
+// alloc reserves n clusters and counts a reference to each.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) alloc(n int64) (int64, error) {
+	off := d.reserve(n)
+	for k := range n {
+		if err := d.setRefcount(off+k*d.cs, 1); err != nil {
+			return 0, err
+		}
+	}
+	return off, d.growFile()
+}
+
+// growFile makes the image file as long as everything reserved in it.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) growFile() error {
+	if d.w.end <= d.c.Size() {
+		return nil
+	}
+	if err := diskserve.Resize(d.c, d.w.end); err != nil {
+		return fmt.Errorf("grow the image file: %w", err)
+	}
+	return nil
+}
+
+// free unreferences the host clusters that an L2 entry being replaced
+// pointed to, once the replacement is durable.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) free(entry uint64) {
+	switch {
+	case entry&entryCompressed != 0:
+		shift := 62 - (d.bits - 8)
+		off := int64(entry & (1<<shift - 1))
+		n := (int64((entry>>shift)&(1<<(d.bits-8)-1))+1)*512 - off&511
+		for c := off &^ (d.cs - 1); c < off+n; c += d.cs {
+			d.w.pendingFree = append(d.w.pendingFree, c)
+		}
+	case entry&offsetMask != 0:
+		d.w.pendingFree = append(d.w.pendingFree, int64(entry&offsetMask))
+	}
+}
+
+// l2ForWrite returns the L2 table of guest cluster ci, allocating it if
+// the image has none there yet.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) l2ForWrite(ci int64) (*metaTable, error) {
+	l1i := ci / d.l2n
+	l1e := d.l1[l1i]
+	l2off := int64(l1e & offsetMask)
+	if l2off == 0 {
+		off, err := d.alloc(1)
+		if err != nil {
+			return nil, err
+		}
+		d.l1[l1i] = uint64(off) | entryCopied
+		d.w.l1Dirty = true
+		return d.meta.add(off, kindL2, make([]byte, d.cs), true), nil
+	}
+	if l1e&entryCopied == 0 {
+		return nil, unsupported(int64(d.h.L1TableOffset)+l1i*8, "L2 table at %#x is shared (COPIED clear): writing to it is not supported", l2off)
+	}
+	if l2off%d.cs != 0 {
+		return nil, corrupt(int64(d.h.L1TableOffset)+l1i*8, "L2 table offset %#x not cluster aligned", l2off)
+	}
+	return d.meta.get(l2off, kindL2, d.loadTable)
+}
+
+func (d *Disk) setEntry(t *metaTable, ci int64, e uint64) {
+	be.PutUint64(t.data[(ci%d.l2n)*8:], e)
+	d.meta.markDirty(t)
+}
+
+// WriteAt writes p at off. Writes into clusters the image owns alone go
+// straight to them; the rest allocate, copying what the cluster held before
+// (from this image, its compressed data or the backing file).
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
+		return 0, fmt.Errorf("write: %w", err)
+	}
+	for done := 0; done < len(p); {
+		pos := off + int64(done)
+		n := min(int(d.cs-pos&(d.cs-1)), len(p)-done)
+		host, err := d.prepareWrite(pos, p[done:done+n])
+		if err != nil {
+			return done, err
+		}
+		if host >= 0 {
+			if _, err := d.c.WriteAt(p[done:done+n], host); err != nil {
+				return done, err
+			}
+		}
+		done += n
+	}
+	return len(p), nil
+}
+
+// prepareWrite handles a write of p at pos, inside one cluster. It returns
+// the host offset to write p to, or -1 if it wrote p itself.
+func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ci, in := pos>>d.bits, pos&(d.cs-1)
+	t, err := d.l2ForWrite(ci)
+	if err != nil {
+		return 0, err
+	}
+	e := be.Uint64(t.data[(ci%d.l2n)*8:])
+	host := int64(e & offsetMask)
+	zero := e&entryZero != 0 && d.h.Version >= 3
+	owned := e&entryCompressed == 0 && host != 0 && e&entryCopied != 0
+	if owned && host%d.cs != 0 {
+		return 0, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", e, pos)
+	}
+	if owned && !zero {
+		return host + in, nil
+	}
+	// Build the whole cluster: what it read as before, with p over it.
+	buf := p
+	if int64(len(p)) < d.cs {
+		buf = make([]byte, d.cs)
+		switch {
+		case zero:
+		case e&entryCompressed != 0:
+			c, err := d.clust.get(e, d.decompress)
+			if err != nil {
+				return 0, err
+			}
+			copy(buf, c)
+		case host != 0:
+			if err := d.readHost(buf, host); err != nil {
+				return 0, err
+			}
+		default:
+			if err := d.readBacking(buf[:min(d.cs, int64(d.h.Size)-ci<<d.bits)], ci<<d.bits); err != nil {
+				return 0, err
+			}
+		}
+		copy(buf[in:], p)
+	}
+	if owned { // an allocated zero cluster: keep the cluster, drop the flag
+		if _, err := d.c.WriteAt(buf, host); err != nil {
+			return 0, err
+		}
+		d.setEntry(t, ci, uint64(host)|entryCopied)
+		return -1, nil
+	}
+	newHost, err := d.alloc(1)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := d.c.WriteAt(buf, newHost); err != nil {
+		return 0, err
+	}
+	d.setEntry(t, ci, uint64(newHost)|entryCopied)
+	d.free(e)
+	return -1, d.flushIfFull()
+}
+
+// WriteZeroesAt makes [off, off+n) read as zeroes: whole clusters by their
+// L2 entry (the zero flag, or unallocated where nothing would show
+// through), partial ones by writing zeroes. With ZeroMayUnmap the clusters
+// are freed; without it, an allocated cluster keeps its allocation.
+func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
+	if err := diskserve.CheckWrite(d, off, n); err != nil {
+		return fmt.Errorf("write zeroes: %w", err)
+	}
+	end := off + n
+	wholeStart := (off + d.cs - 1) &^ (d.cs - 1)
+	wholeEnd := end &^ (d.cs - 1)
+	if end == d.Size() {
+		wholeEnd = (end + d.cs - 1) &^ (d.cs - 1) // the disk's last cluster may be partial
+	}
+	// Without the zero flag (version 2), clusters over a backing file can
+	// only be zeroed by writing.
+	canZeroClusters := d.h.Version >= 3 || d.backing == nil
+	if flags&diskserve.ZeroFast != 0 && (!canZeroClusters || wholeStart != off || wholeEnd < end) {
+		return fmt.Errorf("fast zero of %d bytes at %d: %w", n, off, diskserve.ErrUnsupported)
+	}
+	if wholeStart >= wholeEnd || !canZeroClusters {
+		return d.writeZeroBytes(off, n)
+	}
+	if err := d.writeZeroBytes(off, wholeStart-off); err != nil {
+		return err
+	}
+	for c := wholeStart; c < wholeEnd; c += d.cs {
+		if err := d.zeroCluster(c>>d.bits, flags&diskserve.ZeroMayUnmap != 0); err != nil {
+			return err
+		}
+	}
+	return d.writeZeroBytes(wholeEnd, max(0, end-wholeEnd))
+}
+
+// PunchHole frees [off, off+n) where whole clusters allow, and makes all of
+// it read as zeroes.
+func (d *Disk) PunchHole(off, n int64) error {
+	return d.WriteZeroesAt(off, n, diskserve.ZeroMayUnmap)
+}
+
+// writeZeroBytes zeroes a range by writing zeroes.
+func (d *Disk) writeZeroBytes(off, n int64) error {
+	zero := make([]byte, min(n, d.cs))
+	for n > 0 {
+		c := min(n, int64(len(zero)))
+		if _, err := d.WriteAt(zero[:c], off); err != nil {
+			return err
+		}
+		off, n = off+c, n-c
+	}
+	return nil
+}
+
+// zeroCluster makes guest cluster ci read as zeroes through its L2 entry.
+func (d *Disk) zeroCluster(ci int64, unmap bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l1i := ci / d.l2n
+	if d.l1[l1i]&offsetMask == 0 && d.backing == nil {
+		return nil // unallocated with nothing behind it: zeroes already
+	}
+	t, err := d.l2ForWrite(ci)
+	if err != nil {
+		return err
+	}
+	e := be.Uint64(t.data[(ci%d.l2n)*8:])
+	host := int64(e & offsetMask)
+	var next uint64
+	switch {
+	case d.h.Version >= 3 && !unmap && e&entryCompressed == 0 && host != 0 && e&entryCopied != 0:
+		next = uint64(host) | entryCopied | entryZero // keep the allocation
+	case d.h.Version >= 3 && d.backing != nil:
+		next = entryZero // do not let the backing file show through
+	}
+	if next == e {
+		return nil
+	}
+	d.setEntry(t, ci, next)
+	if next&offsetMask == 0 {
+		d.free(e)
+	}
+	return d.flushIfFull()
+}
+
+// flushIfFull flushes when the dirty metadata outgrows the cache.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) flushIfFull() error {
+	if d.meta.dirty > d.meta.max {
+		return d.flushLocked()
+	}
+	return nil
+}
+
+// Flush makes every completed write durable, metadata in crash-safe order.
+func (d *Disk) Flush() error {
+	if d.w == nil {
+		return nil
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.flushLocked()
+}
+
+// Preconditions: d.mu is held; d.w is not nil.
+func (d *Disk) flushLocked() error {
+	w := d.w
+	// 1. Refcount increments, with the data written so far.
+	if err := d.writeTables(kindRefblock); err != nil {
+		return err
+	}
+	if err := diskserve.Flush(d.c); err != nil {
+		return err
+	}
+	// 2. The refcount table, and the header where the table moved.
+	if w.rtDirty {
+		if err := d.writeEntries(w.rt, int64(d.h.RefcountTableOffset)); err != nil {
+			return fmt.Errorf("write refcount table: %w", err)
+		}
+		if w.rtMoved {
+			var b [12]byte
+			be.PutUint64(b[0:], d.h.RefcountTableOffset)
+			be.PutUint32(b[8:], d.h.RefcountTableClusters)
+			if _, err := d.c.WriteAt(b[:], 48); err != nil {
+				return fmt.Errorf("write header: %w", err)
+			}
+		}
+		if err := diskserve.Flush(d.c); err != nil {
+			return err
+		}
+		w.rtDirty, w.rtMoved = false, false
+	}
+	// 3. L2 tables, then the L1 entries that point to them.
+	if err := d.writeTables(kindL2); err != nil {
+		return err
+	}
+	if w.l1Dirty {
+		if err := diskserve.Flush(d.c); err != nil {
+			return err
+		}
+		if err := d.writeEntries(d.l1, int64(d.h.L1TableOffset)); err != nil {
+			return fmt.Errorf("write L1 table: %w", err)
+		}
+		w.l1Dirty = false
+	}
+	if err := diskserve.Flush(d.c); err != nil {
+		return err
+	}
+	// 4. Nothing refers to the freed clusters on disk any more: count
+	// them down, and give the space of those now unused back.
+	if len(w.pendingFree) == 0 {
+		return nil
+	}
+	freed := w.pendingFree
+	w.pendingFree = nil
+	for _, host := range freed {
+		rc, err := d.refcount(host)
+		if err != nil {
+			return err
+		}
+		if rc == 0 {
+			return corrupt(-1, "freeing host cluster %#x, whose refcount is already 0", host)
+		}
+		if err := d.setRefcount(host, rc-1); err != nil {
+			return err
+		}
+		if rc == 1 {
+			_ = diskserve.PunchHole(d.c, host, min(d.cs, d.c.Size()-host)) // only space; nothing reads it
+		}
+	}
+	if err := d.writeTables(kindRefblock); err != nil {
+		return err
+	}
+	return diskserve.Flush(d.c)
+}
+
+// writeTables writes the dirty cached tables of a kind.
+func (d *Disk) writeTables(kind tableKind) error {
+	for _, t := range d.meta.dirtyTables(kind) {
+		if _, err := d.c.WriteAt(t.data, t.off); err != nil {
+			return fmt.Errorf("write metadata cluster at %#x: %w", t.off, err)
+		}
+		d.meta.markClean(t)
+	}
+	return nil
+}
+
+// writeEntries writes a table of 64-bit entries at off.
+func (d *Disk) writeEntries(t []uint64, off int64) error {
+	b := make([]byte, len(t)*8)
+	for i, e := range t {
+		be.PutUint64(b[i*8:], e)
+	}
+	_, err := d.c.WriteAt(b, off)
+	return err
+}
+
+// Resize grows the virtual size, moving the L1 table to a larger place
+// when it has to. Shrinking is not supported.
+func (d *Disk) Resize(size int64) error {
+	if d.w == nil {
+		return fmt.Errorf("resize: %w", diskserve.ErrReadOnly)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case size < int64(d.h.Size):
+		return fmt.Errorf("shrink from %d to %d bytes: %w", d.h.Size, size, diskserve.ErrUnsupported)
+	case size > maxVirtualSize:
+		return fmt.Errorf("resize to %d bytes: more than %d: %w", size, int64(maxVirtualSize), diskserve.ErrOutOfRange)
+	}
+	need := ((size+d.cs-1)/d.cs + d.l2n - 1) / d.l2n
+	if need > int64(len(d.l1)) {
+		if need*8 > maxL1Bytes {
+			return fmt.Errorf("resize to %d bytes: the L1 table would exceed %d bytes: %w", size, maxL1Bytes, diskserve.ErrUnsupported)
+		}
+		clusters := (need*8 + d.cs - 1) / d.cs
+		off, err := d.alloc(clusters)
+		if err != nil {
+			return err
+		}
+		if err := d.flushLocked(); err != nil { // the new clusters' refcounts first
+			return err
+		}
+		l1 := make([]uint64, need)
+		copy(l1, d.l1)
+		if err := d.writeEntries(l1, off); err != nil {
+			return err
+		}
+		if err := diskserve.Flush(d.c); err != nil {
+			return err
+		}
+		var b [12]byte
+		be.PutUint32(b[0:], uint32(need))
+		be.PutUint64(b[4:], uint64(off))
+		if _, err := d.c.WriteAt(b[:], 36); err != nil {
+			return fmt.Errorf("write header: %w", err)
+		}
+		oldOff, oldClusters := int64(d.h.L1TableOffset), (int64(d.h.L1Size)*8+d.cs-1)/d.cs
+		d.l1, d.h.L1Size, d.h.L1TableOffset = l1, uint32(need), uint64(off)
+		for k := range oldClusters {
+			d.w.pendingFree = append(d.w.pendingFree, oldOff+k*d.cs)
+		}
+	}
+	var b [8]byte
+	be.PutUint64(b[:], uint64(size))
+	if _, err := d.c.WriteAt(b[:], 24); err != nil {
+		return fmt.Errorf("write header: %w", err)
+	}
+	d.h.Size = uint64(size)
+	return d.flushLocked()
+}

@@ -1,0 +1,242 @@
+package qcow2_test
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/disktest"
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+func openRW(t *testing.T, path string) diskserve.DiskFile {
+	t.Helper()
+	opts := options()
+	opts.ReadOnly = false
+	d, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// qemuCheck runs qemu-img check and fails the test on any error, corruption
+// or leak.
+func qemuCheck(t *testing.T, img string) {
+	t.Helper()
+	out, _ := exec.Command(testtool.Need(t, "qemu-img"), "check", "--output=json", img).Output()
+	var res struct {
+		CheckErrors int `json:"check-errors"`
+		Corruptions int `json:"corruptions"`
+		Leaks       int `json:"leaks"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
+	if res.CheckErrors != 0 || res.Corruptions != 0 || res.Leaks != 0 {
+		human, _ := exec.Command("qemu-img", "check", img).CombinedOutput()
+		t.Fatalf("qemu-img check: %+v\n%s", res, human)
+	}
+}
+
+// qemuRaw returns the image's content as qemu-img reads it.
+func qemuRaw(t *testing.T, img string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "content.raw")
+	testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// workload applies random writes of odd sizes, zero writes (with and
+// without unmapping), punches and flushes to d and to want alike.
+func workload(t *testing.T, d diskserve.DiskFile, want []byte, seed uint64, ops int) {
+	t.Helper()
+	rnd := rand.New(rand.NewPCG(seed, 99))
+	size := int64(len(want))
+	for i := range ops {
+		off := rnd.Int64N(size)
+		n := min(1+rnd.Int64N(200<<10), size-off)
+		if rnd.IntN(3) == 0 { // cluster aligned, to reach the whole-cluster paths
+			off &^= 65535
+			n = min((1+rnd.Int64N(4))<<16, size-off)
+		}
+		switch op := rnd.IntN(10); {
+		case op < 5:
+			p := make([]byte, n)
+			for k := range p {
+				p[k] = byte(rnd.Uint32() | 1)
+			}
+			if _, err := d.WriteAt(p, off); err != nil {
+				t.Fatalf("op %d: WriteAt(%d, %d): %v", i, off, n, err)
+			}
+			copy(want[off:], p)
+		case op < 7:
+			flags := diskserve.ZeroFlags(0)
+			if rnd.IntN(2) == 0 {
+				flags = diskserve.ZeroMayUnmap
+			}
+			if err := diskserve.WriteZeroes(d, off, n, flags); err != nil {
+				t.Fatalf("op %d: WriteZeroes(%d, %d, %d): %v", i, off, n, flags, err)
+			}
+			clear(want[off : off+n])
+		case op < 9:
+			if err := diskserve.PunchHole(d, off, n); err != nil {
+				t.Fatalf("op %d: PunchHole(%d, %d): %v", i, off, n, err)
+			}
+			clear(want[off : off+n])
+		default:
+			if err := diskserve.Flush(d); err != nil {
+				t.Fatalf("op %d: Flush: %v", i, err)
+			}
+		}
+	}
+}
+
+// TestInteropWriteWorkload runs a random workload through diskserve on
+// fresh images, overlays and compressed images, replays it on the content
+// qemu-img read before, and requires qemu-img to read the same bytes and
+// to find no error and no leak.
+func TestInteropWriteWorkload(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, dir string) string
+	}{
+		{"fresh", func(t *testing.T, dir string) string { return create(t, dir, "16M") }},
+		{"fresh 512 B clusters", func(t *testing.T, dir string) string {
+			return create(t, dir, "16M", "-o", "cluster_size=512") // outgrows its refcount table
+		}},
+		{"fresh 4 KiB clusters refcount_bits 1", func(t *testing.T, dir string) string {
+			return create(t, dir, "16M", "-o", "cluster_size=4096,refcount_bits=1")
+		}},
+		{"version 2", func(t *testing.T, dir string) string { return create(t, dir, "16M", "-o", "compat=0.10") }},
+		{"preallocated metadata", func(t *testing.T, dir string) string {
+			return create(t, dir, "16M", "-o", "preallocation=metadata")
+		}},
+		{"compressed", func(t *testing.T, dir string) string {
+			img := filepath.Join(dir, "img.qcow2")
+			testtool.Run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", rawBase(t, dir), img)
+			return img
+		}},
+		{"overlay over raw", func(t *testing.T, dir string) string {
+			rawBase(t, dir)
+			return create(t, dir, "8M", "-b", "base.raw", "-F", "raw")
+		}},
+		{"overlay over a shorter qcow2, version 2", func(t *testing.T, dir string) string {
+			mid := filepath.Join(dir, "mid.qcow2")
+			testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", rawBase(t, dir), mid)
+			return create(t, dir, "12M", "-b", "mid.qcow2", "-F", "qcow2", "-o", "compat=0.10")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := tc.setup(t, t.TempDir())
+			want := qemuRaw(t, img)
+			d := openRW(t, img)
+			workload(t, d, want, 7, 300)
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuCheck(t, img)
+			got := qemuRaw(t, img)
+			for i := range want {
+				if got[i] != want[i] {
+					t.Fatalf("qemu-img reads byte %d (%#x) as %#x, want %#x", i, i, got[i], want[i])
+				}
+			}
+			// And diskserve reads back what qemu-img does.
+			d = openFile(t, img)
+			disktest.Check(t, d, want)
+		})
+	}
+}
+
+func create(t *testing.T, dir, size string, args ...string) string {
+	t.Helper()
+	img := filepath.Join(dir, "img.qcow2")
+	testtool.Run(t, "qemu-img", append(append([]string{"create", "-q", "-f", "qcow2"}, args...), img, size)...)
+	return img
+}
+
+// TestConformanceWritable runs the conformance suite, which writes, zeroes,
+// punches and resizes, on a fresh image and on an overlay, then has
+// qemu-img check them.
+func TestConformanceWritable(t *testing.T) {
+	for _, backing := range []bool{false, true} {
+		t.Run(fmt.Sprintf("backing=%v", backing), func(t *testing.T) {
+			dir := t.TempDir()
+			var img string
+			if backing {
+				rawBase(t, dir)
+				img = create(t, dir, "8M", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw")
+			} else {
+				img = create(t, dir, "8M", "-o", "cluster_size=4096")
+			}
+			want := qemuRaw(t, img)
+			d := openRW(t, img)
+			disktest.Check(t, d, want)
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuCheck(t, img)
+		})
+	}
+}
+
+// TestInteropResize grows an image past what its L1 table maps, so that
+// the table moves, and checks the result with qemu-img.
+func TestInteropResize(t *testing.T) {
+	img := create(t, t.TempDir(), "1M", "-o", "cluster_size=512")
+	d := openRW(t, img)
+	if _, err := d.WriteAt([]byte("before"), 1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := diskserve.Resize(d, 3<<30); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt([]byte("after"), 3<<30-5); err != nil {
+		t.Fatal(err)
+	}
+	if err := diskserve.Resize(d, 1<<20); !errors.Is(err, diskserve.ErrUnsupported) {
+		t.Fatalf("shrink: %v", err)
+	}
+	d.Close()
+	qemuCheck(t, img)
+	out := string(testtool.Run(t, "qemu-io", "-c", "read -v 1000 6", "-c", fmt.Sprintf("read -v %d 5", 3<<30-5), img))
+	if !strings.Contains(out, "before") || !strings.Contains(out, "after") {
+		t.Fatalf("qemu-io after resize:\n%s", out)
+	}
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", img), &info)
+	if info.VirtualSize != 3<<30 {
+		t.Fatalf("virtual size %d after resize", info.VirtualSize)
+	}
+}
+
+// TestWriteRefusals opens for writing the images this writer leaves alone.
+func TestWriteRefusals(t *testing.T) {
+	dir := t.TempDir()
+	snap := create(t, dir, "1M")
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "s", snap)
+	ext := filepath.Join(dir, "ext.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", ext, "1M")
+	for img, want := range map[string]string{snap: "internal snapshots", ext: "extended L2"} {
+		opts := options()
+		opts.ReadOnly = false
+		_, err := diskserve.Open(img, opts)
+		if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "read-only") {
+			t.Errorf("read-write open of %s: %v", filepath.Base(img), err)
+		}
+	}
+}
