@@ -96,8 +96,9 @@ func (c *clusterCache) get(e uint64, load func(uint64) ([]byte, error)) ([]byte,
 		if s := &c.slots[i]; s.data != nil && s.entry == e {
 			c.clock++
 			s.used = c.clock
+			data := s.data // the slot may be reused once the lock is dropped
 			c.mu.Unlock()
-			return s.data, nil
+			return data, nil
 		}
 	}
 	c.mu.Unlock()
