@@ -12,6 +12,7 @@
 // Run it from the module root (it builds ./cmd/diskserve):
 //
 //	go run ./bench/nbdbench -runtime 5s -rounds 3
+//	go run ./bench/nbdbench -format qcow2   # diskserve and qemu-nbd only
 //
 // Machines are shared and noisy: compare the ratios of one run, not
 // absolute figures across runs.
@@ -39,10 +40,12 @@ type peer struct {
 	start func(image, sock string) *exec.Cmd
 }
 
-func peers(diskserve string) []peer {
-	return []peer{
+// peers returns the servers to compare for images of format: nbdkit's file
+// plugin serves only raw (nbdkit 1.32 has no qcow2 reader).
+func peers(diskserve, format string) []peer {
+	ps := []peer{
 		{"diskserve", func(img, sock string) *exec.Cmd {
-			return exec.Command(diskserve, "serve", "-f", "raw", "--listen", "unix:"+sock, img)
+			return exec.Command(diskserve, "serve", "-f", format, "--listen", "unix:"+sock, img)
 		}},
 		{"nbdkit", func(img, sock string) *exec.Cmd {
 			return exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-U", sock, "file", "file="+img)
@@ -51,9 +54,13 @@ func peers(diskserve string) []peer {
 			// The settings the peer comparison in the reference used:
 			// writeback cache, thread-pool AIO, several connections
 			// (which turns multi-conn on).
-			return exec.Command("qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads", "-t", "-e", "8", "-k", sock, img)
+			return exec.Command("qemu-nbd", "-f", format, "--cache=writeback", "--aio=threads", "-t", "-e", "8", "-k", sock, img)
 		}},
 	}
+	if format != "raw" {
+		ps = slices.DeleteFunc(ps, func(p peer) bool { return p.name == "nbdkit" })
+	}
+	return ps
 }
 
 type job struct {
@@ -73,6 +80,7 @@ func main() {
 	runtime := flag.Duration("runtime", 5*time.Second, "time per fio job")
 	size := flag.Int64("size", 1<<30, "size of the fio image in bytes")
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
+	format := flag.String("format", "raw", "image format to serve: raw, or qcow2 (converted from the raw images by qemu-img)")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, err := os.MkdirTemp("", "nbdbench")
@@ -93,6 +101,10 @@ func main() {
 		spans = append(spans, [2]int64{i * (128 << 20), 4 << 20})
 	}
 	writeRandom(sparse, 8<<30, spans)
+	if *format == "qcow2" {
+		img, sparse = toQcow2(img), toQcow2(sparse)
+	}
+	ps := peers(bin, *format)
 
 	// Peers take turns within each job and round, so that a change in the
 	// machine's load hits them alike; each figure is the median of the
@@ -100,19 +112,65 @@ func main() {
 	results := map[string]map[string][]float64{} // job -> peer -> one figure per round
 	for round := range *rounds {
 		for _, j := range jobs {
-			for _, p := range peers(bin) {
+			for _, p := range ps {
 				v := withServer(p, img, dir, func(uri string) float64 { return fio(uri, j, *runtime, *size) })
 				record(results, j.name, p.name, v)
 				log.Printf("round %d %-10s %-24s %10.0f %s", round+1, p.name, j.name, v, j.unit)
 			}
 		}
-		for _, p := range peers(bin) {
+		for _, p := range ps {
 			v := withServer(p, sparse, dir, func(uri string) float64 { return nbdcopy(uri, dir) })
 			record(results, copyJob, p.name, v)
 			log.Printf("round %d %-10s %-24s %10.2f s", round+1, p.name, "nbdcopy", v)
 		}
 	}
-	printTable(os.Stdout, medians(results), *runtime, *rounds)
+	printTable(os.Stdout, medians(results), ps, *format, *runtime, *rounds)
+	if *format == "qcow2" {
+		residentMemory(os.Stdout, ps, dir, *runtime)
+	}
+}
+
+// toQcow2 converts a raw image with qemu-img, which allocates every cluster
+// holding data and none of the holes.
+func toQcow2(raw string) string {
+	out := strings.TrimSuffix(raw, ".raw") + ".qcow2"
+	if b, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out).CombinedOutput(); err != nil {
+		log.Fatalf("qemu-img convert: %v\n%s", err, b)
+	}
+	return out
+}
+
+// residentMemory serves a 1 TiB sparse qcow2 with one cluster written in
+// every L2 table's span, so that random reads across it touch 2048 L2
+// tables (128 MiB of them), and reports each server's peak resident memory
+// after random 4k reads over all of it.
+func residentMemory(w io.Writer, ps []peer, dir string, runtime time.Duration) {
+	img := filepath.Join(dir, "huge.qcow2")
+	if b, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "1T").CombinedOutput(); err != nil {
+		log.Fatalf("qemu-img create: %v\n%s", err, b)
+	}
+	args := []string{"-f", "qcow2"}
+	for off := int64(0); off < 1<<40; off += 512 << 20 {
+		args = append(args, "-c", fmt.Sprintf("write -q %d 4k", off))
+	}
+	if b, err := exec.Command("qemu-io", append(args, img)...).CombinedOutput(); err != nil {
+		log.Fatalf("qemu-io: %v\n%s", err, b)
+	}
+	fmt.Fprintf(w, "\n| 1 TiB sparse qcow2, 4k random reads for %v | peak resident memory |\n|---|---|\n", runtime)
+	for _, p := range ps {
+		var rss string
+		withServerCmd(p, img, dir, func(uri string, cmd *exec.Cmd) float64 {
+			fio(uri, job{"4k random read QD16", []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, "IOPS"}, runtime, 1<<40)
+			status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+			for _, line := range strings.Split(string(status), "\n") {
+				if strings.HasPrefix(line, "VmHWM:") {
+					rss = strings.TrimSpace(strings.TrimPrefix(line, "VmHWM:"))
+				}
+			}
+			return 0
+		})
+		fmt.Fprintf(w, "| %s | %s |\n", p.name, rss)
+	}
 }
 
 const copyJob = "nbdcopy 8 GiB, 256 MiB data"
@@ -171,6 +229,11 @@ func writeRandom(path string, size int64, spans [][2]int64) {
 // writes back every dirty page, so that no server pays for the writeback
 // of the previous one's writes.
 func withServer(p peer, image, dir string, fn func(uri string) float64) float64 {
+	return withServerCmd(p, image, dir, func(uri string, _ *exec.Cmd) float64 { return fn(uri) })
+}
+
+// withServerCmd is withServer for functions that look at the server process.
+func withServerCmd(p peer, image, dir string, fn func(uri string, cmd *exec.Cmd) float64) float64 {
 	syscall.Sync()
 	sock := filepath.Join(dir, p.name+".sock")
 	os.Remove(sock)
@@ -199,7 +262,7 @@ func withServer(p peer, image, dir string, fn func(uri string) float64) float64 
 			log.Fatalf("%s did not start: %s", p.name, stderr.String())
 		}
 	}
-	return fn("nbd+unix:///?socket=" + sock)
+	return fn("nbd+unix:///?socket="+sock, cmd)
 }
 
 func fio(uri string, j job, runtime time.Duration, size int64) float64 {
@@ -244,16 +307,32 @@ func nbdcopy(uri, dir string) float64 {
 	return d
 }
 
-func printTable(w io.Writer, r map[string]map[string]float64, runtime time.Duration, rounds int) {
-	fmt.Fprintf(w, "| job | diskserve | nbdkit | qemu-nbd | diskserve / nbdkit | diskserve / qemu-nbd |\n|---|---|---|---|---|---|\n")
-	for _, j := range jobs {
-		v := r[j.name]
-		fmt.Fprintf(w, "| %s (%s) | %.0f | %.0f | %.0f | %.2f | %.2f |\n", j.name, j.unit,
-			v["diskserve"], v["nbdkit"], v["qemu-nbd"], v["diskserve"]/v["nbdkit"], v["diskserve"]/v["qemu-nbd"])
+func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format string, runtime time.Duration, rounds int) {
+	fmt.Fprintf(w, "| job (%s) |", format)
+	for _, p := range ps {
+		fmt.Fprintf(w, " %s |", p.name)
 	}
-	// For a time, lower is better: the ratio is the peer's time over ours.
-	v := r[copyJob]
-	fmt.Fprintf(w, "| nbdcopy 8 GiB, 256 MiB data (s) | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
-		v["diskserve"], v["nbdkit"], v["qemu-nbd"], v["nbdkit"]/v["diskserve"], v["qemu-nbd"]/v["diskserve"])
-	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, one connection, page-cached raw image over a Unix socket. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime)
+	for _, p := range ps[1:] {
+		fmt.Fprintf(w, " diskserve / %s |", p.name)
+	}
+	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", 2*len(ps)))
+	row := func(name string, v map[string]float64, prec int, inverse bool) {
+		fmt.Fprintf(w, "| %s |", name)
+		for _, p := range ps {
+			fmt.Fprintf(w, " %.*f |", prec, v[p.name])
+		}
+		for _, p := range ps[1:] {
+			ratio := v["diskserve"] / v[p.name]
+			if inverse { // a time: the peer's over ours
+				ratio = 1 / ratio
+			}
+			fmt.Fprintf(w, " %.2f |", ratio)
+		}
+		fmt.Fprintln(w)
+	}
+	for _, j := range jobs {
+		row(j.name+" ("+j.unit+")", r[j.name], 0, false)
+	}
+	row(copyJob+" (s)", r[copyJob], 2, true)
+	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, one connection, page-cached %s image over a Unix socket. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
 }
