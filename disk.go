@@ -195,3 +195,36 @@ type Snapshot struct {
 	VMStateSize uint64        // bytes of saved VM state, 0 for a disk-only snapshot
 	DiskSize    uint64        // virtual size of the disk then, 0 if unrecorded
 }
+
+// A Checker can verify an image's metadata, as qemu-img check does.
+//
+// Check reports every problem it finds; with a repair level above
+// [RepairNone] it also fixes what that level covers, on a disk opened
+// read-write. The error is for a check that could not be completed (an
+// I/O error, an image too damaged to walk), not for problems found. If a
+// disk does not implement Checker, [Check] returns an error wrapping
+// [errors.ErrUnsupported].
+type Checker interface {
+	Check(repair Repair) (CheckReport, error)
+}
+
+// Repair says what [Checker.Check] may fix.
+type Repair int
+
+const (
+	RepairNone  Repair = iota // report only
+	RepairLeaks               // free clusters that nothing refers to
+	RepairAll                 // also raise refcounts that are too low
+)
+
+// A CheckReport is the result of a check, in qemu-img check's terms.
+type CheckReport struct {
+	Corruptions      int64    // problems that can lose data
+	Leaks            int64    // allocated clusters nothing refers to: lost space only
+	CorruptionsFixed int64    // of Corruptions, repaired
+	LeaksFixed       int64    // of Leaks, repaired
+	Messages         []string // one line per problem
+	TotalClusters    int64    // clusters of the virtual disk
+	Allocated        int64    // of those, allocated in this image
+	ImageEndOffset   int64    // bytes of the image file in use
+}

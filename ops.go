@@ -144,6 +144,16 @@ func CapabilitiesOf(d DiskFile) Capabilities {
 	return c
 }
 
+// Check verifies d's metadata with its [Checker], repairing what repair
+// allows. A disk that is not a Checker has nothing it can check, and Check
+// returns an error wrapping [errors.ErrUnsupported].
+func Check(d DiskFile, repair Repair) (CheckReport, error) {
+	if c, ok := d.(Checker); ok {
+		return c.Check(repair)
+	}
+	return CheckReport{}, fmt.Errorf("check: %w", errors.ErrUnsupported)
+}
+
 // Describe returns what is known about d's image: its size and read-only
 // state, and whatever d's [Describer] adds.
 func Describe(d DiskFile) Info {

@@ -99,7 +99,7 @@ func TestGuestBoot(t *testing.T) {
 			}
 
 			sock := filepath.Join(dir, "nbd.sock")
-			srv := startServe(t, exec.Command(binary, "serve", "-f", format, "--listen", "unix:"+sock, img))
+			srv := startServe(t, exec.Command(diskserveBin, "serve", "-f", format, "--listen", "unix:"+sock, img))
 			ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 			defer cancel()
 			guest := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",

@@ -5,6 +5,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -17,6 +18,10 @@ var version = "0.1.0-dev"
 
 func main() {
 	if err := newRootCommand().Execute(); err != nil {
+		var code exitCode
+		if errors.As(err, &code) { // the command has said why
+			os.Exit(int(code))
+		}
 		fmt.Fprintf(os.Stderr, "diskserve: %v\n", err)
 		os.Exit(1)
 	}
@@ -33,6 +38,6 @@ and seekable zstd are recognised), reports on them and serves them over NBD.`,
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newInfoCommand(), newMapCommand(), newServeCommand())
+	root.AddCommand(newCheckCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newServeCommand())
 	return root
 }

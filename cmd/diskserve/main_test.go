@@ -14,9 +14,9 @@ import (
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// binary is the diskserve command built for these tests, in a directory
+// diskserveBin is the diskserve command built for these tests, in a directory
 // that any user can read, so that it can also run unprivileged.
-var binary string
+var diskserveBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "diskserve-cli")
@@ -24,8 +24,8 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	os.Chmod(dir, 0o755)
-	binary = filepath.Join(dir, "diskserve")
-	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+	diskserveBin = filepath.Join(dir, "diskserve")
+	if out, err := exec.Command("go", "build", "-o", diskserveBin, ".").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
 		os.Exit(1)
 	}
@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 // run runs diskserve and returns its output and exit code.
 func run(t *testing.T, cred *syscall.Credential, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
-	cmd := exec.Command(binary, args...)
+	cmd := exec.Command(diskserveBin, args...)
 	if cred != nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	}

@@ -94,7 +94,7 @@ func TestServeSeveralExportsAndSIGTERM(t *testing.T) {
 	dir := t.TempDir()
 	a, b := image(t, dir, "a.img", "8M"), image(t, dir, "b.img", "16M")
 	sock := filepath.Join(dir, "s.sock")
-	s := startServe(t, exec.Command(binary, "serve", "--listen", "unix:"+sock, "first="+a, "second="+b))
+	s := startServe(t, exec.Command(diskserveBin, "serve", "--listen", "unix:"+sock, "first="+a, "second="+b))
 	list := string(testtool.Run(t, "nbdinfo", "--list", "nbd+unix:///?socket="+sock))
 	for _, want := range []string{`export="first"`, `export="second"`, "export-size: 8388608", "export-size: 16777216"} {
 		if !strings.Contains(list, want) {
@@ -118,7 +118,7 @@ func TestServeDefaultAndNamedExport(t *testing.T) {
 	dir := t.TempDir()
 	img := image(t, dir, "disk.img", "4M")
 	sock := filepath.Join(dir, "s.sock")
-	s := startServe(t, exec.Command(binary, "serve", "-r", "-x", "named", "--listen", "unix:"+sock, img))
+	s := startServe(t, exec.Command(diskserveBin, "serve", "-r", "-x", "named", "--listen", "unix:"+sock, img))
 	for _, export := range []string{"", "named"} {
 		out := string(testtool.Run(t, "nbdinfo", "nbd+unix:///"+export+"?socket="+sock))
 		if !strings.Contains(out, "is_read_only: true") || !strings.Contains(out, "export-size: 4194304") {
@@ -132,7 +132,7 @@ func TestServeDefaultAndNamedExport(t *testing.T) {
 
 func TestServeTCP(t *testing.T) {
 	img := image(t, t.TempDir(), "disk.img", "1M")
-	s := startServe(t, exec.Command(binary, "serve", "--listen", "127.0.0.1:0", img))
+	s := startServe(t, exec.Command(diskserveBin, "serve", "--listen", "127.0.0.1:0", img))
 	m := regexp.MustCompile(`addr=tcp:(127\.0\.0\.1:\d+)`).FindStringSubmatch(s.stderr.String())
 	if m == nil {
 		t.Fatalf("no TCP address in the log:\n%s", s.stderr)
@@ -160,7 +160,7 @@ func TestServeSocketActivation(t *testing.T) {
 	ul.SetUnlinkOnClose(false) // the socket lives on in the server
 	ul.Close()
 	// LISTEN_PID must be the server's own pid: the shell's, kept by exec.
-	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve "$1"`, binary, img)
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve "$1"`, diskserveBin, img)
 	cmd.ExtraFiles = []*os.File{f}
 	startServe(t, cmd)
 	f.Close()

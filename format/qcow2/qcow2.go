@@ -71,15 +71,16 @@ const (
 
 // A Disk is an open qcow2 image.
 type Disk struct {
-	c       diskserve.DiskFile // the image file
-	path    string
-	cs      int64         // cluster size
-	bits    uint          // cluster_bits
-	l2n     int64         // entries per L2 table
-	clust   *clusterCache // decompressed clusters
-	backing diskserve.DiskFile
-	snaps   []snapshot
-	w       *writer // nil when read-only
+	c         diskserve.DiskFile // the image file
+	path      string
+	cs        int64         // cluster size
+	bits      uint          // cluster_bits
+	l2n       int64         // entries per L2 table
+	clust     *clusterCache // decompressed clusters
+	backing   diskserve.DiskFile
+	snaps     []snapshot
+	snapBytes int64   // length of the snapshot table
+	w         *writer // nil when read-only
 
 	// mu guards the metadata: the header's mutable fields, the L1 table,
 	// the metadata cache and the writer's state. Data is read and written
@@ -134,7 +135,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
 		return nil, fmt.Errorf("read L1 table: %w", err)
 	}
-	if d.snaps, err = readSnapshots(c, h); err != nil {
+	if d.snaps, d.snapBytes, err = readSnapshots(c, h); err != nil {
 		return nil, err
 	}
 	if !oc.ReadOnly() {

@@ -9,14 +9,23 @@ const refTableMask = ^uint64(0x1ff)
 // refcount returns the refcount of the host cluster at host.
 //
 // Preconditions: d.mu is held; d.w is not nil.
-func (d *Disk) refcount(host int64) (uint64, error) {
-	w := d.w
+func (d *Disk) refcount(host int64) (uint64, error) { return d.refcountIn(d.w, host) }
+
+// refcountIn returns the refcount of the host cluster at host, with the
+// refcount table and widths of w.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) refcountIn(w *writer, host int64) (uint64, error) {
 	ci := host >> d.bits
 	bi := ci / w.perBlock
 	if bi >= int64(len(w.rt)) || w.rt[bi]&refTableMask == 0 {
 		return 0, nil
 	}
-	t, err := d.meta.get(int64(w.rt[bi]&refTableMask), kindRefblock, d.loadTable)
+	off := int64(w.rt[bi] & refTableMask)
+	if off%d.cs != 0 {
+		return 0, corrupt(int64(d.h.RefcountTableOffset)+bi*8, "refcount block offset %#x not cluster aligned", off)
+	}
+	t, err := d.meta.get(off, kindRefblock, d.loadTable)
 	if err != nil {
 		return 0, err
 	}

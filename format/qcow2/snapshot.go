@@ -29,14 +29,15 @@ func (s snapshot) info() diskserve.Snapshot {
 	}
 }
 
-// readSnapshots reads and checks the snapshot table.
-func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, error) {
+// readSnapshots reads and checks the snapshot table, and returns it with
+// the table's length in bytes.
+func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, int64, error) {
 	var snaps []snapshot
 	off := int64(h.SnapshotsOffset)
 	for i := range h.NbSnapshots {
 		var fixed [40]byte
 		if err := readFull(c, fixed[:], off); err != nil {
-			return nil, corrupt(off, "snapshot %d: %v", i, err)
+			return nil, 0, corrupt(off, "snapshot %d: %v", i, err)
 		}
 		s := snapshot{
 			L1TableOffset: be.Uint64(fixed[0:]),
@@ -48,11 +49,11 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, error) {
 		}
 		idLen, nameLen, extra := int64(be.Uint16(fixed[12:])), int64(be.Uint16(fixed[14:])), int64(be.Uint32(fixed[36:]))
 		if extra > maxSnapshotExtra {
-			return nil, corrupt(off+36, "snapshot %d: %d bytes of extra data, more than %d", i, extra, maxSnapshotExtra)
+			return nil, 0, corrupt(off+36, "snapshot %d: %d bytes of extra data, more than %d", i, extra, maxSnapshotExtra)
 		}
 		rest := make([]byte, extra+idLen+nameLen)
 		if err := readFull(c, rest, off+40); err != nil {
-			return nil, corrupt(off+40, "snapshot %d: %v", i, err)
+			return nil, 0, corrupt(off+40, "snapshot %d: %v", i, err)
 		}
 		if extra >= 8 {
 			s.VMStateSize = be.Uint64(rest[0:])
@@ -63,10 +64,10 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, error) {
 		s.ID = string(rest[extra : extra+idLen])
 		s.Name = string(rest[extra+idLen:])
 		if int64(s.L1Size)*8 > maxL1Bytes {
-			return nil, corrupt(off+8, "snapshot %q: L1 table of %d entries is larger than %d bytes", s.ID, s.L1Size, maxL1Bytes)
+			return nil, 0, corrupt(off+8, "snapshot %q: L1 table of %d entries is larger than %d bytes", s.ID, s.L1Size, maxL1Bytes)
 		}
 		snaps = append(snaps, s)
 		off += (40 + extra + idLen + nameLen + 7) &^ 7
 	}
-	return snaps, nil
+	return snaps, off - int64(h.SnapshotsOffset), nil
 }

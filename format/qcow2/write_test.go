@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
@@ -128,6 +129,16 @@ func TestInteropWriteWorkload(t *testing.T) {
 			testtool.Run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", rawBase(t, dir), img)
 			return img
 		}},
+		{"created by diskserve", func(t *testing.T, dir string) string {
+			return diskserveCreate(t, dir, qcow2.CreateOptions{Size: 16 << 20})
+		}},
+		{"created by diskserve, 512 B clusters, version 2", func(t *testing.T, dir string) string {
+			return diskserveCreate(t, dir, qcow2.CreateOptions{Size: 16 << 20, ClusterSize: 512, Compat: "0.10"})
+		}},
+		{"created by diskserve over raw", func(t *testing.T, dir string) string {
+			rawBase(t, dir)
+			return diskserveCreate(t, dir, qcow2.CreateOptions{Size: 9 << 20, BackingFile: "base.raw", BackingFormat: "raw"})
+		}},
 		{"overlay over raw", func(t *testing.T, dir string) string {
 			rawBase(t, dir)
 			return create(t, dir, "8M", "-b", "base.raw", "-F", "raw")
@@ -143,6 +154,9 @@ func TestInteropWriteWorkload(t *testing.T) {
 			want := qemuRaw(t, img)
 			d := openRW(t, img)
 			workload(t, d, want, 7, 300)
+			if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
+				t.Fatalf("diskserve's own check: %v %q", err, r.Messages)
+			}
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -158,6 +172,16 @@ func TestInteropWriteWorkload(t *testing.T) {
 			disktest.Check(t, d, want)
 		})
 	}
+}
+
+func diskserveCreate(t *testing.T, dir string, o qcow2.CreateOptions) string {
+	t.Helper()
+	img := filepath.Join(dir, "img.qcow2")
+	if err := qcow2.Create(img, o); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, img)
+	return img
 }
 
 func create(t *testing.T, dir, size string, args ...string) string {
