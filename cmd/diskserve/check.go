@@ -46,9 +46,6 @@ completed, 2 errors remain, 3 leaks remain (and no errors), 63 the format
 has no checks.`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.validate(); err != nil {
-				return err
-			}
 			level := diskserve.RepairNone
 			switch repair {
 			case "":
@@ -59,45 +56,47 @@ has no checks.`,
 			default:
 				return fmt.Errorf("-r must be leaks or all, not %q", repair)
 			}
-			d, err := flags.open(args[0], level == diskserve.RepairNone)
-			if err != nil {
-				return err
-			}
-			defer d.Close()
-			info := diskserve.Describe(d)
-			r, err := diskserve.Check(d, level)
-			switch {
-			case errors.Is(err, diskserve.ErrUnsupported) && !errors.As(err, new(*diskserve.FormatError)):
-				fmt.Fprintf(cmd.ErrOrStderr(), "diskserve: %s: %s images have no metadata to check\n", args[0], info.Format)
-				return exitCode(checkNotSupported)
-			case err != nil:
-				return fmt.Errorf("check %s: %w", args[0], err)
-			}
-			if flags.output == "json" {
-				err = writeJSON(cmd.OutOrStdout(), checkJSON{
-					Filename: args[0], Format: info.Format, CheckErrors: 0,
-					Corruptions: r.Corruptions - r.CorruptionsFixed, Leaks: r.Leaks - r.LeaksFixed,
-					CorruptionsFixed: r.CorruptionsFixed, LeaksFixed: r.LeaksFixed,
-					ImageEndOffset: r.ImageEndOffset, TotalClusters: r.TotalClusters, AllocatedClusters: r.Allocated,
-				})
-			} else {
-				writeCheck(cmd.OutOrStdout(), r)
-			}
-			if err != nil {
-				return err
-			}
-			switch {
-			case r.Corruptions > r.CorruptionsFixed:
-				return exitCode(checkCorrupt)
-			case r.Leaks > r.LeaksFixed:
-				return exitCode(checkLeaks)
-			}
-			return nil
+			return flags.withImage(args, level == diskserve.RepairNone, func(d diskserve.DiskFile) error {
+				return runCheck(cmd.OutOrStdout(), cmd.ErrOrStderr(), d, args[0], level, flags.output == "json")
+			})
 		},
 	}
 	flags.register(cmd.Flags())
 	cmd.Flags().StringVarP(&repair, "repair", "r", "", "repair: leaks or all")
 	return cmd
+}
+
+// runCheck checks d, prints the report and returns the exit status as an
+// exitCode error.
+func runCheck(stdout, stderr io.Writer, d diskserve.DiskFile, name string, level diskserve.Repair, asJSON bool) error {
+	info := diskserve.Describe(d)
+	r, err := diskserve.Check(d, level)
+	switch {
+	case errors.Is(err, diskserve.ErrUnsupported) && !errors.As(err, new(*diskserve.FormatError)):
+		fmt.Fprintf(stderr, "diskserve: %s: %s images have no metadata to check\n", name, info.Format)
+		return exitCode(checkNotSupported)
+	case err != nil:
+		return fmt.Errorf("check %s: %w", name, err)
+	}
+	if asJSON {
+		err = writeJSON(stdout, checkJSON{
+			Filename: name, Format: info.Format,
+			Corruptions: r.Corruptions - r.CorruptionsFixed, Leaks: r.Leaks - r.LeaksFixed,
+			CorruptionsFixed: r.CorruptionsFixed, LeaksFixed: r.LeaksFixed,
+			ImageEndOffset: r.ImageEndOffset, TotalClusters: r.TotalClusters, AllocatedClusters: r.Allocated,
+		})
+	} else {
+		writeCheck(stdout, r)
+	}
+	switch {
+	case err != nil:
+		return err
+	case r.Corruptions > r.CorruptionsFixed:
+		return exitCode(checkCorrupt)
+	case r.Leaks > r.LeaksFixed:
+		return exitCode(checkLeaks)
+	}
+	return nil
 }
 
 // checkJSON is the shape of qemu-img check --output=json.

@@ -35,6 +35,20 @@ func (f *imageFlags) open(path string, readOnly bool) (diskserve.DiskFile, error
 	return format.Open(path, diskserve.Options{Format: f.format, ReadOnly: readOnly})
 }
 
+// withImage validates the flags, opens the image named by args[0] and
+// calls fn with it, closing it afterwards.
+func (f *imageFlags) withImage(args []string, readOnly bool, fn func(diskserve.DiskFile) error) error {
+	if err := f.validate(); err != nil {
+		return err
+	}
+	d, err := f.open(args[0], readOnly)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return fn(d)
+}
+
 // oneImage is the Args check of commands that take exactly one image.
 func oneImage(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {

@@ -25,23 +25,17 @@ size and the facts its format records. The JSON output uses the keys of
 backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.validate(); err != nil {
-				return err
-			}
-			d, err := flags.open(args[0], true)
-			if err != nil {
-				return err
-			}
-			defer d.Close()
-			info := diskserve.Describe(d)
-			if info.Filename == "" {
-				info.Filename = args[0]
-			}
-			if flags.output == "json" {
-				return writeJSON(cmd.OutOrStdout(), newInfoJSON(info))
-			}
-			writeInfo(cmd.OutOrStdout(), info, "")
-			return nil
+			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
+				info := diskserve.Describe(d)
+				if info.Filename == "" {
+					info.Filename = args[0]
+				}
+				if flags.output == "json" {
+					return writeJSON(cmd.OutOrStdout(), newInfoJSON(info))
+				}
+				writeInfo(cmd.OutOrStdout(), info, "")
+				return nil
+			})
 		},
 	}
 	flags.register(cmd.Flags())

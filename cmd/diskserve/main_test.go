@@ -87,31 +87,6 @@ func TestInfoMatchesQemuImg(t *testing.T) {
 	}
 }
 
-// dataRanges returns the merged [start, end) ranges that a map output
-// marks as data.
-func dataRanges(t *testing.T, out []byte) [][2]int64 {
-	t.Helper()
-	var recs []struct {
-		Start, Length int64
-		Data          bool
-	}
-	if err := json.Unmarshal(out, &recs); err != nil {
-		t.Fatalf("map output: %v\n%s", err, out)
-	}
-	var r [][2]int64
-	for _, rec := range recs {
-		if !rec.Data {
-			continue
-		}
-		if len(r) > 0 && r[len(r)-1][1] == rec.Start {
-			r[len(r)-1][1] += rec.Length
-			continue
-		}
-		r = append(r, [2]int64{rec.Start, rec.Start + rec.Length})
-	}
-	return r
-}
-
 func TestMapMatchesQemuImg(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "sparse.img")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", img, "64M")
@@ -121,8 +96,8 @@ func TestMapMatchesQemuImg(t *testing.T) {
 		"-c", "write -P 3 5000 3000",
 		"-c", "write -P 4 32M 4M",
 		"-c", "write -P 5 63M 1M", img)
-	want := dataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", img))
-	got := dataRanges(t, []byte(mustRun(t, "map", "--output=json", img)))
+	want := testtool.DataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", img))
+	got := testtool.DataRanges(t, []byte(mustRun(t, "map", "--output=json", img)))
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("data ranges:\ndiskserve %v\n qemu-img %v", got, want)
 	}

@@ -21,19 +21,13 @@ neighbours with the same state. The JSON output is an array of
 "qemu-img map --output=json".`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.validate(); err != nil {
-				return err
-			}
-			d, err := flags.open(args[0], true)
-			if err != nil {
-				return err
-			}
-			defer d.Close()
-			w := newMapWriter(cmd.OutOrStdout(), flags.output == "json")
-			if err := walkExtents(d, w.add); err != nil {
-				return fmt.Errorf("map %s: %w", args[0], err)
-			}
-			return w.close()
+			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
+				w := newMapWriter(cmd.OutOrStdout(), flags.output == "json")
+				if err := walkExtents(d, w.add); err != nil {
+					return fmt.Errorf("map %s: %w", args[0], err)
+				}
+				return w.close()
+			})
 		},
 	}
 	flags.register(cmd.Flags())

@@ -92,33 +92,11 @@ func TestInteropQemuImg(t *testing.T) {
 	testtool.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", img, out)
 	// Block status: qemu-img map over NBD agrees with qemu-img map of the
 	// file on which ranges hold data.
-	want := dataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", img))
-	got := dataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", uri(sock, "")))
+	want := testtool.DataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", img))
+	got := testtool.DataRanges(t, testtool.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", uri(sock, "")))
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("data ranges over NBD %v, in the file %v", got, want)
 	}
-}
-
-func dataRanges(t *testing.T, out []byte) [][2]int64 {
-	t.Helper()
-	var recs []struct {
-		Start, Length int64
-		Data          bool
-	}
-	if err := json.Unmarshal(out, &recs); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
-	var r [][2]int64
-	for _, rec := range recs {
-		switch {
-		case !rec.Data:
-		case len(r) > 0 && r[len(r)-1][1] == rec.Start:
-			r[len(r)-1][1] += rec.Length
-		default:
-			r = append(r, [2]int64{rec.Start, rec.Start + rec.Length})
-		}
-	}
-	return r
 }
 
 // TestInteropQemuIO writes, zeroes and discards through qemu-io and checks

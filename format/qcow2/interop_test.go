@@ -2,7 +2,6 @@ package qcow2_test
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -63,33 +62,15 @@ func compareWithQemu(t *testing.T, img string) diskserve.DiskFile {
 		}
 		t.Fatalf("%d bytes, qemu-img reads %d", len(got), len(want))
 	}
-	var qemuMap []struct {
-		Start, Length int64
-		Data          bool
-	}
-	if err := json.Unmarshal(testtool.Run(t, "qemu-img", "map", "--output=json", img), &qemuMap); err != nil {
-		t.Fatal(err)
-	}
-	var wantRanges, gotRanges [][2]int64
-	addRange := func(r *[][2]int64, start, n int64) {
-		if k := len(*r); k > 0 && (*r)[k-1][1] == start {
-			(*r)[k-1][1] += n
-			return
-		}
-		*r = append(*r, [2]int64{start, start + n})
-	}
-	for _, m := range qemuMap {
-		if m.Data {
-			addRange(&wantRanges, m.Start, m.Length)
-		}
-	}
+	wantRanges := testtool.DataRanges(t, testtool.Run(t, "qemu-img", "map", "--output=json", img))
 	ext, err := diskserve.Extents(d, nil, 0, d.Size())
 	if err != nil {
 		t.Fatal(err)
 	}
+	var gotRanges []testtool.Range
 	for _, e := range ext {
 		if e.Flags&diskserve.ExtentHole == 0 {
-			addRange(&gotRanges, e.Off, e.Len)
+			gotRanges = testtool.AddRange(gotRanges, e.Off, e.Len)
 		}
 	}
 	if fmt.Sprint(gotRanges) != fmt.Sprint(wantRanges) {

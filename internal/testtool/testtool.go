@@ -9,6 +9,7 @@ package testtool
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"strings"
@@ -46,4 +47,38 @@ func Run(t testing.TB, name string, args ...string) []byte {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, stderr.Bytes())
 	}
 	return out
+}
+
+// A Range is a half-open byte range [Start, End).
+type Range struct{ Start, End int64 }
+
+// DataRanges returns the ranges that output of `map --output=json` (qemu-img's
+// or diskserve's) marks as data, with neighbours merged, so that two maps
+// of the same image compare equal whatever their extent boundaries.
+func DataRanges(t testing.TB, mapJSON []byte) []Range {
+	t.Helper()
+	var recs []struct {
+		Start, Length int64
+		Data          bool
+	}
+	if err := json.Unmarshal(mapJSON, &recs); err != nil {
+		t.Fatalf("map output: %v\n%s", err, mapJSON)
+	}
+	var r []Range
+	for _, rec := range recs {
+		if rec.Data {
+			r = AddRange(r, rec.Start, rec.Length)
+		}
+	}
+	return r
+}
+
+// AddRange appends [start, start+n) to r, merging it with the last range
+// when they touch.
+func AddRange(r []Range, start, n int64) []Range {
+	if k := len(r); k > 0 && r[k-1].End == start {
+		r[k-1].End += n
+		return r
+	}
+	return append(r, Range{start, start + n})
 }
