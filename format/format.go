@@ -12,6 +12,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
+	"github.com/diskserve/diskserve/format/sparse"
 )
 
 // All returns the built-in formats in the order the opener tries them.
@@ -25,7 +26,7 @@ func All() []diskserve.Format {
 	return []diskserve.Format{
 		recognised("composite", "composite_disk\x1d", nil),
 		qcow2.Format,
-		recognised("android-sparse", "\x3a\xff\x26\xed", nil),
+		sparse.Format,
 		recognised("zstd", "", isZstd),
 		raw.Format,
 	}
