@@ -38,6 +38,6 @@ and seekable zstd are recognised), reports on them and serves them over NBD.`,
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newCheckCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newServeCommand())
+	root.AddCommand(newCheckCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newServeCommand())
 	return root
 }

@@ -1,0 +1,255 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/qcow2"
+	"github.com/diskserve/diskserve/format/sparse"
+)
+
+const (
+	convertPiece   = 1 << 20  // bytes one worker reads and writes at a time
+	convertZero    = 64 << 10 // granularity of skipping zero data
+	convertWorkers = 4
+)
+
+func newConvertCommand() *cobra.Command {
+	var (
+		srcFmt, dstFmt string
+		options        []string
+		compress       bool
+		showProgress   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "convert [-p] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
+		Short: "Convert an image to another format",
+		Long: `convert copies the guest-visible content of SRC, of any format diskserve
+opens, into a new image DST of format -O: raw, qcow2 or android-sparse.
+
+Ranges that read as zeroes (holes, zero clusters, DONT_CARE chunks, and data
+blocks that are all zero) are not written, so the output stays sparse.
+DST is written under a temporary name in its directory and renamed when
+complete: an interrupted conversion leaves no partial DST.
+
+Options (-o): for qcow2, those of create (cluster_size, compat,
+refcount_bits, compression_type, lazy_refcounts, extended_l2); for
+android-sparse, block_size (default 4096). -p shows a progress bar on a
+terminal.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if compress {
+				return errors.New("convert -c: writing compressed qcow2 clusters is not supported yet")
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			src, err := format.Open(args[0], diskserve.Options{Format: srcFmt, ReadOnly: true})
+			if err != nil {
+				return err
+			}
+			defer src.Close()
+			var progress func(int64)
+			if showProgress && term.IsTerminal(int(os.Stderr.Fd())) {
+				bar := progressbar.NewOptions64(src.Size(),
+					progressbar.OptionSetWriter(os.Stderr),
+					progressbar.OptionSetDescription("converting"),
+					progressbar.OptionShowBytes(true),
+					progressbar.OptionSetPredictTime(true),
+					progressbar.OptionFullWidth(),
+					progressbar.OptionClearOnFinish())
+				defer bar.Finish()
+				progress = func(n int64) { bar.Add64(n) }
+			}
+			return convert(ctx, src, args[1], dstFmt, options, progress)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&srcFmt, "format", "f", "", "format of SRC; detected when omitted")
+	fl.StringVarP(&dstFmt, "output-format", "O", "raw", "format of DST: raw, qcow2 or android-sparse")
+	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
+	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (not supported yet)")
+	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
+	return cmd
+}
+
+// convert writes src to dst as format, through a temporary file that is
+// renamed to dst only when complete.
+func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, options []string, progress func(int64)) (err error) {
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".diskserve-"+strconv.Itoa(os.Getpid()))
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+		}
+		if ctx.Err() != nil {
+			err = fmt.Errorf("convert interrupted (%v): %s was not written", context.Cause(ctx), dst)
+		}
+	}()
+	switch dstFmt {
+	case "raw", "qcow2":
+		if err := createTarget(tmp, dstFmt, src.Size(), options); err != nil {
+			return fmt.Errorf("convert to %s: %w", dst, err)
+		}
+		out, err := format.Open(tmp, diskserve.Options{Format: dstFmt})
+		if err != nil {
+			return err
+		}
+		if err := copyDisk(ctx, out, src, progress); err != nil {
+			out.Close()
+			return err
+		}
+		if err := diskserve.Flush(out); err != nil {
+			out.Close()
+			return err
+		}
+		if err := out.Close(); err != nil {
+			return err
+		}
+	case sparse.Name:
+		bs, err := sparseOptions(options)
+		if err != nil {
+			return fmt.Errorf("convert to %s: %w", dst, err)
+		}
+		f, err := os.Create(tmp)
+		if err != nil {
+			return err
+		}
+		if err := sparse.Write(ctx, f, src, bs, progress); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("convert: cannot write format %q (raw, qcow2 and %s can be written)", dstFmt, sparse.Name)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dst)
+}
+
+// createTarget makes an empty raw or qcow2 image of size bytes.
+func createTarget(path, dstFmt string, size int64, options []string) error {
+	if dstFmt == "raw" {
+		if len(options) > 0 {
+			return errors.New("raw images take no options")
+		}
+		return createRaw(path, size)
+	}
+	o, err := qcow2Options(options)
+	if err != nil {
+		return err
+	}
+	o.Size = size
+	return qcow2.Create(path, o)
+}
+
+func sparseOptions(options []string) (int64, error) {
+	var bs int64
+	for _, kv := range strings.Split(strings.Join(options, ","), ",") {
+		if kv == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(kv, "=")
+		if k != "block_size" {
+			return 0, fmt.Errorf("unknown %s option %q (block_size)", sparse.Name, k)
+		}
+		var err error
+		if bs, err = parseSize(v); err != nil {
+			return 0, fmt.Errorf("block_size: %w", err)
+		}
+	}
+	return bs, nil
+}
+
+// copyDisk copies the content of src into dst, a fresh image that reads as
+// zeroes: ranges of src that read as zeroes, and pieces of data that are
+// all zero, are skipped. Several workers read and write pieces at once.
+func copyDisk(ctx context.Context, dst, src diskserve.DiskFile, progress func(int64)) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	type piece struct{ off, n int64 }
+	jobs := make(chan piece, convertWorkers)
+	var wg sync.WaitGroup
+	var done atomic.Int64
+	report := func(n int64) {
+		if progress != nil {
+			progress(n)
+		}
+		done.Add(n)
+	}
+	for range convertWorkers {
+		wg.Go(func() {
+			buf := make([]byte, convertPiece)
+			zero := make([]byte, convertZero)
+			for p := range jobs {
+				b := buf[:p.n]
+				if got, err := src.ReadAt(b, p.off); int64(got) != p.n {
+					cancel(fmt.Errorf("read %d bytes at %d: %w", p.n, p.off, err))
+					continue
+				}
+				for k := int64(0); k < p.n; k += convertZero {
+					part := b[k:min(p.n, k+convertZero)]
+					if bytes.Equal(part, zero[:len(part)]) {
+						continue
+					}
+					if _, err := dst.WriteAt(part, p.off+k); err != nil {
+						cancel(err)
+						break
+					}
+				}
+				report(p.n)
+			}
+		})
+	}
+	var ext []diskserve.Extent
+	size := src.Size()
+feed:
+	for off := int64(0); off < size; off += 1 << 30 {
+		var err error
+		if ext, err = diskserve.Extents(src, ext[:0], off, min(1<<30, size-off)); err != nil {
+			cancel(err)
+			break
+		}
+		for _, e := range ext {
+			if e.Flags&diskserve.ExtentZero != 0 {
+				report(e.Len)
+				continue
+			}
+			for o := e.Off; o < e.Off+e.Len; o += convertPiece {
+				select {
+				case jobs <- piece{o, min(convertPiece, e.Off+e.Len-o)}:
+				case <-ctx.Done():
+					break feed
+				}
+			}
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return err
+	}
+	return nil
+}

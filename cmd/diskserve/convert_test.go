@@ -1,0 +1,162 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+// convertSource makes a qcow2 overlay over a compressed qcow2, with data,
+// zero clusters, uniform blocks and a size that is not a multiple of 4096.
+func convertSource(t *testing.T, dir string) string {
+	t.Helper()
+	base := filepath.Join(dir, "base.raw")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", base, "24M")
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 3M", "-c", "write -P 0x22 8M 1M", base)
+	comp := filepath.Join(dir, "comp.qcow2")
+	testtool.Run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", base, comp)
+	top := filepath.Join(dir, "top.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "comp.qcow2", "-F", "qcow2", top, "30001K")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x33 1M 100k", "-c", "write -z 8M 64k", "-c", "write -P 0x44 29M 1000", top)
+	return top
+}
+
+func TestConvert(t *testing.T) {
+	dir := t.TempDir()
+	src := convertSource(t, dir)
+	ref := filepath.Join(dir, "ref.raw")
+	testtool.Run(t, "qemu-img", "convert", "-O", "raw", src, ref)
+	want, _ := os.ReadFile(ref)
+
+	t.Run("raw", func(t *testing.T) {
+		out := filepath.Join(dir, "out.raw")
+		mustRun(t, "convert", "-O", "raw", src, out)
+		got, _ := os.ReadFile(out)
+		if !bytes.Equal(got, want) {
+			t.Fatal("raw output differs from qemu-img's conversion")
+		}
+		if b := blocks(t, out); b*512 > 8<<20 {
+			t.Errorf("raw output allocates %d KiB: zero ranges were written", b/2)
+		}
+	})
+	t.Run("qcow2", func(t *testing.T) {
+		out := filepath.Join(dir, "out.qcow2")
+		mustRun(t, "convert", "-O", "qcow2", "-o", "cluster_size=4096", src, out)
+		testtool.Run(t, "qemu-img", "check", out)
+		testtool.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", ref, out)
+	})
+	for _, bs := range []string{"1024", "4096", "65536"} {
+		t.Run("android-sparse/"+bs, func(t *testing.T) {
+			out := filepath.Join(dir, "out-"+bs+".simg")
+			mustRun(t, "convert", "-O", "android-sparse", "-o", "block_size="+bs, src, out)
+			back := filepath.Join(dir, "back-"+bs+".raw")
+			testtool.Run(t, "simg2img", out, back)
+			got, _ := os.ReadFile(back)
+			padded := append(bytes.Clone(want), make([]byte, (len(want)+mustAtoi(bs)-1)/mustAtoi(bs)*mustAtoi(bs)-len(want))...)
+			if !bytes.Equal(got, padded) {
+				t.Fatalf("simg2img expands %d bytes, want %d (the source padded to a block)", len(got), len(padded))
+			}
+			theirs := filepath.Join(dir, "img2simg-"+bs+".simg")
+			testtool.Run(t, "img2simg", ref, theirs, bs)
+			if a, b := size(t, out), size(t, theirs); a > b {
+				t.Errorf("our sparse image is %d bytes, img2simg's %d", a, b)
+			}
+		})
+	}
+}
+
+func mustAtoi(s string) int {
+	n := 0
+	for _, c := range s {
+		n = n*10 + int(c-'0')
+	}
+	return n
+}
+
+func size(t *testing.T, path string) int64 {
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
+}
+
+func blocks(t *testing.T, path string) int64 {
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Sys().(*syscall.Stat_t).Blocks
+}
+
+// TestConvertInterrupted interrupts a conversion: DST must not exist, and
+// no temporary file may be left.
+func TestConvertInterrupted(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "big.raw")
+	f, _ := os.Create(src)
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i*7 + 1)
+	}
+	for off := int64(0); off < 768<<20; off += 1 << 20 {
+		f.WriteAt(data, off)
+	}
+	f.Close()
+	out := filepath.Join(dir, "out.qcow2")
+	cmd := exec.Command(diskserveBin, "convert", "-O", "qcow2", src, out)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGINT)
+	err := cmd.Wait()
+	if err == nil {
+		t.Skip("the conversion finished before it could be interrupted")
+	}
+	if !strings.Contains(stderr.String(), "convert interrupted") || !strings.Contains(stderr.String(), "was not written") {
+		t.Errorf("stderr: %q", stderr.String())
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.Name() != "big.raw" {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
+}
+
+func TestConvertErrors(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "in.raw")
+	mustRun(t, "create", "-f", "raw", src, "1M")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"convert", "-O", "vmdk", src, filepath.Join(dir, "x")}, `cannot write format "vmdk"`},
+		{[]string{"convert", "-c", "-O", "qcow2", src, filepath.Join(dir, "x")}, "compressed qcow2 clusters is not supported yet"},
+		{[]string{"convert", "-O", "android-sparse", "-o", "block_size=1022", src, filepath.Join(dir, "x")}, "block size 1022"},
+		{[]string{"convert", "-O", "raw", filepath.Join(dir, "missing"), filepath.Join(dir, "x")}, "no such file"},
+		{[]string{"convert", "-O", "raw", "-o", "a=b", src, filepath.Join(dir, "x")}, "raw images take no options"},
+	} {
+		if _, errOut, code := run(t, nil, tc.args...); code != 1 || !strings.Contains(errOut, tc.want) {
+			t.Errorf("diskserve %s: exit %d, %q; want %q", strings.Join(tc.args, " "), code, errOut, tc.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x")); err == nil {
+		t.Error("a failed conversion left its output")
+	}
+	// No progress bar when standard error is not a terminal.
+	if out, errOut, code := run(t, nil, "convert", "-p", "-O", "raw", src, filepath.Join(dir, "y")); code != 0 || out != "" || errOut != "" {
+		t.Errorf("convert -p without a terminal: exit %d, %q %q", code, out, errOut)
+	}
+}
