@@ -85,6 +85,11 @@ type Options struct {
 	// that refuses names outside a directory.
 	ResolvePath func(referrer, name string) (string, error)
 
+	// Verify asks formats that carry checksums of their data (Android
+	// sparse CRC32 chunks) to verify them when opening, at the cost of
+	// reading the whole image; an image that fails does not open.
+	Verify bool
+
 	// Logger receives warnings about the images opened. nil discards them.
 	Logger *slog.Logger
 }
@@ -143,6 +148,10 @@ func (oc *OpenContext) ReadOnly() bool { return oc.readOnly }
 // Depth returns the nesting depth of the image being opened: 0 for the
 // image named to [Open], 1 for its backing file or components, and so on.
 func (oc *OpenContext) Depth() int { return oc.depth }
+
+// Verify reports whether checksums should be verified at open
+// ([Options.Verify]).
+func (oc *OpenContext) Verify() bool { return oc.opts.Verify }
 
 // Logger returns the logger for warnings about the image.
 func (oc *OpenContext) Logger() *slog.Logger { return oc.opts.Logger }

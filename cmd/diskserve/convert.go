@@ -36,6 +36,7 @@ func newConvertCommand() *cobra.Command {
 		options        []string
 		compress       bool
 		showProgress   bool
+		verify         bool
 	)
 	cmd := &cobra.Command{
 		Use:   "convert [-p] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
@@ -59,7 +60,7 @@ terminal.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			src, err := format.Open(args[0], diskserve.Options{Format: srcFmt, ReadOnly: true})
+			src, err := format.Open(args[0], diskserve.Options{Format: srcFmt, ReadOnly: true, Verify: verify})
 			if err != nil {
 				return err
 			}
@@ -85,6 +86,7 @@ terminal.`,
 	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
 	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (not supported yet)")
 	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
+	fl.BoolVar(&verify, "verify", false, "verify SRC's checksums (Android sparse CRC32 chunks) before converting")
 	return cmd
 }
 

@@ -16,11 +16,13 @@ import (
 type imageFlags struct {
 	format string
 	output string
+	verify bool
 }
 
 func (f *imageFlags) register(fs *pflag.FlagSet) {
 	fs.StringVarP(&f.format, "format", "f", "", "image format ("+strings.Join(format.Names(), ", ")+"); detected when omitted")
 	fs.StringVar(&f.output, "output", "human", "output format: human or json")
+	fs.BoolVar(&f.verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) when opening it")
 }
 
 func (f *imageFlags) validate() error {
@@ -32,7 +34,7 @@ func (f *imageFlags) validate() error {
 
 // open opens the image named by the command's argument.
 func (f *imageFlags) open(path string, readOnly bool) (diskserve.DiskFile, error) {
-	return format.Open(path, diskserve.Options{Format: f.format, ReadOnly: readOnly})
+	return format.Open(path, diskserve.Options{Format: f.format, ReadOnly: readOnly, Verify: f.verify})
 }
 
 // withImage validates the flags, opens the image named by args[0] and

@@ -33,6 +33,7 @@ type serveFlags struct {
 	tlsCA       string
 	tlsMode     string
 	verbose     bool
+	verify      bool
 }
 
 func newServeCommand() *cobra.Command {
@@ -68,6 +69,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.StringVar(&f.tlsCA, "tls-ca", "", "CA certificates (PEM) that client certificates must chain to; requires client certificates")
 	fl.StringVar(&f.tlsMode, "tls", "require", "with TLS: require (no export before STARTTLS) or allow")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
+	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
 	return cmd
 }
 
@@ -117,7 +119,7 @@ func runServe(f *serveFlags, args []string) error {
 
 // openExports opens the images named on the command line.
 func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
-	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Logger: log}
+	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Verify: f.verify, Logger: log}
 	if len(args) == 1 && !isNamed(args[0]) {
 		d, err := format.Open(args[0], opts)
 		if err != nil {

@@ -10,7 +10,8 @@
 //     zeroes) and CRC32 chunks, the latter anywhere in the file.
 //   - Extents: DONT_CARE is a hole, FILL of zero reads as zero, RAW and
 //     other FILLs are data.
-//   - Check verifies CRC32 chunks and, when set, the image checksum.
+//   - Check verifies CRC32 chunks and, when set, the image checksum; so does
+//     the opener with [diskserve.Options.Verify].
 //
 // # Not supported
 //
@@ -29,6 +30,7 @@ import (
 	"hash/crc32"
 	"io"
 	"sort"
+	"strings"
 
 	"github.com/diskserve/diskserve"
 )
@@ -102,13 +104,22 @@ func corrupt(off int64, msg string, args ...any) error {
 
 func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
 	if !oc.ReadOnly() {
-		return nil, diskserve.Unsupported(Name, -1, "Android sparse images cannot be written in place: open read-only, or expand it first (simg2img)")
+		return nil, diskserve.Unsupported(Name, -1, "Android sparse images cannot be written in place: open it read-only, or convert it first (diskserve convert -O raw)")
 	}
 	d, err := parse(c)
 	if err != nil {
 		return nil, err
 	}
 	d.path = oc.Path()
+	if oc.Verify() {
+		r, err := d.Check(diskserve.RepairNone)
+		if err != nil {
+			return nil, err
+		}
+		if r.Corruptions > 0 {
+			return nil, corrupt(-1, "checksum verification failed: %s", strings.TrimPrefix(r.Messages[0], "ERROR "))
+		}
+	}
 	return d, nil
 }
 

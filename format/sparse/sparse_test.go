@@ -228,6 +228,18 @@ func TestWrongCRC(t *testing.T) {
 	if err != nil || r.Corruptions != 1 || !strings.Contains(r.Messages[0], "chunk 1") {
 		t.Fatalf("check of a wrong CRC: %+v %v", r, err)
 	}
+	opts := memOptions(m.bytes())
+	opts.Verify = true
+	if _, err := diskserve.Open("img", opts); !errors.Is(err, diskserve.ErrCorrupt) || !strings.Contains(err.Error(), "checksum verification failed: chunk 1") {
+		t.Fatalf("open with Verify of a wrong CRC: %v", err)
+	}
+	opts = memOptions(sample(28, 12).bytes())
+	opts.Verify = true
+	if d, err := diskserve.Open("img", opts); err != nil {
+		t.Fatalf("open with Verify of valid CRCs: %v", err)
+	} else {
+		d.Close()
+	}
 }
 
 func TestCorrupt(t *testing.T) {
