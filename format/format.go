@@ -7,12 +7,11 @@
 package format
 
 import (
-	"encoding/binary"
-
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/sparse"
+	"github.com/diskserve/diskserve/format/zstd"
 )
 
 // All returns the built-in formats in the order the opener tries them.
@@ -27,7 +26,7 @@ func All() []diskserve.Format {
 		recognised("composite", "composite_disk\x1d", nil),
 		qcow2.Format,
 		sparse.Format,
-		recognised("zstd", "", isZstd),
+		zstd.Format,
 		raw.Format,
 	}
 }
@@ -57,16 +56,6 @@ func Names() []string {
 		names = append(names, f.Name)
 	}
 	return names
-}
-
-// isZstd matches a zstd frame (magic 0xFD2FB528) or a skippable frame
-// (0x184D2A50 to 0x184D2A5F), both little-endian, as crosvm does.
-func isZstd(head []byte) bool {
-	if len(head) < 4 {
-		return false
-	}
-	m := binary.LittleEndian.Uint32(head)
-	return m == 0xFD2FB528 || m&^0xF == 0x184D2A50
 }
 
 // recognised returns a format that claims images by their magic and

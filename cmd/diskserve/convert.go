@@ -22,6 +22,7 @@ import (
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/sparse"
+	"github.com/diskserve/diskserve/format/zstd"
 )
 
 const (
@@ -42,7 +43,8 @@ func newConvertCommand() *cobra.Command {
 		Use:   "convert [-p] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
 		Short: "Convert an image to another format",
 		Long: `convert copies the guest-visible content of SRC, of any format diskserve
-opens, into a new image DST of format -O: raw, qcow2 or android-sparse.
+opens, into a new image DST of format -O: raw, qcow2, android-sparse or
+zstd (the seekable format, compressed on every core).
 
 Ranges that read as zeroes (holes, zero clusters, DONT_CARE chunks, and data
 blocks that are all zero) are not written, so the output stays sparse.
@@ -51,8 +53,9 @@ complete: an interrupted conversion leaves no partial DST.
 
 Options (-o): for qcow2, those of create (cluster_size, compat,
 refcount_bits, compression_type, lazy_refcounts, extended_l2); for
-android-sparse, block_size (default 4096). -p shows a progress bar on a
-terminal.`,
+android-sparse, block_size (default 4096); for zstd, frame_size (default
+256K), level (1 to 22, default 3) and checksum (on or off, default on).
+-p shows a progress bar on a terminal.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if compress {
@@ -82,7 +85,7 @@ terminal.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&srcFmt, "format", "f", "", "format of SRC; detected when omitted")
-	fl.StringVarP(&dstFmt, "output-format", "O", "raw", "format of DST: raw, qcow2 or android-sparse")
+	fl.StringVarP(&dstFmt, "output-format", "O", "raw", "format of DST: raw, qcow2, android-sparse or zstd")
 	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
 	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (not supported yet)")
 	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
@@ -122,8 +125,8 @@ func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, op
 		if err := out.Close(); err != nil {
 			return err
 		}
-	case sparse.Name:
-		bs, err := sparseOptions(options)
+	case sparse.Name, zstd.Name:
+		write, err := streamWriter(dstFmt, options, src, progress)
 		if err != nil {
 			return fmt.Errorf("convert to %s: %w", dst, err)
 		}
@@ -131,7 +134,7 @@ func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, op
 		if err != nil {
 			return err
 		}
-		if err := sparse.Write(ctx, f, src, bs, progress); err != nil {
+		if err := write(ctx, f); err != nil {
 			f.Close()
 			return err
 		}
@@ -143,7 +146,7 @@ func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, op
 			return err
 		}
 	default:
-		return fmt.Errorf("convert: cannot write format %q (raw, qcow2 and %s can be written)", dstFmt, sparse.Name)
+		return fmt.Errorf("convert: cannot write format %q (raw, qcow2, %s and %s can be written)", dstFmt, sparse.Name, zstd.Name)
 	}
 	if err := ctx.Err(); err != nil {
 		return err
@@ -167,22 +170,41 @@ func createTarget(path, dstFmt string, size int64, options []string) error {
 	return qcow2.Create(path, o)
 }
 
-func sparseOptions(options []string) (int64, error) {
-	var bs int64
+// streamWriter returns the writer of a format that is written front to
+// back into a file, with its -o options applied.
+func streamWriter(dstFmt string, options []string, src diskserve.DiskFile, progress func(int64)) (func(context.Context, *os.File) error, error) {
+	var (
+		blockSize int64
+		zo        zstd.WriteOptions
+	)
 	for _, kv := range strings.Split(strings.Join(options, ","), ",") {
 		if kv == "" {
 			continue
 		}
 		k, v, _ := strings.Cut(kv, "=")
-		if k != "block_size" {
-			return 0, fmt.Errorf("unknown %s option %q (block_size)", sparse.Name, k)
-		}
 		var err error
-		if bs, err = parseSize(v); err != nil {
-			return 0, fmt.Errorf("block_size: %w", err)
+		switch {
+		case dstFmt == sparse.Name && k == "block_size":
+			blockSize, err = parseSize(v)
+		case dstFmt == zstd.Name && k == "frame_size":
+			zo.FrameSize, err = parseSize(v)
+		case dstFmt == zstd.Name && k == "level":
+			zo.Level, err = strconv.Atoi(v)
+		case dstFmt == zstd.Name && k == "checksum":
+			var on bool
+			on, err = parseOnOff(v)
+			zo.NoChecksum = !on
+		default:
+			return nil, fmt.Errorf("unknown %s option %q (%s: block_size; %s: frame_size, level, checksum)", dstFmt, k, sparse.Name, zstd.Name)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("option %s: %w", k, err)
 		}
 	}
-	return bs, nil
+	if dstFmt == sparse.Name {
+		return func(ctx context.Context, f *os.File) error { return sparse.Write(ctx, f, src, blockSize, progress) }, nil
+	}
+	return func(ctx context.Context, f *os.File) error { return zstd.Write(ctx, f, src, zo, progress) }, nil
 }
 
 // copyDisk copies the content of src into dst, a fresh image that reads as

@@ -72,6 +72,30 @@ func TestConvert(t *testing.T) {
 	}
 }
 
+// TestConvertZstd writes a seekable zstd image that the zstd tool
+// decompresses to the source, and that diskserve serves over NBD.
+func TestConvertZstd(t *testing.T) {
+	dir := t.TempDir()
+	src := convertSource(t, dir)
+	ref := filepath.Join(dir, "ref.raw")
+	testtool.Run(t, "qemu-img", "convert", "-O", "raw", src, ref)
+	want, _ := os.ReadFile(ref)
+	out := filepath.Join(dir, "out.zst")
+	mustRun(t, "convert", "-O", "zstd", "-o", "frame_size=64K,level=5,checksum=on", src, out)
+	if got := testtool.Run(t, "zstd", "-d", "-c", "-q", out); !bytes.Equal(got, want) {
+		t.Fatalf("zstd -d gives %d bytes that differ from the source's %d", len(got), len(want))
+	}
+	if out, _, code := run(t, nil, "check", out); code != 0 {
+		t.Fatalf("check of the zstd image: exit %d\n%s", code, out)
+	}
+	sock := filepath.Join(dir, "z.sock")
+	startServe(t, exec.Command(diskserveBin, "serve", "-r", "--listen", "unix:"+sock, out))
+	testtool.Run(t, "qemu-img", "compare", "-f", "raw", ref, "nbd+unix:///?socket="+sock)
+	if _, errOut, code := run(t, nil, "convert", "-O", "zstd", "-o", "level=99", src, filepath.Join(dir, "x.zst")); code != 1 || !strings.Contains(errOut, "level 99") {
+		t.Errorf("bad level: exit %d, %q", code, errOut)
+	}
+}
+
 func mustAtoi(s string) int {
 	n := 0
 	for _, c := range s {
