@@ -36,6 +36,7 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cespare/xxhash/v2"
 	kzstd "github.com/klauspost/compress/zstd"
@@ -91,8 +92,19 @@ type Disk struct {
 	checksums []uint32 // nil without the checksum flag
 	dec       *kzstd.Decoder
 
-	mu    sync.Mutex // guards the cache
-	cache *frameCache
+	mu       sync.Mutex // guards the cache and inflight
+	cache    *frameCache
+	inflight map[int]*decoding // frames being decompressed
+
+	decoded atomic.Int64 // frames decompressed, for tests of the cache
+}
+
+// decoding is a decompression in progress, which other readers of the
+// same frame wait for instead of decompressing it again.
+type decoding struct {
+	done chan struct{}
+	data []byte
+	err  error
 }
 
 var (
@@ -186,6 +198,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 		return nil, err
 	}
 	d.cache = newFrameCache(cacheBytes)
+	d.inflight = map[int]*decoding{}
 	return d, nil
 }
 
@@ -223,26 +236,35 @@ func (d *Disk) frameAt(off int64) int {
 	return sort.Search(len(d.starts)-1, func(i int) bool { return d.starts[i+1] > off })
 }
 
-// frame returns frame i decompressed, from the cache or by decompressing
-// and verifying it.
+// frame returns frame i decompressed: from the cache, from a
+// decompression already under way, or by decompressing and verifying it.
 func (d *Disk) frame(i int) ([]byte, error) {
 	d.mu.Lock()
-	data, ok := d.cache.get(i)
-	d.mu.Unlock()
-	if ok {
+	if data, ok := d.cache.get(i); ok {
+		d.mu.Unlock()
 		return data, nil
 	}
-	data, err := d.decompress(i)
-	if err != nil {
-		return nil, err
+	if dc, ok := d.inflight[i]; ok {
+		d.mu.Unlock()
+		<-dc.done
+		return dc.data, dc.err
 	}
-	d.mu.Lock()
-	d.cache.put(i, data)
+	dc := &decoding{done: make(chan struct{})}
+	d.inflight[i] = dc
 	d.mu.Unlock()
-	return data, nil
+	dc.data, dc.err = d.decompress(i)
+	d.mu.Lock()
+	delete(d.inflight, i)
+	if dc.err == nil {
+		d.cache.put(i, dc.data)
+	}
+	d.mu.Unlock()
+	close(dc.done)
+	return dc.data, dc.err
 }
 
 func (d *Disk) decompress(i int) ([]byte, error) {
+	d.decoded.Add(1)
 	comp := make([]byte, d.offsets[i+1]-d.offsets[i])
 	if err := readFull(d.c, comp, d.offsets[i]); err != nil {
 		return nil, err
