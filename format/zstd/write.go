@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"sync"
 
 	"github.com/cespare/xxhash/v2"
 	kzstd "github.com/klauspost/compress/zstd"
@@ -56,8 +57,9 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 	}
 	defer enc.Close()
 
+	outBufs := sync.Pool{New: func() any { return new([]byte) }} // compressed frames, reused once written
 	type result struct {
-		data     []byte
+		data     *[]byte
 		n        int64 // decompressed bytes
 		checksum uint32
 		err      error
@@ -86,9 +88,11 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 	for range o.Workers {
 		go func() {
 			var ext []diskserve.Extent
+			frame := make([]byte, o.FrameSize)
 			for j := range work {
 				off := j.i * o.FrameSize
-				buf := make([]byte, min(o.FrameSize, size-off))
+				buf := frame[:min(o.FrameSize, size-off)]
+				clear(buf)
 				var err error
 				ext, err = diskserve.Extents(src, ext[:0], off, int64(len(buf)))
 				for _, e := range ext {
@@ -99,7 +103,9 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 						err = fmt.Errorf("read %d bytes at %d: %w", e.Len, e.Off, rerr)
 					}
 				}
-				j.res <- result{enc.EncodeAll(buf, nil), int64(len(buf)), uint32(xxhash.Sum64(buf)), err}
+				out := outBufs.Get().(*[]byte)
+				*out = enc.EncodeAll(buf, (*out)[:0])
+				j.res <- result{out, int64(len(buf)), uint32(xxhash.Sum64(buf)), err}
 			}
 		}()
 	}
@@ -114,10 +120,11 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 		if r.err != nil {
 			return r.err
 		}
-		if _, err := out.Write(r.data); err != nil {
+		if _, err := out.Write(*r.data); err != nil {
 			return err
 		}
-		table = le.AppendUint32(table, uint32(len(r.data)))
+		table = le.AppendUint32(table, uint32(len(*r.data)))
+		outBufs.Put(r.data)
 		table = le.AppendUint32(table, uint32(r.n))
 		if !o.NoChecksum {
 			table = le.AppendUint32(table, r.checksum)
