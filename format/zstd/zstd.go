@@ -263,9 +263,19 @@ func (d *Disk) frame(i int) ([]byte, error) {
 	return dc.data, dc.err
 }
 
+// compBufs holds buffers for compressed frames, which are needed only
+// while a frame is decompressed.
+var compBufs = sync.Pool{New: func() any { return new([]byte) }}
+
 func (d *Disk) decompress(i int) ([]byte, error) {
 	d.decoded.Add(1)
-	comp := make([]byte, d.offsets[i+1]-d.offsets[i])
+	cb := compBufs.Get().(*[]byte)
+	defer compBufs.Put(cb)
+	n := int(d.offsets[i+1] - d.offsets[i])
+	if cap(*cb) < n {
+		*cb = make([]byte, n)
+	}
+	comp := (*cb)[:n]
 	if err := readFull(d.c, comp, d.offsets[i]); err != nil {
 		return nil, err
 	}
