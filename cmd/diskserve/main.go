@@ -31,13 +31,14 @@ func newRootCommand() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "diskserve",
 		Short: "Open, inspect and serve virtual disk images",
-		Long: `diskserve opens virtual disk images (raw; qcow2, composite, Android sparse
-and seekable zstd are recognised), reports on them and serves them over NBD.`,
+		Long: `diskserve opens virtual disk images (raw, qcow2, Android sparse and
+seekable zstd; composite is recognised), reports on them, converts them,
+serves them over NBD and mounts them as files through FUSE.`,
 		Version:       version,
 		SilenceUsage:  true, // errors are one line; --help shows usage
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newCheckCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newServeCommand())
+	root.AddCommand(newCheckCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newMountCommand(), newServeCommand())
 	return root
 }

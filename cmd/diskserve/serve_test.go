@@ -41,9 +41,16 @@ type server struct {
 	done   chan error
 }
 
-// startServe runs diskserve serve with args and waits until the log says
-// it is listening. The process is killed when the test ends, if still up.
+// startServe runs diskserve serve and waits until the log says it is
+// listening. The process is killed when the test ends, if still up.
 func startServe(t *testing.T, cmd *exec.Cmd) *server {
+	t.Helper()
+	return startDaemon(t, cmd, "msg=listening")
+}
+
+// startDaemon runs a long-lived diskserve command and waits until its log
+// shows ready.
+func startDaemon(t *testing.T, cmd *exec.Cmd, ready string) *server {
 	t.Helper()
 	s := &server{cmd: cmd, stderr: &syncBuffer{}, done: make(chan error, 1)}
 	cmd.Stderr = s.stderr
@@ -55,9 +62,9 @@ func startServe(t *testing.T, cmd *exec.Cmd) *server {
 		cmd.Process.Kill()
 		<-s.done
 	})
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(s.stderr.String(), "msg=listening"); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(s.stderr.String(), ready); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("diskserve serve did not start:\n%s", s.stderr)
+			t.Fatalf("%s did not start:\n%s", strings.Join(cmd.Args, " "), s.stderr)
 		}
 	}
 	return s
