@@ -8,6 +8,7 @@ package format
 
 import (
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/sparse"
@@ -16,14 +17,9 @@ import (
 
 // All returns the built-in formats in the order the opener tries them.
 // Raw matches every file and comes last.
-//
-// Formats whose packages have not landed yet are recognised by their magic
-// and refused with an error wrapping [diskserve.ErrUnsupported], so that
-// such an image is never taken for raw and served with its metadata
-// exposed to the guest.
 func All() []diskserve.Format {
 	return []diskserve.Format{
-		recognised("composite", "composite_disk\x1d", nil),
+		composite.Format,
 		qcow2.Format,
 		sparse.Format,
 		zstd.Format,
@@ -56,17 +52,4 @@ func Names() []string {
 		names = append(names, f.Name)
 	}
 	return names
-}
-
-// recognised returns a format that claims images by their magic and
-// refuses to open them.
-func recognised(name, magic string, match func([]byte) bool) diskserve.Format {
-	return diskserve.Format{
-		Name:  name,
-		Magic: magic,
-		Match: match,
-		Open: func(diskserve.DiskFile, *diskserve.OpenContext) (diskserve.DiskFile, error) {
-			return nil, diskserve.Unsupported(name, -1, "this build recognises %s images but cannot open them yet", name)
-		},
-	}
 }

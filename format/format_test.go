@@ -50,7 +50,7 @@ func TestNeverRaw(t *testing.T) {
 	}
 	for _, tc := range []struct{ path, format, msg string }{
 		{"../testdata/zstd/plain.zst", "zstd", "no seek table"},
-		{composite, "composite", "cannot open them yet"},
+		{composite, "composite", "bad spec"},
 	} {
 		t.Run(tc.format, func(t *testing.T) {
 			d, err := format.Open(tc.path, diskserve.Options{ReadOnly: true})

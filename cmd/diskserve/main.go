@@ -31,9 +31,9 @@ func newRootCommand() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "diskserve",
 		Short: "Open, inspect and serve virtual disk images",
-		Long: `diskserve opens virtual disk images (raw, qcow2, Android sparse and
-seekable zstd; composite is recognised), reports on them, converts them,
-serves them over NBD and mounts them as files through FUSE.`,
+		Long: `diskserve opens virtual disk images (raw, qcow2, crosvm composite,
+Android sparse and seekable zstd), reports on them, converts them, serves
+them over NBD and mounts them as files through FUSE.`,
 		Version:       version,
 		SilenceUsage:  true, // errors are one line; --help shows usage
 		SilenceErrors: true, // main prints them

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -62,6 +63,15 @@ func TestMountFormats(t *testing.T) {
 	mustRun(t, "convert", "-O", "android-sparse", src, simg)
 	zst := filepath.Join(dir, "img.zst")
 	mustRun(t, "convert", "-O", "zstd", src, zst)
+	// A composite of the qcow2 and the raw conversion, one after the other.
+	comp := filepath.Join(dir, "img.composite")
+	n := int64(len(want))
+	spec := &composite.Spec{Version: 2, Length: 2 * n, Components: []composite.Component{
+		{Path: "top.qcow2"}, {Path: "ref.raw", Offset: n},
+	}}
+	if err := os.WriteFile(comp, spec.Marshal(), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name, image string
 		args        []string
@@ -71,6 +81,7 @@ func TestMountFormats(t *testing.T) {
 		{"qcow2", src, []string{"-r"}, want},
 		{"android-sparse", simg, []string{"-r"}, append(bytes.Clone(want), make([]byte, 4096-len(want)%4096)...)},
 		{"zstd", zst, []string{"-r"}, want},
+		{"composite", comp, []string{"-r"}, append(bytes.Clone(want), want...)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, file := mount(t, tc.image, mountFile(t), tc.args...)
