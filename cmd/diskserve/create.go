@@ -10,16 +10,17 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/format/qcow2"
 )
 
 func newCreateCommand() *cobra.Command {
 	var (
 		fmtName, backing, backingFmt string
-		options                      []string
+		options, partitions          []string
 	)
 	cmd := &cobra.Command{
-		Use:   "create -f FORMAT [-o OPT=VALUE,...] [-b BACKING [-F FORMAT]] IMAGE [SIZE]",
+		Use:   "create -f FORMAT [-o OPT=VALUE,...] [-b BACKING [-F FORMAT]] [--partition LABEL=PATH[:rw][:type=T]]... IMAGE [SIZE]",
 		Short: "Create a new image",
 		Long: `create makes a new, empty image of FORMAT (raw or qcow2) at IMAGE, replacing
 any file there, as qemu-img create does. SIZE takes the suffixes K, M, G, T,
@@ -32,10 +33,26 @@ lazy_refcounts (on or off), extended_l2 (on or off).
 
 -b records BACKING in the new qcow2 image as given; a relative name is
 relative to IMAGE's directory. -F records its format; without -F the
-format is detected.`,
+format is detected.
+
+-f composite builds a GPT-partitioned composite disk from --partition
+LABEL=PATH[:rw][:type=linux|efi|GUID] (repeatable, in disk order): IMAGE is
+the composite spec, and IMAGE.header, IMAGE.footer (and IMAGE.filler) hold
+the partition table. Partitions start at 4 KiB boundaries; read-write ones
+must be a multiple of 4 KiB.`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			path := args[0]
+			if fmtName == "composite" {
+				if len(args) != 1 || backing != "" || len(options) > 0 {
+					return fmt.Errorf("create %s: a composite takes --partition arguments only", path)
+				}
+				if err := createComposite(path, partitions); err != nil {
+					return fmt.Errorf("create %s: %w", path, err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "Formatting '%s', fmt=composite partitions=%d\n", path, len(partitions))
+				return nil
+			}
 			var size int64 = -1
 			if len(args) == 2 {
 				var err error
@@ -74,7 +91,7 @@ format is detected.`,
 					return err
 				}
 			default:
-				return fmt.Errorf("create: format %q cannot be created (raw and qcow2 can)", fmtName)
+				return fmt.Errorf("create: format %q cannot be created (raw, qcow2 and composite can)", fmtName)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "Formatting '%s', fmt=%s size=%d\n", path, fmtName, size)
 			return nil
@@ -85,7 +102,50 @@ format is detected.`,
 	fl.StringArrayVarP(&options, "options", "o", nil, "format options, OPT=VALUE[,OPT=VALUE...]")
 	fl.StringVarP(&backing, "backing", "b", "", "backing file (qcow2)")
 	fl.StringVarP(&backingFmt, "backing-format", "F", "", "format of the backing file; detected when omitted")
+	fl.StringArrayVar(&partitions, "partition", nil, "composite: LABEL=PATH[:rw][:type=linux|efi|GUID]")
 	return cmd
+}
+
+// createComposite builds a GPT composite from --partition arguments.
+func createComposite(path string, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("a composite needs at least one --partition")
+	}
+	var parts []composite.Partition
+	for _, a := range args {
+		label, rest, ok := strings.Cut(a, "=")
+		if !ok {
+			return fmt.Errorf("--partition %q is not LABEL=PATH[:rw][:type=T]", a)
+		}
+		fields := strings.Split(rest, ":")
+		p := composite.Partition{Label: label, Path: fields[0]}
+		for _, f := range fields[1:] {
+			switch t, ok := strings.CutPrefix(f, "type="); {
+			case f == "rw":
+				p.Writable = true
+			case ok && t == "linux":
+				p.Type = composite.TypeLinux
+			case ok && t == "efi":
+				p.Type = composite.TypeEFI
+			case ok:
+				g, err := composite.ParseGUID(t)
+				if err != nil {
+					return fmt.Errorf("--partition %q: %w", a, err)
+				}
+				p.Type = g
+			default:
+				return fmt.Errorf("--partition %q: unknown option %q (rw, type=)", a, f)
+			}
+		}
+		d, err := format.Open(p.Path, diskserve.Options{ReadOnly: true})
+		if err != nil {
+			return fmt.Errorf("partition %q: %w", label, err)
+		}
+		p.Size = d.Size()
+		d.Close()
+		parts = append(parts, p)
+	}
+	return composite.CreateGPT(path, parts)
 }
 
 // probeBacking opens the backing file as the new image will, relative to

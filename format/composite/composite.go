@@ -18,9 +18,13 @@
 //     component; Flush flushes only the components written since the last
 //     one.
 //
+//   - Building GPT-partitioned composites ([CreateGPT]): a protective MBR
+//     that follows UEFI for disks of 2 TiB and more, a backup header that
+//     points at the backup entries, 4 KiB-aligned partitions with a zero
+//     filler after unaligned read-only ones, duplicate labels refused.
+//
 // # Not supported
 //
-//   - Creating composite disks (the GPT builder of diskserve create).
 //   - Resize: the layout is fixed.
 package composite
 
