@@ -9,9 +9,11 @@
 //     skipped. Components are sorted by offset and must tile the disk from
 //     0 to its length; each must be at least as long as its range past its
 //     file offset.
+//
 //   - Component paths relative to the composite file's directory; every
 //     component opened through the opener, so it can be of any format, the
 //     nesting depth applies, and a composite that lists itself fails.
+//
 //   - Reads and writes split across components; writes to a read-only
 //     component fail with [diskserve.ErrReadOnly] before anything is
 //     written; write zeroes, punch hole and extents forwarded per
