@@ -68,6 +68,7 @@ var (
 	_ diskserve.HolePuncher  = (*Disk)(nil)
 	_ diskserve.ExtentMapper = (*Disk)(nil)
 	_ diskserve.Describer    = (*Disk)(nil)
+	_ diskserve.Checker      = (*Disk)(nil)
 )
 
 func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
@@ -266,4 +267,33 @@ func (d *Disk) Describe(info *diskserve.Info) {
 		ci.Specific = map[string]any{"offset": p.Offset, "length": p.Len, "file-offset": p.FileOffset, "writable": p.Writable}
 		info.Children = append(info.Children, ci)
 	}
+}
+
+// Check checks every component that has something to check; their
+// findings are the composite's, prefixed with the component's name. That
+// the components exist and are long enough was checked at open.
+func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
+	var r diskserve.CheckReport
+	for _, p := range d.parts {
+		level := repair
+		if !p.Writable {
+			level = diskserve.RepairNone
+		}
+		cr, err := diskserve.Check(p.d, level)
+		if errors.Is(err, diskserve.ErrUnsupported) {
+			continue // a raw component: nothing to check
+		}
+		if err != nil {
+			return r, fmt.Errorf("component %q: %w", p.Path, err)
+		}
+		r.Corruptions += cr.Corruptions
+		r.Leaks += cr.Leaks
+		r.CorruptionsFixed += cr.CorruptionsFixed
+		r.LeaksFixed += cr.LeaksFixed
+		for _, m := range cr.Messages {
+			r.Messages = append(r.Messages, p.Path+": "+m)
+		}
+	}
+	r.ImageEndOffset = d.c.Size()
+	return r, nil
 }

@@ -179,7 +179,11 @@ func TestMixedComponents(t *testing.T) {
 		t.Fatal("writes landed in the wrong place")
 	}
 	testtool.Run(t, "qemu-img", "check", q)
-	info := diskserve.Describe(must(format.Open(path, diskserve.Options{ReadOnly: true})))
+	ro := must(format.Open(path, diskserve.Options{ReadOnly: true}))
+	if r, err := diskserve.Check(ro, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
+		t.Fatalf("check of the composite: %+v %v", r, err)
+	}
+	info := diskserve.Describe(ro)
 	if len(info.Children) != 3 || info.Children[2].Format != "qcow2" {
 		t.Fatalf("children %+v", info.Children)
 	}
