@@ -3,6 +3,7 @@ package diskserve
 import (
 	"errors"
 	"fmt"
+	"io"
 )
 
 // The functions in this file are how callers use a disk's optional
@@ -162,6 +163,20 @@ func Describe(d DiskFile) Info {
 		de.Describe(&info)
 	}
 	return info
+}
+
+// ReadFullAt reads exactly len(p) bytes at off, as [io.ReadFull] does for
+// a stream: a short read, even one that ends at io.EOF, is an error
+// ([io.ErrUnexpectedEOF] if r gave none).
+func ReadFullAt(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 // CheckRange returns an error wrapping [ErrOutOfRange] unless off and n are

@@ -77,7 +77,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		return nil, diskserve.Corrupt(Name, int64(len(Magic)), "spec of %d bytes, more than %d", n, maxSpecLen)
 	}
 	b := make([]byte, max(0, n))
-	if got, err := c.ReadAt(b, int64(len(Magic))); int64(got) != n {
+	if err := diskserve.ReadFullAt(c, b, int64(len(Magic))); err != nil {
 		return nil, diskserve.Corrupt(Name, int64(len(Magic)), "read spec: %v", err)
 	}
 	spec, err := ParseSpec(b)

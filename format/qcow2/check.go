@@ -163,9 +163,7 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 			e := be.Uint64(t.data[j:])
 			switch host := int64(e & offsetMask); {
 			case e&entryCompressed != 0:
-				shift := 62 - (d.bits - 8)
-				off := int64(e & (1<<shift - 1))
-				n := (int64((e>>shift)&(1<<(d.bits-8)-1))+1)*512 - off&511
+				off, n := d.compressedRange(e)
 				c.ref(off, n, "compressed cluster")
 				if active {
 					c.r.Allocated++

@@ -41,13 +41,20 @@ func (d *Disk) readCompressed(p []byte, e uint64, in int64) error {
 	return nil
 }
 
-// decompress reads and inflates the compressed cluster of L2 entry e, with
-// qemu's arithmetic for the offset and the sector count.
-func (d *Disk) decompress(e uint64) ([]byte, error) {
+// compressedRange returns where the compressed data of L2 entry e lies in
+// the image file, with qemu's arithmetic: the offset takes the low bits, the
+// number of additional 512-byte sectors the rest, and the data runs to the
+// end of the last sector.
+func (d *Disk) compressedRange(e uint64) (off, n int64) {
 	shift := 62 - (d.bits - 8)
-	off := int64(e & (1<<shift - 1))
+	off = int64(e & (1<<shift - 1))
 	sectors := int64((e>>shift)&(1<<(d.bits-8)-1)) + 1
-	n := sectors*512 - off&511
+	return off, sectors*512 - off&511
+}
+
+// decompress reads and inflates the compressed cluster of L2 entry e.
+func (d *Disk) decompress(e uint64) ([]byte, error) {
+	off, n := d.compressedRange(e)
 	if off == 0 || off > maxHostOffset {
 		return nil, corrupt(-1, "compressed cluster at host offset %#x", off)
 	}

@@ -115,7 +115,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		return nil, corrupt(20, "cluster_bits %d outside %d..%d", bits, minClusterBits, maxClusterBits)
 	}
 	cluster0 := make([]byte, min(int64(1)<<bits, fileSize))
-	if err := readFull(c, cluster0, 0); err != nil {
+	if err := diskserve.ReadFullAt(c, cluster0, 0); err != nil {
 		return nil, fmt.Errorf("read header: %w", err)
 	}
 	h, err := parseHeader(cluster0, fileSize)
@@ -154,22 +154,10 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	return d, nil
 }
 
-// readFull reads len(p) bytes at off from the image file.
-func readFull(c diskserve.DiskFile, p []byte, off int64) error {
-	n, err := c.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
-}
-
 // readTable reads n big-endian 64-bit entries at off.
 func readTable(c diskserve.DiskFile, off uint64, n uint32) ([]uint64, error) {
 	b := make([]byte, int64(n)*8)
-	if err := readFull(c, b, int64(off)); err != nil {
+	if err := diskserve.ReadFullAt(c, b, int64(off)); err != nil {
 		return nil, err
 	}
 	t := make([]uint64, n)
@@ -299,7 +287,7 @@ func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
 // at off.
 func (d *Disk) loadTable(off int64) ([]byte, error) {
 	t := make([]byte, d.cs)
-	if err := readFull(d.c, t, off); err != nil {
+	if err := diskserve.ReadFullAt(d.c, t, off); err != nil {
 		return nil, fmt.Errorf("read metadata cluster at %#x: %w", off, err)
 	}
 	return t, nil

@@ -36,7 +36,7 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, int64, error) {
 	off := int64(h.SnapshotsOffset)
 	for i := range h.NbSnapshots {
 		var fixed [40]byte
-		if err := readFull(c, fixed[:], off); err != nil {
+		if err := diskserve.ReadFullAt(c, fixed[:], off); err != nil {
 			return nil, 0, corrupt(off, "snapshot %d: %v", i, err)
 		}
 		s := snapshot{
@@ -52,7 +52,7 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, int64, error) {
 			return nil, 0, corrupt(off+36, "snapshot %d: %d bytes of extra data, more than %d", i, extra, maxSnapshotExtra)
 		}
 		rest := make([]byte, extra+idLen+nameLen)
-		if err := readFull(c, rest, off+40); err != nil {
+		if err := diskserve.ReadFullAt(c, rest, off+40); err != nil {
 			return nil, 0, corrupt(off+40, "snapshot %d: %v", i, err)
 		}
 		if extra >= 8 {

@@ -120,9 +120,7 @@ func (d *Disk) growFile() error {
 func (d *Disk) free(entry uint64) {
 	switch {
 	case entry&entryCompressed != 0:
-		shift := 62 - (d.bits - 8)
-		off := int64(entry & (1<<shift - 1))
-		n := (int64((entry>>shift)&(1<<(d.bits-8)-1))+1)*512 - off&511
+		off, n := d.compressedRange(entry)
 		for c := off &^ (d.cs - 1); c < off+n; c += d.cs {
 			d.w.pendingFree = append(d.w.pendingFree, c)
 		}

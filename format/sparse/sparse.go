@@ -128,7 +128,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 func parse(c diskserve.DiskFile) (*Disk, error) {
 	fileSize := c.Size()
 	var h [fileHeaderLen]byte
-	if err := readFull(c, h[:], 0); err != nil {
+	if err := diskserve.ReadFullAt(c, h[:], 0); err != nil {
 		return nil, corrupt(0, "header truncated: %v", err)
 	}
 	major, minor := le.Uint16(h[4:]), le.Uint16(h[6:])
@@ -153,7 +153,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	hdr := make([]byte, chunkHdr)
 	pos, out := fileHdr, int64(0)
 	for i := range int(totalChunks) {
-		if err := readFull(c, hdr, pos); err != nil {
+		if err := diskserve.ReadFullAt(c, hdr, pos); err != nil {
 			return nil, corrupt(pos, "chunk %d: header truncated: %v", i, err)
 		}
 		typ, blocks, total := le.Uint16(hdr[0:]), int64(le.Uint32(hdr[4:])), int64(le.Uint32(hdr[8:]))
@@ -172,7 +172,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 			if data != 4 {
 				return nil, corrupt(pos, "chunk %d: FILL chunk holds %d bytes, not 4", i, data)
 			}
-			if err := readFull(c, ch.fill[:], pos+chunkHdr); err != nil {
+			if err := diskserve.ReadFullAt(c, ch.fill[:], pos+chunkHdr); err != nil {
 				return nil, corrupt(pos, "chunk %d: %v", i, err)
 			}
 		case chunkDontCare:
@@ -184,7 +184,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 				return nil, corrupt(pos, "chunk %d: CRC32 chunk holds %d bytes, not 4", i, data)
 			}
 			var b [4]byte
-			if err := readFull(c, b[:], pos+chunkHdr); err != nil {
+			if err := diskserve.ReadFullAt(c, b[:], pos+chunkHdr); err != nil {
 				return nil, corrupt(pos, "chunk %d: %v", i, err)
 			}
 			d.crcs = append(d.crcs, crcMark{index: i, end: out, crc: le.Uint32(b[:])})
@@ -206,17 +206,6 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 		return nil, corrupt(16, "chunks expand to %d blocks, the header says %d", out/blkSz, totalBlks)
 	}
 	return d, nil
-}
-
-func readFull(c diskserve.DiskFile, p []byte, off int64) error {
-	n, err := c.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 // Size returns the expanded size.
@@ -257,7 +246,7 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 		dst := p[done:min(len(p), done+int(ch.n-in))]
 		switch ch.kind {
 		case chunkRaw:
-			if err := readFull(d.c, dst, ch.file+in); err != nil {
+			if err := diskserve.ReadFullAt(d.c, dst, ch.file+in); err != nil {
 				return done, fmt.Errorf("read RAW data at %#x: %w", ch.file+in, err)
 			}
 		case chunkFill:

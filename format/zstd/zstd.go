@@ -137,7 +137,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 		return nil, corrupt(-1, "no seek table: the file has %d bytes (a plain zstd stream cannot be read at an offset; recompress it with diskserve convert -O zstd)", fileSize)
 	}
 	var foot [footerLen]byte
-	if err := readFull(c, foot[:], fileSize-footerLen); err != nil {
+	if err := readAt(c, foot[:], fileSize-footerLen); err != nil {
 		return nil, err
 	}
 	if le.Uint32(foot[5:]) != seekableMagic {
@@ -160,7 +160,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	}
 	tableOff := fileSize - tableLen - skipHeaderLen
 	table := make([]byte, tableLen-footerLen+skipHeaderLen)
-	if err := readFull(c, table, tableOff); err != nil {
+	if err := readAt(c, table, tableOff); err != nil {
 		return nil, err
 	}
 	if m, size := le.Uint32(table), int64(le.Uint32(table[4:])); m != skippableMagic || size != tableLen {
@@ -202,15 +202,12 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	return d, nil
 }
 
-func readFull(c diskserve.DiskFile, p []byte, off int64) error {
-	n, err := c.ReadAt(p, off)
-	if n == len(p) {
-		return nil
+// readAt reads len(p) bytes at off, and names a short read as such.
+func readAt(c diskserve.DiskFile, p []byte, off int64) error {
+	if err := diskserve.ReadFullAt(c, p, off); err != nil {
+		return corrupt(off, "read %d bytes: %v", len(p), err)
 	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return corrupt(off, "read %d bytes: %v", len(p), err)
+	return nil
 }
 
 // Size returns the decompressed size.
@@ -276,7 +273,7 @@ func (d *Disk) decompress(i int) ([]byte, error) {
 		*cb = make([]byte, n)
 	}
 	comp := (*cb)[:n]
-	if err := readFull(d.c, comp, d.offsets[i]); err != nil {
+	if err := readAt(d.c, comp, d.offsets[i]); err != nil {
 		return nil, err
 	}
 	want := d.starts[i+1] - d.starts[i]
