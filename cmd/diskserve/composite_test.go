@@ -2,10 +2,12 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/diskserve/diskserve/internal/testtool"
@@ -80,6 +82,36 @@ func TestCreateComposite(t *testing.T) {
 	if !bytes.Contains(spec, []byte("../system.raw")) || bytes.Contains(spec, []byte(dir)) {
 		t.Errorf("component paths are not relative to the composite: %q", spec)
 	}
+	// Mounted at a directory, the partitions appear beside the disk.
+	mnt := filepath.Join(dir, "mnt")
+	os.Mkdir(mnt, 0o755)
+	m, _ := mount(t, img, mnt)
+	p1, _ := os.ReadFile(filepath.Join(mnt, "disk-p1"))
+	p3, _ := os.ReadFile(filepath.Join(mnt, "disk-p3"))
+	if !bytes.Equal(p1[:1000000], sysData) || len(p1) != 1960*512 || !bytes.Equal(p3, bytes.Repeat([]byte{0xef}, 1<<20)) {
+		t.Errorf("partition files: disk-p1 %d bytes, disk-p3 %d bytes, content equal %v %v", len(p1), len(p3), bytes.Equal(p1[:1000000], sysData), bytes.Equal(p3, bytes.Repeat([]byte{0xef}, 1<<20)))
+	}
+	f, err := os.OpenFile(filepath.Join(mnt, "disk-p2"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("THROUGHTHEPARTITIONFILE123"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	f.Sync()
+	f.Close()
+	if f, err := os.OpenFile(filepath.Join(mnt, "disk-p1"), os.O_WRONLY, 0); err == nil {
+		if _, err := f.WriteAt([]byte("x"), 0); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("write to the read-only partition: %v, want EROFS", err)
+		}
+		f.Close()
+	}
+	unmount(t, m)
+	if out := testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "read -P 0x5d 0 4096", "-c", "read -v 4096 26", data); !bytes.Contains(out, []byte("THROUGHTHEPARTIT")) {
+		t.Errorf("the write through disk-p2 is not in data.qcow2:\n%s", out)
+	}
+	testtool.Run(t, "qemu-img", "check", data)
+
 	if _, errOut, code := run(t, nil, "create", "-f", "composite", "--partition", "a="+efi, "--partition", "a="+sys, filepath.Join(dir, "dup.img")); code != 1 || !strings.Contains(errOut, `two partitions are labelled "a"`) {
 		t.Errorf("duplicate labels: exit %d, %q", code, errOut)
 	}

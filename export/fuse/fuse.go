@@ -5,7 +5,9 @@
 // It uses go-fuse's raw API, because the fs package cannot mount over a
 // regular file. Mounted at a regular file, the disk appears at that path,
 // as qemu's FUSE export does; mounted at a directory, it appears inside it
-// as "disk".
+// as "disk", and each partition of a GPT or MBR partition table on it as
+// "disk-p1", "disk-p2", ...: windows onto the same disk, writable when it
+// is. Partitions are read when mounting.
 //
 // # Supported
 //
@@ -23,7 +25,7 @@
 // # Not supported
 //
 //   - Truncate: the disk's size is fixed (EINVAL).
-//   - Partitions as separate files.
+//   - Following changes to the partition table while mounted.
 package fuse
 
 import (
@@ -81,7 +83,15 @@ func Mount(d diskserve.DiskFile, mountpoint string, opts Options) (*Server, erro
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	fs := &rawFS{RawFileSystem: gofuse.NewDefaultRawFileSystem(), d: d, dir: st.IsDir(), log: log, mtime: time.Now()}
+	fs := &rawFS{RawFileSystem: gofuse.NewDefaultRawFileSystem(), dir: st.IsDir(), log: log, mtime: time.Now()}
+	if fs.dir {
+		fs.nodes = append(fs.nodes, &node{ino: inoDisk, name: "disk", d: d})
+		for i, p := range readPartitions(d) {
+			fs.nodes = append(fs.nodes, &node{ino: inoDisk + 1 + uint64(i), name: fmt.Sprintf("disk-p%d", i+1), d: &window{d: d, off: p.off, n: p.n}})
+		}
+	} else {
+		fs.nodes = []*node{{ino: inoRoot, d: d}}
+	}
 	mo := &gofuse.MountOptions{
 		FsName:            opts.Name,
 		Name:              "diskserve",
@@ -125,35 +135,44 @@ func (s *Server) Unmount() error {
 // Wait returns when the mount has gone and every request was answered.
 func (s *Server) Wait() { s.srv.Wait() }
 
-// rawFS serves the disk as inode 1 (mounted at a file) or as inode 2 under
-// a directory.
+// rawFS serves the disk as inode 1 (mounted at a file), or as inode 2
+// ("disk") under a directory, with its partitions beside it.
 type rawFS struct {
 	gofuse.RawFileSystem
-	d     diskserve.DiskFile
+	nodes []*node
 	dir   bool
 	log   *slog.Logger
 	mtime time.Time
 }
 
-func (f *rawFS) String() string { return "diskserve" }
-
-func (f *rawFS) diskIno() uint64 {
-	if f.dir {
-		return inoDisk
-	}
-	return inoRoot
+// A node is a file of the mount: the disk, or a window onto a partition.
+type node struct {
+	ino  uint64
+	name string
+	d    diskserve.DiskFile
 }
 
-// fileAttr fills in the disk file's attributes: its size, and in st_blocks
-// what the image has allocated, which is what tells cp to look for holes.
-func (f *rawFS) fileAttr(a *gofuse.Attr) {
-	size := f.d.Size()
-	a.Ino = f.diskIno()
+func (f *rawFS) String() string { return "diskserve" }
+
+func (f *rawFS) node(ino uint64) *node {
+	for _, n := range f.nodes {
+		if n.ino == ino {
+			return n
+		}
+	}
+	return nil
+}
+
+// fileAttr fills in a file's attributes: its size, and in st_blocks what
+// the image has allocated, which is what tells cp to look for holes.
+func (f *rawFS) fileAttr(n *node, a *gofuse.Attr) {
+	size := n.d.Size()
+	a.Ino = n.ino
 	a.Size = uint64(size)
-	a.Blocks = uint64(f.allocated(size)+511) / 512
+	a.Blocks = uint64(allocated(n.d, size)+511) / 512
 	a.Blksize = 4096
 	a.Mode = syscall.S_IFREG | 0o644
-	if f.d.ReadOnly() {
+	if n.d.ReadOnly() {
 		a.Mode = syscall.S_IFREG | 0o444
 	}
 	a.Nlink = 1
@@ -161,13 +180,13 @@ func (f *rawFS) fileAttr(a *gofuse.Attr) {
 	a.SetTimes(nil, &f.mtime, &f.mtime)
 }
 
-// allocated returns the bytes of the disk that are not holes.
-func (f *rawFS) allocated(size int64) int64 {
+// allocated returns the bytes of d that are not holes.
+func allocated(d diskserve.DiskFile, size int64) int64 {
 	var n int64
 	var ext []diskserve.Extent
 	for off := int64(0); off < size; off += 1 << 30 {
 		var err error
-		if ext, err = diskserve.Extents(f.d, ext[:0], off, min(1<<30, size-off)); err != nil {
+		if ext, err = diskserve.Extents(d, ext[:0], off, min(1<<30, size-off)); err != nil {
 			return size
 		}
 		for _, e := range ext {
@@ -187,9 +206,9 @@ func isHole(e diskserve.Extent) bool {
 }
 
 func (f *rawFS) GetAttr(cancel <-chan struct{}, in *gofuse.GetAttrIn, out *gofuse.AttrOut) gofuse.Status {
-	switch {
-	case in.NodeId == f.diskIno():
-		f.fileAttr(&out.Attr)
+	switch n := f.node(in.NodeId); {
+	case n != nil:
+		f.fileAttr(n, &out.Attr)
 	case f.dir && in.NodeId == inoRoot:
 		out.Ino, out.Mode, out.Nlink = inoRoot, syscall.S_IFDIR|0o755, 2
 		out.Owner = gofuse.Owner{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid())}
@@ -201,14 +220,19 @@ func (f *rawFS) GetAttr(cancel <-chan struct{}, in *gofuse.GetAttrIn, out *gofus
 }
 
 func (f *rawFS) Lookup(cancel <-chan struct{}, h *gofuse.InHeader, name string, out *gofuse.EntryOut) gofuse.Status {
-	if !f.dir || h.NodeId != inoRoot || name != "disk" {
+	if !f.dir || h.NodeId != inoRoot {
 		return gofuse.ENOENT
 	}
-	out.NodeId = inoDisk
-	f.fileAttr(&out.Attr)
-	out.SetEntryTimeout(attrTimeout)
-	out.SetAttrTimeout(attrTimeout)
-	return gofuse.OK
+	for _, n := range f.nodes {
+		if n.name == name {
+			out.NodeId = n.ino
+			f.fileAttr(n, &out.Attr)
+			out.SetEntryTimeout(attrTimeout)
+			out.SetAttrTimeout(attrTimeout)
+			return gofuse.OK
+		}
+	}
+	return gofuse.ENOENT
 }
 
 func (f *rawFS) OpenDir(cancel <-chan struct{}, in *gofuse.OpenIn, out *gofuse.OpenOut) gofuse.Status {
@@ -219,17 +243,30 @@ func (f *rawFS) OpenDir(cancel <-chan struct{}, in *gofuse.OpenIn, out *gofuse.O
 }
 
 func (f *rawFS) ReadDir(cancel <-chan struct{}, in *gofuse.ReadIn, out *gofuse.DirEntryList) gofuse.Status {
-	if in.Offset == 0 {
-		out.AddDirEntry(gofuse.DirEntry{Name: "disk", Mode: syscall.S_IFREG, Ino: inoDisk})
+	for i := int(in.Offset); i < len(f.nodes); i++ {
+		n := f.nodes[i]
+		if !out.AddDirEntry(gofuse.DirEntry{Name: n.name, Mode: syscall.S_IFREG, Ino: n.ino, Off: uint64(i + 1)}) {
+			break
+		}
 	}
 	return gofuse.OK
 }
 
+// disk returns the disk of a file's node; the kernel sends file operations
+// only for nodes it was given.
+func (f *rawFS) disk(ino uint64) diskserve.DiskFile {
+	if n := f.node(ino); n != nil {
+		return n.d
+	}
+	return nil
+}
+
 func (f *rawFS) Open(cancel <-chan struct{}, in *gofuse.OpenIn, out *gofuse.OpenOut) gofuse.Status {
-	if in.NodeId != f.diskIno() {
+	d := f.disk(in.NodeId)
+	if d == nil {
 		return gofuse.EISDIR
 	}
-	if f.d.ReadOnly() && in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+	if d.ReadOnly() && in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return gofuse.EROFS
 	}
 	out.OpenFlags = gofuse.FOPEN_DIRECT_IO | gofuse.FOPEN_PARALLEL_DIRECT_WRITES
@@ -237,7 +274,11 @@ func (f *rawFS) Open(cancel <-chan struct{}, in *gofuse.OpenIn, out *gofuse.Open
 }
 
 func (f *rawFS) Read(cancel <-chan struct{}, in *gofuse.ReadIn, buf []byte) (gofuse.ReadResult, gofuse.Status) {
-	n, err := f.d.ReadAt(buf[:min(len(buf), int(in.Size))], int64(in.Offset))
+	d := f.disk(in.NodeId)
+	if d == nil {
+		return nil, gofuse.EBADF
+	}
+	n, err := d.ReadAt(buf[:min(len(buf), int(in.Size))], int64(in.Offset))
 	if err != nil && err != io.EOF {
 		return nil, f.errno("read", err)
 	}
@@ -245,7 +286,11 @@ func (f *rawFS) Read(cancel <-chan struct{}, in *gofuse.ReadIn, buf []byte) (gof
 }
 
 func (f *rawFS) Write(cancel <-chan struct{}, in *gofuse.WriteIn, data []byte) (uint32, gofuse.Status) {
-	n, err := f.d.WriteAt(data, int64(in.Offset))
+	d := f.disk(in.NodeId)
+	if d == nil {
+		return 0, gofuse.EBADF
+	}
+	n, err := d.WriteAt(data, int64(in.Offset))
 	if err != nil {
 		return uint32(n), f.errno("write", err)
 	}
@@ -255,7 +300,11 @@ func (f *rawFS) Write(cancel <-chan struct{}, in *gofuse.WriteIn, data []byte) (
 // Fsync makes every completed write durable. It must never answer ENOSYS:
 // the kernel would stop sending it and report every later fsync as done.
 func (f *rawFS) Fsync(cancel <-chan struct{}, in *gofuse.FsyncIn) gofuse.Status {
-	if err := diskserve.Flush(f.d); err != nil {
+	d := f.disk(in.NodeId)
+	if d == nil {
+		return gofuse.EBADF
+	}
+	if err := diskserve.Flush(d); err != nil {
 		return f.errno("fsync", err)
 	}
 	return gofuse.OK
@@ -269,21 +318,25 @@ func (f *rawFS) Release(cancel <-chan struct{}, in *gofuse.ReleaseIn) {}
 // zeroes; preallocation inside the disk is a no-op. It never answers ENOSYS,
 // which would disable fallocate for the whole mount.
 func (f *rawFS) Fallocate(cancel <-chan struct{}, in *gofuse.FallocateIn) gofuse.Status {
+	d := f.disk(in.NodeId)
+	if d == nil {
+		return gofuse.EBADF
+	}
 	off, n := int64(in.Offset), int64(in.Length)
-	if err := diskserve.CheckRange(f.d.Size(), off, n); err != nil {
+	if err := diskserve.CheckRange(d.Size(), off, n); err != nil {
 		return gofuse.Status(syscall.ENOSPC) // the disk cannot grow
 	}
 	var err error
 	switch in.Mode &^ unix.FALLOC_FL_KEEP_SIZE {
 	case 0:
-		if f.d.ReadOnly() {
+		if d.ReadOnly() {
 			return gofuse.EROFS
 		}
 		return gofuse.OK
 	case unix.FALLOC_FL_PUNCH_HOLE:
-		err = diskserve.PunchHole(f.d, off, n)
+		err = diskserve.PunchHole(d, off, n)
 	case unix.FALLOC_FL_ZERO_RANGE:
-		err = diskserve.WriteZeroes(f.d, off, n, 0)
+		err = diskserve.WriteZeroes(d, off, n, 0)
 	default:
 		return gofuse.Status(syscall.EOPNOTSUPP)
 	}
@@ -295,7 +348,11 @@ func (f *rawFS) Fallocate(cancel <-chan struct{}, in *gofuse.FallocateIn) gofuse
 
 // Lseek answers SEEK_DATA and SEEK_HOLE from the extents.
 func (f *rawFS) Lseek(cancel <-chan struct{}, in *gofuse.LseekIn, out *gofuse.LseekOut) gofuse.Status {
-	size := f.d.Size()
+	d := f.disk(in.NodeId)
+	if d == nil {
+		return gofuse.EBADF
+	}
+	size := d.Size()
 	off := int64(in.Offset)
 	if off >= size {
 		return gofuse.Status(syscall.ENXIO)
@@ -308,7 +365,7 @@ func (f *rawFS) Lseek(cancel <-chan struct{}, in *gofuse.LseekIn, out *gofuse.Ls
 	for pos := off; pos < size; {
 		n := min(1<<30, size-pos)
 		var err error
-		if ext, err = diskserve.Extents(f.d, ext[:0], pos, n); err != nil {
+		if ext, err = diskserve.Extents(d, ext[:0], pos, n); err != nil {
 			return f.errno("lseek", err)
 		}
 		for _, e := range ext {
@@ -327,14 +384,16 @@ func (f *rawFS) Lseek(cancel <-chan struct{}, in *gofuse.LseekIn, out *gofuse.Ls
 }
 
 func (f *rawFS) SetAttr(cancel <-chan struct{}, in *gofuse.SetAttrIn, out *gofuse.AttrOut) gofuse.Status {
-	if size, ok := in.GetSize(); ok && int64(size) != f.d.Size() {
+	if d := f.disk(in.NodeId); d == nil {
+		return gofuse.EPERM
+	} else if size, ok := in.GetSize(); ok && int64(size) != d.Size() {
 		return gofuse.EINVAL // the disk's size is fixed
 	}
 	return f.GetAttr(cancel, &gofuse.GetAttrIn{InHeader: in.InHeader}, out)
 }
 
 func (f *rawFS) StatFs(cancel <-chan struct{}, in *gofuse.InHeader, out *gofuse.StatfsOut) gofuse.Status {
-	size := uint64(f.d.Size())
+	size := uint64(f.nodes[0].d.Size())
 	out.Bsize, out.Frsize, out.NameLen = 4096, 4096, 255
 	out.Blocks = (size + 4095) / 4096
 	out.Files = 1
