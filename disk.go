@@ -34,10 +34,11 @@ import (
 // every image it opened (backing files, components) are released.
 //
 // Features that not every format has are optional interfaces ([Flusher],
-// [ZeroWriter], [HolePuncher], [ExtentMapper], [Resizer], [Describer]).
-// Callers never type-assert them: the package-level functions [Flush],
-// [WriteZeroes], [PunchHole], [Extents], [Resize] and [Describe] do, and hold
-// the fallback for disks that lack the capability.
+// [ZeroWriter], [HolePuncher], [ExtentMapper], [Resizer], [Describer],
+// [Checker]). Callers never type-assert them: the package-level functions
+// [Flush], [WriteZeroes], [PunchHole], [Extents], [Resize], [Describe] and
+// [Check] do, and hold the fallback for disks that lack the capability;
+// [CapabilitiesOf] tells exporters what is native, to advertise.
 type DiskFile interface {
 	io.ReaderAt
 	io.WriterAt

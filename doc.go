@@ -7,10 +7,11 @@
 // A [DiskFile] is an [io.ReaderAt] and [io.WriterAt] over a fixed-size
 // virtual disk, safe for concurrent use. What only some formats can do is an
 // optional one-method interface: [Flusher], [ZeroWriter], [HolePuncher],
-// [ExtentMapper], [Resizer] and [Describer]. Code that uses a disk calls the
-// functions [Flush], [WriteZeroes], [PunchHole], [Extents], [Resize] and
-// [Describe], which use the capability when the disk has it and fall back
-// when it does not; nothing outside this package type-asserts a capability.
+// [ExtentMapper], [Resizer], [Describer] and [Checker]. Code that uses a
+// disk calls the functions [Flush], [WriteZeroes], [PunchHole], [Extents],
+// [Resize], [Describe] and [Check], which use the capability when the disk
+// has it and fall back when it does not; nothing outside this package
+// type-asserts a capability.
 // A wrapper around a DiskFile must therefore implement every capability
 // itself and forward it through these functions: embedding a DiskFile
 // forwards only the methods of DiskFile.
