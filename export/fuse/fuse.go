@@ -98,6 +98,11 @@ func Mount(d diskserve.DiskFile, mountpoint string, opts Options) (*Server, erro
 		MaxWrite:          maxWrite,
 		MaxBackground:     64,
 		ExtraCapabilities: gofuse.CAP_ASYNC_DIO,
+		// Reads answer with bytes in memory, never a file descriptor, so
+		// splicing has nothing to move: go-fuse would still stage each
+		// reply header in a pipe before falling back, and log a failure
+		// for every read larger than the 1 MiB pipe limit.
+		DisableSplice: true,
 	}
 	if os.Geteuid() == 0 {
 		mo.DirectMount, mo.DirectMountStrict = true, true // no fusermount3 race (go-fuse #506)

@@ -1,0 +1,265 @@
+// Command fusebench measures `diskserve mount` side by side with nbdfuse
+// (over nbdkit's file plugin) and qemu-storage-daemon's FUSE export, in one
+// run on one machine, and prints a Markdown table of each figure and
+// diskserve's ratio to each peer.
+//
+// Every peer exposes the same page-cached raw image as a regular file (the
+// mountpoint is a file, the mode all three share), and fio runs against that
+// file with O_DIRECT, so that the kernel's page cache of the FUSE file does
+// not stand in for the server: 1M sequential and 4k random reads and writes,
+// each with psync at queue depth 1 and with io_uring at depth 16. The same
+// jobs on the image file itself give the ceiling.
+//
+// Run it from the module root as root (it builds ./cmd/diskserve):
+//
+//	go run ./bench/fusebench -runtime 5s -rounds 3
+//
+// Machines are shared and noisy: compare the ratios of one run, not
+// absolute figures across runs.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// A peer mounts image at the regular file mnt and returns a function that
+// unmounts it and waits for the server to exit.
+type peer struct {
+	name  string
+	mount func(image, mnt, dir string) (stop func())
+}
+
+// plainFile is the baseline: fio on the image file itself.
+const plainFile = "plain file"
+
+func peers(diskserve string) []peer {
+	return []peer{
+		{plainFile, nil},
+		{"diskserve", func(img, mnt, _ string) func() {
+			cmd := start(exec.Command(diskserve, "mount", "-f", "raw", img, mnt))
+			return func() { stopCmd(cmd, os.Interrupt) }
+		}},
+		{"nbdfuse+nbdkit", func(img, mnt, dir string) func() {
+			sock := filepath.Join(dir, "nbdkit.sock")
+			os.Remove(sock)
+			kit := start(exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-U", sock, "file", "file="+img))
+			waitFor("nbdkit", func() bool { return exec.Command("nbdinfo", "--size", "nbd+unix:///?socket="+sock).Run() == nil })
+			fuse := start(exec.Command("nbdfuse", mnt, "--unix", sock))
+			return func() {
+				// nbdfuse's manual: unmount with fusermount3, never kill it.
+				if b, err := exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err != nil {
+					log.Printf("fusermount3 -u: %v: %s", err, b)
+				}
+				stopCmd(fuse, os.Interrupt)
+				stopCmd(kit, os.Interrupt)
+			}
+		}},
+		{"qemu-storage-daemon", func(img, mnt, _ string) func() {
+			cmd := start(exec.Command("qemu-storage-daemon",
+				"--blockdev", "driver=file,node-name=f,filename="+img+",cache.direct=off",
+				"--export", "type=fuse,id=e,node-name=f,mountpoint="+mnt+",writable=on"))
+			return func() { stopCmd(cmd, syscall.SIGTERM) }
+		}},
+	}
+}
+
+type job struct {
+	name string
+	args []string
+	unit string // "IOPS" or "MiB/s"
+}
+
+// jobs are every pairing of the four patterns with the two engines: psync at
+// queue depth 1 and io_uring at depth 16.
+var jobs = func() []job {
+	var js []job
+	for _, engine := range []struct{ name, engine, depth string }{{"QD1", "psync", "1"}, {"QD16", "io_uring", "16"}} {
+		for _, pattern := range []struct{ name, rw, bs, unit string }{
+			{"1M sequential read", "read", "1m", "MiB/s"},
+			{"1M sequential write", "write", "1m", "MiB/s"},
+			{"4k random read", "randread", "4k", "IOPS"},
+			{"4k random write", "randwrite", "4k", "IOPS"},
+		} {
+			js = append(js, job{pattern.name + " " + engine.name,
+				[]string{"--rw=" + pattern.rw, "--bs=" + pattern.bs, "--ioengine=" + engine.engine, "--iodepth=" + engine.depth},
+				pattern.unit})
+		}
+	}
+	return js
+}()
+
+func main() {
+	runtime := flag.Duration("runtime", 5*time.Second, "time per fio job")
+	size := flag.Int64("size", 1<<30, "size of the image in bytes")
+	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
+	flag.Parse()
+	log.SetFlags(0)
+	dir, err := os.MkdirTemp("", "fusebench")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+
+	bin := filepath.Join(dir, "diskserve")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
+		log.Fatalf("go build: %v\n%s", err, out)
+	}
+	img := filepath.Join(dir, "fio.raw")
+	writeRandom(img, *size)
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.WriteFile(mnt, nil, 0o644); err != nil {
+		log.Fatal(err)
+	}
+	ps := peers(bin)
+
+	// Peers take turns within each job and round, so that a change in the
+	// machine's load hits them alike; each figure is the median of the
+	// rounds.
+	results := map[string]map[string][]float64{} // job -> peer -> one figure per round
+	for round := range *rounds {
+		for _, j := range jobs {
+			for _, p := range ps {
+				syscall.Sync()
+				v := 0.0
+				if p.mount == nil {
+					v = fio(img, j, *runtime, *size)
+				} else {
+					stop := p.mount(img, mnt, dir)
+					waitFor(p.name, func() bool {
+						fi, err := os.Stat(mnt)
+						return err == nil && fi.Size() == *size
+					})
+					v = fio(mnt, j, *runtime, *size)
+					stop()
+				}
+				if results[j.name] == nil {
+					results[j.name] = map[string][]float64{}
+				}
+				results[j.name][p.name] = append(results[j.name][p.name], v)
+				log.Printf("round %d %-20s %-24s %10.0f %s", round+1, p.name, j.name, v, j.unit)
+			}
+		}
+	}
+	printTable(os.Stdout, results, ps, *runtime, *rounds)
+}
+
+func start(cmd *exec.Cmd) *exec.Cmd {
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		log.Fatalf("%s: %v", cmd.Path, err)
+	}
+	return cmd
+}
+
+// stopCmd sends sig to cmd and waits for it, killing it after 10 seconds.
+func stopCmd(cmd *exec.Cmd, sig os.Signal) {
+	cmd.Process.Signal(sig)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		log.Printf("%s did not exit; killing it", cmd.Path)
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
+func waitFor(what string, ready func() bool) {
+	for deadline := time.Now().Add(10 * time.Second); !ready(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			log.Fatalf("%s did not start", what)
+		}
+	}
+}
+
+// writeRandom makes an image of size bytes of random data.
+func writeRandom(path string, size int64) {
+	f, err := os.Create(path)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer f.Close()
+	rnd := rand.New(rand.NewPCG(1, 1))
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		for i := 0; i < len(buf); i += 8 {
+			v := rnd.Uint64()
+			for k := range 8 {
+				buf[i+k] = byte(v >> (8 * k))
+			}
+		}
+		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+			log.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func fio(file string, j job, runtime time.Duration, size int64) float64 {
+	args := append([]string{"--name=bench", "--filename=" + file, "--direct=1",
+		fmt.Sprintf("--size=%d", size), "--time_based", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
+		"--output-format=json"}, j.args...)
+	out, err := exec.Command("fio", args...).Output()
+	if err != nil {
+		log.Fatalf("fio %s: %v\n%s", j.name, err, out)
+	}
+	var res struct {
+		Jobs []struct {
+			Read, Write struct {
+				IOPS  float64 `json:"iops"`
+				BWKiB float64 `json:"bw"`
+			}
+		}
+	}
+	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil || len(res.Jobs) == 0 {
+		log.Fatalf("fio output: %v\n%s", err, out)
+	}
+	r := res.Jobs[0].Read
+	if strings.Contains(j.args[0], "write") {
+		r = res.Jobs[0].Write
+	}
+	if j.unit == "IOPS" {
+		return r.IOPS
+	}
+	return r.BWKiB / 1024
+}
+
+func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runtime time.Duration, rounds int) {
+	median := func(vs []float64) float64 { return slices.Sorted(slices.Values(vs))[len(vs)/2] }
+	fmt.Fprint(w, "| job (O_DIRECT) |")
+	for _, p := range ps {
+		fmt.Fprintf(w, " %s |", p.name)
+	}
+	others := slices.DeleteFunc(slices.Clone(ps), func(p peer) bool { return p.name == "diskserve" })
+	for _, p := range others {
+		fmt.Fprintf(w, " diskserve / %s |", p.name)
+	}
+	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", 2*len(ps)))
+	for _, j := range jobs {
+		fmt.Fprintf(w, "| %s (%s) |", j.name, j.unit)
+		for _, p := range ps {
+			fmt.Fprintf(w, " %.0f |", median(r[j.name][p.name]))
+		}
+		for _, p := range others {
+			fmt.Fprintf(w, " %.2f |", median(r[j.name]["diskserve"])/median(r[j.name][p.name]))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job on the mounted file of a page-cached raw image. Ratios above 1 favour diskserve.\n", rounds, runtime)
+}
