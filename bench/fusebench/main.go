@@ -20,13 +20,10 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"log"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,6 +31,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/diskserve/diskserve/bench/internal/fio"
 )
 
 // A peer mounts image at the regular file mnt and returns a function that
@@ -77,16 +76,10 @@ func peers(diskserve string) []peer {
 	}
 }
 
-type job struct {
-	name string
-	args []string
-	unit string // "IOPS" or "MiB/s"
-}
-
 // jobs are every pairing of the four patterns with the two engines: psync at
 // queue depth 1 and io_uring at depth 16.
-var jobs = func() []job {
-	var js []job
+var jobs = func() []fio.Job {
+	var js []fio.Job
 	for _, engine := range []struct{ name, engine, depth string }{{"QD1", "psync", "1"}, {"QD16", "io_uring", "16"}} {
 		for _, pattern := range []struct{ name, rw, bs, unit string }{
 			{"1M sequential read", "read", "1m", "MiB/s"},
@@ -94,9 +87,11 @@ var jobs = func() []job {
 			{"4k random read", "randread", "4k", "IOPS"},
 			{"4k random write", "randwrite", "4k", "IOPS"},
 		} {
-			js = append(js, job{pattern.name + " " + engine.name,
-				[]string{"--rw=" + pattern.rw, "--bs=" + pattern.bs, "--ioengine=" + engine.engine, "--iodepth=" + engine.depth},
-				pattern.unit})
+			js = append(js, fio.Job{
+				Name: pattern.name + " " + engine.name,
+				Args: []string{"--rw=" + pattern.rw, "--bs=" + pattern.bs, "--ioengine=" + engine.engine, "--iodepth=" + engine.depth},
+				Unit: pattern.unit,
+			})
 		}
 	}
 	return js
@@ -119,11 +114,11 @@ func main() {
 		log.Fatalf("go build: %v\n%s", err, out)
 	}
 	img := filepath.Join(dir, "fio.raw")
-	writeRandom(img, *size)
+	fio.WriteRandom(img, *size, [][2]int64{{0, *size}})
 	// The baseline gets its own copy: its O_DIRECT writes would drop the
 	// served image from the page cache.
 	plain := filepath.Join(dir, "plain.raw")
-	writeRandom(plain, *size)
+	fio.WriteRandom(plain, *size, [][2]int64{{0, *size}})
 	mnt := filepath.Join(dir, "mnt")
 	if err := os.WriteFile(mnt, nil, 0o644); err != nil {
 		log.Fatal(err)
@@ -140,21 +135,21 @@ func main() {
 				syscall.Sync()
 				v := 0.0
 				if p.mount == nil {
-					v = fio(plain, j, *runtime, *size)
+					v = fio.Run(j, fileTarget(plain), *runtime, *size)
 				} else {
 					stop := p.mount(img, mnt, dir)
 					waitFor(p.name, func() bool {
 						fi, err := os.Stat(mnt)
 						return err == nil && fi.Size() == *size
 					})
-					v = fio(mnt, j, *runtime, *size)
+					v = fio.Run(j, fileTarget(mnt), *runtime, *size)
 					stop()
 				}
-				if results[j.name] == nil {
-					results[j.name] = map[string][]float64{}
+				if results[j.Name] == nil {
+					results[j.Name] = map[string][]float64{}
 				}
-				results[j.name][p.name] = append(results[j.name][p.name], v)
-				log.Printf("round %d %-20s %-24s %10.0f %s", round+1, p.name, j.name, v, j.unit)
+				results[j.Name][p.name] = append(results[j.Name][p.name], v)
+				log.Printf("round %d %-20s %-24s %10.0f %s", round+1, p.name, j.Name, v, j.Unit)
 			}
 		}
 	}
@@ -194,59 +189,8 @@ func waitFor(what string, ready func() bool) {
 	}
 }
 
-// writeRandom makes an image of size bytes of random data.
-func writeRandom(path string, size int64) {
-	f, err := os.Create(path)
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer f.Close()
-	rnd := rand.New(rand.NewPCG(1, 1))
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		for i := 0; i < len(buf); i += 8 {
-			v := rnd.Uint64()
-			for k := range 8 {
-				buf[i+k] = byte(v >> (8 * k))
-			}
-		}
-		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
-			log.Fatal(err)
-		}
-	}
-	if err := f.Sync(); err != nil {
-		log.Fatal(err)
-	}
-}
-
-func fio(file string, j job, runtime time.Duration, size int64) float64 {
-	args := append([]string{"--name=bench", "--filename=" + file, "--direct=1",
-		fmt.Sprintf("--size=%d", size), "--time_based", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
-		"--output-format=json"}, j.args...)
-	out, err := exec.Command("fio", args...).Output()
-	if err != nil {
-		log.Fatalf("fio %s: %v\n%s", j.name, err, out)
-	}
-	var res struct {
-		Jobs []struct {
-			Read, Write struct {
-				IOPS  float64 `json:"iops"`
-				BWKiB float64 `json:"bw"`
-			}
-		}
-	}
-	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil || len(res.Jobs) == 0 {
-		log.Fatalf("fio output: %v\n%s", err, out)
-	}
-	r := res.Jobs[0].Read
-	if strings.Contains(j.args[0], "write") {
-		r = res.Jobs[0].Write
-	}
-	if j.unit == "IOPS" {
-		return r.IOPS
-	}
-	return r.BWKiB / 1024
-}
+// fileTarget is fio's target for file, read and written with O_DIRECT.
+func fileTarget(file string) []string { return []string{"--filename=" + file, "--direct=1"} }
 
 func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runtime time.Duration, rounds int) {
 	median := func(vs []float64) float64 { return slices.Sorted(slices.Values(vs))[len(vs)/2] }
@@ -260,12 +204,12 @@ func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runti
 	}
 	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", 2*len(ps)))
 	for _, j := range jobs {
-		fmt.Fprintf(w, "| %s (%s) |", j.name, j.unit)
+		fmt.Fprintf(w, "| %s (%s) |", j.Name, j.Unit)
 		for _, p := range ps {
-			fmt.Fprintf(w, " %.0f |", median(r[j.name][p.name]))
+			fmt.Fprintf(w, " %.0f |", median(r[j.Name][p.name]))
 		}
 		for _, p := range others {
-			fmt.Fprintf(w, " %.2f |", median(r[j.name]["diskserve"])/median(r[j.name][p.name]))
+			fmt.Fprintf(w, " %.2f |", median(r[j.Name]["diskserve"])/median(r[j.Name][p.name]))
 		}
 		fmt.Fprintln(w)
 	}

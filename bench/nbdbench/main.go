@@ -20,12 +20,10 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"log"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +31,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/diskserve/diskserve/bench/internal/fio"
 )
 
 type peer struct {
@@ -63,17 +63,11 @@ func peers(diskserve, format string) []peer {
 	return ps
 }
 
-type job struct {
-	name string
-	args []string
-	unit string // "IOPS" or "MiB/s"
-}
-
-var jobs = []job{
-	{"4k random read QD16", []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, "IOPS"},
-	{"1M sequential read QD4", []string{"--rw=read", "--bs=1m", "--iodepth=4"}, "MiB/s"},
-	{"4k random write QD16", []string{"--rw=randwrite", "--bs=4k", "--iodepth=16"}, "IOPS"},
-	{"1M sequential write QD4", []string{"--rw=write", "--bs=1m", "--iodepth=4"}, "MiB/s"},
+var jobs = []fio.Job{
+	{Name: "4k random read QD16", Args: []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, Unit: "IOPS"},
+	{Name: "1M sequential read QD4", Args: []string{"--rw=read", "--bs=1m", "--iodepth=4"}, Unit: "MiB/s"},
+	{Name: "4k random write QD16", Args: []string{"--rw=randwrite", "--bs=4k", "--iodepth=16"}, Unit: "IOPS"},
+	{Name: "1M sequential write QD4", Args: []string{"--rw=write", "--bs=1m", "--iodepth=4"}, Unit: "MiB/s"},
 }
 
 func main() {
@@ -94,13 +88,13 @@ func main() {
 		log.Fatalf("go build: %v\n%s", err, out)
 	}
 	img := filepath.Join(dir, "fio.raw")
-	writeRandom(img, *size, [][2]int64{{0, *size}})
+	fio.WriteRandom(img, *size, [][2]int64{{0, *size}})
 	sparse := filepath.Join(dir, "sparse.raw")
 	var spans [][2]int64 // 64 spans of 4 MiB spread over 8 GiB: 256 MiB of data
 	for i := range int64(64) {
 		spans = append(spans, [2]int64{i * (128 << 20), 4 << 20})
 	}
-	writeRandom(sparse, 8<<30, spans)
+	fio.WriteRandom(sparse, 8<<30, spans)
 	if *format == "qcow2" {
 		img, sparse = toQcow2(img), toQcow2(sparse)
 	}
@@ -113,9 +107,9 @@ func main() {
 	for round := range *rounds {
 		for _, j := range jobs {
 			for _, p := range ps {
-				v := withServer(p, img, dir, func(uri string) float64 { return fio(uri, j, *runtime, *size) })
-				record(results, j.name, p.name, v)
-				log.Printf("round %d %-10s %-24s %10.0f %s", round+1, p.name, j.name, v, j.unit)
+				v := withServer(p, img, dir, func(uri string) float64 { return fio.Run(j, nbdTarget(uri), *runtime, *size) })
+				record(results, j.Name, p.name, v)
+				log.Printf("round %d %-10s %-24s %10.0f %s", round+1, p.name, j.Name, v, j.Unit)
 			}
 		}
 		for _, p := range ps {
@@ -160,7 +154,7 @@ func residentMemory(w io.Writer, ps []peer, dir string, runtime time.Duration) {
 	for _, p := range ps {
 		var rss string
 		withServerCmd(p, img, dir, func(uri string, cmd *exec.Cmd) float64 {
-			fio(uri, job{"4k random read QD16", []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, "IOPS"}, runtime, 1<<40)
+			fio.Run(jobs[0], nbdTarget(uri), runtime, 1<<40) // 4k random reads
 			status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
 			for _, line := range strings.Split(string(status), "\n") {
 				if strings.HasPrefix(line, "VmHWM:") {
@@ -193,36 +187,6 @@ func medians(r map[string]map[string][]float64) map[string]map[string]float64 {
 		}
 	}
 	return m
-}
-
-// writeRandom makes a file of size bytes with random data in spans.
-func writeRandom(path string, size int64, spans [][2]int64) {
-	f, err := os.Create(path)
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		log.Fatal(err)
-	}
-	rnd := rand.New(rand.NewPCG(1, 1))
-	buf := make([]byte, 1<<20)
-	for _, s := range spans {
-		for off := s[0]; off < s[0]+s[1]; off += int64(len(buf)) {
-			for i := 0; i < len(buf); i += 8 {
-				v := rnd.Uint64()
-				for k := range 8 {
-					buf[i+k] = byte(v >> (8 * k))
-				}
-			}
-			if _, err := f.WriteAt(buf[:min(int64(len(buf)), s[0]+s[1]-off)], off); err != nil {
-				log.Fatal(err)
-			}
-		}
-	}
-	if err := f.Sync(); err != nil {
-		log.Fatal(err)
-	}
 }
 
 // withServer starts p on image, runs fn against it and stops it. It first
@@ -265,34 +229,8 @@ func withServerCmd(p peer, image, dir string, fn func(uri string, cmd *exec.Cmd)
 	return fn("nbd+unix:///?socket="+sock, cmd)
 }
 
-func fio(uri string, j job, runtime time.Duration, size int64) float64 {
-	args := append([]string{"--name=bench", "--ioengine=nbd", "--uri=" + uri,
-		fmt.Sprintf("--size=%d", size), "--time_based", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
-		"--output-format=json"}, j.args...)
-	out, err := exec.Command("fio", args...).Output()
-	if err != nil {
-		log.Fatalf("fio %s: %v\n%s", j.name, err, out)
-	}
-	var res struct {
-		Jobs []struct {
-			Read, Write struct {
-				IOPS  float64 `json:"iops"`
-				BWKiB float64 `json:"bw"`
-			}
-		}
-	}
-	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil || len(res.Jobs) == 0 {
-		log.Fatalf("fio output: %v\n%s", err, out)
-	}
-	r := res.Jobs[0].Read
-	if strings.Contains(j.args[0], "write") {
-		r = res.Jobs[0].Write
-	}
-	if j.unit == "IOPS" {
-		return r.IOPS
-	}
-	return r.BWKiB / 1024
-}
+// nbdTarget is fio's target for the NBD export at uri.
+func nbdTarget(uri string) []string { return []string{"--ioengine=nbd", "--uri=" + uri} }
 
 // nbdcopy copies the export to a file and returns the seconds it took.
 func nbdcopy(uri, dir string) float64 {
@@ -331,7 +269,7 @@ func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format 
 		fmt.Fprintln(w)
 	}
 	for _, j := range jobs {
-		row(j.name+" ("+j.unit+")", r[j.name], 0, false)
+		row(j.Name+" ("+j.Unit+")", r[j.Name], 0, false)
 	}
 	row(copyJob+" (s)", r[copyJob], 2, true)
 	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, one connection, page-cached %s image over a Unix socket. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
