@@ -36,13 +36,13 @@ import (
 )
 
 // A peer mounts image at the regular file mnt and returns a function that
-// unmounts it and waits for the server to exit.
+// unmounts it and waits for the server to exit; the baseline has no mount.
 type peer struct {
 	name  string
 	mount func(image, mnt, dir string) (stop func())
 }
 
-// plainFile is the baseline: fio on the image file itself.
+// plainFile is the baseline: fio on a copy of the image file.
 const plainFile = "plain file"
 
 func peers(diskserve string) []peer {
