@@ -152,18 +152,6 @@ func FuzzOpen(f *testing.F) {
 		if err != nil {
 			return
 		}
-		pos := int64(0)
-		for _, e := range ext {
-			if e.Off != pos || e.Len <= 0 {
-				t.Fatalf("extents do not tile: %+v", ext)
-			}
-			if e.Flags&diskserve.ExtentZero != 0 && !bytes.Equal(whole[e.Off:e.Off+e.Len], make([]byte, e.Len)) {
-				t.Fatalf("extent %+v claims zeroes over data", e)
-			}
-			pos += e.Len
-		}
-		if pos != n {
-			t.Fatalf("extents end at %d, not %d", pos, n)
-		}
+		disktest.CheckExtents(t, ext, whole, 0, n)
 	})
 }

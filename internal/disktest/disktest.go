@@ -204,14 +204,21 @@ func (c *checker) extents(t *testing.T) {
 	}
 }
 
-// checkExtents checks that the extents of [off, off+n) tile the range and
-// that every range claimed to read as zeroes does.
+// checkExtents asks the disk for the extents of [off, off+n) and checks them.
 func (c *checker) checkExtents(t *testing.T, off, n int64) {
 	t.Helper()
 	ext, err := diskserve.Extents(c.d, nil, off, n)
 	if err != nil {
 		t.Fatalf("Extents(%d, %d): %v", off, n, err)
 	}
+	CheckExtents(t, ext, c.want, off, n)
+}
+
+// CheckExtents checks that ext, the extents reported for [off, off+n) of a
+// disk whose whole content is want, tile the range, carry no unknown flags,
+// and that every extent claimed to read as zeroes does.
+func CheckExtents(t *testing.T, ext []diskserve.Extent, want []byte, off, n int64) {
+	t.Helper()
 	pos := off
 	for _, e := range ext {
 		if e.Off != pos || e.Len <= 0 {
@@ -221,7 +228,7 @@ func (c *checker) checkExtents(t *testing.T, off, n int64) {
 			t.Fatalf("Extents(%d, %d): extent %+v has unknown flags", off, n, e)
 		}
 		if e.Flags&diskserve.ExtentZero != 0 {
-			if i := firstNonZero(c.want[e.Off : e.Off+e.Len]); i >= 0 {
+			if i := firstNonZero(want[e.Off : e.Off+e.Len]); i >= 0 {
 				t.Fatalf("Extents: %+v claims zeroes, but offset %d holds data", e, e.Off+int64(i))
 			}
 		}
