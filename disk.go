@@ -197,6 +197,14 @@ type Snapshot struct {
 	DiskSize    uint64        // virtual size of the disk then, 0 if unrecorded
 }
 
+// A Wrapper is a disk that serves requests by passing them to another disk
+// (an I/O engine, a fault injector). It implements every capability
+// interface and forwards each; Unwrap returns the disk beneath, so that
+// [CapabilitiesOf] reports what that disk has natively.
+type Wrapper interface {
+	Unwrap() DiskFile
+}
+
 // A Checker can verify an image's metadata, as qemu-img check does.
 //
 // Check reports every problem it finds; with a repair level above

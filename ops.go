@@ -123,9 +123,13 @@ const (
 
 // CapabilitiesOf reports which optional interfaces d implements, for
 // exporters that advertise what is cheap (NBD's SEND_TRIM and
-// SEND_FAST_ZERO) and leave out what would only be emulated. Using a
+// SEND_FAST_ZERO) and leave out what would only be emulated; for a
+// [Wrapper], those of the disk it wraps. Using a
 // capability still goes through the functions above.
 func CapabilitiesOf(d DiskFile) Capabilities {
+	if w, ok := d.(Wrapper); ok {
+		return CapabilitiesOf(w.Unwrap())
+	}
 	var c Capabilities
 	if _, ok := d.(Flusher); ok {
 		c |= CanFlush

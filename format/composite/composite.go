@@ -198,10 +198,17 @@ func (d *Disk) WriteAt(b []byte, off int64) (int, error) {
 	return written, err
 }
 
-// WriteZeroesAt forwards to each component.
+// WriteZeroesAt forwards to each component. A fast zero that spans
+// components is refused as unsupported: one component could refuse after
+// another had zeroed its part, and a refused fast zero must change nothing.
 func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 	if err := d.writable("write zeroes", off, n); err != nil {
 		return err
+	}
+	if flags&diskserve.ZeroFast != 0 {
+		if pieces := 0; d.each(off, n, func(*part, int64, int64, int64) error { pieces++; return nil }) == nil && pieces > 1 {
+			return fmt.Errorf("fast zero across %d components: %w", pieces, diskserve.ErrUnsupported)
+		}
 	}
 	return d.each(off, n, func(p *part, at, k, _ int64) error {
 		p.dirty.Store(true)
@@ -218,6 +225,32 @@ func (d *Disk) PunchHole(off, n int64) error {
 		p.dirty.Store(true)
 		return diskserve.PunchHole(p.d, at, k)
 	})
+}
+
+// MapHost maps a range that lies in one component onto that component's
+// host file, if the component can map it.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if diskserve.CheckRange(d.Size(), off, n) != nil {
+		return diskserve.HostRange{}, false
+	}
+	i := sort.Search(len(d.parts), func(i int) bool { return d.parts[i].Offset+d.parts[i].Len > off })
+	if i == len(d.parts) {
+		return diskserve.HostRange{}, false
+	}
+	p := d.parts[i]
+	in := off - p.Offset
+	if n > p.Len-in || write && !p.Writable {
+		return diskserve.HostRange{}, false
+	}
+	r, ok := diskserve.MapHost(p.d, p.FileOffset+in, n, write)
+	if !ok {
+		return diskserve.HostRange{}, false
+	}
+	if write {
+		p.dirty.Store(true)
+	}
+	r.Whole = false
+	return r, true
 }
 
 // AppendExtents takes each component's extents, moved to the composite's

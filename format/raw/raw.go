@@ -60,6 +60,7 @@ var (
 	_ diskserve.ExtentMapper = (*Disk)(nil)
 	_ diskserve.Resizer      = (*Disk)(nil)
 	_ diskserve.Describer    = (*Disk)(nil)
+	_ diskserve.HostMapper   = (*Disk)(nil)
 )
 
 // Size returns the size of the file or device.
@@ -97,6 +98,14 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("write: %w", err)
 	}
 	return d.f.WriteAt(p, off)
+}
+
+// MapHost maps the range onto the file itself.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil {
+		return diskserve.HostRange{}, false
+	}
+	return diskserve.HostRange{FD: d.fd, Off: off, Whole: true}, true
 }
 
 // Close closes the file, releasing its lock.

@@ -1,0 +1,5 @@
+//go:build !race
+
+package async
+
+const raceEnabled = false
