@@ -2,16 +2,17 @@
 // nbdkit (file plugin) and qemu-nbd, in one run on one machine, and prints a
 // Markdown table of each figure and diskserve's ratio to each peer.
 //
-// Jobs, each against a page-cached raw image over a Unix socket with one
-// connection: fio's nbd engine doing 4k random reads at queue depth 16, 1M
-// sequential reads at depth 4, 4k random writes at depth 16 and 1M
-// sequential writes at depth 4; then nbdcopy of a sparse 8 GiB image
-// holding 256 MiB of data to a file, which measures block status and
-// sparse reads.
+// Jobs, each against a page-cached raw image over a Unix socket: fio's nbd
+// engine doing 4k random reads at queue depth 16, 1M sequential reads at
+// depth 4, 4k random writes at depth 16 and 1M sequential writes at depth
+// 4, over one connection, and the 4k jobs again over four connections
+// (numjobs=4); then nbdcopy of a sparse 8 GiB image holding 256 MiB of
+// data to a file, which measures block status and sparse reads. diskserve
+// runs once per I/O engine named by -aio.
 //
 // Run it from the module root (it builds ./cmd/diskserve):
 //
-//	go run ./bench/nbdbench -runtime 5s -rounds 3
+//	go run ./bench/nbdbench -runtime 5s -rounds 3 -aio pool,uring
 //	go run ./bench/nbdbench -format qcow2   # diskserve and qemu-nbd only
 //
 // Machines are shared and noisy: compare the ratios of one run, not
@@ -40,13 +41,17 @@ type peer struct {
 	start func(image, sock string) *exec.Cmd
 }
 
-// peers returns the servers to compare for images of format: nbdkit's file
-// plugin serves only raw (nbdkit 1.32 has no qcow2 reader).
-func peers(diskserve, format string) []peer {
-	ps := []peer{
-		{"diskserve", func(img, sock string) *exec.Cmd {
-			return exec.Command(diskserve, "serve", "-f", format, "--listen", "unix:"+sock, img)
-		}},
+// peers returns the servers to compare for images of format, diskserve
+// first, once per engine: nbdkit's file plugin serves only raw (nbdkit 1.32
+// has no qcow2 reader).
+func peers(diskserve, format string, engines []string) []peer {
+	var ps []peer
+	for _, e := range engines {
+		ps = append(ps, peer{"diskserve-" + e, func(img, sock string) *exec.Cmd {
+			return exec.Command(diskserve, "serve", "-f", format, "--aio="+e, "--listen", "unix:"+sock, img)
+		}})
+	}
+	ps = append(ps, []peer{
 		{"nbdkit", func(img, sock string) *exec.Cmd {
 			return exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-U", sock, "file", "file="+img)
 		}},
@@ -56,7 +61,7 @@ func peers(diskserve, format string) []peer {
 			// (which turns multi-conn on).
 			return exec.Command("qemu-nbd", "-f", format, "--cache=writeback", "--aio=threads", "-t", "-e", "8", "-k", sock, img)
 		}},
-	}
+	}...)
 	if format != "raw" {
 		ps = slices.DeleteFunc(ps, func(p peer) bool { return p.name == "nbdkit" })
 	}
@@ -68,6 +73,8 @@ var jobs = []fio.Job{
 	{Name: "1M sequential read QD4", Args: []string{"--rw=read", "--bs=1m", "--iodepth=4"}, Unit: "MiB/s"},
 	{Name: "4k random write QD16", Args: []string{"--rw=randwrite", "--bs=4k", "--iodepth=16"}, Unit: "IOPS"},
 	{Name: "1M sequential write QD4", Args: []string{"--rw=write", "--bs=1m", "--iodepth=4"}, Unit: "MiB/s"},
+	{Name: "4k random read QD16 x4 conns", Args: []string{"--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=4"}, Unit: "IOPS"},
+	{Name: "4k random write QD16 x4 conns", Args: []string{"--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=4"}, Unit: "IOPS"},
 }
 
 func main() {
@@ -75,6 +82,7 @@ func main() {
 	size := flag.Int64("size", 1<<30, "size of the fio image in bytes")
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
 	format := flag.String("format", "raw", "image format to serve: raw, or qcow2 (converted from the raw images by qemu-img)")
+	engines := flag.String("aio", "pool,uring", "diskserve's I/O engines to measure, comma-separated")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, err := os.MkdirTemp("", "nbdbench")
@@ -98,7 +106,7 @@ func main() {
 	if *format == "qcow2" {
 		img, sparse = toQcow2(img), toQcow2(sparse)
 	}
-	ps := peers(bin, *format)
+	ps := peers(bin, *format, strings.Split(*engines, ","))
 
 	// Peers take turns within each job and round, so that a change in the
 	// machine's load hits them alike; each figure is the median of the
@@ -246,25 +254,39 @@ func nbdcopy(uri, dir string) float64 {
 }
 
 func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format string, runtime time.Duration, rounds int) {
+	var ours, theirs []peer
+	for _, p := range ps {
+		if strings.HasPrefix(p.name, "diskserve") {
+			ours = append(ours, p)
+		} else {
+			theirs = append(theirs, p)
+		}
+	}
 	fmt.Fprintf(w, "| job (%s) |", format)
+	cols := len(ps)
 	for _, p := range ps {
 		fmt.Fprintf(w, " %s |", p.name)
 	}
-	for _, p := range ps[1:] {
-		fmt.Fprintf(w, " diskserve / %s |", p.name)
+	for _, o := range ours {
+		for _, p := range theirs {
+			fmt.Fprintf(w, " %s / %s |", o.name, p.name)
+			cols++
+		}
 	}
-	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", 2*len(ps)))
+	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", cols+1))
 	row := func(name string, v map[string]float64, prec int, inverse bool) {
 		fmt.Fprintf(w, "| %s |", name)
 		for _, p := range ps {
 			fmt.Fprintf(w, " %.*f |", prec, v[p.name])
 		}
-		for _, p := range ps[1:] {
-			ratio := v["diskserve"] / v[p.name]
-			if inverse { // a time: the peer's over ours
-				ratio = 1 / ratio
+		for _, o := range ours {
+			for _, p := range theirs {
+				ratio := v[o.name] / v[p.name]
+				if inverse { // a time: the peer's over ours
+					ratio = 1 / ratio
+				}
+				fmt.Fprintf(w, " %.2f |", ratio)
 			}
-			fmt.Fprintf(w, " %.2f |", ratio)
 		}
 		fmt.Fprintln(w)
 	}
@@ -272,5 +294,5 @@ func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format 
 		row(j.Name+" ("+j.Unit+")", r[j.Name], 0, false)
 	}
 	row(copyJob+" (s)", r[copyJob], 2, true)
-	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, one connection, page-cached %s image over a Unix socket. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
+	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, page-cached %s image over a Unix socket, one connection unless the job says otherwise. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
 }

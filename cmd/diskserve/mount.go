@@ -21,9 +21,10 @@ func newMountCommand() *cobra.Command {
 		fmtName  string
 		readOnly bool
 		verify   bool
+		aio      aioFlag
 	)
 	cmd := &cobra.Command{
-		Use:   "mount [-f FORMAT] [-r] IMAGE MOUNTPOINT",
+		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] IMAGE MOUNTPOINT",
 		Short: "Show an image's content as a file, through FUSE",
 		Long: `mount serves the guest-visible bytes of IMAGE as a file until it is
 interrupted (SIGINT or SIGTERM), then unmounts, flushes the image and exits.
@@ -44,13 +45,16 @@ and served until the last open file is closed.`,
 			if err != nil {
 				return err
 			}
+			if d, err = aio.wrap(d, log); err != nil {
+				return err
+			}
 			defer d.Close()
 			abs, _ := filepath.Abs(image)
 			srv, err := fuse.Mount(d, mountpoint, fuse.Options{Name: "diskserve:" + strings.ReplaceAll(abs, ",", "_"), Logger: log})
 			if err != nil {
 				return err
 			}
-			log.Info("mounted", "image", image, "at", mountpoint, "read-only", d.ReadOnly())
+			log.Info("mounted", "image", image, "at", mountpoint, "read-only", d.ReadOnly(), "engine", engineName(d))
 			sig := make(chan os.Signal, 1)
 			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 			s := <-sig
@@ -69,5 +73,6 @@ and served until the last open file is closed.`,
 	fl.StringVarP(&fmtName, "format", "f", "", "image format; detected when omitted")
 	fl.BoolVarP(&readOnly, "read-only", "r", false, "mount read-only")
 	fl.BoolVar(&verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) before mounting")
+	aio.register(fl)
 	return cmd
 }

@@ -78,6 +78,8 @@ func TestMountFormats(t *testing.T) {
 		want        []byte
 	}{
 		{"raw", ref, nil, want},
+		{"raw-uring", ref, []string{"--aio=uring"}, want},
+		{"composite-uring", comp, []string{"-r", "--aio=uring"}, append(bytes.Clone(want), want...)},
 		{"qcow2", src, []string{"-r"}, want},
 		{"android-sparse", simg, []string{"-r"}, append(bytes.Clone(want), make([]byte, 4096-len(want)%4096)...)},
 		{"zstd", zst, []string{"-r"}, want},

@@ -34,6 +34,7 @@ type serveFlags struct {
 	tlsMode     string
 	verbose     bool
 	verify      bool
+	aio         aioFlag
 }
 
 func newServeCommand() *cobra.Command {
@@ -70,6 +71,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.StringVar(&f.tlsMode, "tls", "require", "with TLS: require (no export before STARTTLS) or allow")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
+	f.aio.register(fl)
 	return cmd
 }
 
@@ -96,6 +98,9 @@ func runServe(f *serveFlags, args []string) error {
 	if err != nil {
 		return err
 	}
+	for _, e := range exports {
+		log.Info("export", "name", e.Name, "size", e.Disk.Size(), "read-only", e.Disk.ReadOnly(), "engine", engineName(e.Disk))
+	}
 	errc := make(chan error, len(listeners))
 	for _, l := range listeners {
 		log.Info("listening", "addr", l.Addr().Network()+":"+l.Addr().String())
@@ -121,7 +126,7 @@ func runServe(f *serveFlags, args []string) error {
 func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
 	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Verify: f.verify, Logger: log}
 	if len(args) == 1 && !isNamed(args[0]) {
-		d, err := format.Open(args[0], opts)
+		d, err := f.open(args[0], opts, log)
 		if err != nil {
 			return nil, err
 		}
@@ -140,13 +145,22 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		if !ok {
 			return exports, fmt.Errorf("%q: with several images, each argument is NAME=IMAGE", a)
 		}
-		d, err := format.Open(path, opts)
+		d, err := f.open(path, opts, log)
 		if err != nil {
 			return exports, err
 		}
 		exports = append(exports, nbd.Export{Name: name, Description: f.description, Disk: d})
 	}
 	return exports, nil
+}
+
+// open opens one image and serves it through the I/O engine.
+func (f *serveFlags) open(path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
+	d, err := format.Open(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	return f.aio.wrap(d, log)
 }
 
 // closeDisks closes the disks of exports, each once.

@@ -24,9 +24,9 @@ type Job struct {
 
 // Run runs j for runtime over size bytes of the target that target names
 // (--filename=... or --ioengine=nbd --uri=...) and returns its IOPS or
-// MiB/s. A failure ends the benchmark.
+// MiB/s, summed over its jobs (--numjobs). A failure ends the benchmark.
 func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
-	args := append([]string{"--name=bench", fmt.Sprintf("--size=%d", size), "--time_based",
+	args := append([]string{"--name=bench", fmt.Sprintf("--size=%d", size), "--time_based", "--group_reporting",
 		fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())), "--output-format=json"}, target...)
 	out, err := exec.Command("fio", append(args, j.Args...)...).Output()
 	if err != nil {
