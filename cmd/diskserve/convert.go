@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/schollz/progressbar/v3"
@@ -40,7 +39,7 @@ func newConvertCommand() *cobra.Command {
 		verify         bool
 	)
 	cmd := &cobra.Command{
-		Use:   "convert [-p] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
+		Use:   "convert [-p] [-c] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
 		Short: "Convert an image to another format",
 		Long: `convert copies the guest-visible content of SRC, of any format diskserve
 opens, into a new image DST of format -O: raw, qcow2, android-sparse or
@@ -55,11 +54,13 @@ Options (-o): for qcow2, those of create (cluster_size, compat,
 refcount_bits, compression_type, lazy_refcounts, extended_l2); for
 android-sparse, block_size (default 4096); for zstd, frame_size (default
 256K), level (1 to 22, default 3) and checksum (on or off, default on).
--p shows a progress bar on a terminal.`,
+-c compresses each qcow2 cluster (as qemu-img convert -c does), on several
+cores; reads of compressed clusters cost a decompression. -p shows a
+progress bar on a terminal.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if compress {
-				return errors.New("convert -c: writing compressed qcow2 clusters is not supported yet")
+			if compress && dstFmt != "qcow2" {
+				return fmt.Errorf("convert -c: only qcow2 output can be compressed, not %s", dstFmt)
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
@@ -80,14 +81,14 @@ android-sparse, block_size (default 4096); for zstd, frame_size (default
 				defer bar.Finish()
 				progress = func(n int64) { bar.Add64(n) }
 			}
-			return convert(ctx, src, args[1], dstFmt, options, progress)
+			return convert(ctx, src, args[1], dstFmt, options, compress, progress)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&srcFmt, "format", "f", "", "format of SRC; detected when omitted")
 	fl.StringVarP(&dstFmt, "output-format", "O", "raw", "format of DST: raw, qcow2, android-sparse or zstd")
 	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
-	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (not supported yet)")
+	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (zlib, or zstd with -o compression_type=zstd)")
 	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
 	fl.BoolVar(&verify, "verify", false, "verify SRC's checksums (Android sparse CRC32 chunks) before converting")
 	return cmd
@@ -95,7 +96,7 @@ android-sparse, block_size (default 4096); for zstd, frame_size (default
 
 // convert writes src to dst as format, through a temporary file that is
 // renamed to dst only when complete.
-func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, options []string, progress func(int64)) (err error) {
+func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, options []string, compress bool, progress func(int64)) (err error) {
 	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".diskserve-"+strconv.Itoa(os.Getpid()))
 	defer func() {
 		if err != nil {
@@ -114,7 +115,7 @@ func convert(ctx context.Context, src diskserve.DiskFile, dst, dstFmt string, op
 		if err != nil {
 			return err
 		}
-		if err := copyDisk(ctx, out, src, progress); err != nil {
+		if err := copyDisk(ctx, out, src, compress, progress); err != nil {
 			out.Close()
 			return err
 		}
@@ -207,38 +208,65 @@ func streamWriter(dstFmt string, options []string, src diskserve.DiskFile, progr
 	return func(ctx context.Context, f *os.File) error { return zstd.Write(ctx, f, src, zo, progress) }, nil
 }
 
+// compressedWriter is a target that can store a cluster compressed
+// (qcow2).
+type compressedWriter interface {
+	WriteCompressed(p []byte, off int64) error
+}
+
 // copyDisk copies the content of src into dst, a fresh image that reads as
 // zeroes: ranges of src that read as zeroes, and pieces of data that are
 // all zero, are skipped. Several workers read and write pieces at once.
-func copyDisk(ctx context.Context, dst, src diskserve.DiskFile, progress func(int64)) error {
+// With compress, dst stores each cluster compressed (workers compress in
+// parallel); a piece is then widened to whole clusters.
+func copyDisk(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progress func(int64)) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	size := src.Size()
+	pieceSize, grain := int64(convertPiece), int64(convertZero)
+	var cw compressedWriter
+	if compress {
+		var ok bool
+		if cw, ok = dst.(compressedWriter); !ok {
+			return errors.New("convert -c: only qcow2 output can be compressed")
+		}
+		grain = diskserve.Describe(dst).ClusterSize
+		pieceSize = max(pieceSize, grain)
+	}
 	type piece struct{ off, n int64 }
 	jobs := make(chan piece, convertWorkers)
 	var wg sync.WaitGroup
-	var done atomic.Int64
 	report := func(n int64) {
 		if progress != nil {
 			progress(n)
 		}
-		done.Add(n)
 	}
 	for range convertWorkers {
 		wg.Go(func() {
-			buf := make([]byte, convertPiece)
-			zero := make([]byte, convertZero)
+			buf := make([]byte, pieceSize+2*grain)
+			zero := make([]byte, grain)
 			for p := range jobs {
-				b := buf[:p.n]
-				if got, err := src.ReadAt(b, p.off); int64(got) != p.n {
-					cancel(fmt.Errorf("read %d bytes at %d: %w", p.n, p.off, err))
+				off, end := p.off, p.off+p.n
+				if cw != nil { // whole clusters
+					off, end = off&^(grain-1), min((end+grain-1)&^(grain-1), size)
+				}
+				b := buf[:end-off]
+				if got, err := src.ReadAt(b, off); int64(got) != end-off {
+					cancel(fmt.Errorf("read %d bytes at %d: %w", end-off, off, err))
 					continue
 				}
-				for k := int64(0); k < p.n; k += convertZero {
-					part := b[k:min(p.n, k+convertZero)]
+				for k := int64(0); k < end-off; k += grain {
+					part := b[k:min(end-off, k+grain)]
 					if bytes.Equal(part, zero[:len(part)]) {
 						continue
 					}
-					if _, err := dst.WriteAt(part, p.off+k); err != nil {
+					var err error
+					if cw != nil {
+						err = cw.WriteCompressed(part, off+k)
+					} else {
+						_, err = dst.WriteAt(part, off+k)
+					}
+					if err != nil {
 						cancel(err)
 						break
 					}
@@ -248,7 +276,6 @@ func copyDisk(ctx context.Context, dst, src diskserve.DiskFile, progress func(in
 		})
 	}
 	var ext []diskserve.Extent
-	size := src.Size()
 feed:
 	for off := int64(0); off < size; off += 1 << 30 {
 		var err error
@@ -261,12 +288,16 @@ feed:
 				report(e.Len)
 				continue
 			}
-			for o := e.Off; o < e.Off+e.Len; o += convertPiece {
+			// Pieces end on multiples of pieceSize, so that only pieces
+			// at the edges of an extent share a cluster.
+			for o, end := e.Off, e.Off+e.Len; o < end; {
+				next := min((o/pieceSize+1)*pieceSize, end)
 				select {
-				case jobs <- piece{o, min(convertPiece, e.Off+e.Len-o)}:
+				case jobs <- piece{o, next - o}:
 				case <-ctx.Done():
 					break feed
 				}
+				o = next
 			}
 		}
 	}

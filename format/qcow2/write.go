@@ -28,6 +28,8 @@ type writer struct {
 	rtMoved     bool // the header must point to the new table
 	l1Dirty     bool
 	pendingFree []int64 // host clusters to unreference once the references are durably gone
+
+	compressedNext int64 // where the next compressed cluster may go; 0 before the first
 }
 
 var (
@@ -196,7 +198,7 @@ func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 	}
 	e := be.Uint64(t.data[(ci%d.l2n)*8:])
 	host := int64(e & offsetMask)
-	zero := e&entryZero != 0 && d.h.Version >= 3
+	zero := e&entryCompressed == 0 && e&entryZero != 0 && d.h.Version >= 3 // bit 0 of a compressed entry is part of its offset
 	owned := e&entryCompressed == 0 && host != 0 && e&entryCopied != 0
 	if owned && host%d.cs != 0 {
 		return 0, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", e, pos)
