@@ -1,0 +1,112 @@
+// Command convertbench times `diskserve convert` side by side with
+// `qemu-img convert` on the same files, in one run on one machine, and
+// prints a Markdown table of the median times and qemu-img's time over
+// diskserve's (above 1 favours diskserve).
+//
+// The source is a 2 GiB raw image holding 512 MiB of random data in 4 MiB
+// spans, and holes elsewhere, in the page cache; and the same converted to
+// qcow2 by qemu-img. Conversions: raw to qcow2, qcow2 to raw, and raw to
+// compressed qcow2 (-c). Each output is written to the same directory, and
+// synced before the clock stops, so writeback counts for both tools.
+//
+// Run it from the module root (it builds ./cmd/diskserve):
+//
+//	go run ./bench/convertbench -rounds 3
+//
+// Machines are shared and noisy: compare the ratios of one run, not
+// absolute figures across runs.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/diskserve/diskserve/bench/internal/fio"
+)
+
+// A job is one conversion: the arguments after "convert" for each tool,
+// with SRC and DST appended.
+type job struct {
+	name      string
+	src       string // "raw" or "qcow2"
+	diskserve []string
+	qemu      []string
+}
+
+var jobs = []job{
+	{"raw to qcow2", "raw", []string{"-O", "qcow2"}, []string{"-f", "raw", "-O", "qcow2"}},
+	{"qcow2 to raw", "qcow2", []string{"-O", "raw"}, []string{"-f", "qcow2", "-O", "raw"}},
+	{"raw to compressed qcow2 (-c)", "raw", []string{"-c", "-O", "qcow2"}, []string{"-c", "-f", "raw", "-O", "qcow2"}},
+}
+
+func main() {
+	rounds := flag.Int("rounds", 3, "rounds of every conversion; figures are medians")
+	size := flag.Int64("size", 2<<30, "virtual size of the source image in bytes")
+	flag.Parse()
+	log.SetFlags(0)
+	dir, err := os.MkdirTemp("", "convertbench")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "diskserve")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
+		log.Fatalf("go build: %v\n%s", err, out)
+	}
+	srcs := map[string]string{"raw": filepath.Join(dir, "src.raw"), "qcow2": filepath.Join(dir, "src.qcow2")}
+	var spans [][2]int64
+	for off := int64(0); off < *size; off += 16 << 20 {
+		spans = append(spans, [2]int64{off, 4 << 20})
+	}
+	fio.WriteRandom(srcs["raw"], *size, spans)
+	run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", srcs["raw"], srcs["qcow2"])
+
+	times := map[string]map[string][]float64{}
+	for round := range *rounds {
+		for _, j := range jobs {
+			for _, tool := range []string{"diskserve", "qemu-img"} {
+				out := filepath.Join(dir, "out")
+				os.Remove(out)
+				args := append([]string{"convert"}, j.qemu...)
+				name := "qemu-img"
+				if tool == "diskserve" {
+					args, name = append([]string{"convert"}, j.diskserve...), bin
+				}
+				syscall.Sync()
+				start := time.Now()
+				run(name, append(args, srcs[j.src], out)...)
+				syscall.Sync()
+				d := time.Since(start).Seconds()
+				if times[j.name] == nil {
+					times[j.name] = map[string][]float64{}
+				}
+				times[j.name][tool] = append(times[j.name][tool], d)
+				log.Printf("round %d %-30s %-10s %6.2f s", round+1, j.name, tool, d)
+			}
+		}
+	}
+	fmt.Printf("| conversion (%d MiB, %d MiB of data) | diskserve (s) | qemu-img (s) | qemu-img / diskserve |\n|---|---|---|---|\n", *size>>20, int64(len(spans))*4)
+	for _, j := range jobs {
+		ds, q := median(times[j.name]["diskserve"]), median(times[j.name]["qemu-img"])
+		fmt.Printf("| %s | %.2f | %.2f | %.2f |\n", j.name, ds, q, q/ds)
+	}
+	fmt.Printf("\nMedians of %d rounds; each time includes a sync of the output.\n", *rounds)
+}
+
+func run(name string, args ...string) {
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		log.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+}
+
+func median(v []float64) float64 {
+	v = slices.Sorted(slices.Values(v))
+	return v[len(v)/2]
+}
