@@ -6,7 +6,8 @@
 // The source is a 2 GiB raw image holding 512 MiB of random data in 4 MiB
 // spans, and holes elsewhere, in the page cache; and the same converted to
 // qcow2 by qemu-img. Conversions: raw to qcow2, qcow2 to raw, and raw to
-// compressed qcow2 (-c). Each output is written to the same directory, and
+// compressed qcow2 (-c), from that image and from one of the same layout
+// whose data is text (log lines), which compresses about tenfold. Each output is written to the same directory, and
 // synced before the clock stops, so writeback counts for both tools.
 //
 // Run it from the module root (it builds ./cmd/diskserve):
@@ -44,6 +45,7 @@ var jobs = []job{
 	{"raw to qcow2", "raw", []string{"-O", "qcow2"}, []string{"-f", "raw", "-O", "qcow2"}},
 	{"qcow2 to raw", "qcow2", []string{"-O", "raw"}, []string{"-f", "qcow2", "-O", "raw"}},
 	{"raw to compressed qcow2 (-c)", "raw", []string{"-c", "-O", "qcow2"}, []string{"-c", "-f", "raw", "-O", "qcow2"}},
+	{"text raw to compressed qcow2 (-c)", "text", []string{"-c", "-O", "qcow2"}, []string{"-c", "-f", "raw", "-O", "qcow2"}},
 }
 
 func main() {
@@ -60,18 +62,23 @@ func main() {
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
 		log.Fatalf("go build: %v\n%s", err, out)
 	}
-	srcs := map[string]string{"raw": filepath.Join(dir, "src.raw"), "qcow2": filepath.Join(dir, "src.qcow2")}
+	srcs := map[string]string{"raw": filepath.Join(dir, "src.raw"), "qcow2": filepath.Join(dir, "src.qcow2"), "text": filepath.Join(dir, "text.raw")}
 	var spans [][2]int64
 	for off := int64(0); off < *size; off += 16 << 20 {
 		spans = append(spans, [2]int64{off, 4 << 20})
 	}
 	fio.WriteRandom(srcs["raw"], *size, spans)
 	run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", srcs["raw"], srcs["qcow2"])
+	writeText(srcs["text"], *size, spans)
 
 	times := map[string]map[string][]float64{}
 	for round := range *rounds {
 		for _, j := range jobs {
-			for _, tool := range []string{"diskserve", "qemu-img"} {
+			tools := []string{"diskserve", "qemu-img"}
+			if round%2 == 1 { // alternate who goes first, so that neither always follows the other's writeback
+				slices.Reverse(tools)
+			}
+			for _, tool := range tools {
 				out := filepath.Join(dir, "out")
 				os.Remove(out)
 				args := append([]string{"convert"}, j.qemu...)
@@ -98,6 +105,31 @@ func main() {
 		fmt.Printf("| %s | %.2f | %.2f | %.2f |\n", j.name, ds, q, q/ds)
 	}
 	fmt.Printf("\nMedians of %d rounds; each time includes a sync of the output.\n", *rounds)
+}
+
+// writeText makes a file of size bytes with log-like text in each span and
+// holes elsewhere.
+func writeText(path string, size int64, spans [][2]int64) {
+	f, err := os.Create(path)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		log.Fatal(err)
+	}
+	var b []byte
+	for i := 0; len(b) < 4<<20; i++ {
+		b = fmt.Appendf(b, "2026-11-22T23:%02d:%02d.%06dZ host%d kernel: request %d completed in %d us\n", i/60%60, i%60, i*7919%1000000, i%13, i, i*31%997)
+	}
+	for _, s := range spans {
+		if _, err := f.WriteAt(b[:s[1]], s[0]); err != nil {
+			log.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		log.Fatal(err)
+	}
 }
 
 func run(name string, args ...string) {

@@ -210,3 +210,53 @@ func TestConvertErrors(t *testing.T) {
 		t.Errorf("convert -p without a terminal: exit %d, %q %q", code, out, errOut)
 	}
 }
+
+// TestConvertRoundTrips converts between every pair of formats convert
+// writes, A to B and back to A, and requires the bytes of the source and
+// outputs that stay sparse.
+func TestConvertRoundTrips(t *testing.T) {
+	dir := t.TempDir()
+	src := convertSource(t, dir)
+	ref := filepath.Join(dir, "ref.raw")
+	// A size that is a whole number of Android sparse blocks.
+	testtool.Run(t, "qemu-img", "convert", "-O", "raw", src, ref)
+	testtool.Run(t, "qemu-img", "resize", "-q", "-f", "raw", "--shrink", ref, "30000K")
+	want, _ := os.ReadFile(ref)
+	formats := []string{"raw", "qcow2", "qcow2-compressed", "android-sparse", "zstd"}
+	args := func(f string) []string {
+		if f == "qcow2-compressed" {
+			return []string{"-c", "-O", "qcow2"}
+		}
+		return []string{"-O", f}
+	}
+	// Data in the source: 4 MiB and a few KiB; every output must
+	// allocate less than twice that, or it wrote zeroes.
+	const dataBound = 10 << 20
+	first := map[string]string{}
+	for _, a := range formats {
+		first[a] = filepath.Join(dir, "a."+a)
+		mustRun(t, append(append([]string{"convert"}, args(a)...), ref, first[a])...)
+	}
+	for _, a := range formats {
+		for _, b := range formats {
+			if a == b {
+				continue
+			}
+			t.Run(a+"/"+b, func(t *testing.T) {
+				mid, back := filepath.Join(t.TempDir(), "b."+b), filepath.Join(t.TempDir(), "back."+a)
+				mustRun(t, append(append([]string{"convert"}, args(b)...), first[a], mid)...)
+				mustRun(t, append(append([]string{"convert"}, args(a)...), mid, back)...)
+				for _, p := range []string{mid, back} {
+					if n := blocks(t, p) * 512; n > dataBound {
+						t.Errorf("%s allocates %d bytes for about 4 MiB of data", filepath.Base(p), n)
+					}
+				}
+				raw := filepath.Join(t.TempDir(), "back.raw")
+				mustRun(t, "convert", "-O", "raw", back, raw)
+				if got, _ := os.ReadFile(raw); !bytes.Equal(got, want) {
+					t.Fatalf("%s to %s and back: %d bytes that differ from the source's %d", a, b, len(got), len(want))
+				}
+			})
+		}
+	}
+}

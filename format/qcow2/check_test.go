@@ -46,6 +46,11 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 		{"refcount too low", func(b []byte, rc func(int64) int64) { binary.BigEndian.PutUint16(b[rc(5):], 0) }, diskserve.RepairAll},
 		{"L2 table unreferenced", func(b []byte, rc func(int64) int64) { binary.BigEndian.PutUint16(b[rc(4):], 0) }, diskserve.RepairAll},
 		{"leak past the data", func(b []byte, rc func(int64) int64) { binary.BigEndian.PutUint16(b[rc(6):], 1) }, diskserve.RepairLeaks},
+		{"L2 entry past the end of the file", func(b []byte, rc func(int64) int64) {
+			// Guest cluster 1 now points at host cluster 1000, far past
+			// the end, with no refcount.
+			binary.BigEndian.PutUint64(b[4*65536+8:], 1<<63|1000*65536)
+		}, diskserve.RepairNone},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := create(t, t.TempDir(), "16M")
@@ -63,6 +68,9 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 				t.Fatal(err)
 			}
 			wantCorrupt, wantLeaks := qemuCheckCounts(t, img)
+			if tc.name != "clean" && wantCorrupt+wantLeaks == 0 {
+				t.Fatal("qemu-img check finds nothing wrong: the damage missed")
+			}
 			d := openFile(t, img)
 			r, err := diskserve.Check(d, diskserve.RepairNone)
 			if err != nil {
