@@ -31,11 +31,11 @@ func newBenchCommand() *cobra.Command {
 		aio                       aioFlag
 	)
 	cmd := &cobra.Command{
-		Use:   "bench [-f FORMAT,...] [--size SIZE] [--pattern PATTERN,...] [--qd N,...] [--aio ENGINE] [--output FORMAT] [SOURCE]",
+		Use:   "bench [-f FORMAT,...] [--size SIZE] [--pattern PATTERN,...] [--qd N,...] [--aio ENGINE] [--via engine|nbd|fuse] [--output FORMAT] [SOURCE]",
 		Short: "Compare disk formats: throughput, IOPS and latency of each",
 		Long: `bench builds an image of each format (-f) holding the same content, runs
-each pattern at each queue depth on it for --runtime through diskserve's
-I/O engine, and reports MiB/s, IOPS and latency percentiles (p50, p99,
+each pattern at each queue depth on it for --runtime, through diskserve's
+I/O engine in process, its NBD server or its FUSE file (--via), and reports MiB/s, IOPS and latency percentiles (p50, p99,
 p99.9) side by side.
 
 The content is SOURCE's (an image of any format diskserve opens) or, without
@@ -91,9 +91,15 @@ directory) and removed afterwards. Progress is shown on a terminal.`,
 				}
 				return write(os.Stdout, &rep)
 			}
-			if via != "engine" {
-				return fmt.Errorf("--via=%s: only the engine path is measured so far (for NBD and FUSE, see bench/nbdbench and bench/fusebench)", via)
+			if !slices.Contains(formatbench.Vias, via) {
+				return fmt.Errorf("--via must be one of %s, not %q", strings.Join(formatbench.Vias, ", "), via)
 			}
+			c.Via = via
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			c.Self = self
 			mode, err := async.ParseMode(aio.mode)
 			if err != nil {
 				return err
@@ -146,7 +152,7 @@ directory) and removed afterwards. Progress is shown on a terminal.`,
 	fl.StringSliceVar(&depths, "qd", []string{"1", "16"}, "queue depths (requests in flight)")
 	fl.DurationVar(&runtime, "runtime", 3*time.Second, "time per format, pattern and depth")
 	fl.StringVar(&output, "output", "human", "human, json, svg or html")
-	fl.StringVar(&via, "via", "engine", "path the requests take: engine (the I/O engine, in process)")
+	fl.StringVar(&via, "via", formatbench.ViaEngine, "path the requests take: engine (the I/O engine, in process), nbd (diskserve's NBD server over a Unix socket, one connection) or fuse (diskserve's FUSE file, O_DIRECT; needs /dev/fuse)")
 	fl.StringVar(&dir, "dir", "", "directory to build the images in")
 	fl.StringVar(&fromJSON, "from-json", "", "render the report saved by --output json in FILE instead of measuring")
 	aio.register(fl)

@@ -80,6 +80,23 @@ func TestBench(t *testing.T) {
 	if !strings.Contains(html, "<svg") || !strings.Contains(html, "<pre>") {
 		t.Error("the HTML page lacks the chart or the table")
 	}
+	for _, via := range []string{"nbd", "fuse"} {
+		t.Run("via-"+via, func(t *testing.T) {
+			if via == "fuse" {
+				testtool.Need(t, "fusermount3")
+			}
+			out := mustRun(t, "bench", "-f", "qcow2,zstd", "--size", "8M", "--runtime", "100ms", "--qd", "4", "--via", via, "--output", "json", "--dir", t.TempDir())
+			var rep formatbench.Report
+			if err := json.Unmarshal([]byte(out), &rep); err != nil || rep.Via != via || len(rep.Results) != 2*4 {
+				t.Fatalf("bench --via %s: %v\n%s", via, err, out)
+			}
+			for _, r := range rep.Results {
+				if r.Skipped == "" && (r.Ops == 0 || r.IOPS <= 0) {
+					t.Errorf("implausible result %+v", r)
+				}
+			}
+		})
+	}
 	if _, stderr, code := run(t, nil, "bench", "-f", "vmdk"); code == 0 || !strings.Contains(stderr, `unknown format "vmdk"`) {
 		t.Errorf("bench -f vmdk: exit %d, %s", code, stderr)
 	}

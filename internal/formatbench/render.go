@@ -34,7 +34,7 @@ func WriteTable(w io.Writer, rep *Report) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(w, "\n%d-byte images, %g s per run, %s engine. Ratios between formats are what to compare; absolute figures move with the machine's load.\n", rep.Size, rep.Runtime, rep.Engine)
+	_, err := fmt.Fprintf(w, "\n%d-byte images, %g s per run, %s engine, via %s. Ratios between formats are what to compare; absolute figures move with the machine's load.\n", rep.Size, rep.Runtime, rep.Engine, rep.Via)
 	return err
 }
 
@@ -82,7 +82,7 @@ func WriteSVG(w io.Writer, rep *Report) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="11">`+"\n", width, height, width, height)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
-	fmt.Fprintf(&b, `<text x="20" y="22" font-size="15" font-weight="bold">diskserve bench: %s engine, %d MiB images, %g s per run (random: IOPS, sequential: MiB/s)</text>`+"\n", html.EscapeString(rep.Engine), rep.Size>>20, rep.Runtime)
+	fmt.Fprintf(&b, `<text x="20" y="22" font-size="15" font-weight="bold">diskserve bench: %s engine, via %s, %d MiB images, %g s per run (random: IOPS, sequential: MiB/s)</text>`+"\n", html.EscapeString(rep.Engine), html.EscapeString(rep.Via), rep.Size>>20, rep.Runtime)
 	base := top + chartH
 	fmt.Fprintf(&b, `<line x1="40" y1="%d" x2="%d" y2="%d" stroke="#333"/>`+"\n", base, width-10, base)
 	for gi, g := range order {

@@ -8,7 +8,6 @@ package formatbench
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
-	"github.com/diskserve/diskserve/format"
 )
 
 // A Pattern is an access pattern: which operation, how large, where.
@@ -55,8 +53,13 @@ type Config struct {
 	Depths   []int         // queue depths: requests in flight
 	Runtime  time.Duration // per pattern, format and depth
 	Engine   async.Mode
-	Source   diskserve.DiskFile // the content every image holds
-	Dir      string             // where images are built
+	Via      string // ViaEngine, ViaNBD or ViaFUSE
+	// Self is the diskserve binary, which ViaFUSE runs as `diskserve
+	// mount`: a process must not read its own FUSE mount (the Go runtime
+	// can deadlock stopping a thread blocked in it).
+	Self   string
+	Source diskserve.DiskFile // the content every image holds
+	Dir    string             // where images are built
 	// Progress, if not nil, is called after each measurement with the
 	// number done and the total.
 	Progress func(done, total int)
@@ -83,29 +86,25 @@ type Report struct {
 	Size    int64    `json:"size"`
 	Runtime float64  `json:"runtime_s"`
 	Engine  string   `json:"engine"`
+	Via     string   `json:"via"`
 	Results []Result `json:"results"`
 }
 
 // Run builds an image of each format and measures every pattern at every
 // depth on it.
 func Run(ctx context.Context, c Config) (*Report, error) {
-	rep := &Report{Size: c.Source.Size(), Runtime: c.Runtime.Seconds()}
+	rep := &Report{Size: c.Source.Size(), Runtime: c.Runtime.Seconds(), Via: cmp.Or(c.Via, ViaEngine)}
 	total := len(c.Formats) * len(c.Patterns) * len(c.Depths)
 	for _, f := range c.Formats {
 		path, openAs, err := build(ctx, f, c.Source, c.Dir)
 		if err != nil {
 			return nil, fmt.Errorf("build the %s image: %w", f, err)
 		}
-		d, err := format.Open(path, diskserve.Options{Format: openAs, ReadOnly: !writable(f)})
+		t, size, engine, detach, err := attach(c, path, openAs, !writable(f))
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s via %s: %w", f, rep.Via, err)
 		}
-		w, err := async.Wrap(d, async.Options{Mode: c.Engine})
-		if err != nil {
-			d.Close()
-			return nil, err
-		}
-		rep.Engine = w.Engine().Name()
+		rep.Engine = engine
 		// Reads first: a write pattern changes the image (it overwrites
 		// compressed clusters with plain ones, say), and reads after it
 		// would measure that instead of the format as built.
@@ -116,8 +115,8 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 				r := Result{Format: f, Pattern: p.Name, QueueDep: qd, BlockSize: p.BlockSize}
 				if p.Write && !writable(f) {
 					r.Skipped = "the format is read-only"
-				} else if err := measure(ctx, w, p, qd, c.Runtime, &r); err != nil {
-					w.Close()
+				} else if err := measure(ctx, t, size, p, qd, c.Runtime, &r); err != nil {
+					detach()
 					return nil, fmt.Errorf("%s %s at depth %d: %w", f, p.Name, qd, err)
 				}
 				rep.Results = append(rep.Results, r)
@@ -126,7 +125,7 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 				}
 			}
 		}
-		if err := errors.Join(diskserve.Flush(w), w.Close()); err != nil {
+		if err := detach(); err != nil {
 			return nil, err
 		}
 		if err := ctx.Err(); err != nil {
@@ -137,10 +136,10 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 	return rep, nil
 }
 
-// measure runs p at depth qd on d for runtime: qd goroutines, each with
-// one request in flight, as an exporter's workers are.
-func measure(ctx context.Context, d diskserve.DiskFile, p Pattern, qd int, runtime time.Duration, r *Result) error {
-	blocks := d.Size() / p.BlockSize
+// measure runs p at depth qd on d, of size bytes, for runtime: qd
+// goroutines, each with one request in flight.
+func measure(ctx context.Context, d target, size int64, p Pattern, qd int, runtime time.Duration, r *Result) error {
+	blocks := size / p.BlockSize
 	if blocks == 0 {
 		return fmt.Errorf("the image is smaller than one %d-byte block", p.BlockSize)
 	}
@@ -156,7 +155,7 @@ func measure(ctx context.Context, d diskserve.DiskFile, p Pattern, qd int, runti
 	start := time.Now()
 	for w := range qd {
 		wg.Go(func() {
-			buf := make([]byte, p.BlockSize)
+			buf := alignedBuffer(p.BlockSize)
 			rand.NewChaCha8([32]byte{byte(w)}).Read(buf)
 			rnd := rand.New(rand.NewPCG(uint64(w), 1))
 			var mine []time.Duration
