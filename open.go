@@ -189,6 +189,9 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 	if err == nil {
 		var d DiskFile
 		if d, err = f.Open(c, oc); err == nil {
+			if format == "" && f.Magic == "" && f.Match == nil { // the catch-all: raw
+				d = guardProbed(d, oc.path, oc.opts.Formats)
+			}
 			return d, nil
 		}
 	}

@@ -252,3 +252,46 @@ func TestOpenBadInput(t *testing.T) {
 		t.Fatal("Open without formats succeeded")
 	}
 }
+
+// TestProbedRawRefusesMagic: an image opened as raw because nothing else
+// claimed it refuses a write that would give it a qcow2 header, within
+// one request or across two, and takes any other write; with the format
+// named, the write goes through.
+func TestProbedRawRefusesMagic(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qcow2ish := diskserve.Format{Name: "qcow2ish", Magic: "QFI\xfb"}
+	opts := diskserve.Options{Formats: []diskserve.Format{qcow2ish, raw.Format}, OpenFile: raw.OpenFile}
+	d, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt([]byte("QFI\xfb\x00\x00\x00\x03"), 0); !errors.Is(err, fs.ErrPermission) || !strings.Contains(err.Error(), "qcow2ish") {
+		t.Fatalf("writing a qcow2 magic into a probed raw image: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("QF"), 0); err != nil {
+		t.Fatalf("half a magic: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("I\xfb"), 2); !errors.Is(err, fs.ErrPermission) {
+		t.Fatalf("completing the magic with a second write: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("QFI\xfb"), 4096); err != nil {
+		t.Fatalf("a magic past the first sector: %v", err)
+	}
+	if _, ok := diskserve.MapHost(d, 0, 512, true); ok {
+		t.Fatal("the head is mapped for writing past the check")
+	}
+	d.Close()
+	opts.Format = "raw"
+	named, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer named.Close()
+	if _, err := named.WriteAt([]byte("QFI\xfb"), 0); err != nil {
+		t.Fatalf("with -f raw the write is the user's choice: %v", err)
+	}
+}

@@ -168,6 +168,36 @@ func TestServeAIO(t *testing.T) {
 	}
 }
 
+// TestServeProbedRaw: a client cannot turn an image served without -f
+// into a qcow2 by writing a header into its first sector; with -f raw it
+// may.
+func TestServeProbedRaw(t *testing.T) {
+	for _, named := range []bool{false, true} {
+		dir := t.TempDir()
+		img := image(t, dir, "disk.img", "8M")
+		sock := filepath.Join(dir, "s.sock")
+		args := []string{"serve", "--listen", "unix:" + sock, img}
+		if named {
+			args = append([]string{"serve", "-f", "raw"}, args[1:]...)
+		}
+		s := startServe(t, exec.Command(diskserveBin, args...))
+		header := filepath.Join(dir, "header.qcow2")
+		testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", header, "1M")
+		out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -s "+header+" 0 512", "nbd+unix:///?socket="+sock).CombinedOutput()
+		if named && err != nil {
+			t.Fatalf("with -f raw: %v\n%s", err, out)
+		}
+		s.stop(t, syscall.SIGTERM)
+		data, _ := os.ReadFile(img)
+		if got := string(data[:4]) == "QFI\xfb"; got != named {
+			t.Errorf("-f raw given %v: the image starts %q", named, data[:4])
+		}
+		if !named && !strings.Contains(s.stderr.String(), "look like qcow2") {
+			t.Errorf("the refusal is not logged:\n%s", s.stderr)
+		}
+	}
+}
+
 func TestServeTCP(t *testing.T) {
 	img := image(t, t.TempDir(), "disk.img", "1M")
 	s := startServe(t, exec.Command(diskserveBin, "serve", "--listen", "127.0.0.1:0", img))
