@@ -38,7 +38,9 @@ func (d *Disk) Engine() Engine { return d.e }
 
 // MapHost maps nothing: requests go through the engine, which maps them
 // itself.
-func (d *Disk) MapHost(int64, int64, bool) (diskserve.HostRange, bool) { return diskserve.HostRange{}, false }
+func (d *Disk) MapHost(int64, int64, bool) (diskserve.HostRange, bool) {
+	return diskserve.HostRange{}, false
+}
 
 // do runs one request through the engine.
 func (d *Disk) do(op Op, p []byte, off, n int64, flags diskserve.ZeroFlags) (int, error) {
