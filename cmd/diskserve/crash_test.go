@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -11,29 +12,57 @@ import (
 	"testing"
 	"time"
 
+	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// TestCrashConsistency serves a qcow2 image, runs a random workload of
-// writes, discards and zero writes against it through qemu-io over NBD,
-// and kills the server with SIGKILL at a random moment, many times. After
-// each kill: qemu-img check finds no corruption (leaked clusters are
-// allowed: diskserve check -r leaks repairs them, and then qemu-img check
-// is clean), and every write acknowledged before a completed flush is
-// still there.
+// TestCrashConsistency serves a qcow2 image, and a composite of two qcow2
+// components, runs a random workload of writes, discards and zero writes
+// against it through qemu-io over NBD, and kills the server with SIGKILL
+// at a random moment, many times. After each kill: qemu-img check finds no
+// corruption in any qcow2 (leaked clusters are allowed: diskserve check -r
+// leaks repairs them, and then qemu-img check is clean), and every write
+// acknowledged before a completed flush is still there.
 func TestCrashConsistency(t *testing.T) {
 	testtool.Need(t, "qemu-io")
-	dir := t.TempDir()
-	img := filepath.Join(dir, "crash.qcow2")
-	mustRun(t, "create", "-f", "qcow2", "-o", "cluster_size=4096", img, "64M")
+	t.Run("qcow2", func(t *testing.T) {
+		dir := t.TempDir()
+		img := filepath.Join(dir, "crash.qcow2")
+		mustRun(t, "create", "-f", "qcow2", "-o", "cluster_size=4096", img, "64M")
+		crashLoop(t, dir, []string{"-f", "qcow2", img}, []string{img})
+	})
+	t.Run("composite-over-qcow2", func(t *testing.T) {
+		dir := t.TempDir()
+		a, b := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
+		// Flushed writes go to the first 16 MiB, the workload to the rest:
+		// both reach both components.
+		mustRun(t, "create", "-f", "qcow2", "-o", "cluster_size=4096", a, "8M")
+		mustRun(t, "create", "-f", "qcow2", "-o", "cluster_size=65536", b, "56M")
+		comp := filepath.Join(dir, "crash.composite")
+		spec := &composite.Spec{Version: 2, Length: 64 << 20, Components: []composite.Component{
+			{Path: "a.qcow2", Writable: true}, {Path: "b.qcow2", Offset: 8 << 20, Writable: true},
+		}}
+		if err := os.WriteFile(comp, spec.Marshal(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		crashLoop(t, dir, []string{"-f", "composite", comp}, []string{a, b})
+	})
+}
+
+// crashLoop runs the kill loop against the image that serve args name,
+// whose qcow2 files are images.
+func crashLoop(t *testing.T, dir string, args, images []string) {
 	sock := filepath.Join(dir, "nbd.sock")
 	uri := "nbd+unix:///?socket=" + sock
+	serve := func(extra ...string) *server {
+		return startServe(t, exec.Command(diskserveBin, append(append([]string{"serve", "--listen", "unix:" + sock}, extra...), args...)...))
+	}
 	rnd := rand.New(rand.NewPCG(11, 12))
 	const rounds = 12
 	durable := map[int64]byte{} // 64 KiB slot of the first 16 MiB -> pattern flushed there
 	interrupted, leaky := 0, 0
 	for round := range rounds {
-		srv := startServe(t, exec.Command(diskserveBin, "serve", "-f", "qcow2", "--listen", "unix:"+sock, img))
+		srv := serve()
 
 		// Durable writes: each slot written, then a flush that completes.
 		var cmds []string
@@ -73,27 +102,32 @@ func TestCrashConsistency(t *testing.T) {
 			interrupted++
 		}
 
-		out, _ := exec.Command("qemu-img", "check", "--output=json", img).Output()
-		var res struct{ Corruptions, Leaks int }
-		if err := json.Unmarshal(out, &res); err != nil {
-			t.Fatalf("round %d: qemu-img check: %v\n%s", round, err, out)
-		}
-		if res.Corruptions != 0 {
-			human, _ := exec.Command("qemu-img", "check", img).CombinedOutput()
-			t.Fatalf("round %d: corruption after SIGKILL:\n%s", round, human)
-		}
-		if res.Leaks > 0 {
-			leaky++
-			if _, errOut, code := run(t, nil, "check", "-r", "leaks", img); code != 0 {
-				t.Fatalf("round %d: check -r leaks: exit %d: %s", round, code, errOut)
+		for _, img := range images {
+			out, _ := exec.Command("qemu-img", "check", "--output=json", img).Output()
+			var res struct{ Corruptions, Leaks int }
+			if err := json.Unmarshal(out, &res); err != nil {
+				t.Fatalf("round %d: qemu-img check %s: %v\n%s", round, img, err, out)
 			}
-			testtool.Run(t, "qemu-img", "check", img)
+			if res.Corruptions != 0 {
+				human, _ := exec.Command("qemu-img", "check", img).CombinedOutput()
+				t.Fatalf("round %d: corruption in %s after SIGKILL:\n%s", round, img, human)
+			}
+			if res.Leaks > 0 {
+				leaky++
+				if _, errOut, code := run(t, nil, "check", "-r", "leaks", img); code != 0 {
+					t.Fatalf("round %d: check -r leaks %s: exit %d: %s", round, img, code, errOut)
+				}
+				testtool.Run(t, "qemu-img", "check", img)
+			}
 		}
 		var reads []string
 		for slot, pattern := range durable {
 			reads = append(reads, fmt.Sprintf("read -P %d %d 65536", pattern, slot<<16))
 		}
-		if out := string(testtool.Run(t, "qemu-io", append(append([]string{"-f", "qcow2"}, qemuIOArgs(reads)...), img)...)); strings.Contains(out, "Pattern verification failed") {
+		reader := serve("-r")
+		out := string(testtool.Run(t, "qemu-io", append(append([]string{"-r", "-f", "raw"}, qemuIOArgs(reads)...), uri)...))
+		reader.stop(t, syscall.SIGTERM)
+		if strings.Contains(out, "Pattern verification failed") {
 			t.Fatalf("round %d: a flushed write is missing:\n%s", round, out)
 		}
 	}
