@@ -295,3 +295,45 @@ func TestProbedRawRefusesMagic(t *testing.T) {
 		t.Fatalf("with -f raw the write is the user's choice: %v", err)
 	}
 }
+
+// TestConfine refuses backing names that leave the directory: an absolute
+// path, a ../ escape, a symlink inside that points out; names inside,
+// relative or absolute, open.
+func TestConfine(t *testing.T) {
+	root := t.TempDir()
+	jail := filepath.Join(root, "jail")
+	outside := filepath.Join(root, "outside.img")
+	os.MkdirAll(filepath.Join(jail, "sub"), 0o755)
+	for _, p := range []string{outside, filepath.Join(jail, "sub", "base.img")} {
+		os.WriteFile(p, make([]byte, 4096), 0o644)
+	}
+	os.Symlink(outside, filepath.Join(jail, "link.img"))
+	os.Symlink("sub/base.img", filepath.Join(jail, "inlink.img"))
+	resolve, err := diskserve.Confine(jail)
+	if err != nil {
+		t.Fatal(err)
+	}
+	referrer := filepath.Join(jail, "top.img")
+	for name, ok := range map[string]bool{
+		"sub/base.img":                      true,
+		filepath.Join(jail, "sub/base.img"): true,
+		"inlink.img":                        true,
+		"missing.img":                       true, // inside; the open says it is missing
+		outside:                             false,
+		"../outside.img":                    false,
+		"sub/../../outside.img":             false,
+		"link.img":                          false,
+		"/etc/passwd":                       false,
+	} {
+		path, err := resolve(referrer, name)
+		if ok && err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+		if !ok && !errors.Is(err, diskserve.ErrOutsideConfinement) {
+			t.Errorf("%s: resolved to %q (%v), want a refusal", name, path, err)
+		}
+	}
+	if _, err := diskserve.Confine(filepath.Join(root, "nope")); err == nil {
+		t.Error("a missing confinement directory was accepted")
+	}
+}

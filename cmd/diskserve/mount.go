@@ -22,6 +22,7 @@ func newMountCommand() *cobra.Command {
 		readOnly bool
 		verify   bool
 		aio      aioFlag
+		confine  string
 	)
 	cmd := &cobra.Command{
 		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] IMAGE MOUNTPOINT",
@@ -41,7 +42,14 @@ and served until the last open file is closed.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			image, mountpoint := args[0], args[1]
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			d, err := format.Open(image, diskserve.Options{Format: fmtName, ReadOnly: readOnly, Verify: verify, Logger: log})
+			opts := diskserve.Options{Format: fmtName, ReadOnly: readOnly, Verify: verify, Logger: log}
+			if confine != "" {
+				var err error
+				if opts.ResolvePath, err = diskserve.Confine(confine); err != nil {
+					return err
+				}
+			}
+			d, err := format.Open(image, opts)
 			if err != nil {
 				return err
 			}
@@ -74,5 +82,6 @@ and served until the last open file is closed.`,
 	fl.BoolVarP(&readOnly, "read-only", "r", false, "mount read-only")
 	fl.BoolVar(&verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) before mounting")
 	aio.register(fl)
+	fl.StringVar(&confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed)")
 	return cmd
 }

@@ -35,6 +35,7 @@ type serveFlags struct {
 	verbose     bool
 	verify      bool
 	aio         aioFlag
+	confine     string
 }
 
 func newServeCommand() *cobra.Command {
@@ -72,6 +73,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
 	f.aio.register(fl)
+	fl.StringVar(&f.confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed); for images from untrusted sources")
 	return cmd
 }
 
@@ -125,6 +127,12 @@ func runServe(f *serveFlags, args []string) error {
 // openExports opens the images named on the command line.
 func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
 	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Verify: f.verify, Logger: log}
+	if f.confine != "" {
+		var err error
+		if opts.ResolvePath, err = diskserve.Confine(f.confine); err != nil {
+			return nil, err
+		}
+	}
 	if len(args) == 1 && !isNamed(args[0]) {
 		d, err := f.open(args[0], opts, log)
 		if err != nil {

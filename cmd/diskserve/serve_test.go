@@ -198,6 +198,27 @@ func TestServeProbedRaw(t *testing.T) {
 	}
 }
 
+// TestServeConfine refuses an overlay whose backing file lies outside
+// --confine, and serves one whose backing file lies inside.
+func TestServeConfine(t *testing.T) {
+	root := t.TempDir()
+	jail := filepath.Join(root, "jail")
+	os.Mkdir(jail, 0o755)
+	image(t, root, "secret.img", "1M")
+	image(t, jail, "base.img", "1M")
+	bad, good := filepath.Join(jail, "bad.qcow2"), filepath.Join(jail, "good.qcow2")
+	mustRun(t, "create", "-f", "qcow2", "-b", "../secret.img", "-F", "raw", bad, "1M")
+	mustRun(t, "create", "-f", "qcow2", "-b", "base.img", "-F", "raw", good, "1M")
+	_, stderr, code := run(t, nil, "serve", "--confine", jail, "--listen", "unix:"+filepath.Join(root, "s.sock"), bad)
+	if code == 0 || !strings.Contains(stderr, "outside the confinement directory") {
+		t.Fatalf("serve --confine of an overlay over ../secret.img: exit %d, %s", code, stderr)
+	}
+	sock := filepath.Join(root, "g.sock")
+	s := startServe(t, exec.Command(diskserveBin, "serve", "-r", "--confine", jail, "--listen", "unix:"+sock, good))
+	testtool.Run(t, "nbdinfo", "nbd+unix:///?socket="+sock)
+	s.stop(t, syscall.SIGTERM)
+}
+
 func TestServeTCP(t *testing.T) {
 	img := image(t, t.TempDir(), "disk.img", "1M")
 	s := startServe(t, exec.Command(diskserveBin, "serve", "--listen", "127.0.0.1:0", img))
