@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"slices"
@@ -583,5 +584,59 @@ func TestNewServerValidates(t *testing.T) {
 	}
 	if _, err := NewServer([]Export{{Name: "x"}}, Options{}); err == nil {
 		t.Error("export without a disk accepted")
+	}
+}
+
+// TestTLSClientCertificates requires client certificates signed by the
+// configured CA: a client without one, or with one from another CA, gets
+// no export; a client with a good one reads.
+func TestTLSClientCertificates(t *testing.T) {
+	cert, pool := testCert(t)
+	stranger, _ := testCert(t)
+	e, d := memExport("", false)
+	data := d.Bytes()
+	_, path := start(t, []Export{e}, Options{TLS: &tls.Config{
+		Certificates: []tls.Certificate{cert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert,
+	}})
+	attach := func(clientCerts []tls.Certificate) (*client, error) {
+		cl := connect(t, path)
+		cl.option(optStartTLS, nil)
+		cl.expect(optStartTLS, repAck)
+		tc := tls.Client(cl.c, &tls.Config{RootCAs: pool, ServerName: "localhost", Certificates: clientCerts})
+		if err := tc.Handshake(); err != nil {
+			return nil, err
+		}
+		// In TLS 1.3 the server's verdict on the client certificate
+		// arrives with the first read.
+		cl.c = tc
+		b := be.AppendUint64(nil, magicOpt)
+		b = be.AppendUint32(b, optGo)
+		b = be.AppendUint32(b, uint32(len(infoData(""))))
+		if _, err := tc.Write(append(b, infoData("")...)); err != nil {
+			return nil, err
+		}
+		h := make([]byte, 20)
+		if _, err := io.ReadFull(tc, h); err != nil {
+			return nil, err
+		}
+		if _, err := io.ReadFull(tc, make([]byte, be.Uint32(h[16:]))); err != nil {
+			return nil, err
+		}
+		for typ := be.Uint32(h[12:]); typ != repAck; typ = cl.optReply().typ {
+		}
+		return cl, nil
+	}
+	for name, certs := range map[string][]tls.Certificate{"no certificate": nil, "another CA's certificate": {stranger}} {
+		if _, err := attach(certs); err == nil {
+			t.Errorf("%s: the server went on past the TLS handshake", name)
+		}
+	}
+	cl, err := attach([]tls.Certificate{cert})
+	if err != nil {
+		t.Fatalf("a certificate from the CA: %v", err)
+	}
+	cl.request(cmdRead, 0, 1, 0, 16, nil)
+	if errno, _ := cl.simple(); errno != 0 || !bytes.Equal(cl.read(16), data[:16]) {
+		t.Fatal("READ with a good client certificate failed")
 	}
 }
