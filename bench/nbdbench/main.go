@@ -109,18 +109,21 @@ func main() {
 	ps := peers(bin, *format, strings.Split(*engines, ","))
 
 	// Peers take turns within each job and round, so that a change in the
-	// machine's load hits them alike; each figure is the median of the
-	// rounds.
+	// machine's load hits them alike, starting with a different one each
+	// round; each figure is the median of the rounds.
 	results := map[string]map[string][]float64{} // job -> peer -> one figure per round
 	for round := range *rounds {
+		// Who goes first pays for what the previous job left behind
+		// (writeback, the page cache of the copy's output): rotate.
+		order := slices.Concat(ps[round%len(ps):], ps[:round%len(ps)])
 		for _, j := range jobs {
-			for _, p := range ps {
+			for _, p := range order {
 				v := withServer(p, img, dir, func(uri string) float64 { return fio.Run(j, nbdTarget(uri), *runtime, *size) })
 				record(results, j.Name, p.name, v)
 				log.Printf("round %d %-10s %-24s %10.0f %s", round+1, p.name, j.Name, v, j.Unit)
 			}
 		}
-		for _, p := range ps {
+		for _, p := range order {
 			v := withServer(p, sparse, dir, func(uri string) float64 { return nbdcopy(uri, dir) })
 			record(results, copyJob, p.name, v)
 			log.Printf("round %d %-10s %-24s %10.2f s", round+1, p.name, "nbdcopy", v)
