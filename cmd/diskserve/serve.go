@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -15,11 +16,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/export/nbd"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/internal/control"
 )
 
 type serveFlags struct {
@@ -36,6 +39,10 @@ type serveFlags struct {
 	verify      bool
 	aio         aioFlag
 	confine     string
+	control     string
+
+	metrics *control.Metrics // with --control
+	lives   []control.Export // with --control
 }
 
 func newServeCommand() *cobra.Command {
@@ -73,6 +80,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
 	f.aio.register(fl)
+	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live snapshots, /metrics) on unix:PATH")
 	fl.StringVar(&f.confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed); for images from untrusted sources")
 	return cmd
 }
@@ -87,6 +95,14 @@ func runServe(f *serveFlags, args []string) error {
 	if err != nil {
 		return err
 	}
+	var reg *prometheus.Registry
+	if f.control != "" {
+		if !strings.HasPrefix(f.control, "unix:") {
+			return fmt.Errorf("--control %s: the control API listens on a Unix socket only (unix:PATH)", f.control)
+		}
+		reg = prometheus.NewRegistry()
+		f.metrics = control.NewMetrics(reg)
+	}
 	exports, err := f.openExports(args, log)
 	defer closeDisks(exports)
 	if err != nil {
@@ -95,6 +111,16 @@ func runServe(f *serveFlags, args []string) error {
 	srv, err := nbd.NewServer(exports, nbd.Options{TLS: tlsConfig, TLSMode: tlsMode, Logger: log})
 	if err != nil {
 		return err
+	}
+	if f.control != "" {
+		l, err := control.Listen(strings.TrimPrefix(f.control, "unix:"))
+		if err != nil {
+			return fmt.Errorf("--control: %w", err)
+		}
+		api := &http.Server{Handler: control.Handler(f.lives, srv.Clients, reg), ReadHeaderTimeout: 10 * time.Second}
+		go api.Serve(l)
+		defer api.Close()
+		log.Info("control API", "socket", l.Addr().String())
 	}
 	listeners, err := f.listeners()
 	if err != nil {
@@ -134,7 +160,7 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		}
 	}
 	if len(args) == 1 && !isNamed(args[0]) {
-		d, err := f.open(args[0], opts, log)
+		d, err := f.open("", args[0], opts, log)
 		if err != nil {
 			return nil, err
 		}
@@ -153,7 +179,7 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		if !ok {
 			return exports, fmt.Errorf("%q: with several images, each argument is NAME=IMAGE", a)
 		}
-		d, err := f.open(path, opts, log)
+		d, err := f.open(name, path, opts, log)
 		if err != nil {
 			return exports, err
 		}
@@ -162,11 +188,18 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 	return exports, nil
 }
 
-// open opens one image and serves it through the I/O engine.
-func (f *serveFlags) open(path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
+// open opens one image, for the export called name, and serves it
+// through the I/O engine; with --control, also through a Live disk (for
+// snapshots) and the metrics.
+func (f *serveFlags) open(name, path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
 	d, err := format.Open(path, opts)
 	if err != nil {
 		return nil, err
+	}
+	if f.metrics != nil {
+		live := control.NewLive(d, opts)
+		f.lives = append(f.lives, control.Export{Name: name, Live: live})
+		d = f.metrics.Metered(name, live)
 	}
 	return f.aio.wrap(d, log)
 }

@@ -232,6 +232,20 @@ func (s *Server) serve(c net.Conn) {
 	t.serve()
 }
 
+// Clients returns how many connections are attached to the export called
+// name (past negotiation).
+func (s *Server) Clients(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, t := range s.conns {
+		if t != nil && t.exp.Name == name {
+			n++
+		}
+	}
+	return n
+}
+
 // Shutdown stops accepting connections, ends negotiations, lets every
 // connection finish the requests it has read, and flushes every export. It
 // returns when all that is done or ctx ends, whichever is first.

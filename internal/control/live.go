@@ -1,0 +1,190 @@
+// Package control is the control side of `diskserve serve`: exports whose
+// disk can be swapped for a qcow2 overlay while clients stay attached
+// (live snapshots), Prometheus metrics of each export's requests, and the
+// HTTP/JSON API on a Unix socket that `diskserve control` talks to.
+package control
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/qcow2"
+)
+
+// A Live disk passes every request to its current disk, which Snapshot
+// replaces with a new qcow2 overlay on it. Requests hold a read lock;
+// Snapshot takes the write lock, so new requests wait while requests in
+// flight finish, and none fails or sees half a switch.
+type Live struct {
+	mu   sync.RWMutex
+	d    diskserve.DiskFile
+	opts diskserve.Options // how images are opened
+}
+
+var (
+	_ diskserve.Wrapper      = (*Live)(nil)
+	_ diskserve.Flusher      = (*Live)(nil)
+	_ diskserve.ZeroWriter   = (*Live)(nil)
+	_ diskserve.HolePuncher  = (*Live)(nil)
+	_ diskserve.ExtentMapper = (*Live)(nil)
+	_ diskserve.Describer    = (*Live)(nil)
+)
+
+// NewLive serves d, which was opened with opts; Snapshot opens overlays
+// with the same options.
+func NewLive(d diskserve.DiskFile, opts diskserve.Options) *Live {
+	return &Live{d: d, opts: opts}
+}
+
+// Unwrap returns the current disk.
+func (l *Live) Unwrap() diskserve.DiskFile {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d
+}
+
+// Size returns the current disk's size.
+func (l *Live) Size() int64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d.Size()
+}
+
+// ReadOnly reports whether the current disk is read-only.
+func (l *Live) ReadOnly() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d.ReadOnly()
+}
+
+// ReadAt reads the current disk.
+func (l *Live) ReadAt(p []byte, off int64) (int, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d.ReadAt(p, off)
+}
+
+// WriteAt writes the current disk.
+func (l *Live) WriteAt(p []byte, off int64) (int, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.d.WriteAt(p, off)
+}
+
+// Flush flushes the current disk.
+func (l *Live) Flush() error {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return diskserve.Flush(l.d)
+}
+
+// WriteZeroesAt zeroes on the current disk.
+func (l *Live) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return diskserve.Passthrough{D: l.d}.WriteZeroesAt(off, n, flags)
+}
+
+// PunchHole punches the current disk.
+func (l *Live) PunchHole(off, n int64) error {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return diskserve.Passthrough{D: l.d}.PunchHole(off, n)
+}
+
+// AppendExtents reports the current disk's extents.
+func (l *Live) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return diskserve.Extents(l.d, dst, off, n)
+}
+
+// Describe describes the current disk and its chain.
+func (l *Live) Describe(info *diskserve.Info) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	*info = diskserve.Describe(l.d)
+}
+
+// Close closes the current disk.
+func (l *Live) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.d.Close()
+}
+
+// Snapshot makes the current image a stable point in time: it waits for
+// the requests in flight, flushes, creates a qcow2 overlay at path whose
+// backing file is the current top image (recorded by its absolute path),
+// and serves the overlay from then on. The old image is not written again
+// and can be copied or saved while the export goes on. On failure the
+// export goes on with the image it had.
+func (l *Live) Snapshot(path string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.d.ReadOnly() {
+		return fmt.Errorf("snapshot: %w", diskserve.ErrReadOnly)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("snapshot: %s exists", path)
+	}
+	if err := diskserve.Flush(l.d); err != nil {
+		return fmt.Errorf("snapshot: flush: %w", err)
+	}
+	info := diskserve.Describe(l.d)
+	size := l.d.Size()
+	top, err := filepath.Abs(info.Filename)
+	if err != nil {
+		return err
+	}
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: size, BackingFile: top, BackingFormat: info.Format}); err != nil {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	// The top image is locked for writing while it is open; the overlay
+	// opens it again, read-only, as its backing file.
+	if err := l.d.Close(); err != nil {
+		os.Remove(path)
+		return l.reopen(top, info.Format, size, fmt.Errorf("snapshot: close %s: %w", top, err))
+	}
+	opts := l.opts
+	opts.Format, opts.ReadOnly = "qcow2", false
+	d, err := format.Open(path, opts)
+	if err != nil {
+		os.Remove(path)
+		return l.reopen(top, info.Format, size, fmt.Errorf("snapshot: open the overlay: %w", err))
+	}
+	l.d = d
+	return nil
+}
+
+// reopen opens the image the export had again after a failed snapshot,
+// and returns cause (joined with the reopen's error, if that fails too,
+// in which case every request fails until the next snapshot).
+func (l *Live) reopen(path, formatName string, size int64, cause error) error {
+	opts := l.opts
+	opts.Format, opts.ReadOnly = formatName, false
+	d, err := format.Open(path, opts)
+	if err != nil {
+		l.d = broken{size: size, err: err}
+		return errors.Join(cause, err)
+	}
+	l.d = d
+	return cause
+}
+
+// broken is what an export serves when its image could not be reopened.
+type broken struct {
+	size int64
+	err  error
+}
+
+func (b broken) Size() int64                            { return b.size }
+func (b broken) ReadOnly() bool                         { return false }
+func (b broken) Close() error                           { return nil }
+func (b broken) ReadAt([]byte, int64) (int, error)      { return 0, b.err }
+func (b broken) WriteAt([]byte, int64) (int, error)     { return 0, b.err }
