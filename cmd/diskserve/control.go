@@ -17,13 +17,14 @@ import (
 func newControlCommand() *cobra.Command {
 	var socket, output string
 	cmd := &cobra.Command{
-		Use:   "control --socket PATH list|snapshot|metrics",
+		Use:   "control --socket PATH list|snapshot|commit|metrics",
 		Short: "Talk to a running diskserve serve --control",
 		Long: `control is the client of the API that diskserve serve --control unix:PATH
 serves: list the exports with their image chains, sizes and attached
 clients; take a live snapshot of an export (the export moves onto a new
 qcow2 overlay whose backing file is its current image, which then stays as
-it was at that instant; clients stay attached); print the Prometheus
+it was at that instant; clients stay attached); commit the top overlay
+back into its backing image, live, and delete it; print the Prometheus
 metrics.`,
 	}
 	cmd.PersistentFlags().StringVar(&socket, "socket", "", "the control socket (required)")
@@ -96,6 +97,20 @@ metrics.`,
 			return err
 		},
 	}
-	cmd.AddCommand(list, snapshot, metrics)
+	var commitExport string
+	commit := &cobra.Command{
+		Use:   "commit [--export NAME]",
+		Short: "Merge an export's top overlay into its backing image, live, and drop it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := client()
+			if err != nil {
+				return err
+			}
+			return c.Commit(commitExport)
+		},
+	}
+	commit.Flags().StringVarP(&commitExport, "export", "x", "", "the export (default: the default export)")
+	cmd.AddCommand(list, snapshot, commit, metrics)
 	return cmd
 }

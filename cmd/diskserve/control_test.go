@@ -81,22 +81,43 @@ func TestLiveSnapshot(t *testing.T) {
 	if _, stderr, code := run(t, nil, "control", "--socket", ctl, "snapshot", overlay); code == 0 || !strings.Contains(stderr, "exists") {
 		t.Errorf("a second snapshot onto the same overlay: exit %d, %s", code, stderr)
 	}
-	if code := s.stop(t, syscall.SIGTERM); code != 0 {
-		t.Fatalf("serve exit status %d:\n%s", code, s.stderr)
-	}
-
+	// The overlay's metadata reaches its file with a flush; qemu-img then
+	// reads it beside the running server (-U).
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "flush", uri)
 	raw, _ := os.ReadFile(img)
 	if !bytes.Equal(raw[:5<<16], bytes.Repeat([]byte{17}, 5<<16)) {
 		t.Fatal("the snapshot image does not hold what was written before the snapshot")
 	}
-	testtool.Run(t, "qemu-img", "check", overlay)
+	testtool.Run(t, "qemu-img", "check", "-U", overlay)
 	merged := filepath.Join(dir, "merged.raw")
-	testtool.Run(t, "qemu-img", "convert", "-O", "raw", overlay, merged)
+	testtool.Run(t, "qemu-img", "convert", "-U", "-O", "raw", overlay, merged)
 	after, _ := os.ReadFile(merged)
 	want := bytes.Repeat([]byte{17}, 5<<16)
 	copy(want[64<<10:], bytes.Repeat([]byte{34}, 64<<10))
 	if !bytes.Equal(after[:5<<16], want) {
 		t.Fatal("the overlay over the snapshot does not hold everything written")
+	}
+
+	// Commit, live: the raw image then holds everything, the overlay is
+	// gone, and the export goes on serving the raw image.
+	mustRun(t, "control", "--socket", ctl, "commit")
+	if _, err := os.Stat(overlay); err == nil {
+		t.Error("the overlay is still there after commit")
+	}
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "read -P 34 64k 64k", "-c", "write -P 51 128k 4k", uri)
+	if list := mustRun(t, "control", "--socket", ctl, "list"); !strings.Contains(list, img+" (raw)") || strings.Contains(list, "qcow2") {
+		t.Errorf("after commit, control list shows:\n%s", list)
+	}
+	if code := s.stop(t, syscall.SIGTERM); code != 0 {
+		t.Fatalf("serve exit status %d:\n%s", code, s.stderr)
+	}
+	raw, _ = os.ReadFile(img)
+	copy(want[128<<10:], bytes.Repeat([]byte{51}, 4<<10))
+	if !bytes.Equal(raw[:5<<16], want) {
+		t.Fatal("after commit the raw image does not hold everything written")
+	}
+	if !bytes.Equal(raw[32<<20:64<<20], after[32<<20:64<<20]) {
+		t.Fatal("after commit the raw image lacks fio's writes")
 	}
 }
 

@@ -39,7 +39,8 @@ type Image struct {
 	Format string `json:"format"`
 }
 
-// SnapshotRequest is the body of POST /v1/snapshot.
+// SnapshotRequest is the body of POST /v1/snapshot, and of POST
+// /v1/commit (without Overlay).
 type SnapshotRequest struct {
 	Export  string `json:"export"`
 	Overlay string `json:"overlay"`
@@ -50,8 +51,8 @@ type apiError struct {
 	Error string `json:"error"`
 }
 
-// Handler serves the API: GET /v1/exports, POST /v1/snapshot and GET
-// /metrics (gatherer's metrics in Prometheus text format). clients
+// Handler serves the API: GET /v1/exports, POST /v1/snapshot, POST
+// /v1/commit and GET /metrics (gatherer's metrics in Prometheus text format). clients
 // counts the connections attached to an export.
 func Handler(exports []Export, clients func(name string) int, gatherer prometheus.Gatherer) http.Handler {
 	byName := map[string]*Live{}
@@ -87,6 +88,23 @@ func Handler(exports []Export, clients func(name string) int, gatherer prometheu
 			return
 		}
 		if err := l.Snapshot(req.Overlay); err != nil {
+			reply(w, http.StatusConflict, apiError{err.Error()})
+			return
+		}
+		reply(w, http.StatusOK, req)
+	})
+	mux.HandleFunc("POST /v1/commit", func(w http.ResponseWriter, r *http.Request) {
+		var req SnapshotRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+			reply(w, http.StatusBadRequest, apiError{"bad request: " + err.Error()})
+			return
+		}
+		l, ok := byName[req.Export]
+		if !ok {
+			reply(w, http.StatusNotFound, apiError{fmt.Sprintf("no export %q", req.Export)})
+			return
+		}
+		if err := l.Commit(); err != nil {
 			reply(w, http.StatusConflict, apiError{err.Error()})
 			return
 		}
@@ -145,6 +163,11 @@ func (c *Client) Exports() ([]ExportInfo, error) {
 // Snapshot takes a live snapshot of an export onto a new overlay.
 func (c *Client) Snapshot(export, overlay string) error {
 	return c.call("POST", "/v1/snapshot", SnapshotRequest{Export: export, Overlay: overlay}, nil)
+}
+
+// Commit merges an export's top overlay into its backing image.
+func (c *Client) Commit(export string) error {
+	return c.call("POST", "/v1/commit", SnapshotRequest{Export: export}, nil)
 }
 
 // Metrics returns the metrics in Prometheus text format.

@@ -162,6 +162,104 @@ func (l *Live) Snapshot(path string) error {
 	return nil
 }
 
+// Commit merges the top overlay into its backing image and drops it,
+// while clients stay attached: it waits for the requests in flight,
+// flushes, opens the backing image for writing, copies every range the
+// overlay holds (data, and zeroes where it has zero clusters), flushes the
+// backing image, serves it from then on and deletes the overlay. The
+// export must be a qcow2 overlay with a backing file. On failure before
+// the switch, the export goes on with the overlay; the backing image may
+// then hold part of the overlay's data, which the overlay still hides.
+func (l *Live) Commit() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	info := diskserve.Describe(l.d)
+	if info.Format != "qcow2" || info.Backing == nil || l.d.ReadOnly() {
+		return fmt.Errorf("commit: the export is not a writable qcow2 overlay")
+	}
+	if err := diskserve.Flush(l.d); err != nil {
+		return fmt.Errorf("commit: flush: %w", err)
+	}
+	top, base := info.Filename, info.Backing
+	size := l.d.Size()
+	if err := l.d.Close(); err != nil {
+		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: close %s: %w", top, err))
+	}
+	opts := l.opts
+	opts.Format, opts.ReadOnly = base.Format, false
+	backing, err := format.Open(base.Filename, opts)
+	if err != nil {
+		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: open %s for writing: %w", base.Filename, err))
+	}
+	// The overlay reads its backing file through the disk just opened for
+	// writing: a second open of the file would conflict with its lock.
+	ovOpts := format.Options(l.opts)
+	ovOpts.Format, ovOpts.ReadOnly = "qcow2", true
+	openFile := ovOpts.OpenFile
+	ovOpts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
+		if path == base.Filename {
+			return unclosed{diskserve.Passthrough{D: backing}}, nil
+		}
+		return openFile(path, readOnly)
+	}
+	ov, err := format.Open(top, ovOpts)
+	if err == nil {
+		err = copyAllocated(backing, ov)
+		err = errors.Join(err, ov.Close())
+	}
+	if err == nil {
+		err = diskserve.Flush(backing)
+	}
+	if err != nil {
+		backing.Close()
+		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: %w", err))
+	}
+	l.d = backing
+	if err := os.Remove(top); err != nil {
+		return fmt.Errorf("commit: done, but the overlay stays: %w", err)
+	}
+	return nil
+}
+
+// copyAllocated writes into dst every range that src, an overlay, holds
+// itself: its data, and zeroes for its zero clusters.
+func copyAllocated(dst, src diskserve.DiskFile) error {
+	var ext []diskserve.Extent
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < src.Size(); off += 1 << 30 {
+		var err error
+		if ext, err = diskserve.Extents(src, ext[:0], off, min(1<<30, src.Size()-off)); err != nil {
+			return err
+		}
+		for _, e := range ext {
+			switch {
+			case e.Flags&diskserve.ExtentHole != 0: // the backing image's own
+			case e.Flags&diskserve.ExtentZero != 0:
+				if err := diskserve.WriteZeroes(dst, e.Off, e.Len, 0); err != nil {
+					return err
+				}
+			default:
+				for o := e.Off; o < e.Off+e.Len; o += int64(len(buf)) {
+					b := buf[:min(int64(len(buf)), e.Off+e.Len-o)]
+					if err := diskserve.ReadFullAt(src, b, o); err != nil {
+						return err
+					}
+					if _, err := dst.WriteAt(b, o); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// unclosed is a disk whose Close leaves it open, for a caller that owns
+// it.
+type unclosed struct{ diskserve.Passthrough }
+
+func (unclosed) Close() error { return nil }
+
 // reopen opens the image the export had again after a failed snapshot,
 // and returns cause (joined with the reopen's error, if that fails too,
 // in which case every request fails until the next snapshot).
