@@ -120,4 +120,3 @@ func TestLiveSnapshot(t *testing.T) {
 		t.Fatal("after commit the raw image lacks fio's writes")
 	}
 }
-

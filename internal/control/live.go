@@ -281,8 +281,8 @@ type broken struct {
 	err  error
 }
 
-func (b broken) Size() int64                            { return b.size }
-func (b broken) ReadOnly() bool                         { return false }
-func (b broken) Close() error                           { return nil }
-func (b broken) ReadAt([]byte, int64) (int, error)      { return 0, b.err }
-func (b broken) WriteAt([]byte, int64) (int, error)     { return 0, b.err }
+func (b broken) Size() int64                        { return b.size }
+func (b broken) ReadOnly() bool                     { return false }
+func (b broken) Close() error                       { return nil }
+func (b broken) ReadAt([]byte, int64) (int, error)  { return 0, b.err }
+func (b broken) WriteAt([]byte, int64) (int, error) { return 0, b.err }
