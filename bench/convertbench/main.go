@@ -53,15 +53,8 @@ func main() {
 	size := flag.Int64("size", 2<<30, "virtual size of the source image in bytes")
 	flag.Parse()
 	log.SetFlags(0)
-	dir, err := os.MkdirTemp("", "convertbench")
-	if err != nil {
-		log.Fatal(err)
-	}
+	dir, bin := fio.Setup("convertbench")
 	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "diskserve")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
-		log.Fatalf("go build: %v\n%s", err, out)
-	}
 	srcs := map[string]string{"raw": filepath.Join(dir, "src.raw"), "qcow2": filepath.Join(dir, "src.qcow2"), "text": filepath.Join(dir, "text.raw")}
 	var spans [][2]int64
 	for off := int64(0); off < *size; off += 16 << 20 {
@@ -69,7 +62,7 @@ func main() {
 	}
 	fio.WriteRandom(srcs["raw"], *size, spans)
 	run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", srcs["raw"], srcs["qcow2"])
-	writeText(srcs["text"], *size, spans)
+	fio.WriteText(srcs["text"], *size, spans)
 
 	times := map[string]map[string][]float64{}
 	for round := range *rounds {
@@ -105,31 +98,6 @@ func main() {
 		fmt.Printf("| %s | %.2f | %.2f | %.2f |\n", j.name, ds, q, q/ds)
 	}
 	fmt.Printf("\nMedians of %d rounds; each time includes a sync of the output.\n", *rounds)
-}
-
-// writeText makes a file of size bytes with log-like text in each span and
-// holes elsewhere.
-func writeText(path string, size int64, spans [][2]int64) {
-	f, err := os.Create(path)
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		log.Fatal(err)
-	}
-	var b []byte
-	for i := 0; len(b) < 4<<20; i++ {
-		b = fmt.Appendf(b, "2026-11-22T23:%02d:%02d.%06dZ host%d kernel: request %d completed in %d us\n", i/60%60, i%60, i*7919%1000000, i%13, i, i*31%997)
-	}
-	for _, s := range spans {
-		if _, err := f.WriteAt(b[:s[1]], s[0]); err != nil {
-			log.Fatal(err)
-		}
-	}
-	if err := f.Sync(); err != nil {
-		log.Fatal(err)
-	}
 }
 
 func run(name string, args ...string) {

@@ -103,16 +103,8 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
 	flag.Parse()
 	log.SetFlags(0)
-	dir, err := os.MkdirTemp("", "fusebench")
-	if err != nil {
-		log.Fatal(err)
-	}
+	dir, bin := fio.Setup("fusebench")
 	defer os.RemoveAll(dir)
-
-	bin := filepath.Join(dir, "diskserve")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
-		log.Fatalf("go build: %v\n%s", err, out)
-	}
 	img := filepath.Join(dir, "fio.raw")
 	fio.WriteRandom(img, *size, [][2]int64{{0, *size}})
 	// The baseline gets its own copy: its O_DIRECT writes would drop the

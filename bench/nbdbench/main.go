@@ -85,16 +85,8 @@ func main() {
 	engines := flag.String("aio", "pool,uring", "diskserve's I/O engines to measure, comma-separated")
 	flag.Parse()
 	log.SetFlags(0)
-	dir, err := os.MkdirTemp("", "nbdbench")
-	if err != nil {
-		log.Fatal(err)
-	}
+	dir, bin := fio.Setup("nbdbench")
 	defer os.RemoveAll(dir)
-
-	bin := filepath.Join(dir, "diskserve")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
-		log.Fatalf("go build: %v\n%s", err, out)
-	}
 	img := filepath.Join(dir, "fio.raw")
 	fio.WriteRandom(img, *size, [][2]int64{{0, *size}})
 	sparse := filepath.Join(dir, "sparse.raw")

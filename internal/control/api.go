@@ -72,43 +72,40 @@ func Handler(exports []Export, clients func(name string) int, gatherer prometheu
 		}
 		reply(w, http.StatusOK, out)
 	})
-	mux.HandleFunc("POST /v1/snapshot", func(w http.ResponseWriter, r *http.Request) {
-		var req SnapshotRequest
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+	// live decodes a request naming an export, or answers it with an error.
+	live := func(w http.ResponseWriter, r *http.Request, req *SnapshotRequest) *Live {
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(req); err != nil {
 			reply(w, http.StatusBadRequest, apiError{"bad request: " + err.Error()})
-			return
-		}
-		l, ok := byName[req.Export]
-		switch {
-		case !ok:
-			reply(w, http.StatusNotFound, apiError{fmt.Sprintf("no export %q", req.Export)})
-			return
-		case req.Overlay == "":
-			reply(w, http.StatusBadRequest, apiError{"overlay: a path is needed"})
-			return
-		}
-		if err := l.Snapshot(req.Overlay); err != nil {
-			reply(w, http.StatusConflict, apiError{err.Error()})
-			return
-		}
-		reply(w, http.StatusOK, req)
-	})
-	mux.HandleFunc("POST /v1/commit", func(w http.ResponseWriter, r *http.Request) {
-		var req SnapshotRequest
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
-			reply(w, http.StatusBadRequest, apiError{"bad request: " + err.Error()})
-			return
+			return nil
 		}
 		l, ok := byName[req.Export]
 		if !ok {
 			reply(w, http.StatusNotFound, apiError{fmt.Sprintf("no export %q", req.Export)})
-			return
 		}
-		if err := l.Commit(); err != nil {
+		return l
+	}
+	done := func(w http.ResponseWriter, req SnapshotRequest, err error) {
+		if err != nil {
 			reply(w, http.StatusConflict, apiError{err.Error()})
 			return
 		}
 		reply(w, http.StatusOK, req)
+	}
+	mux.HandleFunc("POST /v1/snapshot", func(w http.ResponseWriter, r *http.Request) {
+		var req SnapshotRequest
+		if l := live(w, r, &req); l != nil {
+			if req.Overlay == "" {
+				reply(w, http.StatusBadRequest, apiError{"overlay: a path is needed"})
+				return
+			}
+			done(w, req, l.Snapshot(req.Overlay))
+		}
+	})
+	mux.HandleFunc("POST /v1/commit", func(w http.ResponseWriter, r *http.Request) {
+		var req SnapshotRequest
+		if l := live(w, r, &req); l != nil {
+			done(w, req, l.Commit())
+		}
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
 	return mux

@@ -1,5 +1,5 @@
-// Package fio runs fio jobs and makes the images the benchmark harnesses
-// in bench/ share.
+// Package fio runs fio jobs, and holds what the benchmark harnesses in
+// bench/ share: the images they write and their setup.
 package fio
 
 import (
@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 )
@@ -56,6 +57,38 @@ func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 // WriteRandom makes a file of size bytes with the same random data on
 // every run in each [offset, length] span, and holes elsewhere.
 func WriteRandom(path string, size int64, spans [][2]int64) {
+	rnd := rand.New(rand.NewPCG(1, 1))
+	writeSpans(path, size, spans, func(b []byte) {
+		for i := 0; i < len(b); i += 8 {
+			v := rnd.Uint64()
+			for k := range 8 {
+				b[i+k] = byte(v >> (8 * k))
+			}
+		}
+	})
+}
+
+// WriteText makes a file of size bytes with log-like text, which
+// compresses about tenfold, in each span and holes elsewhere.
+func WriteText(path string, size int64, spans [][2]int64) {
+	line := 0
+	var pending []byte
+	writeSpans(path, size, spans, func(b []byte) {
+		for n := 0; n < len(b); {
+			if len(pending) == 0 {
+				pending = fmt.Appendf(pending[:0], "2026-11-22T23:%02d:%02d.%06dZ host%d kernel: request %d completed in %d us\n",
+					line/60%60, line%60, line*7919%1000000, line%13, line, line*31%997)
+				line++
+			}
+			k := copy(b[n:], pending)
+			pending, n = pending[k:], n+k
+		}
+	})
+}
+
+// writeSpans makes a sparse file of size bytes whose spans fill fills,
+// 1 MiB at a time, and syncs it.
+func writeSpans(path string, size int64, spans [][2]int64, fill func([]byte)) {
 	f, err := os.Create(path)
 	if err != nil {
 		log.Fatal(err)
@@ -64,16 +97,10 @@ func WriteRandom(path string, size int64, spans [][2]int64) {
 	if err := f.Truncate(size); err != nil {
 		log.Fatal(err)
 	}
-	rnd := rand.New(rand.NewPCG(1, 1))
 	buf := make([]byte, 1<<20)
 	for _, s := range spans {
 		for off := s[0]; off < s[0]+s[1]; off += int64(len(buf)) {
-			for i := 0; i < len(buf); i += 8 {
-				v := rnd.Uint64()
-				for k := range 8 {
-					buf[i+k] = byte(v >> (8 * k))
-				}
-			}
+			fill(buf)
 			if _, err := f.WriteAt(buf[:min(int64(len(buf)), s[0]+s[1]-off)], off); err != nil {
 				log.Fatal(err)
 			}
@@ -82,4 +109,20 @@ func WriteRandom(path string, size int64, spans [][2]int64) {
 	if err := f.Sync(); err != nil {
 		log.Fatal(err)
 	}
+}
+
+// Setup makes a temporary directory for a harness called name and builds
+// ./cmd/diskserve into it (run from the module root). It returns the
+// directory and the binary; the caller removes the directory.
+func Setup(name string) (dir, bin string) {
+	dir, err := os.MkdirTemp("", name)
+	if err != nil {
+		log.Fatal(err)
+	}
+	bin = filepath.Join(dir, "diskserve")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/diskserve").CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
+		log.Fatalf("go build: %v\n%s", err, out)
+	}
+	return dir, bin
 }
