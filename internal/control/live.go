@@ -191,14 +191,16 @@ func (l *Live) Commit() error {
 	if err != nil {
 		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: open %s for writing: %w", base.Filename, err))
 	}
-	// The overlay reads its backing file through the disk just opened for
-	// writing: a second open of the file would conflict with its lock.
+	// The overlay opens its backing file read-only and without the lock,
+	// which the writable open above holds. Copying reads only what the
+	// overlay holds itself, never through to the backing image being
+	// written.
 	ovOpts := format.Options(l.opts)
 	ovOpts.Format, ovOpts.ReadOnly = "qcow2", true
 	openFile := ovOpts.OpenFile
 	ovOpts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
 		if path == base.Filename {
-			return unclosed{diskserve.Passthrough{D: backing}}, nil
+			return openUnlocked(path)
 		}
 		return openFile(path, readOnly)
 	}
@@ -254,11 +256,32 @@ func copyAllocated(dst, src diskserve.DiskFile) error {
 	return nil
 }
 
-// unclosed is a disk whose Close leaves it open, for a caller that owns
-// it.
-type unclosed struct{ diskserve.Passthrough }
+// openUnlocked opens the file at path read-only as a container, without
+// the lock raw images take.
+func openUnlocked(path string) (diskserve.DiskFile, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &roFile{f: f, size: st.Size()}, nil
+}
 
-func (unclosed) Close() error { return nil }
+// roFile is a read-only file as a container.
+type roFile struct {
+	f    *os.File
+	size int64
+}
+
+func (r *roFile) Size() int64                              { return r.size }
+func (r *roFile) ReadOnly() bool                           { return true }
+func (r *roFile) Close() error                             { return r.f.Close() }
+func (r *roFile) ReadAt(p []byte, off int64) (int, error)  { return r.f.ReadAt(p, off) }
+func (r *roFile) WriteAt(p []byte, off int64) (int, error) { return 0, diskserve.ErrReadOnly }
 
 // reopen opens the image the export had again after a failed snapshot,
 // and returns cause (joined with the reopen's error, if that fails too,
