@@ -41,6 +41,11 @@ type Format struct {
 	// Open closes whatever it opened itself and leaves c alone: the opener
 	// closes it.
 	Open func(c DiskFile, oc *OpenContext) (DiskFile, error)
+
+	// Snapshots says that Open honours [OpenContext.Snapshot]: the format
+	// has internal snapshots (qcow2). The opener refuses
+	// [Options.Snapshot] for every other format.
+	Snapshots bool
 }
 
 // SniffSize is how many bytes from the start of an image the opener reads
@@ -84,6 +89,11 @@ type Options struct {
 	// that opens untrusted images sets a stricter policy, for example one
 	// that refuses names outside a directory.
 	ResolvePath func(referrer, name string) (string, error)
+
+	// Snapshot, if not empty, names an internal snapshot (by ID or name)
+	// of the image named to [Open] to open instead of its current state,
+	// read-only. Formats without internal snapshots refuse it.
+	Snapshot string
 
 	// Verify asks formats that carry checksums of their data (Android
 	// sparse CRC32 chunks) to verify them when opening, at the cost of
@@ -149,6 +159,16 @@ func (oc *OpenContext) ReadOnly() bool { return oc.readOnly }
 // image named to [Open], 1 for its backing file or components, and so on.
 func (oc *OpenContext) Depth() int { return oc.depth }
 
+// Snapshot returns the internal snapshot to open instead of the image's
+// current state ([Options.Snapshot]), for the image named to [Open] only:
+// backing files and components open as they are.
+func (oc *OpenContext) Snapshot() string {
+	if oc.depth > 0 {
+		return ""
+	}
+	return oc.opts.Snapshot
+}
+
 // Verify reports whether checksums should be verified at open
 // ([Options.Verify]).
 func (oc *OpenContext) Verify() bool { return oc.opts.Verify }
@@ -186,6 +206,14 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		return nil, &fs.PathError{Op: "open", Path: oc.path, Err: err}
 	}
 	f, err := oc.pick(c, format)
+	if err == nil && oc.Snapshot() != "" {
+		switch {
+		case !f.Snapshots:
+			err = fmt.Errorf("%s images have no internal snapshots (asked for %q)", f.Name, oc.Snapshot())
+		case !oc.readOnly:
+			err = fmt.Errorf("snapshot %q: snapshots open read-only", oc.Snapshot())
+		}
+	}
 	if err == nil {
 		var d DiskFile
 		if d, err = f.Open(c, oc); err == nil {

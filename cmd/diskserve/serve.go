@@ -40,6 +40,7 @@ type serveFlags struct {
 	aio         aioFlag
 	confine     string
 	control     string
+	snapshot    string
 
 	metrics *control.Metrics // with --control
 	lives   []control.Export // with --control
@@ -80,6 +81,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
 	f.aio.register(fl)
+	fl.StringVar(&f.snapshot, "snapshot", "", "serve the qcow2 internal snapshot NAME (or ID) of each image, read-only")
 	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live snapshots, /metrics) on unix:PATH")
 	fl.StringVar(&f.confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed); for images from untrusted sources")
 	return cmd
@@ -152,7 +154,7 @@ func runServe(f *serveFlags, args []string) error {
 
 // openExports opens the images named on the command line.
 func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
-	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly, Verify: f.verify, Logger: log}
+	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly || f.snapshot != "", Verify: f.verify, Logger: log, Snapshot: f.snapshot}
 	if f.confine != "" {
 		var err error
 		if opts.ResolvePath, err = diskserve.Confine(f.confine); err != nil {

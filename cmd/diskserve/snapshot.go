@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -33,9 +35,48 @@ link of a raw image when the bundle is on the same file system (no copy;
 the image must not be written afterwards, as after a live snapshot moved
 the guest onto an overlay), and a compact qcow2 otherwise (-o compress for
 a compressed one). verify checks every digest; restore verifies, then
-writes IMAGE atomically.`,
+writes IMAGE atomically.
+
+list shows a qcow2 image's internal snapshots, as qemu-img snapshot -l
+does; diskserve serve --snapshot NAME serves one of them read-only.`,
 	}
-	cmd.AddCommand(newSnapshotSaveCommand(), newSnapshotVerifyCommand(), newSnapshotRestoreCommand())
+	cmd.AddCommand(newSnapshotListCommand(), newSnapshotSaveCommand(), newSnapshotVerifyCommand(), newSnapshotRestoreCommand())
+	return cmd
+}
+
+func newSnapshotListCommand() *cobra.Command {
+	var f imageFlags
+	cmd := &cobra.Command{
+		Use:   "list [-f FORMAT] [--output=human|json] IMAGE",
+		Short: "List an image's internal snapshots",
+		Args:  oneImage,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return f.withImage(args, true, func(d diskserve.DiskFile) error {
+				snaps := diskserve.Describe(d).Snapshots
+				if f.output == "json" {
+					if snaps == nil {
+						snaps = []diskserve.Snapshot{}
+					}
+					e := json.NewEncoder(os.Stdout)
+					e.SetIndent("", "  ")
+					return e.Encode(snaps)
+				}
+				if len(snaps) == 0 {
+					return nil // as qemu-img: nothing for an image without snapshots
+				}
+				tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+				fmt.Fprintln(tw, "Snapshot list:")
+				fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE\tVM CLOCK")
+				for _, s := range snaps {
+					c := s.VMClock
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%02d:%02d:%02d.%03d\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)),
+						s.Date.Local().Format("2006-01-02 15:04:05"), int(c.Hours()), int(c.Minutes())%60, int(c.Seconds())%60, c.Milliseconds()%1000)
+				}
+				return tw.Flush()
+			})
+		},
+	}
+	f.register(cmd.Flags())
 	return cmd
 }
 

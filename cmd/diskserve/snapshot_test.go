@@ -145,3 +145,60 @@ func TestSnapshotBundles(t *testing.T) {
 		}
 	})
 }
+
+// TestInternalSnapshots lists the internal snapshots qemu-img made and
+// serves one of them read-only over NBD, with the data of its moment; the
+// current state serves the later data; other formats and unknown names
+// are refused with clear errors.
+func TestInternalSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "snap.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", img)
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "first", img)
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 2 512k 1M", img)
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "second", img)
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 3 0 64k", img)
+
+	list := mustRun(t, "snapshot", "list", img)
+	for _, want := range []string{"Snapshot list:", "first", "second"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("snapshot list lacks %q:\n%s", want, list)
+		}
+	}
+	var snaps []struct{ ID, Name string }
+	json.Unmarshal([]byte(mustRun(t, "snapshot", "list", "--output=json", img)), &snaps)
+	if len(snaps) != 2 || snaps[0].Name != "first" || snaps[1].ID != "2" {
+		t.Errorf("snapshot list --output=json: %+v", snaps)
+	}
+
+	sock := filepath.Join(dir, "s.sock")
+	uri := "nbd+unix:///?socket=" + sock
+	for _, tc := range []struct {
+		snapshot string
+		reads    []string
+	}{
+		{"first", []string{"read -P 1 0 1M", "read -P 0 1M 1M"}},
+		{"2", []string{"read -P 1 0 512k", "read -P 2 512k 1M"}},
+		{"", []string{"read -P 3 0 64k", "read -P 1 64k 448k", "read -P 2 512k 1M"}},
+	} {
+		args := []string{"serve", "-r", "--listen", "unix:" + sock, img}
+		if tc.snapshot != "" {
+			args = append([]string{"serve", "--snapshot", tc.snapshot}, args[1:]...)
+		}
+		s := startServe(t, exec.Command(diskserveBin, args...))
+		out := string(testtool.Run(t, "qemu-io", append(append([]string{"-r", "-f", "raw"}, qemuIOArgs(tc.reads)...), uri)...))
+		if strings.Contains(out, "Pattern verification failed") {
+			t.Errorf("snapshot %q:\n%s", tc.snapshot, out)
+		}
+		s.stop(t, syscall.SIGTERM)
+	}
+	if _, stderr, code := run(t, nil, "serve", "--snapshot", "third", "--listen", "unix:"+sock, img); code == 0 || !strings.Contains(stderr, `no snapshot "third" (snapshots: first, second)`) {
+		t.Errorf("an unknown snapshot: exit %d, %s", code, stderr)
+	}
+	raw := image(t, dir, "plain.raw", "1M")
+	if _, stderr, code := run(t, nil, "serve", "--snapshot", "first", "--listen", "unix:"+sock, raw); code == 0 || !strings.Contains(stderr, "raw images have no internal snapshots") {
+		t.Errorf("a snapshot of a raw image: exit %d, %s", code, stderr)
+	}
+	testtool.Run(t, "qemu-img", "check", img)
+}

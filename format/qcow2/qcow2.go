@@ -59,7 +59,7 @@ import (
 )
 
 // Format is the qcow2 format for the opener.
-var Format = diskserve.Format{Name: "qcow2", Magic: Magic, Open: open}
+var Format = diskserve.Format{Name: "qcow2", Magic: Magic, Open: open, Snapshots: true}
 
 // L2 entry bits.
 const (
@@ -137,6 +137,11 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	}
 	if d.snaps, d.snapBytes, err = readSnapshots(c, h); err != nil {
 		return nil, err
+	}
+	if name := oc.Snapshot(); name != "" {
+		if err := d.useSnapshot(name, fileSize); err != nil {
+			return nil, err
+		}
 	}
 	if !oc.ReadOnly() {
 		if d.w, err = newWriter(d, fileSize); err != nil {

@@ -1,6 +1,8 @@
 package qcow2
 
 import (
+	"fmt"
+	"strings"
 	"time"
 
 	"github.com/diskserve/diskserve"
@@ -70,4 +72,35 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, int64, error) {
 		off += (40 + extra + idLen + nameLen + 7) &^ 7
 	}
 	return snaps, off - int64(h.SnapshotsOffset), nil
+}
+
+// useSnapshot makes d the image as it was when the snapshot called name
+// (its name or its ID) was taken: its L1 table and its disk size. The
+// image is then read-only.
+func (d *Disk) useSnapshot(name string, fileSize int64) error {
+	var names []string
+	for _, s := range d.snaps {
+		if s.Name != name && s.ID != name {
+			names = append(names, s.Name)
+			continue
+		}
+		h := *d.h
+		h.L1TableOffset, h.L1Size = s.L1TableOffset, s.L1Size
+		if s.DiskSize != 0 {
+			h.Size = s.DiskSize
+		}
+		if err := h.checkLayout(fileSize); err != nil {
+			return fmt.Errorf("snapshot %q: %w", name, err)
+		}
+		l1, err := readTable(d.c, h.L1TableOffset, h.L1Size)
+		if err != nil {
+			return fmt.Errorf("snapshot %q: read L1 table: %w", name, err)
+		}
+		d.h, d.l1 = &h, l1
+		return nil
+	}
+	if len(names) == 0 {
+		return fmt.Errorf("no snapshot %q: the image has no internal snapshots", name)
+	}
+	return fmt.Errorf("no snapshot %q (snapshots: %s)", name, strings.Join(names, ", "))
 }
