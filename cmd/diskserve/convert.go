@@ -37,6 +37,7 @@ func newConvertCommand() *cobra.Command {
 		compress       bool
 		showProgress   bool
 		verify         bool
+		snapshot       string
 	)
 	cmd := &cobra.Command{
 		Use:   "convert [-p] [-c] [-f FORMAT] -O FORMAT [-o OPT=VALUE,...] SRC DST",
@@ -64,7 +65,7 @@ progress bar on a terminal.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			src, err := format.Open(args[0], diskserve.Options{Format: srcFmt, ReadOnly: true, Verify: verify})
+			src, err := format.Open(args[0], diskserve.Options{Format: srcFmt, ReadOnly: true, Verify: verify, Snapshot: snapshot})
 			if err != nil {
 				return err
 			}
@@ -91,6 +92,7 @@ progress bar on a terminal.`,
 	fl.BoolVarP(&compress, "compress", "c", false, "compress qcow2 output clusters (zlib, or zstd with -o compression_type=zstd)")
 	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
 	fl.BoolVar(&verify, "verify", false, "verify SRC's checksums (Android sparse CRC32 chunks) before converting")
+	fl.StringVarP(&snapshot, "snapshot", "l", "", "convert the qcow2 internal snapshot NAME (or ID) of SRC, as qemu-img convert -l does")
 	return cmd
 }
 

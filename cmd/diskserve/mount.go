@@ -23,6 +23,7 @@ func newMountCommand() *cobra.Command {
 		verify   bool
 		aio      aioFlag
 		confine  string
+		snapshot string
 	)
 	cmd := &cobra.Command{
 		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] IMAGE MOUNTPOINT",
@@ -42,7 +43,7 @@ and served until the last open file is closed.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			image, mountpoint := args[0], args[1]
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			opts := diskserve.Options{Format: fmtName, ReadOnly: readOnly, Verify: verify, Logger: log}
+			opts := diskserve.Options{Format: fmtName, ReadOnly: readOnly || snapshot != "", Verify: verify, Logger: log, Snapshot: snapshot}
 			if confine != "" {
 				var err error
 				if opts.ResolvePath, err = diskserve.Confine(confine); err != nil {
@@ -81,6 +82,7 @@ and served until the last open file is closed.`,
 	fl.StringVarP(&fmtName, "format", "f", "", "image format; detected when omitted")
 	fl.BoolVarP(&readOnly, "read-only", "r", false, "mount read-only")
 	fl.BoolVar(&verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) before mounting")
+	fl.StringVar(&snapshot, "snapshot", "", "mount the qcow2 internal snapshot NAME (or ID), read-only")
 	aio.register(fl)
 	fl.StringVar(&confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed)")
 	return cmd
