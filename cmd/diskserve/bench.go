@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"slices"
@@ -35,8 +36,8 @@ func newBenchCommand() *cobra.Command {
 		Short: "Compare disk formats: throughput, IOPS and latency of each",
 		Long: `bench builds an image of each format (-f) holding the same content, runs
 each pattern at each queue depth on it for --runtime, through diskserve's
-I/O engine in process, its NBD server or its FUSE file (--via), and reports MiB/s, IOPS and latency percentiles (p50, p99,
-p99.9) side by side.
+I/O engine in process, its NBD server or its FUSE file (--via), and
+reports MiB/s, IOPS and latency percentiles (p50, p99, p99.9) side by side.
 
 The content is SOURCE's (an image of any format diskserve opens) or, without
 SOURCE, --size bytes of 1 MiB blocks cycling through random data, text and
@@ -46,8 +47,9 @@ writes are skipped on formats that are read-only (android-sparse, zstd).
 
 --output human prints a table; json the figures; svg a grouped bar chart
 (one group per pattern and depth, one bar per format); html the chart and
-the table; --from-json FILE renders a saved JSON report again. Images are built in --dir (default: the system's temporary
-directory) and removed afterwards. Progress is shown on a terminal.`,
+the table; --from-json FILE renders a saved JSON report again. Images are
+built in --dir (default: the system's temporary directory) and removed
+afterwards. Progress is shown on a terminal.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var c formatbench.Config
@@ -71,11 +73,11 @@ directory) and removed afterwards. Progress is shown on a terminal.`,
 				}
 				c.Depths = append(c.Depths, n)
 			}
-			write := map[string]func(*os.File, *formatbench.Report) error{
-				"human": func(f *os.File, r *formatbench.Report) error { return formatbench.WriteTable(f, r) },
-				"json":  func(f *os.File, r *formatbench.Report) error { return formatbench.WriteJSON(f, r) },
-				"svg":   func(f *os.File, r *formatbench.Report) error { return formatbench.WriteSVG(f, r) },
-				"html":  func(f *os.File, r *formatbench.Report) error { return formatbench.WriteHTML(f, r) },
+			write := map[string]func(io.Writer, *formatbench.Report) error{
+				"human": formatbench.WriteTable,
+				"json":  formatbench.WriteJSON,
+				"svg":   formatbench.WriteSVG,
+				"html":  formatbench.WriteHTML,
 			}[output]
 			if write == nil {
 				return fmt.Errorf("--output must be human, json, svg or html, not %q", output)
