@@ -267,7 +267,7 @@ func (e *UringEngine) finish(r *Request, res int32) {
 // complete inline), or the reaper goroutine, which an eventfd wakes.
 type ring struct {
 	fd                     int
-	sqMem, cqMem, sqeMem   []byte
+	mem, sqeMem            []byte // the rings (one mapping: IORING_FEAT_SINGLE_MMAP) and the entries
 	sqTail, sqMask         *uint32
 	sqArray                []uint32
 	sqes                   []sqe
@@ -307,22 +307,21 @@ func newRing(entries uint32) (_ *ring, err error) {
 	sqSize := int(p.sqOff.array + p.sqEntries*4)
 	cqSize := int(p.cqOff.cqes + p.cqEntries*uint32(unsafe.Sizeof(cqe{})))
 	size := max(sqSize, cqSize)
-	if r.sqMem, err = unix.Mmap(r.fd, offSQRing, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
+	if r.mem, err = unix.Mmap(r.fd, offSQRing, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
 		return nil, fmt.Errorf("io_uring mmap: %w", err)
 	}
-	r.cqMem = r.sqMem // IORING_FEAT_SINGLE_MMAP
 	if r.sqeMem, err = unix.Mmap(r.fd, offSQEs, int(p.sqEntries)*int(unsafe.Sizeof(sqe{})), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
 		return nil, fmt.Errorf("io_uring mmap: %w", err)
 	}
 	u32 := func(mem []byte, off uint32) *uint32 { return (*uint32)(unsafe.Pointer(&mem[off])) }
-	r.sqTail = u32(r.sqMem, p.sqOff.tail)
-	r.sqMask = u32(r.sqMem, p.sqOff.ringMask)
-	r.sqArray = unsafe.Slice(u32(r.sqMem, p.sqOff.array), p.sqEntries)
+	r.sqTail = u32(r.mem, p.sqOff.tail)
+	r.sqMask = u32(r.mem, p.sqOff.ringMask)
+	r.sqArray = unsafe.Slice(u32(r.mem, p.sqOff.array), p.sqEntries)
 	r.sqes = unsafe.Slice((*sqe)(unsafe.Pointer(&r.sqeMem[0])), p.sqEntries)
-	r.cqHead = u32(r.cqMem, p.cqOff.head)
-	r.cqTail = u32(r.cqMem, p.cqOff.tail)
-	r.cqMask = u32(r.cqMem, p.cqOff.ringMask)
-	r.cqes = unsafe.Slice((*cqe)(unsafe.Pointer(&r.cqMem[p.cqOff.cqes])), p.cqEntries)
+	r.cqHead = u32(r.mem, p.cqOff.head)
+	r.cqTail = u32(r.mem, p.cqOff.tail)
+	r.cqMask = u32(r.mem, p.cqOff.ringMask)
+	r.cqes = unsafe.Slice((*cqe)(unsafe.Pointer(&r.mem[p.cqOff.cqes])), p.cqEntries)
 
 	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
@@ -415,8 +414,8 @@ func (rg *ring) close() {
 	if rg.sqeMem != nil {
 		unix.Munmap(rg.sqeMem)
 	}
-	if rg.sqMem != nil {
-		unix.Munmap(rg.sqMem)
+	if rg.mem != nil {
+		unix.Munmap(rg.mem)
 	}
 	unix.Close(rg.fd)
 }

@@ -99,10 +99,11 @@ func copyInto(path string, src diskserve.DiskFile, compress bool) error {
 	cw := d.(interface {
 		WriteCompressed(p []byte, off int64) error
 	})
+	cs := int(diskserve.Describe(d).ClusterSize)
 	err = eachDataBlock(src, 0, src.Size(), func(b []byte, at int64) error {
 		if compress {
-			for k := 0; k < len(b); k += 64 << 10 { // qcow2.Create's default cluster size
-				if err := cw.WriteCompressed(b[k:min(len(b), k+64<<10)], at+int64(k)); err != nil {
+			for k := 0; k < len(b); k += cs {
+				if err := cw.WriteCompressed(b[k:min(len(b), k+cs)], at+int64(k)); err != nil {
 					return err
 				}
 			}
