@@ -35,9 +35,9 @@ import (
 //
 // Features that not every format has are optional interfaces ([Flusher],
 // [ZeroWriter], [HolePuncher], [ExtentMapper], [Resizer], [Describer],
-// [Checker]). Callers never type-assert them: the package-level functions
-// [Flush], [WriteZeroes], [PunchHole], [Extents], [Resize], [Describe] and
-// [Check] do, and hold the fallback for disks that lack the capability;
+// [Checker], [Snapshotter]). Callers never type-assert them: the
+// package-level functions [Flush], [WriteZeroes], [PunchHole], [Extents],
+// [Resize], [Describe], [Check] and the snapshot functions do, and hold the fallback for disks that lack the capability;
 // [CapabilitiesOf] tells exporters what is native, to advertise.
 type DiskFile interface {
 	io.ReaderAt
@@ -195,6 +195,29 @@ type Snapshot struct {
 	VMClock     time.Duration // the guest's clock then
 	VMStateSize uint64        // bytes of saved VM state, 0 for a disk-only snapshot
 	DiskSize    uint64        // virtual size of the disk then, 0 if unrecorded
+}
+
+// A Snapshotter keeps internal snapshots: earlier states of the disk
+// stored inside its own image, as qcow2 does. A snapshot is named by its ID
+// or its name, the ID first, as qemu-img snapshot names them.
+//
+// CreateSnapshot records the disk's current content under name, with the
+// next free ID, and returns the new snapshot. ApplySnapshot reverts the disk
+// to a snapshot's content and size, discarding what was written since (the
+// snapshot itself is kept). DeleteSnapshot drops a snapshot and frees what
+// only it held. Each call is durable when it returns, and an interrupted one
+// leaves the image as before or as after it, with at most leaked space.
+//
+// Unlike the other capabilities, these calls must not run concurrently with
+// any other method of the disk: an exporter quiesces its clients first. On
+// a read-only disk they fail with an error wrapping [ErrReadOnly]. If a disk
+// does not implement Snapshotter, [CreateSnapshot], [ApplySnapshot] and
+// [DeleteSnapshot] fail with an error wrapping [errors.ErrUnsupported]; the
+// list of snapshots is [Info.Snapshots], from [Describe].
+type Snapshotter interface {
+	CreateSnapshot(name string) (Snapshot, error)
+	ApplySnapshot(name string) error
+	DeleteSnapshot(name string) error
 }
 
 // A Wrapper is a disk that serves requests by passing them to another disk

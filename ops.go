@@ -159,6 +159,49 @@ func Check(d DiskFile, repair Repair) (CheckReport, error) {
 	return CheckReport{}, fmt.Errorf("check: %w", errors.ErrUnsupported)
 }
 
+// CreateSnapshot records d's current content as a new internal snapshot
+// called name, with d's [Snapshotter].
+func CreateSnapshot(d DiskFile, name string) (Snapshot, error) {
+	s, err := snapshotter(d, "create snapshot")
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return s.CreateSnapshot(name)
+}
+
+// ApplySnapshot reverts d to its internal snapshot name (an ID or a name),
+// with d's [Snapshotter].
+func ApplySnapshot(d DiskFile, name string) error {
+	s, err := snapshotter(d, "apply snapshot")
+	if err != nil {
+		return err
+	}
+	return s.ApplySnapshot(name)
+}
+
+// DeleteSnapshot deletes d's internal snapshot name (an ID or a name), with
+// d's [Snapshotter].
+func DeleteSnapshot(d DiskFile, name string) error {
+	s, err := snapshotter(d, "delete snapshot")
+	if err != nil {
+		return err
+	}
+	return s.DeleteSnapshot(name)
+}
+
+// snapshotter returns d's Snapshotter, or the error the snapshot functions
+// return for a disk that has none or is read-only.
+func snapshotter(d DiskFile, op string) (Snapshotter, error) {
+	s, ok := d.(Snapshotter)
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("%s: the disk has no internal snapshots: %w", op, errors.ErrUnsupported)
+	case d.ReadOnly():
+		return nil, fmt.Errorf("%s: %w", op, ErrReadOnly)
+	}
+	return s, nil
+}
+
 // Describe returns what is known about d's image: its size and read-only
 // state, and whatever d's [Describer] adds.
 func Describe(d DiskFile) Info {

@@ -23,6 +23,7 @@ var (
 	_ Resizer      = Passthrough{}
 	_ Describer    = Passthrough{}
 	_ Checker      = Passthrough{}
+	_ Snapshotter  = Passthrough{}
 	_ HostMapper   = Passthrough{}
 )
 
@@ -84,6 +85,15 @@ func (p Passthrough) Describe(info *Info) { *info = Describe(p.D) }
 
 // Check checks D.
 func (p Passthrough) Check(repair Repair) (CheckReport, error) { return Check(p.D, repair) }
+
+// CreateSnapshot creates a snapshot of D.
+func (p Passthrough) CreateSnapshot(name string) (Snapshot, error) { return CreateSnapshot(p.D, name) }
+
+// ApplySnapshot applies a snapshot of D.
+func (p Passthrough) ApplySnapshot(name string) error { return ApplySnapshot(p.D, name) }
+
+// DeleteSnapshot deletes a snapshot of D.
+func (p Passthrough) DeleteSnapshot(name string) error { return DeleteSnapshot(p.D, name) }
 
 // MapHost maps through D.
 func (p Passthrough) MapHost(off, n int64, write bool) (HostRange, bool) {

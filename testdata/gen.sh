@@ -36,6 +36,13 @@ qemu-img create -q -f qcow2 -o cluster_size=16384,extended_l2=on qcow2/tiny-extl
 qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-extl2.qcow2 >/dev/null
 qemu-img convert -q -c -f qcow2 -O qcow2 -o cluster_size=4096 qcow2/tiny-c4k-rc1.qcow2 qcow2/tiny-zlib.qcow2
 qemu-img convert -q -c -f qcow2 -O qcow2 -o cluster_size=4096,compression_type=zstd qcow2/tiny-c4k-rc1.qcow2 qcow2/tiny-zstd.qcow2
+# Two internal snapshots, with writes before, between and after them.
+qemu-img create -q -f qcow2 -o cluster_size=4096 qcow2/tiny-snap.qcow2 64K
+qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-snap.qcow2 >/dev/null
+qemu-img snapshot -c first qcow2/tiny-snap.qcow2
+qemu-io -f qcow2 -c 'write -P 0xe5 2048 8192' -c 'write -z 40960 4096' qcow2/tiny-snap.qcow2 >/dev/null
+qemu-img snapshot -c second qcow2/tiny-snap.qcow2
+qemu-io -f qcow2 -c 'write -P 0xf6 0 1024' qcow2/tiny-snap.qcow2 >/dev/null
 for img in qcow2/*.qcow2; do
 	qemu-img convert -f qcow2 -O raw "$img" "$img.raw"
 	sha256sum "$img.raw" | cut -d' ' -f1 > "$img.sha256"

@@ -37,10 +37,46 @@ the guest onto an overlay), and a compact qcow2 otherwise (-o compress for
 a compressed one). verify checks every digest; restore verifies, then
 writes IMAGE atomically.
 
-list shows a qcow2 image's internal snapshots, as qemu-img snapshot -l
-does; diskserve serve --snapshot NAME serves one of them read-only.`,
+list, create, apply and delete work on a qcow2 image's internal
+snapshots, as qemu-img snapshot -l, -c, -a and -d do, and interchangeably
+with it; a snapshot is named by its ID or its name. diskserve serve
+--snapshot NAME serves one of them read-only.`,
 	}
-	cmd.AddCommand(newSnapshotListCommand(), newSnapshotSaveCommand(), newSnapshotVerifyCommand(), newSnapshotRestoreCommand())
+	cmd.AddCommand(newSnapshotListCommand(),
+		newInternalSnapshotCommand("create", "Record IMAGE's current content as internal snapshot NAME", func(d diskserve.DiskFile, name string) error {
+			_, err := diskserve.CreateSnapshot(d, name)
+			return err
+		}),
+		newInternalSnapshotCommand("apply", "Revert IMAGE to internal snapshot NAME, discarding what was written since", diskserve.ApplySnapshot),
+		newInternalSnapshotCommand("delete", "Delete internal snapshot NAME of IMAGE", diskserve.DeleteSnapshot),
+		newSnapshotSaveCommand(), newSnapshotVerifyCommand(), newSnapshotRestoreCommand())
+	return cmd
+}
+
+// newInternalSnapshotCommand returns the subcommand that opens IMAGE for
+// writing and calls op on it with NAME.
+func newInternalSnapshotCommand(verb, short string, op func(diskserve.DiskFile, string) error) *cobra.Command {
+	var fmtName string
+	cmd := &cobra.Command{
+		Use:   verb + " [-f FORMAT] IMAGE NAME",
+		Short: short,
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			d, err := format.Open(args[0], diskserve.Options{Format: fmtName})
+			if err != nil {
+				return err
+			}
+			err = op(d, args[1])
+			if cerr := d.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&fmtName, "format", "f", "", "format of IMAGE; detected when omitted")
 	return cmd
 }
 

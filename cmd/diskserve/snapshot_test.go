@@ -217,3 +217,75 @@ func TestInternalSnapshots(t *testing.T) {
 	}
 	unmount(t, ms)
 }
+
+// TestInternalSnapshotsBothWays creates, applies and deletes internal
+// snapshots with diskserve and with qemu-img on the same image, and serves
+// it read-write over NBD while it has snapshots: each tool applies the
+// other's snapshots with the data of their moment, writes through NBD
+// leave every snapshot as it was, and qemu-img check stays clean
+// throughout.
+func TestInternalSnapshotsBothWays(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "both.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	qemuIO := func(reads ...string) {
+		t.Helper()
+		out := string(testtool.Run(t, "qemu-io", append(append([]string{"-f", "qcow2"}, qemuIOArgs(reads)...), img)...))
+		if strings.Contains(out, "Pattern verification failed") {
+			t.Fatalf("qemu-io %q:\n%s", reads, out)
+		}
+	}
+	qemuIO("write -P 1 0 2M")
+	mustRun(t, "snapshot", "create", img, "by-diskserve")
+	qemuIO("write -P 2 1M 2M")
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "by-qemu", img)
+	testtool.Run(t, "qemu-img", "check", img)
+
+	// Written over NBD while both snapshots exist.
+	sock := filepath.Join(dir, "s.sock")
+	s := startServe(t, exec.Command(diskserveBin, "serve", "--listen", "unix:"+sock, img))
+	out := string(testtool.Run(t, "qemu-io", append([]string{"-f", "raw"}, append(qemuIOArgs([]string{"write -P 3 512k 1M", "write -z 2M 64k", "discard 2560k 512k", "read -P 3 512k 1M"}), "nbd+unix:///?socket="+sock)...)...))
+	if strings.Contains(out, "Pattern verification failed") {
+		t.Fatalf("qemu-io over NBD:\n%s", out)
+	}
+	s.stop(t, syscall.SIGTERM)
+	testtool.Run(t, "qemu-img", "check", img)
+	list := string(testtool.Run(t, "qemu-img", "snapshot", "-l", img))
+	if !strings.Contains(list, "by-diskserve") || !strings.Contains(list, "by-qemu") {
+		t.Fatalf("qemu-img snapshot -l:\n%s", list)
+	}
+
+	// diskserve applies qemu's snapshot; qemu applies diskserve's.
+	mustRun(t, "snapshot", "apply", img, "by-qemu")
+	testtool.Run(t, "qemu-img", "check", img)
+	qemuIO("read -P 1 0 1M", "read -P 2 1M 2M", "read -P 0 3M 1M")
+	testtool.Run(t, "qemu-img", "snapshot", "-a", "by-diskserve", img)
+	testtool.Run(t, "qemu-img", "check", img)
+	qemuIO("read -P 1 0 2M", "read -P 0 2M 2M")
+	mustRun(t, "snapshot", "apply", img, "2") // by ID
+	qemuIO("read -P 2 1M 2M")
+
+	// Each deletes the other's; then the image checks clean with no
+	// snapshot, and its data is the last applied.
+	mustRun(t, "snapshot", "delete", img, "by-qemu")
+	testtool.Run(t, "qemu-img", "check", img)
+	testtool.Run(t, "qemu-img", "snapshot", "-d", "by-diskserve", img)
+	testtool.Run(t, "qemu-img", "check", img)
+	if out := mustRun(t, "snapshot", "list", "--output=json", img); strings.TrimSpace(out) != "[]" {
+		t.Errorf("snapshots left: %s", out)
+	}
+	qemuIO("read -P 1 0 1M", "read -P 2 1M 2M")
+
+	// Refusals name the image and the reason.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"snapshot", "apply", img, "gone"}, `no snapshot "gone": the image has no internal snapshots`},
+		{[]string{"snapshot", "create", image(t, dir, "plain.raw", "1M"), "x"}, "the disk has no internal snapshots"},
+	} {
+		if _, stderr, code := run(t, nil, tc.args...); code == 0 || !strings.Contains(stderr, tc.want) || !strings.Contains(stderr, tc.args[2]) {
+			t.Errorf("%q: exit %d, %s", tc.args, code, stderr)
+		}
+	}
+}

@@ -20,20 +20,26 @@
 //     records, relative names taken relative to the image's directory;
 //     reads past the end of a shorter backing file return zeroes, and
 //     partial writes over it copy the rest of the cluster from it.
-//   - Internal snapshots, listed by Describe; reads see the active layer.
+//   - Internal snapshots: listed by Describe, opened read-only through
+//     [diskserve.Options.Snapshot], and created, applied and deleted as
+//     qemu-img snapshot does (see snapshot.go); reads see the active layer.
 //   - Allocation extents from the L1 and L2 tables, through to the backing
 //     file, so NBD block status and `diskserve map` are exact.
 //   - Writing with refcounts kept exact (qemu-img check finds no error and
 //     no leak), copy-on-write of clusters whose COPIED flag is clear, a
-//     refcount table that grows, and resize (grow). Metadata reaches the
-//     file in crash-safe order on Flush; see write.go.
+//     refcount table that grows, and resize (grow). L2 tables that a
+//     snapshot shares (COPIED clear in the L1 entry) are copied before
+//     they change. Metadata reaches the file in crash-safe order on Flush;
+//     see write.go.
 //
 // # Not supported
 //
 //   - Encryption (AES and LUKS), external data files, and unknown
 //     incompatible features are refused with an error naming them.
-//   - Writing images with internal snapshots or extended L2 entries, and
-//     dirty (lazy-refcount) or corrupt images: they open read-only only.
+//   - Writing images with extended L2 entries, and dirty (lazy-refcount)
+//     or corrupt images: they open read-only only.
+//   - Resizing a version 2 image that has internal snapshots, as in qemu:
+//     version 2 snapshots need not record their disk size.
 //   - A backing file whose format the image does not record: probing it
 //     could take a raw file a guest wrote for a qcow2 image, so it is
 //     refused; `qemu-img rebase -u -F FORMAT` records the format.

@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/diskserve/diskserve"
@@ -48,8 +49,6 @@ func newWriter(d *Disk, fileSize int64) (*writer, error) {
 		return nil, corrupt(72, "the image is marked corrupt: repair it with qemu-img check -r all, or open it read-only")
 	case h.IncompatibleFeatures&incompatDirty != 0:
 		return nil, unsupported(72, "the image is dirty (lazy refcounts) and writing it needs a refcount rebuild: run qemu-img check -r all, or open it read-only")
-	case h.NbSnapshots > 0:
-		return nil, unsupported(60, "writing images with internal snapshots is not supported yet: open it read-only")
 	case h.extendedL2():
 		return nil, unsupported(72, "writing images with extended L2 entries is not supported yet: open it read-only")
 	}
@@ -120,19 +119,15 @@ func (d *Disk) growFile() error {
 //
 // Preconditions: d.mu is held.
 func (d *Disk) free(entry uint64) {
-	switch {
-	case entry&entryCompressed != 0:
-		off, n := d.compressedRange(entry)
-		for c := off &^ (d.cs - 1); c < off+n; c += d.cs {
-			d.w.pendingFree = append(d.w.pendingFree, c)
-		}
-	case entry&offsetMask != 0:
-		d.w.pendingFree = append(d.w.pendingFree, int64(entry&offsetMask))
-	}
+	_ = d.forEachCluster(entry, func(host int64) error {
+		d.w.pendingFree = append(d.w.pendingFree, host)
+		return nil
+	})
 }
 
-// l2ForWrite returns the L2 table of guest cluster ci, allocating it if
-// the image has none there yet.
+// l2ForWrite returns the L2 table of guest cluster ci for changing,
+// allocating it if the image has none there yet and copying it if a
+// snapshot shares it (COPIED clear in the L1 entry).
 //
 // Preconditions: d.mu is held.
 func (d *Disk) l2ForWrite(ci int64) (*metaTable, error) {
@@ -148,13 +143,35 @@ func (d *Disk) l2ForWrite(ci int64) (*metaTable, error) {
 		d.w.l1Dirty = true
 		return d.meta.add(off, kindL2, make([]byte, d.cs), true), nil
 	}
-	if l1e&entryCopied == 0 {
-		return nil, unsupported(int64(d.h.L1TableOffset)+l1i*8, "L2 table at %#x is shared (COPIED clear): writing to it is not supported", l2off)
-	}
 	if l2off%d.cs != 0 {
 		return nil, corrupt(int64(d.h.L1TableOffset)+l1i*8, "L2 table offset %#x not cluster aligned", l2off)
 	}
-	return d.meta.get(l2off, kindL2, d.loadTable)
+	t, err := d.meta.get(l2off, kindL2, d.loadTable)
+	if err != nil || l1e&entryCopied != 0 {
+		return t, err
+	}
+	return d.copyL2(l1i, t)
+}
+
+// copyL2 gives the active layer its own copy of the shared L2 table t of L1
+// entry l1i. The clusters it refers to keep their refcounts: the copy
+// takes over the active layer's references from t, which loses one. Their
+// COPIED flags are set anew from their refcounts.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) copyL2(l1i int64, t *metaTable) (*metaTable, error) {
+	off, err := d.alloc(1)
+	if err != nil {
+		return nil, err
+	}
+	c := d.meta.add(off, kindL2, bytes.Clone(t.data), true)
+	if err := d.recomputeCopied(c); err != nil {
+		return nil, err
+	}
+	d.l1[l1i] = uint64(off) | entryCopied
+	d.w.l1Dirty = true
+	d.w.pendingFree = append(d.w.pendingFree, t.off)
+	return c, nil
 }
 
 func (d *Disk) setEntry(t *metaTable, ci int64, e uint64) {
@@ -454,6 +471,8 @@ func (d *Disk) Resize(size int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	switch {
+	case d.h.Version < 3 && len(d.snaps) > 0:
+		return unsupported(60, "resize: a version 2 image with internal snapshots keeps its size (its snapshots need not record theirs; qemu refuses it too)")
 	case size < int64(d.h.Size):
 		return fmt.Errorf("shrink from %d to %d bytes: %w", d.h.Size, size, diskserve.ErrUnsupported)
 	case size > maxVirtualSize:

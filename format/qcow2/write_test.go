@@ -248,19 +248,14 @@ func TestInteropResize(t *testing.T) {
 	}
 }
 
-// TestWriteRefusals opens for writing the images this writer leaves alone.
+// TestWriteRefusals opens for writing an image this writer leaves alone.
 func TestWriteRefusals(t *testing.T) {
-	dir := t.TempDir()
-	snap := create(t, dir, "1M")
-	testtool.Run(t, "qemu-img", "snapshot", "-c", "s", snap)
-	ext := filepath.Join(dir, "ext.qcow2")
+	ext := filepath.Join(t.TempDir(), "ext.qcow2")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", ext, "1M")
-	for img, want := range map[string]string{snap: "internal snapshots", ext: "extended L2"} {
-		opts := options()
-		opts.ReadOnly = false
-		_, err := diskserve.Open(img, opts)
-		if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "read-only") {
-			t.Errorf("read-write open of %s: %v", filepath.Base(img), err)
-		}
+	opts := options()
+	opts.ReadOnly = false
+	_, err := diskserve.Open(ext, opts)
+	if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), "extended L2") || !strings.Contains(err.Error(), "read-only") {
+		t.Errorf("read-write open of %s: %v", filepath.Base(ext), err)
 	}
 }

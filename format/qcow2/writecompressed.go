@@ -102,14 +102,23 @@ func (d *Disk) compress(cluster []byte) ([]byte, error) {
 // the previous compressed cluster if it fits there, reaching into the next
 // host cluster only if that is the next one to be allocated anyway, else
 // at the start of a new cluster (also when the previous one ended on a
-// cluster boundary: the cluster after it may belong to something else). Every host cluster the range touches
-// gains one reference.
+// cluster boundary: the cluster after it may belong to something else, and
+// when the previous cluster's refcount cannot count one more). Every host
+// cluster the range touches gains one reference.
 //
 // Preconditions: d.mu is held; n < d.cs.
 func (d *Disk) allocCompressed(n int64) (int64, error) {
 	pos := d.w.compressedNext
 	end := pos&^(d.cs-1) + d.cs
-	if pos&(d.cs-1) == 0 || pos+n > end && d.w.end != end {
+	full := false
+	if pos&(d.cs-1) != 0 && d.w.bits < 64 {
+		rc, err := d.refcount(pos &^ (d.cs - 1))
+		if err != nil {
+			return 0, err
+		}
+		full = rc+1 >= 1<<d.w.bits
+	}
+	if full || pos&(d.cs-1) == 0 || pos+n > end && d.w.end != end {
 		pos = d.reserve(1)
 	}
 	for c := pos &^ (d.cs - 1); c < pos+n; c += d.cs {

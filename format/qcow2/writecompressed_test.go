@@ -109,3 +109,24 @@ func firstDiff(a, b []byte) int {
 	}
 	return -1
 }
+
+// TestWriteCompressedNarrowRefcounts packs highly compressible clusters
+// into an image whose refcounts count at most 3: each host cluster takes as
+// many pieces as its refcount can count, then packing goes on in the next.
+func TestWriteCompressedNarrowRefcounts(t *testing.T) {
+	img := diskserveCreate(t, t.TempDir(), qcow2.CreateOptions{Size: 64 << 10, ClusterSize: 512, RefcountBits: 2})
+	d := openRW(t, img)
+	want := bytes.Repeat([]byte("squeeze "), 8<<10)
+	for off := int64(0); off < int64(len(want)); off += 512 {
+		if err := d.(compressedWriter).WriteCompressed(want[off:off+512], off); err != nil {
+			t.Fatalf("WriteCompressed(%d): %v", off, err)
+		}
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, img)
+	if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+		t.Fatalf("qemu-img reads byte %d unlike what was written", firstDiff(got, want))
+	}
+}
