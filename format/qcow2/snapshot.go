@@ -132,18 +132,23 @@ func (d *Disk) findSnapshot(name string) (int, error) {
 	return 0, fmt.Errorf("no snapshot %q (snapshots: %s)", name, strings.Join(names, ", "))
 }
 
-// snapshotHeader returns the header as it was when snapshot s was taken:
-// its L1 table and its disk size, checked against the file.
-func (d *Disk) snapshotHeader(s snapshot, fileSize int64) (*header, error) {
+// snapshotState returns the header as it was when snapshot s was taken
+// (its L1 table and its disk size, checked against the file) and its L1
+// table.
+func (d *Disk) snapshotState(s snapshot, fileSize int64) (*header, []uint64, error) {
 	h := *d.h
 	h.L1TableOffset, h.L1Size = s.L1TableOffset, s.L1Size
 	if s.DiskSize != 0 {
 		h.Size = s.DiskSize
 	}
 	if err := h.checkLayout(fileSize); err != nil {
-		return nil, fmt.Errorf("snapshot %q: %w", s.Name, err)
+		return nil, nil, fmt.Errorf("snapshot %q: %w", s.Name, err)
 	}
-	return &h, nil
+	l1, err := readTable(d.c, h.L1TableOffset, h.L1Size)
+	if err != nil {
+		return nil, nil, fmt.Errorf("snapshot %q: read L1 table: %w", s.Name, err)
+	}
+	return &h, l1, nil
 }
 
 // useSnapshot makes d the image as it was when the snapshot called name
@@ -153,13 +158,9 @@ func (d *Disk) useSnapshot(name string, fileSize int64) error {
 	if err != nil {
 		return err
 	}
-	h, err := d.snapshotHeader(d.snaps[i], fileSize)
+	h, l1, err := d.snapshotState(d.snaps[i], fileSize)
 	if err != nil {
 		return err
-	}
-	l1, err := readTable(d.c, h.L1TableOffset, h.L1Size)
-	if err != nil {
-		return fmt.Errorf("snapshot %q: read L1 table: %w", name, err)
 	}
 	d.h, d.l1 = h, l1
 	return nil
@@ -261,27 +262,20 @@ func (d *Disk) ApplySnapshot(name string) error {
 	if err != nil {
 		return fmt.Errorf("apply snapshot: %w", err)
 	}
-	s := d.snaps[i]
-	if err := d.flushLocked(); err != nil {
-		return err
-	}
-	h, err := d.snapshotHeader(s, d.c.Size())
+	h, l1, err := d.snapshotState(d.snaps[i], d.c.Size())
 	if err != nil {
 		return fmt.Errorf("apply snapshot: %w", err)
 	}
 	if h.Size != d.h.Size && d.h.Version < 3 {
 		return unsupported(60, "apply snapshot %q: its disk size, %d bytes, is not the image's, %d, and a version 2 image with snapshots keeps its size (as in qemu)", name, h.Size, d.h.Size)
 	}
-	l1, err := readTable(d.c, h.L1TableOffset, h.L1Size)
-	if err != nil {
-		return fmt.Errorf("apply snapshot %q: read L1 table: %w", name, err)
-	}
-	// 1. The snapshot's tables and clusters gain the active layer's
-	// reference, durable before the header points to them.
-	if err := d.shareTree(l1); err != nil {
+	if err := d.flushLocked(); err != nil {
 		return err
 	}
-	if err := d.flushLocked(); err != nil {
+	// 1. The snapshot's tables and clusters gain the active layer's
+	// reference; writeNewL1 makes that durable before it writes the
+	// active layer's new L1 table.
+	if err := d.shareTree(l1); err != nil {
 		return err
 	}
 	l1Off, err := d.writeNewL1(l1)
@@ -322,12 +316,9 @@ func (d *Disk) DeleteSnapshot(name string) error {
 		return fmt.Errorf("delete snapshot: %w", err)
 	}
 	s := d.snaps[i]
-	if err := checkTable("snapshot L1 table", -1, s.L1TableOffset, int64(s.L1Size)*8, d.cs, d.c.Size()); s.L1Size > 0 && err != nil {
-		return fmt.Errorf("delete snapshot %q: %w", name, err)
-	}
-	l1, err := readTable(d.c, s.L1TableOffset, s.L1Size)
+	_, l1, err := d.snapshotState(s, d.c.Size())
 	if err != nil {
-		return fmt.Errorf("delete snapshot %q: read L1 table: %w", name, err)
+		return fmt.Errorf("delete snapshot: %w", err)
 	}
 	if err := d.flushLocked(); err != nil {
 		return err
@@ -444,10 +435,6 @@ func (d *Disk) shareTree(l1 []uint64) error {
 //
 // Preconditions: d.mu is held; d.w is not nil.
 func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
-	release := func(host int64) error {
-		d.w.pendingFree = append(d.w.pendingFree, host)
-		return nil
-	}
 	for i := range l1 {
 		t, err := d.l2Table(l1, i)
 		if err != nil {
@@ -457,12 +444,12 @@ func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
 			continue
 		}
 		for j := int64(0); j < d.l2n; j++ {
-			_ = d.forEachCluster(be.Uint64(t.data[j*8:]), release)
+			d.free(be.Uint64(t.data[j*8:]))
 		}
-		release(t.off)
+		d.w.pendingFree = append(d.w.pendingFree, t.off)
 	}
 	for k := int64(0); k*d.cs < int64(len(l1))*8; k++ {
-		release(l1Off + k*d.cs)
+		d.w.pendingFree = append(d.w.pendingFree, l1Off+k*d.cs)
 	}
 	return nil
 }

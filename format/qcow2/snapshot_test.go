@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -74,13 +75,7 @@ func TestSnapshotWorkload(t *testing.T) {
 						want = append(want, make([]byte, grown-int64(len(want)))...)
 					}
 				}
-				names := slices.Sorted(func(yield func(string) bool) {
-					for n := range models {
-						if !yield(n) {
-							return
-						}
-					}
-				})
+				names := slices.Sorted(maps.Keys(models))
 				switch op := rnd.IntN(5); {
 				case op < 3 || len(names) == 0:
 					name := fmt.Sprintf("s%d", step)
