@@ -22,7 +22,9 @@
 // # Concurrency
 //
 // Every method may be called concurrently, as [diskserve.DiskFile] requires;
-// reads and writes are single pread and pwrite calls. Resize must not race
+// reads are single pread calls. Writes to a regular file are memory copies
+// into a shared mapping of it where the pages they cover are in the page
+// cache, and single pwrite calls otherwise. Resize must not race
 // with I/O at the offsets it removes.
 package raw
 
@@ -50,6 +52,7 @@ type Disk struct {
 	blockDev bool
 	readOnly bool
 	size     atomic.Int64
+	store    *store // nil for block devices and read-only disks
 }
 
 var (
@@ -97,6 +100,9 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
 		return 0, fmt.Errorf("write: %w", err)
 	}
+	if d.store.write(p, off) {
+		return len(p), nil
+	}
 	return d.f.WriteAt(p, off)
 }
 
@@ -109,7 +115,10 @@ func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 }
 
 // Close closes the file, releasing its lock.
-func (d *Disk) Close() error { return d.f.Close() }
+func (d *Disk) Close() error {
+	d.store.unmap() // the mapping holds the file, and so the lock, open
+	return d.f.Close()
+}
 
 // Describe reports the format and file name.
 func (d *Disk) Describe(info *diskserve.Info) {

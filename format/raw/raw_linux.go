@@ -80,6 +80,9 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 		}
 	}
 	d.size.Store(size)
+	if !readOnly && !d.blockDev {
+		d.store = mapStore(d.fd)
+	}
 	return d, nil
 }
 
