@@ -36,10 +36,15 @@ func NewDisk(e Engine, d diskserve.DiskFile) *Disk {
 // Engine returns the engine the disk uses.
 func (d *Disk) Engine() Engine { return d.e }
 
-// MapHost maps nothing: requests go through the engine, which maps them
-// itself.
-func (d *Disk) MapHost(int64, int64, bool) (diskserve.HostRange, bool) {
-	return diskserve.HostRange{}, false
+// MapHost maps reads as the disk beneath does, so that an exporter can
+// send cached data from the host file itself (the NBD server uses
+// sendfile). Writes are not mapped: they go through the engine, which maps
+// them itself.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if write {
+		return diskserve.HostRange{}, false
+	}
+	return diskserve.MapHost(d.D, off, n, false)
 }
 
 // do runs one request through the engine.

@@ -26,6 +26,13 @@ type request struct {
 	hdr  [hdrSpace]byte // reply headers; out points into it
 	nhdr int
 	out  [][]byte // the reply, as pieces for one writev
+	file hostSpan // READ data sent from the page cache after out, if any
+}
+
+// A hostSpan is n bytes of a host file, sent with sendfile(2).
+type hostSpan struct {
+	fd     int
+	off, n int64
 }
 
 // buffer returns a pooled buffer of n bytes, held until the request is
@@ -48,6 +55,7 @@ func (r *request) reset() {
 	r.nhdr = 0
 	clear(r.out)
 	r.out = r.out[:0]
+	r.file = hostSpan{}
 	if cap(r.ext) > 4096 { // a large BLOCK_STATUS: do not keep its memory
 		r.ext = nil
 	}
@@ -94,6 +102,7 @@ func (r *request) chunk(flags, typ uint16, length int64) []byte {
 func (r *request) fail(structured bool, errno uint32, msg string) {
 	r.nhdr = 0
 	r.out = r.out[:0]
+	r.file = hostSpan{}
 	if !structured {
 		r.simple(errno)
 		return

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -65,6 +66,15 @@ type transmission struct {
 	replies  chan *request       // requests whose reply is ready
 	stopping atomic.Bool
 	hdr      [28]byte // the request header being read; reader only
+
+	// The reply writer's: the socket beneath the connection (nil for TLS,
+	// which sendfile cannot serve), the batch of one writev, and the
+	// state of a sendfile.
+	raw      syscall.RawConn
+	batch    net.Buffers
+	bufs     net.Buffers
+	sending  sendfileState
+	sendStep func(fd uintptr) bool // t.sendSome, bound once
 }
 
 func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structured, blockStat bool) *transmission {
@@ -86,6 +96,10 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 	for range requestsPerConn {
 		t.free <- &request{out: make([][]byte, 0, 2*maxReadChunks+2)}
 	}
+	if sc, ok := c.(syscall.Conn); ok {
+		t.raw, _ = sc.SyscallConn()
+	}
+	t.sendStep = t.sendSome
 	return t
 }
 
@@ -320,7 +334,6 @@ func (t *transmission) read(r *request) {
 		}
 		return
 	}
-	buf := r.buffer(int(n))
 	runs := r.ext[:0]
 	if t.structured && r.flags&cmdFlagDF == 0 && n >= sparseReadMin {
 		var err error
@@ -333,6 +346,16 @@ func (t *transmission) read(r *request) {
 		runs = append(runs, diskserve.Extent{Off: off, Len: n})
 	}
 	r.ext = runs
+	if len(runs) == 1 && runs[0].Flags&diskserve.ExtentZero == 0 && t.fromPageCache(r, off, n) {
+		if t.structured {
+			h := r.chunk(replyFlagDone, chunkOffsetData, 8+n)
+			be.AppendUint64(h, uint64(off))
+		} else {
+			r.simple(0)
+		}
+		return
+	}
+	buf := r.buffer(int(n))
 	for _, e := range runs {
 		if e.Flags&diskserve.ExtentZero != 0 {
 			continue
@@ -365,6 +388,26 @@ func (t *transmission) read(r *request) {
 		be.AppendUint64(h, uint64(e.Off))
 		r.out = append(r.out, buf[e.Off-off:e.Off-off+e.Len])
 	}
+}
+
+// fromPageCache arranges for the data of r, [off, off+n) of the export, to
+// go to the client with sendfile(2) from the page cache, without a copy in
+// this process: where the connection is a plain socket, the read is large,
+// the disk maps the range onto a host file, and all of it is cached. A read
+// that would have to wait for the host's disk takes the pread path, so that
+// the connection's reply writer never waits for one. Reads of cached pages
+// do not fail; if the file shrinks under a sendfile, the reply cannot be
+// finished and the connection ends.
+func (t *transmission) fromPageCache(r *request, off, n int64) bool {
+	if t.raw == nil || n < sendfileMin {
+		return false
+	}
+	hr, ok := diskserve.MapHost(t.disk, off, n, false)
+	if !ok || !pageCached(hr.FD, hr.Off, n) {
+		return false
+	}
+	r.file = hostSpan{fd: hr.FD, off: hr.Off, n: n}
+	return true
 }
 
 // zeroRuns merges extents into alternating runs of data and of zeroes, at
@@ -440,15 +483,14 @@ func (t *transmission) cache(off, n int64, buf []byte) error {
 }
 
 // writeLoop sends replies as they become ready, all those that are ready
-// at once in one writev, and returns each request to the free list.
+// at once together, and returns each request to the free list.
 func (t *transmission) writeLoop() {
 	var (
-		batch, bufs net.Buffers // bufs escapes through WriteTo: one allocation, here
-		done        []*request
-		dead        bool
+		done []*request
+		dead bool
 	)
 	for r := range t.replies {
-		batch, done = append(batch[:0], r.out...), append(done[:0], r)
+		done = append(done[:0], r)
 		yielded := false
 	more:
 		for len(done) < requestsPerConn {
@@ -457,7 +499,7 @@ func (t *transmission) writeLoop() {
 				if !ok {
 					break more
 				}
-				batch, done = append(batch, r.out...), append(done, r)
+				done = append(done, r)
 			default:
 				if yielded || len(t.free)+len(done) >= requestsPerConn {
 					break more
@@ -469,17 +511,45 @@ func (t *transmission) writeLoop() {
 				yielded = true
 			}
 		}
-		if !dead {
-			bufs = batch // WriteTo consumes its receiver
-			if _, err := bufs.WriteTo(t.c); err != nil {
-				dead = true
-				t.c.Close() // the reader fails next and ends the connection
-			}
+		if !dead && t.send(done) != nil {
+			dead = true
+			t.c.Close() // the reader fails next and ends the connection
 		}
 		for _, r := range done {
 			t.release(r)
 		}
 	}
+}
+
+// send writes the replies of done in order: their bytes in one writev, or
+// around each span of a host file, which goes with sendfile.
+func (t *transmission) send(done []*request) error {
+	batch := t.batch[:0]
+	for _, r := range done {
+		batch = append(batch, r.out...)
+		if r.file.n == 0 {
+			continue
+		}
+		if err := t.writev(batch); err != nil {
+			return err
+		}
+		batch = batch[:0]
+		if err := t.sendFile(r.file); err != nil {
+			return err
+		}
+	}
+	t.batch = batch
+	return t.writev(batch)
+}
+
+func (t *transmission) writev(batch net.Buffers) error {
+	if len(batch) == 0 {
+		return nil
+	}
+	t.bufs = batch // WriteTo consumes its receiver
+	_, err := t.bufs.WriteTo(t.c)
+	clear(batch)
+	return err
 }
 
 // release returns r and its buffer for reuse.

@@ -1,0 +1,65 @@
+package nbd
+
+import (
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// sendfileMin is the smallest READ whose data goes with sendfile(2). A
+// smaller one is cheaper copied: its reply then joins the other replies
+// of the connection in one writev, where a sendfile is a system call of
+// its own.
+const sendfileMin = 64 << 10
+
+var pageSize = int64(os.Getpagesize())
+
+// pageCached reports whether every page of [off, off+n) of the file fd is
+// in the page cache, with cachestat(2) (Linux 6.5); false where it cannot
+// tell.
+func pageCached(fd int, off, n int64) bool {
+	var st unix.Cachestat_t
+	if unix.Cachestat(uint(fd), &unix.CachestatRange{Off: uint64(off), Len: uint64(n)}, &st, 0) != nil {
+		return false
+	}
+	return st.Cache >= uint64((off+n+pageSize-1)/pageSize-off/pageSize)
+}
+
+// sendfileState is what is left of a span being sent, and how sending it
+// failed.
+type sendfileState struct {
+	span hostSpan
+	err  error
+}
+
+// sendFile sends span on the connection's socket.
+func (t *transmission) sendFile(span hostSpan) error {
+	t.sending = sendfileState{span: span}
+	if err := t.raw.Write(t.sendStep); err != nil {
+		return err
+	}
+	return t.sending.err
+}
+
+// sendSome sends what it can of t.sending on the socket sock; it reports
+// false when the socket is full, so that the poller waits and calls again.
+func (t *transmission) sendSome(sock uintptr) bool {
+	s := &t.sending
+	for s.span.n > 0 {
+		w, err := unix.Sendfile(int(sock), s.span.fd, &s.span.off, int(min(s.span.n, maxPayload)))
+		s.span.n -= int64(max(w, 0))
+		switch {
+		case err == unix.EAGAIN:
+			return false
+		case err == unix.EINTR:
+		case err != nil:
+			s.err = os.NewSyscallError("sendfile", err)
+			return true
+		case w == 0: // the file is shorter than the span now
+			s.err = io.ErrUnexpectedEOF
+			return true
+		}
+	}
+	return true
+}
