@@ -217,7 +217,7 @@ func TestInteropFio(t *testing.T) {
 		{"--rw=randwrite", "--bsrange=512-64k", "--iodepth=16"},
 	} {
 		args := append([]string{"--name=verify", "--ioengine=nbd", "--uri=" + uri(sock, ""), "--size=32m",
-			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"}, job...)
+			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"}, job...)
 		out := testtool.Run(t, "fio", args...)
 		var res struct {
 			Jobs []struct{ Error int }
