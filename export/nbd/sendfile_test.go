@@ -69,13 +69,13 @@ func TestSendfileReads(t *testing.T) {
 		}
 		read := func(cookie uint64, off, n int64) []byte {
 			t.Helper()
-			buf := make([]byte, n)
 			if !structured {
 				if errno, c := cl.simple(); errno != 0 || c != cookie {
 					t.Fatalf("READ: errno %d cookie %d, want cookie %d", errno, c, cookie)
 				}
 				return cl.read(int(n))
 			}
+			buf := make([]byte, n)
 			if _, errno := cl.structuredRead(cookie, off, buf); errno != 0 {
 				t.Fatalf("READ: errno %d", errno)
 			}
@@ -103,12 +103,12 @@ func TestSendfileReads(t *testing.T) {
 				got = cl.read(int(reqs[cookie][1]))
 			}
 			off, n := reqs[cookie][0], reqs[cookie][1]
-			want, path := mem, "ReadAt"
+			want, by := mem, "ReadAt"
 			if n >= sendfileMin {
-				want, path = host, "sendfile"
+				want, by = host, "sendfile"
 			}
 			if !bytes.Equal(got, want[off:off+n]) {
-				t.Fatalf("structured=%v: READ of %d at %d was not served by %s", structured, n, off, path)
+				t.Fatalf("structured=%v: READ of %d at %d was not served by %s", structured, n, off, by)
 			}
 		}
 
