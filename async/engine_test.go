@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/composite"
@@ -160,15 +162,34 @@ func rawDisk(t testing.TB, dir string, size int) (diskserve.DiskFile, []byte) {
 	return d, want
 }
 
+// evict drops a raw disk's file from the page cache, so that writes to it
+// are pwrites (on the ring, with io_uring) until their pages are cached
+// again, and stores into the mapping after that.
+func evict(t testing.TB, d diskserve.DiskFile) {
+	t.Helper()
+	hr, ok := diskserve.MapHost(d, 0, 1, false)
+	if !ok {
+		t.Fatal("a raw disk maps no read")
+	}
+	if err := diskserve.Flush(d); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fadvise(hr.FD, 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestConcurrentSubmit keeps many requests in flight from many goroutines:
 // reads of one half of each goroutine's range, checked byte for byte, and
 // writes to the other half, each in-flight slot on its own blocks; then
-// the whole disk is compared with the model.
+// the whole disk is compared with the model. The disk starts out of the
+// page cache, so that writes take both paths of raw: pwrite and stores.
 func TestConcurrentSubmit(t *testing.T) {
 	for _, eng := range engines {
 		t.Run(eng.name, func(t *testing.T) {
 			d, want := rawDisk(t, t.TempDir(), 8<<20)
 			defer d.Close()
+			evict(t, d)
 			e := eng.new(t, d)
 			const workers, perWorker, depth, bs = 8, 400, 16, 4096
 			region := int64(len(want) / workers)

@@ -106,9 +106,11 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	return d.f.WriteAt(p, off)
 }
 
-// MapHost maps the range onto the file itself.
+// MapHost maps the range onto the file itself. It maps no write that
+// WriteAt would store into cached pages, which is cheaper than any pwrite
+// an engine could issue.
 func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
-	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil {
+	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil || write && d.store.storable(off, n) {
 		return diskserve.HostRange{}, false
 	}
 	return diskserve.HostRange{FD: d.fd, Off: off, Whole: true}, true

@@ -49,12 +49,29 @@ func mapStore(fd int) *store {
 // write stores p at off and reports whether it did; where it did not, the
 // caller must write p with pwrite. A nil store stores nothing.
 func (s *store) write(p []byte, off int64) bool {
-	if s == nil || off > storeWindow-int64(len(p)) {
+	if s == nil {
 		return false
 	}
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.mem != nil && s.cached(off, int64(len(p))) && s.copyIn(p, off)
+	return s.covers(off, int64(len(p))) && s.copyIn(p, off)
+}
+
+// storable reports whether a write of n bytes at off would be a store
+// now.
+func (s *store) storable(off, n int64) bool {
+	if s == nil {
+		return false
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.covers(off, n)
+}
+
+// covers reports whether [off, off+n) lies in the mapping and in the page
+// cache; s.mu must be held.
+func (s *store) covers(off, n int64) bool {
+	return s.mem != nil && off <= storeWindow-n && s.cached(off, n)
 }
 
 // cached reports whether every page of [off, off+n) is in the page cache,

@@ -33,9 +33,9 @@ func cachestat(t *testing.T, d *Disk, off, n int64) unix.Cachestat_t {
 	return st
 }
 
-// TestStore checks when writes are stores: to cached pages they are, and
-// fdatasync makes them durable; to pages not cached they are not, and
-// pwrite does them.
+// TestStore checks when writes are stores: to cached pages they are (and
+// MapHost leaves them to WriteAt), and fdatasync makes them durable; to
+// pages not cached they are not, and pwrite (or an engine) does them.
 func TestStore(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	const size = 4 << 20
@@ -47,6 +47,12 @@ func TestStore(t *testing.T) {
 		t.Fatal("a writable regular file has no store")
 	}
 	p := bytes.Repeat([]byte{2}, 8192)
+	if _, ok := d.MapHost(4096+100, int64(len(p)), true); ok {
+		t.Fatal("MapHost mapped a write that would be a store")
+	}
+	if _, ok := d.MapHost(4096+100, int64(len(p)), false); !ok {
+		t.Fatal("MapHost refused a read")
+	}
 	if !d.store.write(p, 4096+100) {
 		t.Fatal("a write to cached pages was not stored")
 	}
@@ -77,6 +83,9 @@ func TestStore(t *testing.T) {
 	}
 	if st := cachestat(t, d, size/2, size/2); st.Cache != 0 {
 		t.Fatalf("FADV_DONTNEED left %d pages cached", st.Cache)
+	}
+	if _, ok := d.MapHost(size/2+100, int64(len(p)), true); !ok {
+		t.Fatal("MapHost refused a write to pages not in the page cache")
 	}
 	if d.store.write(p, size/2+100) {
 		t.Fatal("a write to pages not in the page cache was stored")
