@@ -8,8 +8,9 @@ package diskserve
 // MapHost reports where [off, off+n) lies, or ok == false when the range is
 // not one contiguous run of one host file that a plain pread (or, with
 // write, pwrite) of the file may serve: it crosses files, it is a hole or a
-// compressed cluster, the disk is read-only, or the format must see the
-// write. The range lies inside [0, Size). A mapping for writing also does
+// compressed cluster, the disk is read-only, the format must see the
+// write, or the disk's own WriteAt does it more cheaply (raw stores writes
+// to cached pages with a memory copy). The range lies inside [0, Size). A mapping for writing also does
 // what the format's WriteAt does before it writes (a composite marks the
 // component dirty for its next Flush). A mapping is valid for one I/O,
 // issued before the next Resize or Close.
