@@ -24,14 +24,8 @@ func BenchmarkServe(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			d := disktest.NewMemory(make([]byte, 64<<20), false)
 			_, path := start(b, []Export{{Disk: d}}, Options{})
-			cl := connect(b, path)
-			cl.goExport("")
-			req := be.AppendUint32(nil, magicRequest)
-			req = be.AppendUint16(req, 0)
-			req = be.AppendUint16(req, tc.cmd)
-			req = be.AppendUint64(req, 1)
-			req = be.AppendUint64(req, 0)
-			req = be.AppendUint32(req, uint32(tc.size))
+			cl := attach(b, path, false)
+			req := requestHeader(tc.cmd, 0, 1, 0, uint32(tc.size))
 			replyLen := 16 + tc.size
 			if tc.cmd == cmdWrite {
 				req = append(req, make([]byte, tc.size)...)

@@ -184,14 +184,30 @@ func (cl *client) structured(name string) uint16 {
 	return cl.goExport(name)
 }
 
-func (cl *client) request(typ, flags uint16, cookie, off uint64, length uint32, payload []byte) {
+// attach connects and enters transmission on the default export, with
+// structured replies and base:allocation or with neither.
+func attach(t testing.TB, path string, structured bool) *client {
+	cl := connect(t, path)
+	if structured {
+		cl.structured("")
+	} else {
+		cl.goExport("")
+	}
+	return cl
+}
+
+// requestHeader encodes the header of a request.
+func requestHeader(typ, flags uint16, cookie, off uint64, length uint32) []byte {
 	b := be.AppendUint32(nil, magicRequest)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, typ)
 	b = be.AppendUint64(b, cookie)
 	b = be.AppendUint64(b, off)
-	b = be.AppendUint32(b, length)
-	cl.write(append(b, payload...))
+	return be.AppendUint32(b, length)
+}
+
+func (cl *client) request(typ, flags uint16, cookie, off uint64, length uint32, payload []byte) {
+	cl.write(append(requestHeader(typ, flags, cookie, off, length), payload...))
 }
 
 // simple reads a simple reply and returns its error and cookie.

@@ -50,12 +50,7 @@ func TestHostileClients(t *testing.T) {
 		c.Write(append(b, infoData("")...))
 	}
 	request := func(typ uint16, off uint64, length uint32) []byte {
-		b := be.AppendUint32(nil, magicRequest)
-		b = be.AppendUint16(b, 0)
-		b = be.AppendUint16(b, typ)
-		b = be.AppendUint64(b, 1)
-		b = be.AppendUint64(b, off)
-		return be.AppendUint32(b, length)
+		return requestHeader(typ, 0, 1, off, length)
 	}
 	hostile := []func(c net.Conn, rnd *rand.Rand){
 		func(c net.Conn, rnd *rand.Rand) { // garbage at once

@@ -53,18 +53,8 @@ func TestRequestPathAllocs(t *testing.T) {
 	e, _ := memExport("", false)
 	_, path := start(t, []Export{e}, Options{})
 	for _, structured := range []bool{false, true} {
-		cl := connect(t, path)
-		if structured {
-			cl.structured("")
-		} else {
-			cl.goExport("")
-		}
-		read := be.AppendUint32(nil, magicRequest)
-		read = be.AppendUint16(read, 0)
-		read = be.AppendUint16(read, cmdRead)
-		read = be.AppendUint64(read, 1)
-		read = be.AppendUint64(read, 8192)
-		read = be.AppendUint32(read, 4096)
+		cl := attach(t, path, structured)
+		read := requestHeader(cmdRead, 0, 1, 8192, 4096)
 		write := bytes.Clone(read)
 		be.PutUint16(write[6:], cmdWrite)
 		write = append(write, make([]byte, 4096)...)

@@ -61,12 +61,7 @@ func TestSendfileReads(t *testing.T) {
 	e := Export{Disk: hostMapped{disktest.NewMemory(mem, false), f}}
 	_, path := start(t, []Export{e}, Options{})
 	for _, structured := range []bool{false, true} {
-		cl := connect(t, path)
-		if structured {
-			cl.structured("")
-		} else {
-			cl.goExport("")
-		}
+		cl := attach(t, path, structured)
 		read := func(cookie uint64, off, n int64) []byte {
 			t.Helper()
 			if !structured {
@@ -166,14 +161,8 @@ func TestSendfileAllocs(t *testing.T) {
 	}
 	f := hostFile(t, pattern(diskSize))
 	_, path := start(t, []Export{{Disk: hostMapped{disktest.NewMemory(make([]byte, diskSize), false), f}}}, Options{})
-	cl := connect(t, path)
-	cl.goExport("")
-	req := be.AppendUint32(nil, magicRequest)
-	req = be.AppendUint16(req, 0)
-	req = be.AppendUint16(req, cmdRead)
-	req = be.AppendUint64(req, 1)
-	req = be.AppendUint64(req, 0)
-	req = be.AppendUint32(req, 1<<20)
+	cl := attach(t, path, false)
+	req := requestHeader(cmdRead, 0, 1, 0, 1<<20)
 	reply := make([]byte, 16+1<<20)
 	roundTrip := func() {
 		cl.c.Write(req)
