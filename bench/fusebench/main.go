@@ -129,6 +129,7 @@ func main() {
 				if p.mount == nil {
 					v = fio.Run(j, fileTarget(plain), *runtime, *size)
 				} else {
+					fio.Warm(img)
 					stop := p.mount(img, mnt, dir)
 					waitFor(p.name, func() bool {
 						fi, err := os.Stat(mnt)

@@ -194,7 +194,7 @@ func medians(r map[string]map[string][]float64) map[string]map[string]float64 {
 
 // withServer starts p on image, runs fn against it and stops it. It first
 // writes back every dirty page, so that no server pays for the writeback
-// of the previous one's writes.
+// of the previous one's writes, and reads the image into the page cache.
 func withServer(p peer, image, dir string, fn func(uri string) float64) float64 {
 	return withServerCmd(p, image, dir, func(uri string, _ *exec.Cmd) float64 { return fn(uri) })
 }
@@ -202,6 +202,7 @@ func withServer(p peer, image, dir string, fn func(uri string) float64) float64 
 // withServerCmd is withServer for functions that look at the server process.
 func withServerCmd(p peer, image, dir string, fn func(uri string, cmd *exec.Cmd) float64) float64 {
 	syscall.Sync()
+	fio.Warm(image)
 	sock := filepath.Join(dir, p.name+".sock")
 	os.Remove(sock)
 	cmd := p.start(image, sock)

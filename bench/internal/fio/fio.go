@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // A Job is one fio workload: its name in tables, the fio arguments that
@@ -125,4 +127,36 @@ func Setup(name string) (dir, bin string) {
 		log.Fatalf("go build: %v\n%s", err, out)
 	}
 	return dir, bin
+}
+
+// Warm reads every data extent of the file at path (found with SEEK_DATA
+// and SEEK_HOLE, so a sparse file's holes stay uncached), so that a job
+// starts with the file in the page cache. The host trims pages it deems
+// cold (DAMON reclaim on these machines pages out memory idle for a
+// minute), and the first server of a round would otherwise pay for
+// reading them back.
+func Warm(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	fd := int(f.Fd())
+	for pos := int64(0); ; {
+		data, err := unix.Seek(fd, pos, unix.SEEK_DATA)
+		if err != nil { // ENXIO: no data past pos
+			return
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			log.Fatalf("warm %s: %v", path, err)
+		}
+		for off := data; off < hole; off += int64(len(buf)) {
+			if _, err := f.ReadAt(buf[:min(int64(len(buf)), hole-off)], off); err != nil {
+				log.Fatalf("warm %s: %v", path, err)
+			}
+		}
+		pos = hole
+	}
 }
