@@ -94,7 +94,7 @@ func main() {
 	}
 	fmt.Printf("| conversion (%d MiB, %d MiB of data) | diskserve (s) | qemu-img (s) | qemu-img / diskserve |\n|---|---|---|---|\n", *size>>20, int64(len(spans))*4)
 	for _, j := range jobs {
-		ds, q := median(times[j.name]["diskserve"]), median(times[j.name]["qemu-img"])
+		ds, q := fio.Median(times[j.name]["diskserve"]), fio.Median(times[j.name]["qemu-img"])
 		fmt.Printf("| %s | %.2f | %.2f | %.2f |\n", j.name, ds, q, q/ds)
 	}
 	fmt.Printf("\nMedians of %d rounds; each time includes a sync of the output.\n", *rounds)
@@ -106,7 +106,3 @@ func run(name string, args ...string) {
 	}
 }
 
-func median(v []float64) float64 {
-	v = slices.Sorted(slices.Values(v))
-	return v[len(v)/2]
-}

@@ -186,7 +186,6 @@ func waitFor(what string, ready func() bool) {
 func fileTarget(file string) []string { return []string{"--filename=" + file, "--direct=1"} }
 
 func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runtime time.Duration, rounds int) {
-	median := func(vs []float64) float64 { return slices.Sorted(slices.Values(vs))[len(vs)/2] }
 	fmt.Fprint(w, "| job (O_DIRECT) |")
 	for _, p := range ps {
 		fmt.Fprintf(w, " %s |", p.name)
@@ -199,10 +198,10 @@ func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runti
 	for _, j := range jobs {
 		fmt.Fprintf(w, "| %s (%s) |", j.Name, j.Unit)
 		for _, p := range ps {
-			fmt.Fprintf(w, " %.0f |", median(r[j.Name][p.name]))
+			fmt.Fprintf(w, " %.0f |", fio.Median(r[j.Name][p.name]))
 		}
 		for _, p := range others {
-			fmt.Fprintf(w, " %.2f |", median(r[j.Name]["diskserve"])/median(r[j.Name][p.name]))
+			fmt.Fprintf(w, " %.2f |", fio.Median(r[j.Name]["diskserve"])/fio.Median(r[j.Name][p.name]))
 		}
 		fmt.Fprintln(w)
 	}

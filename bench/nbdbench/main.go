@@ -121,7 +121,7 @@ func main() {
 			log.Printf("round %d %-10s %-24s %10.2f s", round+1, p.name, "nbdcopy", v)
 		}
 	}
-	printTable(os.Stdout, medians(results), ps, *format, *runtime, *rounds)
+	printTable(os.Stdout, results, ps, *format, *runtime, *rounds)
 	if *format == "qcow2" {
 		residentMemory(os.Stdout, ps, dir, *runtime)
 	}
@@ -177,19 +177,6 @@ func record(r map[string]map[string][]float64, job, peer string, v float64) {
 		r[job] = map[string][]float64{}
 	}
 	r[job][peer] = append(r[job][peer], v)
-}
-
-// medians reduces each job's figures to the median per peer.
-func medians(r map[string]map[string][]float64) map[string]map[string]float64 {
-	m := map[string]map[string]float64{}
-	for job, byPeer := range r {
-		m[job] = map[string]float64{}
-		for peer, vs := range byPeer {
-			vs = slices.Sorted(slices.Values(vs))
-			m[job][peer] = vs[len(vs)/2]
-		}
-	}
-	return m
 }
 
 // withServer starts p on image, runs fn against it and stops it. It first
@@ -249,7 +236,12 @@ func nbdcopy(uri, dir string) float64 {
 	return d
 }
 
-func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format string, runtime time.Duration, rounds int) {
+// printTable prints each job's median figure per server and, for each of
+// diskserve's engines against each peer, the median of the ratios taken
+// round by round, with their range: a round's servers share its machine
+// load, so its ratio is steadier than one of medians from different
+// minutes.
+func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, format string, runtime time.Duration, rounds int) {
 	var ours, theirs []peer
 	for _, p := range ps {
 		if strings.HasPrefix(p.name, "diskserve") {
@@ -270,18 +262,22 @@ func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format 
 		}
 	}
 	fmt.Fprintf(w, "\n|%s\n", strings.Repeat("---|", cols+1))
-	row := func(name string, v map[string]float64, prec int, inverse bool) {
+	row := func(name string, v map[string][]float64, prec int, inverse bool) {
 		fmt.Fprintf(w, "| %s |", name)
 		for _, p := range ps {
-			fmt.Fprintf(w, " %.*f |", prec, v[p.name])
+			fmt.Fprintf(w, " %.*f |", prec, fio.Median(v[p.name]))
 		}
 		for _, o := range ours {
 			for _, p := range theirs {
-				ratio := v[o.name] / v[p.name]
-				if inverse { // a time: the peer's over ours
-					ratio = 1 / ratio
+				var ratios []float64
+				for i := range min(len(v[o.name]), len(v[p.name])) {
+					ratio := v[o.name][i] / v[p.name][i]
+					if inverse { // a time: the peer's over ours
+						ratio = 1 / ratio
+					}
+					ratios = append(ratios, ratio)
 				}
-				fmt.Fprintf(w, " %.2f |", ratio)
+				fmt.Fprintf(w, " %.2f (%.2f-%.2f) |", fio.Median(ratios), slices.Min(ratios), slices.Max(ratios))
 			}
 		}
 		fmt.Fprintln(w)
@@ -290,5 +286,5 @@ func printTable(w io.Writer, r map[string]map[string]float64, ps []peer, format 
 		row(j.Name+" ("+j.Unit+")", r[j.Name], 0, false)
 	}
 	row(copyJob+" (s)", r[copyJob], 2, true)
-	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job, page-cached %s image over a Unix socket, one connection unless the job says otherwise. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
+	fmt.Fprintf(w, "\nFigures are medians of %d rounds; ratios are the medians of the rounds' ratios, with their range. fio: %v per job, page-cached %s image over a Unix socket, one connection unless the job says otherwise. Ratios above 1 favour diskserve (for nbdcopy, the peer's time over diskserve's).\n", rounds, runtime, format)
 }

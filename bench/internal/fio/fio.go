@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -54,6 +55,11 @@ func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 		return r.IOPS
 	}
 	return r.BWKiB / 1024
+}
+
+// Median returns the median of vs (the upper one of an even count).
+func Median(vs []float64) float64 {
+	return slices.Sorted(slices.Values(vs))[len(vs)/2]
 }
 
 // WriteRandom makes a file of size bytes with the same random data on
