@@ -43,6 +43,11 @@ const (
 	unixSendBuffer = 4 << 20
 	stopGrace      = 10 * time.Second // for a client to read its last replies at shutdown
 	cacheStep      = 1 << 20          // the buffer CACHE reads into
+
+	// cachedBatch READs at most are served on the reader and held for one
+	// writev (see serveCached). Their buffers, at most cachedBatch times
+	// sendfileMin bytes, are outside the connection's budget.
+	cachedBatch = 32
 )
 
 // errDisconnect ends a connection after the client sent NBD_CMD_DISC.
@@ -65,11 +70,19 @@ type transmission struct {
 	work     chan *request       // requests for the workers
 	replies  chan *request       // requests whose reply is ready
 	stopping atomic.Bool
-	hdr      [28]byte // the request header being read; reader only
+	hdr      [28]byte   // the request header being read; reader only
+	cached   []*request // READs the reader served, replies not yet sent; reader only
+	noCached bool       // the host file refused RWF_NOWAIT; reader only
 
-	// The reply writer's: the socket beneath the connection (nil for TLS,
-	// which sendfile cannot serve), the batch of one writev, and the
-	// state of a sendfile.
+	// sendMu is held by whoever writes replies to the socket: the reply
+	// writer, or the reader sending what it served itself. Both send
+	// whole replies, so replies never interleave.
+	sendMu sync.Mutex
+	dead   bool // a send failed; sendMu guards it
+
+	// The sender's, under sendMu: the socket beneath the connection (nil
+	// for TLS, which sendfile cannot serve), the batch of one writev, and
+	// the state of a sendfile.
 	raw      syscall.RawConn
 	batch    net.Buffers
 	bufs     net.Buffers
@@ -147,14 +160,50 @@ func (t *transmission) serve() {
 
 // readLoop reads requests until the client disconnects or sends garbage,
 // validating each one before any disk is touched, and hands valid ones to
-// the workers.
+// the workers, but for the small READs it serves from the page cache
+// itself. Their replies go out together once no whole request is left in
+// the read buffer, before the reader could wait for anything.
 func (t *transmission) readLoop(br *bufio.Reader) error {
+	defer t.sendCached()
 	for {
-		r := <-t.free
+		if len(t.cached) == cachedBatch || len(t.cached) > 0 && br.Buffered() < len(t.hdr) {
+			t.sendCached()
+		}
+		var r *request
+		select {
+		case r = <-t.free:
+		default:
+			t.sendCached()
+			r = <-t.free
+		}
 		if err := t.readRequest(br, r); err != nil {
 			t.free <- r
 			return err
 		}
+	}
+}
+
+// sendCached sends the replies of the READs the reader served.
+func (t *transmission) sendCached() {
+	if len(t.cached) == 0 {
+		return
+	}
+	t.sendReplies(t.cached)
+	for _, r := range t.cached {
+		t.release(r)
+	}
+	t.cached = t.cached[:0]
+}
+
+// sendReplies sends the replies of done under sendMu; after a failed send
+// it closes the connection, so that the reader fails next and ends it, and
+// sends nothing more.
+func (t *transmission) sendReplies(done []*request) {
+	t.sendMu.Lock()
+	defer t.sendMu.Unlock()
+	if !t.dead && t.send(done) != nil {
+		t.dead = true
+		t.c.Close()
 	}
 }
 
@@ -182,6 +231,7 @@ func (t *transmission) readRequest(br *bufio.Reader, r *request) error {
 			return fmt.Errorf("WRITE of %d bytes, more than %d", r.length, maxDrain)
 		}
 		if errno != 0 {
+			t.sendCached() // the payload may have to be waited for
 			if _, err := io.CopyN(io.Discard, br, int64(r.length)); err != nil {
 				return fmt.Errorf("read WRITE payload: %w", err)
 			}
@@ -193,11 +243,21 @@ func (t *transmission) readRequest(br *bufio.Reader, r *request) error {
 		t.replies <- r
 		return nil
 	}
+	if r.typ == cmdRead && t.serveCached(r) {
+		t.cached = append(t.cached, r)
+		return nil
+	}
 	r.cost = t.bufferCost(r)
-	if err := t.budget.Acquire(context.Background(), r.cost); err != nil {
-		return err
+	if !t.budget.TryAcquire(r.cost) {
+		t.sendCached()
+		if err := t.budget.Acquire(context.Background(), r.cost); err != nil {
+			return err
+		}
 	}
 	if r.typ == cmdWrite {
+		if br.Buffered() < int(r.length) {
+			t.sendCached()
+		}
 		if _, err := io.ReadFull(br, r.buffer(int(r.length))); err != nil {
 			t.unhold(r) // readLoop returns r itself
 			return fmt.Errorf("read WRITE payload: %w", err)
@@ -485,10 +545,7 @@ func (t *transmission) cache(off, n int64, buf []byte) error {
 // writeLoop sends replies as they become ready, all those that are ready
 // at once together, and returns each request to the free list.
 func (t *transmission) writeLoop() {
-	var (
-		done []*request
-		dead bool
-	)
+	var done []*request
 	for r := range t.replies {
 		done = append(done[:0], r)
 		yielded := false
@@ -511,10 +568,7 @@ func (t *transmission) writeLoop() {
 				yielded = true
 			}
 		}
-		if !dead && t.send(done) != nil {
-			dead = true
-			t.c.Close() // the reader fails next and ends the connection
-		}
+		t.sendReplies(done)
 		for _, r := range done {
 			t.release(r)
 		}

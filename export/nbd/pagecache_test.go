@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -17,8 +18,8 @@ import (
 )
 
 // hostMapped is an in-memory disk that maps reads onto a host file holding
-// other bytes than its own, so that a reply's bytes tell whether sendfile
-// or ReadAt served it.
+// other bytes than its own, so that a reply's bytes tell whether the page
+// cache (sendfile, or preadv2 on the reader) or ReadAt served it.
 type hostMapped struct {
 	*disktest.Memory
 	f *os.File
@@ -47,11 +48,11 @@ func hostFile(t *testing.T, data []byte) *os.File {
 	return f
 }
 
-// TestSendfileReads checks which READs go by sendfile: large ones of
-// cached pages, through simple and structured replies, with smaller
-// replies interleaved in one batch; not small ones, and not pages the page
-// cache lacks.
-func TestSendfileReads(t *testing.T) {
+// TestPageCacheReads checks which READs are served from the host file's
+// page cache: large ones by sendfile and small ones on the reader, through
+// simple and structured replies, pipelined in one batch; none of pages the
+// page cache lacks, which a worker reads with ReadAt.
+func TestPageCacheReads(t *testing.T) {
 	mem := pattern(diskSize)
 	host := bytes.Clone(mem)
 	for i := range host {
@@ -61,6 +62,7 @@ func TestSendfileReads(t *testing.T) {
 	e := Export{Disk: hostMapped{disktest.NewMemory(mem, false), f}}
 	_, path := start(t, []Export{e}, Options{})
 	for _, structured := range []bool{false, true} {
+		f.ReadAt(make([]byte, diskSize), 0) // all cached
 		cl := attach(t, path, structured)
 		read := func(cookie uint64, off, n int64) []byte {
 			t.Helper()
@@ -98,31 +100,56 @@ func TestSendfileReads(t *testing.T) {
 				got = cl.read(int(reqs[cookie][1]))
 			}
 			off, n := reqs[cookie][0], reqs[cookie][1]
-			want, by := mem, "ReadAt"
-			if n >= sendfileMin {
-				want, by = host, "sendfile"
-			}
-			if !bytes.Equal(got, want[off:off+n]) {
-				t.Fatalf("structured=%v: READ of %d at %d was not served by %s", structured, n, off, by)
+			if !bytes.Equal(got, host[off:off+n]) {
+				t.Fatalf("structured=%v: READ of %d at %d was not served from the page cache", structured, n, off)
 			}
 		}
 
 		// Pages not cached are read by a worker with ReadAt.
-		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-			t.Fatal(err)
+		for i, n := range []int64{1 << 20, 4096} {
+			if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+				t.Fatal(err)
+			}
+			if pageCached(int(f.Fd()), 0, n) {
+				t.Fatal("FADV_DONTNEED left the host file cached")
+			}
+			cookie := uint64(5 + 2*i)
+			cl.request(cmdRead, 0, cookie, 0, uint32(n), nil)
+			if !bytes.Equal(read(cookie, 0, n), mem[:n]) {
+				t.Fatalf("structured=%v: a READ of %d bytes not cached was not served by ReadAt", structured, n)
+			}
+			f.ReadAt(make([]byte, n), 0) // cached again
+			cl.request(cmdRead, 0, cookie+1, 0, uint32(n), nil)
+			if !bytes.Equal(read(cookie+1, 0, n), host[:n]) {
+				t.Fatalf("structured=%v: a READ of %d cached bytes was not served from the page cache", structured, n)
+			}
 		}
-		if pageCached(int(f.Fd()), 0, 1<<20) {
-			t.Fatal("FADV_DONTNEED left the host file cached")
-		}
-		cl.request(cmdRead, 0, 5, 0, 1<<20, nil)
-		if !bytes.Equal(read(5, 0, 1<<20), mem[:1<<20]) {
-			t.Fatalf("structured=%v: a READ of pages not cached was not served by ReadAt", structured)
-		}
-		f.ReadAt(make([]byte, 1<<20), 0) // cached again
-		cl.request(cmdRead, 0, 6, 0, 1<<20, nil)
-		if !bytes.Equal(read(6, 0, 1<<20), host[:1<<20]) {
-			t.Fatalf("structured=%v: a READ of cached pages was not served by sendfile", structured)
-		}
+	}
+}
+
+// TestCachedReplyNotHeld sends a small READ that the reader serves from the
+// page cache, then the header of a WRITE whose payload comes later: the
+// READ's reply must not wait for the payload.
+func TestCachedReplyNotHeld(t *testing.T) {
+	f := hostFile(t, pattern(diskSize))
+	_, path := start(t, []Export{{Disk: hostMapped{disktest.NewMemory(make([]byte, diskSize), false), f}}}, Options{})
+	cl := attach(t, path, false)
+	req := append(requestHeader(cmdRead, 0, 1, 4096, 4096), requestHeader(cmdWrite, 0, 2, 0, 4096)...)
+	if _, err := cl.c.Write(req); err != nil {
+		t.Fatal(err)
+	}
+	cl.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if errno, cookie := cl.simple(); errno != 0 || cookie != 1 {
+		t.Fatalf("first reply: errno %d cookie %d, want the READ's", errno, cookie)
+	}
+	if !bytes.Equal(cl.read(4096), pattern(diskSize)[4096:8192]) {
+		t.Fatal("the READ was not served from the page cache")
+	}
+	if _, err := cl.c.Write(make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	if errno, cookie := cl.simple(); errno != 0 || cookie != 2 {
+		t.Fatalf("second reply: errno %d cookie %d, want the WRITE's", errno, cookie)
 	}
 }
 
@@ -153,28 +180,31 @@ func TestSendfileShortFile(t *testing.T) {
 	}
 }
 
-// TestSendfileAllocs pins the sendfile path: a large READ of cached pages
-// allocates nothing once the pools are warm.
-func TestSendfileAllocs(t *testing.T) {
+// TestPageCacheAllocs pins the page-cache paths: READs of cached pages, a
+// large one by sendfile and a small one on the reader, allocate nothing
+// once the pools are warm.
+func TestPageCacheAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
 	}
 	f := hostFile(t, pattern(diskSize))
 	_, path := start(t, []Export{{Disk: hostMapped{disktest.NewMemory(make([]byte, diskSize), false), f}}}, Options{})
 	cl := attach(t, path, false)
-	req := requestHeader(cmdRead, 0, 1, 0, 1<<20)
-	reply := make([]byte, 16+1<<20)
-	roundTrip := func() {
-		cl.c.Write(req)
-		io.ReadFull(cl.c, reply)
-	}
-	for range 20 {
-		roundTrip()
-	}
-	if !bytes.Equal(reply[16:], pattern(diskSize)[:1<<20]) {
-		t.Fatal("the READ was not served by sendfile")
-	}
-	if n := testing.AllocsPerRun(100, roundTrip); n > 0.1 {
-		t.Errorf("%.2f allocations per 1 MiB READ by sendfile", n)
+	for _, n := range []int{1 << 20, 4096} {
+		req := requestHeader(cmdRead, 0, 1, 0, uint32(n))
+		reply := make([]byte, 16+n)
+		roundTrip := func() {
+			cl.c.Write(req)
+			io.ReadFull(cl.c, reply)
+		}
+		for range 20 {
+			roundTrip()
+		}
+		if !bytes.Equal(reply[16:], pattern(diskSize)[:n]) {
+			t.Fatalf("the READ of %d bytes was not served from the page cache", n)
+		}
+		if n := testing.AllocsPerRun(100, roundTrip); n > 0.1 {
+			t.Errorf("%.2f allocations per READ of %d bytes from the page cache", n, len(reply)-16)
+		}
 	}
 }

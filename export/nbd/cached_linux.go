@@ -1,0 +1,45 @@
+package nbd
+
+import (
+	"errors"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/diskserve/diskserve"
+)
+
+// serveCached serves a READ smaller than sendfileMin on the reader itself
+// when the disk maps its range onto a host file and all of it is in the
+// page cache: preadv2 with RWF_NOWAIT copies it from there, or fails with
+// EAGAIN rather than wait for the host's disk, and the READ then goes to a
+// worker as any other. Serving it here saves handing it to a worker and
+// its reply to the writer: fio's 4k random reads of a cached image went
+// 1.06x faster over one connection and 1.23x over four (medians of paired
+// rounds, docs/performance.md). It reports whether r's reply is ready.
+func (t *transmission) serveCached(r *request) bool {
+	off, n := int64(r.off), int64(r.length)
+	if t.noCached || n == 0 || n >= sendfileMin {
+		return false
+	}
+	hr, ok := diskserve.MapHost(t.disk, off, n, false)
+	if !ok {
+		return false
+	}
+	buf := r.buffer(int(n))
+	got, err := unix.Preadv2(hr.FD, [][]byte{buf}, hr.Off, unix.RWF_NOWAIT)
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EINVAL): // no RWF_NOWAIT for this file
+		t.noCached = true
+		return false
+	case err != nil || int64(got) != n:
+		return false
+	}
+	if t.structured {
+		h := r.chunk(replyFlagDone, chunkOffsetData, 8+n)
+		be.AppendUint64(h, uint64(off))
+	} else {
+		r.simple(0)
+	}
+	r.out = append(r.out, buf)
+	return true
+}
