@@ -31,7 +31,7 @@ func (d hostMapped) MapHost(off, n int64, write bool) (diskserve.HostRange, bool
 
 // hostFile writes data to a file and returns it open, its pages cached
 // and clean.
-func hostFile(t *testing.T, data []byte) *os.File {
+func hostFile(t testing.TB, data []byte) *os.File {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "host")
 	if err := os.WriteFile(path, data, 0o644); err != nil {

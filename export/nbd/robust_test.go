@@ -80,15 +80,18 @@ func TestRequestPathAllocs(t *testing.T) {
 
 // FuzzServer feeds arbitrary bytes to a server as a client's whole side of
 // a connection. The server must neither panic nor hang, and must leave the
-// disk's size alone.
+// disk's size alone. The read-only export maps its reads onto a host file,
+// so that its READs take the reader's page-cache path.
 func FuzzServer(f *testing.F) {
 	for _, seed := range fuzzSeeds() {
 		f.Add(seed)
 	}
+	host := hostFile(f, pattern(4096))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		data := pattern(64 << 10)
 		disk := sparseDisk{disktest.NewMemory(data, false)}
-		srv, err := NewServer([]Export{{Name: "", Disk: disk}, {Name: "ro", Disk: disktest.NewMemory(pattern(4096), true)}}, Options{HandshakeTimeout: 5 * time.Second})
+		ro := hostMapped{disktest.NewMemory(pattern(4096), true), host}
+		srv, err := NewServer([]Export{{Name: "", Disk: disk}, {Name: "ro", Disk: ro}}, Options{HandshakeTimeout: 5 * time.Second})
 		if err != nil {
 			t.Fatal(err)
 		}
