@@ -10,10 +10,10 @@ package diskserve
 // write, pwrite) of the file may serve: it crosses files, it is a hole or a
 // compressed cluster, the disk is read-only, the format must see the
 // write, or the disk's own WriteAt does it more cheaply (raw stores writes
-// to cached pages with a memory copy). The range lies inside [0, Size). A mapping for writing also does
-// what the format's WriteAt does before it writes (a composite marks the
-// component dirty for its next Flush). A mapping is valid for one I/O,
-// issued before the next Resize or Close.
+// to cached pages with a memory copy). The range lies inside [0, Size). A
+// mapping for writing also does what the format's WriteAt does before it
+// writes (a composite marks the component dirty for its next Flush). A
+// mapping is valid for one I/O, issued before the next Resize or Close.
 type HostMapper interface {
 	MapHost(off, n int64, write bool) (r HostRange, ok bool)
 }

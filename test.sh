@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs diskserve's whole test suite on a Debian machine: installs the tools
-# the interop tests compare against when any is missing, then runs go vet
-# and every test under the race detector. Interop tests fail, not skip, when
-# a tool is missing (DISKSERVE_REQUIRE_INTEROP=1).
+# the interop tests compare against when any is missing, checks that gofmt
+# has nothing to change, then runs go vet and every test under the race
+# detector. Interop tests fail, not skip, when a tool is missing
+# (DISKSERVE_REQUIRE_INTEROP=1).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,6 +33,11 @@ fi
 bash testdata/guest/fetch-kernel.sh
 
 export DISKSERVE_REQUIRE_INTEROP=1
+unformatted=$(gofmt -l .)
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change: $unformatted" >&2
+	exit 1
+fi
 go vet ./...
 # staticcheck finds what vet does not (unused code, misused APIs).
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...

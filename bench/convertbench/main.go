@@ -105,4 +105,3 @@ func run(name string, args ...string) {
 		log.Fatalf("%s %v: %v\n%s", name, args, err, out)
 	}
 }
-

@@ -203,8 +203,8 @@ func TestPageCacheAllocs(t *testing.T) {
 		if !bytes.Equal(reply[16:], pattern(diskSize)[:n]) {
 			t.Fatalf("the READ of %d bytes was not served from the page cache", n)
 		}
-		if n := testing.AllocsPerRun(100, roundTrip); n > 0.1 {
-			t.Errorf("%.2f allocations per READ of %d bytes from the page cache", n, len(reply)-16)
+		if allocs := testing.AllocsPerRun(100, roundTrip); allocs > 0.1 {
+			t.Errorf("%.2f allocations per READ of %d bytes from the page cache", allocs, n)
 		}
 	}
 }
