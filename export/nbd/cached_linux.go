@@ -34,12 +34,7 @@ func (t *transmission) serveCached(r *request) bool {
 	case err != nil || int64(got) != n:
 		return false
 	}
-	if t.structured {
-		h := r.chunk(replyFlagDone, chunkOffsetData, 8+n)
-		be.AppendUint64(h, uint64(off))
-	} else {
-		r.simple(0)
-	}
+	r.data(t.structured, off, n)
 	r.out = append(r.out, buf)
 	return true
 }

@@ -97,6 +97,18 @@ func (r *request) chunk(flags, typ uint16, length int64) []byte {
 	return h
 }
 
+// data encodes the header of a reply whose data, n bytes of the export
+// from off, follows in one piece: a simple reply, or one OFFSET_DATA chunk
+// that ends the reply.
+func (r *request) data(structured bool, off, n int64) {
+	if !structured {
+		r.simple(0)
+		return
+	}
+	h := r.chunk(replyFlagDone, chunkOffsetData, 8+n)
+	be.AppendUint64(h, uint64(off))
+}
+
 // fail replaces the reply with an error: an error chunk carrying msg when
 // structured replies were negotiated, a simple reply otherwise.
 func (r *request) fail(structured bool, errno uint32, msg string) {

@@ -407,12 +407,7 @@ func (t *transmission) read(r *request) {
 	}
 	r.ext = runs
 	if len(runs) == 1 && runs[0].Flags&diskserve.ExtentZero == 0 && t.fromPageCache(r, off, n) {
-		if t.structured {
-			h := r.chunk(replyFlagDone, chunkOffsetData, 8+n)
-			be.AppendUint64(h, uint64(off))
-		} else {
-			r.simple(0)
-		}
+		r.data(t.structured, off, n)
 		return
 	}
 	buf := r.buffer(int(n))
