@@ -1,7 +1,7 @@
 package nbd
 
 import (
-	"errors"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -26,12 +26,16 @@ func (t *transmission) serveCached(r *request) bool {
 		return false
 	}
 	buf := r.buffer(int(n))
-	got, err := unix.Preadv2(hr.FD, [][]byte{buf}, hr.Off, unix.RWF_NOWAIT)
+	// A raw call, as the socket's (see socket): RWF_NOWAIT never waits.
+	iov := unix.Iovec{Base: &buf[0]}
+	iov.SetLen(len(buf))
+	got, _, errno := unix.RawSyscall6(unix.SYS_PREADV2, uintptr(hr.FD), uintptr(unsafe.Pointer(&iov)), 1,
+		uintptr(hr.Off), 0, unix.RWF_NOWAIT)
 	switch {
-	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EINVAL): // no RWF_NOWAIT for this file
+	case errno == unix.EOPNOTSUPP, errno == unix.EINVAL: // no RWF_NOWAIT for this file
 		t.noCached = true
 		return false
-	case err != nil || int64(got) != n:
+	case errno != 0 || int64(got) != n:
 		return false
 	}
 	r.data(t.structured, off, n)

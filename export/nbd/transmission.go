@@ -80,10 +80,13 @@ type transmission struct {
 	sendMu sync.Mutex
 	dead   bool // a send failed; sendMu guards it
 
-	// The sender's, under sendMu: the socket beneath the connection (nil
-	// for TLS, which sendfile cannot serve), the batch of one writev, and
-	// the state of a sendfile.
-	raw      syscall.RawConn
+	// The socket beneath the connection, read and written with raw
+	// system calls; both nil for TLS, which sendfile cannot serve.
+	raw  syscall.RawConn
+	sock *socket
+
+	// The sender's, under sendMu: the batch of one writev and the state
+	// of a sendfile.
 	batch    net.Buffers
 	bufs     net.Buffers
 	sending  sendfileState
@@ -110,7 +113,9 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 		t.free <- &request{out: make([][]byte, 0, 2*maxReadChunks+2)}
 	}
 	if sc, ok := c.(syscall.Conn); ok {
-		t.raw, _ = sc.SyscallConn()
+		if raw, err := sc.SyscallConn(); err == nil {
+			t.raw, t.sock = raw, newSocket(raw)
+		}
 	}
 	t.sendStep = t.sendSome
 	return t
@@ -144,7 +149,11 @@ func (t *transmission) serve() {
 		})
 	}
 	writer.Go(t.writeLoop)
-	err := t.readLoop(bufio.NewReaderSize(t.c, 64<<10))
+	var in io.Reader = t.c
+	if t.sock != nil {
+		in = t.sock
+	}
+	err := t.readLoop(bufio.NewReaderSize(in, 64<<10))
 	close(t.work)
 	workers.Wait()
 	close(t.replies)
@@ -595,8 +604,13 @@ func (t *transmission) writev(batch net.Buffers) error {
 	if len(batch) == 0 {
 		return nil
 	}
-	t.bufs = batch // WriteTo consumes its receiver
-	_, err := t.bufs.WriteTo(t.c)
+	var err error
+	if t.sock != nil {
+		err = t.sock.writev(batch)
+	} else {
+		t.bufs = batch // WriteTo consumes its receiver
+		_, err = t.bufs.WriteTo(t.c)
+	}
 	clear(batch)
 	return err
 }
