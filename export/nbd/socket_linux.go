@@ -16,11 +16,13 @@ const iovMax = 1024
 // read(2) and writev(2) on the non-blocking socket, waiting in the
 // poller when it has nothing to read or no room, as net.Conn does, but
 // without telling the scheduler of each call. Neither call can block, so
-// the scheduler need not hand the goroutine's processor to another thread
-// while it runs; told of each, Go's system monitor woke every 20 us to
-// watch them and took 9-16% of the server's CPU on 4k reads and 1M writes
-// (perf record, fio's nbd engine). Deadlines set on the connection hold,
-// since the poller's waits honour them.
+// the goroutine's processor need not be handed to another thread while it
+// runs (a 1 MiB copy holds it for some tens of microseconds). Told of each
+// call, the scheduler woke Go's system monitor after every idle spell, and
+// the monitor then polled every 20 us: 15-17% of the server's CPU on 4k
+// reads and 1M writes (perf record, fio's nbd engine; docs/performance.md).
+// Deadlines set on the connection hold, since the poller's waits honour
+// them.
 //
 // The reader uses Read; the sender, one at a time, writev.
 type socket struct {
