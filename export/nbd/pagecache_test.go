@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -158,19 +156,8 @@ func TestCachedReplyNotHeld(t *testing.T) {
 // leaving the client waiting for the rest.
 func TestSendfileShortFile(t *testing.T) {
 	f := hostFile(t, pattern(1<<20))
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.FileConn(os.NewFile(uintptr(fds[0]), "server"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	peer := os.NewFile(uintptr(fds[1]), "client")
-	defer peer.Close()
-	tr := newTransmission(&Server{}, &Export{Disk: disktest.NewMemory(nil, false)}, c, nil, false, false)
-	err = tr.sendFile(hostSpan{fd: int(f.Fd()), off: 1<<20 - 100, n: 1000})
+	s, _, peer := socketPair(t)
+	err := s.sendfile(hostSpan{fd: int(f.Fd()), off: 1<<20 - 100, n: 1000})
 	if !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Fatalf("sendfile past the end of the file: %v, want io.ErrUnexpectedEOF", err)
 	}

@@ -28,38 +28,30 @@ func pageCached(fd int, off, n int64) bool {
 	return st.Cache >= uint64((off+n+pageSize-1)/pageSize-off/pageSize)
 }
 
-// sendfileState is what is left of a span being sent, and how sending it
-// failed.
-type sendfileState struct {
-	span hostSpan
-	err  error
-}
-
-// sendFile sends span on the connection's socket.
-func (t *transmission) sendFile(span hostSpan) error {
-	t.sending = sendfileState{span: span}
-	if err := t.raw.Write(t.sendStep); err != nil {
+// sendfile sends span on the socket.
+func (s *socket) sendfile(span hostSpan) error {
+	s.span, s.werr = span, nil
+	if err := s.raw.Write(s.sendF); err != nil {
 		return err
 	}
-	return t.sending.err
+	return s.werr
 }
 
-// sendSome sends what it can of t.sending on the socket sock; it reports
-// false when the socket is full, so that the poller waits and calls again.
-func (t *transmission) sendSome(sock uintptr) bool {
-	s := &t.sending
+// sendSome sends what it can of s.span on the socket fd; it reports false
+// when the socket is full, so that the poller waits and calls again.
+func (s *socket) sendSome(fd uintptr) bool {
 	for s.span.n > 0 {
-		w, err := unix.Sendfile(int(sock), s.span.fd, &s.span.off, int(min(s.span.n, maxPayload)))
+		w, err := unix.Sendfile(int(fd), s.span.fd, &s.span.off, int(min(s.span.n, maxPayload)))
 		s.span.n -= int64(max(w, 0))
 		switch {
 		case err == unix.EAGAIN:
 			return false
 		case err == unix.EINTR:
 		case err != nil:
-			s.err = os.NewSyscallError("sendfile", err)
+			s.werr = os.NewSyscallError("sendfile", err)
 			return true
 		case w == 0: // the file is shorter than the span now
-			s.err = io.ErrUnexpectedEOF
+			s.werr = io.ErrUnexpectedEOF
 			return true
 		}
 	}

@@ -24,7 +24,7 @@ const iovMax = 1024
 // Deadlines set on the connection hold, since the poller's waits honour
 // them.
 //
-// The reader uses Read; the sender, one at a time, writev.
+// The reader uses Read; the sender, one at a time, writev and sendfile.
 type socket struct {
 	raw syscall.RawConn
 
@@ -34,16 +34,19 @@ type socket struct {
 	err   error
 	readF func(fd uintptr) bool // s.readOnce, bound once
 
-	// The sender's: the pieces left to write and how writing failed.
+	// The sender's: the pieces left to write, or the span of a host file
+	// left to send, and how sending failed.
 	iov    []unix.Iovec
 	next   int
+	span   hostSpan
 	werr   error
 	writeF func(fd uintptr) bool // s.writeSome, bound once
+	sendF  func(fd uintptr) bool // s.sendSome, bound once
 }
 
 func newSocket(raw syscall.RawConn) *socket {
 	s := &socket{raw: raw}
-	s.readF, s.writeF = s.readOnce, s.writeSome
+	s.readF, s.writeF, s.sendF = s.readOnce, s.writeSome, s.sendSome
 	return s
 }
 

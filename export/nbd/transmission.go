@@ -81,16 +81,12 @@ type transmission struct {
 	dead   bool // a send failed; sendMu guards it
 
 	// The socket beneath the connection, read and written with raw
-	// system calls; both nil for TLS, which sendfile cannot serve.
-	raw  syscall.RawConn
+	// system calls (see socket); nil for TLS, which sendfile cannot serve.
 	sock *socket
 
-	// The sender's, under sendMu: the batch of one writev and the state
-	// of a sendfile.
-	batch    net.Buffers
-	bufs     net.Buffers
-	sending  sendfileState
-	sendStep func(fd uintptr) bool // t.sendSome, bound once
+	// The sender's, under sendMu: the batch of one writev.
+	batch net.Buffers
+	bufs  net.Buffers
 }
 
 func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structured, blockStat bool) *transmission {
@@ -114,10 +110,9 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 	}
 	if sc, ok := c.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			t.raw, t.sock = raw, newSocket(raw)
+			t.sock = newSocket(raw)
 		}
 	}
-	t.sendStep = t.sendSome
 	return t
 }
 
@@ -463,7 +458,7 @@ func (t *transmission) read(r *request) {
 // do not fail; if the file shrinks under a sendfile, the reply cannot be
 // finished and the connection ends.
 func (t *transmission) fromPageCache(r *request, off, n int64) bool {
-	if t.raw == nil || n < sendfileMin {
+	if t.sock == nil || n < sendfileMin {
 		return false
 	}
 	hr, ok := diskserve.MapHost(t.disk, off, n, false)
@@ -592,7 +587,7 @@ func (t *transmission) send(done []*request) error {
 			return err
 		}
 		batch = batch[:0]
-		if err := t.sendFile(r.file); err != nil {
+		if err := t.sock.sendfile(r.file); err != nil {
 			return err
 		}
 	}
