@@ -14,6 +14,11 @@ package diskserve
 // mapping for writing also does what the format's WriteAt does before it
 // writes (a composite marks the component dirty for its next Flush). A
 // mapping is valid for one I/O, issued before the next Resize or Close.
+//
+// A request served through a mapping bypasses every wrapper above the
+// mapped disk. Wrappers therefore do not forward MapHost unless they
+// choose to ([Passthrough] does not): one that must see every request
+// (metering, throttling, fault injection) simply leaves it out.
 type HostMapper interface {
 	MapHost(off, n int64, write bool) (r HostRange, ok bool)
 }

@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"path/filepath"
-	"strings"
 )
 
 // A Format describes one on-disk image format to the opener.
@@ -46,6 +45,10 @@ type Format struct {
 	// has internal snapshots (qcow2). The opener refuses
 	// [Options.Snapshot] for every other format.
 	Snapshots bool
+
+	// Create, if not nil, says how the format makes new images; a format
+	// that is only read has none.
+	Create *Creator
 }
 
 // SniffSize is how many bytes from the start of an image the opener reads
@@ -231,16 +234,7 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 // the start of c.
 func (oc *OpenContext) pick(c DiskFile, name string) (Format, error) {
 	if name != "" {
-		for _, f := range oc.opts.Formats {
-			if f.Name == name {
-				return f, nil
-			}
-		}
-		names := make([]string, len(oc.opts.Formats))
-		for i, f := range oc.opts.Formats {
-			names[i] = f.Name
-		}
-		return Format{}, fmt.Errorf("%w %q (known: %s)", ErrUnknownFormat, name, strings.Join(names, ", "))
+		return LookupFormat(oc.opts.Formats, name)
 	}
 	head := make([]byte, min(SniffSize, max(c.Size(), 0)))
 	if n, err := c.ReadAt(head, 0); n < len(head) {

@@ -108,47 +108,6 @@ func Resize(d DiskFile, size int64) error {
 	return fmt.Errorf("resize: %w", errors.ErrUnsupported)
 }
 
-// Capabilities are the optional interfaces a disk implements natively, as
-// reported by [CapabilitiesOf].
-type Capabilities uint32
-
-// The capabilities.
-const (
-	CanFlush Capabilities = 1 << iota
-	CanWriteZeroes
-	CanPunchHole
-	CanMapExtents
-	CanResize
-)
-
-// CapabilitiesOf reports which optional interfaces d implements, for
-// exporters that advertise what is cheap (NBD's SEND_TRIM and
-// SEND_FAST_ZERO) and leave out what would only be emulated; for a
-// [Wrapper], those of the disk it wraps. Using a
-// capability still goes through the functions above.
-func CapabilitiesOf(d DiskFile) Capabilities {
-	if w, ok := d.(Wrapper); ok {
-		return CapabilitiesOf(w.Unwrap())
-	}
-	var c Capabilities
-	if _, ok := d.(Flusher); ok {
-		c |= CanFlush
-	}
-	if _, ok := d.(ZeroWriter); ok {
-		c |= CanWriteZeroes
-	}
-	if _, ok := d.(HolePuncher); ok {
-		c |= CanPunchHole
-	}
-	if _, ok := d.(ExtentMapper); ok {
-		c |= CanMapExtents
-	}
-	if _, ok := d.(Resizer); ok {
-		c |= CanResize
-	}
-	return c
-}
-
 // Check verifies d's metadata with its [Checker], repairing what repair
 // allows. A disk that is not a Checker has nothing it can check, and Check
 // returns an error wrapping [errors.ErrUnsupported].

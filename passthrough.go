@@ -6,25 +6,31 @@ import (
 )
 
 // Passthrough is a [Wrapper] that passes every call to the disk D: the
-// base that wrappers embed, overriding only the methods they change. Its
-// capability methods report [errors.ErrUnsupported] where D lacks the
-// capability, so that the package functions fall back exactly as they
-// would for D itself (writing zeroes through the wrapper's WriteAt, say).
+// base that wrappers embed, overriding only the methods they change. It
+// implements every capability of [Forwarded]; its capability methods
+// report [errors.ErrUnsupported] where D lacks the capability, so that the
+// package functions fall back exactly as they would for D itself (writing
+// zeroes through the wrapper's WriteAt, say).
+//
+// It does not implement [HostMapper]: a disk that embeds it sees every
+// request, because no engine or exporter can move data past it. A wrapper
+// that may be bypassed (one that only observes reads, say) opts in by
+// defining MapHost itself.
 type Passthrough struct {
 	D DiskFile
 }
 
 var (
-	_ Wrapper      = Passthrough{}
-	_ Flusher      = Passthrough{}
-	_ ZeroWriter   = Passthrough{}
-	_ HolePuncher  = Passthrough{}
-	_ ExtentMapper = Passthrough{}
-	_ Resizer      = Passthrough{}
-	_ Describer    = Passthrough{}
-	_ Checker      = Passthrough{}
-	_ Snapshotter  = Passthrough{}
-	_ HostMapper   = Passthrough{}
+	_ Wrapper          = Passthrough{}
+	_ Flusher          = Passthrough{}
+	_ ZeroWriter       = Passthrough{}
+	_ HolePuncher      = Passthrough{}
+	_ ExtentMapper     = Passthrough{}
+	_ Resizer          = Passthrough{}
+	_ Describer        = Passthrough{}
+	_ Checker          = Passthrough{}
+	_ Snapshotter      = Passthrough{}
+	_ CompressedWriter = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -95,7 +101,7 @@ func (p Passthrough) ApplySnapshot(name string) error { return ApplySnapshot(p.D
 // DeleteSnapshot deletes a snapshot of D.
 func (p Passthrough) DeleteSnapshot(name string) error { return DeleteSnapshot(p.D, name) }
 
-// MapHost maps through D.
-func (p Passthrough) MapHost(off, n int64, write bool) (HostRange, bool) {
-	return MapHost(p.D, off, n, write)
+// WriteCompressed stores compressed data through D's CompressedWriter.
+func (p Passthrough) WriteCompressed(b []byte, off int64) error {
+	return WriteCompressed(p.D, b, off)
 }

@@ -115,7 +115,7 @@ afterwards. Progress is shown on a terminal.`,
 				defer src.Close()
 				c.Source = src
 			} else {
-				n, err := parseSize(size)
+				n, err := diskserve.ParseSize(size)
 				if err != nil {
 					return fmt.Errorf("--size: %w", err)
 				}

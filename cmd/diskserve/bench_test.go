@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/diskserve/diskserve/format/sparse"
+	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/internal/formatbench"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
@@ -27,7 +29,7 @@ func TestBench(t *testing.T) {
 		t.Fatalf("%d results, want %d", len(rep.Results), want)
 	}
 	for _, r := range rep.Results {
-		readOnly := r.Format == formatbench.Sparse || r.Format == formatbench.Zstd
+		readOnly := r.Format == sparse.Name || r.Format == zstd.Name
 		switch {
 		case readOnly && strings.HasSuffix(r.Pattern, "write"):
 			if r.Skipped == "" {

@@ -193,7 +193,7 @@ func TestConvertErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"convert", "-O", "vmdk", src, filepath.Join(dir, "x")}, `cannot write format "vmdk"`},
-		{[]string{"convert", "-c", "-O", "raw", src, filepath.Join(dir, "x")}, "only qcow2 output can be compressed"},
+		{[]string{"convert", "-c", "-O", "raw", src, filepath.Join(dir, "x")}, "raw images cannot store data compressed"},
 		{[]string{"convert", "-O", "android-sparse", "-o", "block_size=1022", src, filepath.Join(dir, "x")}, "block size 1022"},
 		{[]string{"convert", "-O", "raw", filepath.Join(dir, "missing"), filepath.Join(dir, "x")}, "no such file"},
 		{[]string{"convert", "-O", "raw", "-o", "a=b", src, filepath.Join(dir, "x")}, "raw images take no options"},

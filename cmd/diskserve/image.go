@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 
@@ -12,38 +13,97 @@ import (
 	"github.com/diskserve/diskserve/format"
 )
 
-// imageFlags are the flags of every subcommand that opens one image.
+// openFlag selects the open flags a command takes beyond -f and --verify.
+type openFlag uint
+
+const (
+	withReadOnly  openFlag = 1 << iota // -r, --read-only
+	withSnapshot                       // --snapshot NAME
+	withSnapshotL                      // --snapshot NAME, also as -l (qemu-img convert's)
+	withConfine                        // --confine DIR
+	withAIO                            // --aio ENGINE
+)
+
+// openFlags are the flags with which a command opens its images, declared
+// here once for every command.
+type openFlags struct {
+	format   string
+	verify   bool
+	readOnly bool
+	snapshot string
+	confine  string
+	aio      aioFlag
+}
+
+// register declares -f, --verify and the flags of has on fs. what names
+// the images in help texts ("IMAGE", "SRC").
+func (f *openFlags) register(fs *pflag.FlagSet, has openFlag, what string) {
+	fs.StringVarP(&f.format, "format", "f", "", "format of "+what+" ("+strings.Join(format.Names(), ", ")+"); detected when omitted")
+	fs.BoolVar(&f.verify, "verify", false, "verify "+what+"'s checksums (Android sparse CRC32 chunks) when opening it")
+	if has&withReadOnly != 0 {
+		fs.BoolVarP(&f.readOnly, "read-only", "r", false, "open "+what+" read-only")
+	}
+	switch {
+	case has&withSnapshotL != 0:
+		fs.StringVarP(&f.snapshot, "snapshot", "l", "", "use the qcow2 internal snapshot NAME (or ID) of "+what+", read-only, as qemu-img -l does")
+	case has&withSnapshot != 0:
+		fs.StringVar(&f.snapshot, "snapshot", "", "use the qcow2 internal snapshot NAME (or ID) of "+what+", read-only")
+	}
+	if has&withConfine != 0 {
+		fs.StringVar(&f.confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed); for images from untrusted sources")
+	}
+	if has&withAIO != 0 {
+		f.aio.register(fs)
+	}
+}
+
+// options returns the opener's options for the flags; readOnly forces a
+// read-only open, as a snapshot does.
+func (f *openFlags) options(readOnly bool, log *slog.Logger) (diskserve.Options, error) {
+	opts := diskserve.Options{
+		Format:   f.format,
+		ReadOnly: readOnly || f.readOnly || f.snapshot != "",
+		Verify:   f.verify,
+		Snapshot: f.snapshot,
+		Logger:   log,
+	}
+	if f.confine != "" {
+		var err error
+		if opts.ResolvePath, err = diskserve.Confine(f.confine); err != nil {
+			return opts, err
+		}
+	}
+	return opts, nil
+}
+
+// open opens the image at path with the flags' options.
+func (f *openFlags) open(path string, readOnly bool, log *slog.Logger) (diskserve.DiskFile, error) {
+	opts, err := f.options(readOnly, log)
+	if err != nil {
+		return nil, err
+	}
+	return format.Open(path, opts)
+}
+
+// imageFlags are the flags of the commands that report on one image:
+// the open flags and --output.
 type imageFlags struct {
-	format string
+	openFlags
 	output string
-	verify bool
 }
 
 func (f *imageFlags) register(fs *pflag.FlagSet) {
-	fs.StringVarP(&f.format, "format", "f", "", "image format ("+strings.Join(format.Names(), ", ")+"); detected when omitted")
+	f.openFlags.register(fs, 0, "IMAGE")
 	fs.StringVar(&f.output, "output", "human", "output format: human or json")
-	fs.BoolVar(&f.verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) when opening it")
-}
-
-func (f *imageFlags) validate() error {
-	if f.output != "human" && f.output != "json" {
-		return fmt.Errorf("--output must be human or json, not %q", f.output)
-	}
-	return nil
-}
-
-// open opens the image named by the command's argument.
-func (f *imageFlags) open(path string, readOnly bool) (diskserve.DiskFile, error) {
-	return format.Open(path, diskserve.Options{Format: f.format, ReadOnly: readOnly, Verify: f.verify})
 }
 
 // withImage validates the flags, opens the image named by args[0] and
 // calls fn with it, closing it afterwards.
 func (f *imageFlags) withImage(args []string, readOnly bool, fn func(diskserve.DiskFile) error) error {
-	if err := f.validate(); err != nil {
-		return err
+	if f.output != "human" && f.output != "json" {
+		return fmt.Errorf("--output must be human or json, not %q", f.output)
 	}
-	d, err := f.open(args[0], readOnly)
+	d, err := f.open(args[0], readOnly, nil)
 	if err != nil {
 		return err
 	}

@@ -13,18 +13,10 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/export/fuse"
-	"github.com/diskserve/diskserve/format"
 )
 
 func newMountCommand() *cobra.Command {
-	var (
-		fmtName  string
-		readOnly bool
-		verify   bool
-		aio      aioFlag
-		confine  string
-		snapshot string
-	)
+	var f openFlags
 	cmd := &cobra.Command{
 		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] IMAGE MOUNTPOINT",
 		Short: "Show an image's content as a file, through FUSE",
@@ -43,18 +35,11 @@ and served until the last open file is closed.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			image, mountpoint := args[0], args[1]
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			opts := diskserve.Options{Format: fmtName, ReadOnly: readOnly || snapshot != "", Verify: verify, Logger: log, Snapshot: snapshot}
-			if confine != "" {
-				var err error
-				if opts.ResolvePath, err = diskserve.Confine(confine); err != nil {
-					return err
-				}
-			}
-			d, err := format.Open(image, opts)
+			d, err := f.open(image, false, log)
 			if err != nil {
 				return err
 			}
-			if d, err = aio.wrap(d, log); err != nil {
+			if d, err = f.aio.wrap(d, log); err != nil {
 				return err
 			}
 			defer d.Close()
@@ -78,12 +63,6 @@ and served until the last open file is closed.`,
 			return nil
 		},
 	}
-	fl := cmd.Flags()
-	fl.StringVarP(&fmtName, "format", "f", "", "image format; detected when omitted")
-	fl.BoolVarP(&readOnly, "read-only", "r", false, "mount read-only")
-	fl.BoolVar(&verify, "verify", false, "verify the image's checksums (Android sparse CRC32 chunks) before mounting")
-	fl.StringVar(&snapshot, "snapshot", "", "mount the qcow2 internal snapshot NAME (or ID), read-only")
-	aio.register(fl)
-	fl.StringVar(&confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed)")
+	f.register(cmd.Flags(), withReadOnly|withSnapshot|withConfine|withAIO, "IMAGE")
 	return cmd
 }

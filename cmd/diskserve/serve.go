@@ -26,8 +26,7 @@ import (
 )
 
 type serveFlags struct {
-	format      string
-	readOnly    bool
+	open        openFlags
 	listen      []string
 	exportName  string
 	description string
@@ -36,11 +35,7 @@ type serveFlags struct {
 	tlsCA       string
 	tlsMode     string
 	verbose     bool
-	verify      bool
-	aio         aioFlag
-	confine     string
 	control     string
-	snapshot    string
 
 	metrics *control.Metrics // with --control
 	lives   []control.Export // with --control
@@ -69,8 +64,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 		RunE: func(cmd *cobra.Command, args []string) error { return runServe(&f, args) },
 	}
 	fl := cmd.Flags()
-	fl.StringVarP(&f.format, "format", "f", "", "image format ("+strings.Join(format.Names(), ", ")+"); detected when omitted")
-	fl.BoolVarP(&f.readOnly, "read-only", "r", false, "export read-only")
+	f.open.register(fl, withReadOnly|withSnapshot|withConfine|withAIO, "each IMAGE")
 	fl.StringArrayVarP(&f.listen, "listen", "l", nil, "address to listen on: HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
 	fl.StringVarP(&f.exportName, "export-name", "x", "", "also export a single IMAGE under this name")
 	fl.StringVarP(&f.description, "description", "D", "", "export description shown to clients")
@@ -79,11 +73,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.StringVar(&f.tlsCA, "tls-ca", "", "CA certificates (PEM) that client certificates must chain to; requires client certificates")
 	fl.StringVar(&f.tlsMode, "tls", "require", "with TLS: require (no export before STARTTLS) or allow")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
-	fl.BoolVar(&f.verify, "verify", false, "verify each image's checksums (Android sparse CRC32 chunks) before serving it")
-	f.aio.register(fl)
-	fl.StringVar(&f.snapshot, "snapshot", "", "serve the qcow2 internal snapshot NAME (or ID) of each image, read-only")
-	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live snapshots, /metrics) on unix:PATH")
-	fl.StringVar(&f.confine, "confine", "", "refuse backing files and components outside DIR (symlinks followed); for images from untrusted sources")
+	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live overlays, /metrics) on unix:PATH")
 	return cmd
 }
 
@@ -154,15 +144,12 @@ func runServe(f *serveFlags, args []string) error {
 
 // openExports opens the images named on the command line.
 func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export, error) {
-	opts := diskserve.Options{Format: f.format, ReadOnly: f.readOnly || f.snapshot != "", Verify: f.verify, Logger: log, Snapshot: f.snapshot}
-	if f.confine != "" {
-		var err error
-		if opts.ResolvePath, err = diskserve.Confine(f.confine); err != nil {
-			return nil, err
-		}
+	opts, err := f.open.options(false, log)
+	if err != nil {
+		return nil, err
 	}
 	if len(args) == 1 && !isNamed(args[0]) {
-		d, err := f.open("", args[0], opts, log)
+		d, err := f.openExport("", args[0], opts, log)
 		if err != nil {
 			return nil, err
 		}
@@ -181,7 +168,7 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		if !ok {
 			return exports, fmt.Errorf("%q: with several images, each argument is NAME=IMAGE", a)
 		}
-		d, err := f.open(name, path, opts, log)
+		d, err := f.openExport(name, path, opts, log)
 		if err != nil {
 			return exports, err
 		}
@@ -190,10 +177,10 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 	return exports, nil
 }
 
-// open opens one image, for the export called name, and serves it
+// openExport opens one image, for the export called name, and serves it
 // through the I/O engine; with --control, also through a Live disk (for
-// snapshots) and the metrics.
-func (f *serveFlags) open(name, path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
+// live overlays) and the metrics.
+func (f *serveFlags) openExport(name, path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
 	d, err := format.Open(path, opts)
 	if err != nil {
 		return nil, err
@@ -203,7 +190,7 @@ func (f *serveFlags) open(name, path string, opts diskserve.Options, log *slog.L
 		f.lives = append(f.lives, control.Export{Name: name, Live: live})
 		d = f.metrics.Metered(name, live)
 	}
-	return f.aio.wrap(d, log)
+	return f.open.aio.wrap(d, log)
 }
 
 // closeDisks closes the disks of exports, each once.

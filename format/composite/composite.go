@@ -44,7 +44,7 @@ import (
 const Name = "composite"
 
 // Format is the composite format for the opener.
-var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open}
+var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open, Create: creator}
 
 // A Disk is an open composite disk.
 type Disk struct {
@@ -264,11 +264,7 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		}
 		for _, e := range ext {
 			e.Off += off + done - at
-			if l := len(dst); l > 0 && dst[l-1].Flags == e.Flags && dst[l-1].Off+dst[l-1].Len == e.Off {
-				dst[l-1].Len += e.Len
-				continue
-			}
-			dst = append(dst, e)
+			dst = diskserve.AppendExtent(dst, e)
 		}
 		return nil
 	})

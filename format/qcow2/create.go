@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+
+	"github.com/diskserve/diskserve"
 )
 
 // CreateOptions describe a new image. The zero value of each field means
@@ -19,6 +21,50 @@ type CreateOptions struct {
 	ExtendedL2    bool
 	BackingFile   string // recorded as given; "" for none
 	BackingFormat string // required with BackingFile
+}
+
+// creator makes qcow2 images for `diskserve create` and `convert`, with
+// qemu-img's option names and defaults.
+var creator = &diskserve.Creator{
+	Options: []diskserve.CreateOption{
+		{Name: "cluster_size", Default: "64K", Help: "bytes per cluster, a power of two from 512 to 2M"},
+		{Name: "compat", Default: "1.1", Help: "0.10 (version 2) or 1.1 (version 3)"},
+		{Name: "refcount_bits", Default: "16", Help: "bits per refcount, a power of two up to 64"},
+		{Name: "compression_type", Default: "zlib", Help: "zlib or zstd, for compressed clusters"},
+		{Name: "lazy_refcounts", Default: "off", Help: "on or off"},
+		{Name: "extended_l2", Default: "off", Help: "on or off: 32 subclusters per cluster"},
+	},
+	Backing:    true,
+	Compressed: true,
+	New: func(path string, a diskserve.CreateArgs) error {
+		o, err := parseOptions(a.Options)
+		if err != nil {
+			return fmt.Errorf("create %s: %w", path, err)
+		}
+		o.Size, o.BackingFile, o.BackingFormat = a.Size, a.BackingFile, a.BackingFormat
+		return Create(path, o)
+	},
+}
+
+// parseOptions reads the -o options of creator.
+func parseOptions(opts diskserve.CreateOptions) (CreateOptions, error) {
+	var o CreateOptions
+	var err error
+	if o.ClusterSize, err = opts.Size("cluster_size", 0); err != nil {
+		return o, err
+	}
+	if o.RefcountBits, err = opts.Int("refcount_bits", 0); err != nil {
+		return o, err
+	}
+	if o.LazyRefcounts, err = opts.Bool("lazy_refcounts", false); err != nil {
+		return o, err
+	}
+	if o.ExtendedL2, err = opts.Bool("extended_l2", false); err != nil {
+		return o, err
+	}
+	o.Compat = opts.String("compat", "")
+	o.Compression = opts.String("compression_type", "")
+	return o, nil
 }
 
 // Create writes a new, empty qcow2 image at path, replacing any file there,

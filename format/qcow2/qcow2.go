@@ -65,7 +65,7 @@ import (
 )
 
 // Format is the qcow2 format for the opener.
-var Format = diskserve.Format{Name: "qcow2", Magic: Magic, Open: open, Snapshots: true}
+var Format = diskserve.Format{Name: "qcow2", Magic: Magic, Open: open, Snapshots: true, Create: creator}
 
 // L2 entry bits.
 const (
@@ -406,11 +406,7 @@ func (d *Disk) readBacking(p []byte, off int64) error {
 func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 	end := off + n
 	add := func(e diskserve.Extent) {
-		if k := len(dst); k > 0 && dst[k-1].Flags == e.Flags && dst[k-1].Off+dst[k-1].Len == e.Off {
-			dst[k-1].Len += e.Len
-			return
-		}
-		dst = append(dst, e)
+		dst = diskserve.AppendExtent(dst, e)
 	}
 	for pos := off; pos < end; {
 		// An unallocated L2 table leaves its whole span to the backing

@@ -40,8 +40,23 @@ import (
 // Format is the raw format. It matches every file, so it goes last in an
 // opener's list; opening returns the image file itself.
 var Format = diskserve.Format{
-	Name: "raw",
-	Open: func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) { return c, nil },
+	Name:   "raw",
+	Open:   func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) { return c, nil },
+	Create: &diskserve.Creator{New: create},
+}
+
+// create makes a sparse file of a.Size bytes at path, replacing any file
+// there.
+func create(path string, a diskserve.CreateArgs) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(a.Size); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // A Disk is an open raw image.

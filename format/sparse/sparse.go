@@ -43,7 +43,7 @@ const Magic = "\x3a\xff\x26\xed"
 const Name = "android-sparse"
 
 // Format is the Android sparse format for the opener.
-var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open}
+var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open, Create: creator}
 
 var le = binary.LittleEndian
 
@@ -269,11 +269,7 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		ch := d.chunks[i]
 		e := diskserve.Extent{Off: max(off, ch.start), Flags: flags(ch)}
 		e.Len = min(end, ch.start+ch.n) - e.Off
-		if k := len(dst); k > 0 && dst[k-1].Flags == e.Flags && dst[k-1].Off+dst[k-1].Len == e.Off {
-			dst[k-1].Len += e.Len
-			continue
-		}
-		dst = append(dst, e)
+		dst = diskserve.AppendExtent(dst, e)
 	}
 	return dst, nil
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/diskserve/diskserve"
 )
@@ -164,4 +165,16 @@ func (c *chunkWriter) flush() error {
 	c.chunks++
 	c.kind, c.blocks, c.raw = 0, 0, c.raw[:0]
 	return nil
+}
+
+// creator writes images for `diskserve convert`, with the options of -o.
+var creator = &diskserve.Creator{
+	Options: []diskserve.CreateOption{{Name: "block_size", Default: "4096", Help: "bytes per block, a multiple of 4"}},
+	Write: func(ctx context.Context, out *os.File, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
+		blockSize, err := o.Size("block_size", DefaultBlockSize)
+		if err != nil {
+			return err
+		}
+		return Write(ctx, out, src, blockSize, progress)
+	},
 }

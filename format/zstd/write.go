@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"sync"
 
@@ -145,4 +146,29 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 	table = le.AppendUint32(table, seekableMagic)
 	_, err = out.Write(table)
 	return err
+}
+
+// creator writes images for `diskserve convert`, with the options of -o.
+var creator = &diskserve.Creator{
+	Options: []diskserve.CreateOption{
+		{Name: "frame_size", Default: "256K", Help: "uncompressed bytes per frame: what a random read decompresses"},
+		{Name: "level", Default: "3", Help: "zstd level, 1 to 22"},
+		{Name: "checksum", Default: "on", Help: "on or off: a checksum of each frame in the seek table"},
+	},
+	Write: func(ctx context.Context, out *os.File, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
+		var wo WriteOptions
+		var err error
+		if wo.FrameSize, err = o.Size("frame_size", DefaultFrameSize); err != nil {
+			return err
+		}
+		if wo.Level, err = o.Int("level", 3); err != nil {
+			return err
+		}
+		checksum, err := o.Bool("checksum", true)
+		if err != nil {
+			return err
+		}
+		wo.NoChecksum = !checksum
+		return Write(ctx, out, src, wo, progress)
+	},
 }

@@ -49,7 +49,7 @@ const Name = "zstd"
 
 // Format is the seekable zstd format for the opener. It claims files that
 // start with a zstd frame or a skippable frame.
-var Format = diskserve.Format{Name: Name, Match: Match, Open: open}
+var Format = diskserve.Format{Name: Name, Match: Match, Open: open, Create: creator}
 
 // Match reports whether head starts with a zstd frame (magic 0xFD2FB528)
 // or a skippable frame (0x184D2A50 to 0x184D2A5F), both little-endian.
@@ -336,11 +336,7 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 			e.Flags = diskserve.ExtentZero
 		}
 		d.mu.Unlock()
-		if k := len(dst); k > 0 && dst[k-1].Flags == e.Flags && dst[k-1].Off+dst[k-1].Len == e.Off {
-			dst[k-1].Len += e.Len
-			continue
-		}
-		dst = append(dst, e)
+		dst = diskserve.AppendExtent(dst, e)
 	}
 	return dst, nil
 }

@@ -114,9 +114,3 @@ func (m *metered) PunchHole(off, n int64) error {
 	m.done(opPunch, start, n, err)
 	return err
 }
-
-// MapHost maps nothing, so that an I/O engine cannot move data past the
-// counters.
-func (m *metered) MapHost(int64, int64, bool) (diskserve.HostRange, bool) {
-	return diskserve.HostRange{}, false
-}

@@ -2,139 +2,76 @@ package formatbench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
-	"github.com/diskserve/diskserve/format/composite"
-	"github.com/diskserve/diskserve/format/qcow2"
-	"github.com/diskserve/diskserve/format/sparse"
-	"github.com/diskserve/diskserve/format/zstd"
+	"github.com/diskserve/diskserve/internal/newimage"
 )
 
-// The formats Run can build, in the order tables show them.
-const (
-	Raw             = "raw"
-	Qcow2           = "qcow2"
-	Qcow2Compressed = "qcow2-compressed"
-	Composite       = "composite"
-	Sparse          = sparse.Name
-	Zstd            = zstd.Name
-)
+// compressedSuffix names the variant of a format whose data is stored
+// compressed.
+const compressedSuffix = "-compressed"
 
-// Formats lists them.
-var Formats = []string{Raw, Qcow2, Qcow2Compressed, Composite, Sparse, Zstd}
+// Formats are the images Run builds by default: those of [Variants] of the
+// built-in formats.
+var Formats = Variants(format.All())
 
-// writable reports whether a format's images can be written, so write
-// patterns run on it.
-func writable(f string) bool { return f != Sparse && f != Zstd }
-
-// build writes an image of format f holding src's content into dir and
-// returns its path and the format name to open it with.
-func build(ctx context.Context, f string, src diskserve.DiskFile, dir string) (path, openAs string, err error) {
-	path = filepath.Join(dir, "bench."+f)
-	switch f {
-	case Raw:
-		return path, "raw", writeRaw(path, src, 0, src.Size())
-	case Qcow2, Qcow2Compressed:
-		if err := qcow2.Create(path, qcow2.CreateOptions{Size: src.Size()}); err != nil {
-			return "", "", err
+// Variants names the images Run can build with formats: one per format
+// that can be written, and NAME-compressed for each that can store its
+// data compressed, in the formats' order.
+func Variants(formats []diskserve.Format) []string {
+	var names []string
+	for _, f := range newimage.Creatable(formats) {
+		names = append(names, f.Name)
+		if f.Create.Compressed {
+			names = append(names, f.Name+compressedSuffix)
 		}
-		return path, "qcow2", copyInto(path, src, f == Qcow2Compressed)
-	case Composite:
-		// Two raw components, each half of the disk.
-		half := src.Size() / 2 &^ 4095
-		parts := []composite.Component{{Path: "part0.raw", Writable: true}, {Path: "part1.raw", Offset: half, Writable: true}}
-		if err := writeRaw(filepath.Join(dir, parts[0].Path), src, 0, half); err != nil {
-			return "", "", err
-		}
-		if err := writeRaw(filepath.Join(dir, parts[1].Path), src, half, src.Size()-half); err != nil {
-			return "", "", err
-		}
-		spec := &composite.Spec{Version: 2, Length: src.Size(), Components: parts}
-		return path, "composite", os.WriteFile(path, spec.Marshal(), 0o644)
-	case Sparse, Zstd:
-		out, err := os.Create(path)
-		if err != nil {
-			return "", "", err
-		}
-		defer out.Close()
-		if f == Sparse {
-			err = sparse.Write(ctx, out, src, 0, nil)
-		} else {
-			err = zstd.Write(ctx, out, src, zstd.WriteOptions{}, nil)
-		}
-		return path, f, err
 	}
-	return "", "", fmt.Errorf("cannot build a %q image (formats: %v)", f, Formats)
+	return names
 }
 
-// writeRaw writes n bytes of src from off into a new raw file, leaving
-// holes where src reads as zeroes.
-func writeRaw(path string, src diskserve.DiskFile, off, n int64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Truncate(n); err != nil {
-		return err
-	}
-	return eachDataBlock(src, off, n, func(b []byte, at int64) error {
-		_, err := f.WriteAt(b, at-off)
-		return err
-	})
+// A variant is an image Run builds: a format, its data compressed or not.
+type variant struct {
+	name     string
+	format   diskserve.Format
+	compress bool
 }
 
-// copyInto writes src's data blocks into the qcow2 image at path,
-// compressed if asked.
-func copyInto(path string, src diskserve.DiskFile, compress bool) error {
-	d, err := format.Open(path, diskserve.Options{Format: "qcow2"})
-	if err != nil {
-		return err
-	}
-	cw := d.(interface {
-		WriteCompressed(p []byte, off int64) error
-	})
-	cs := int(diskserve.Describe(d).ClusterSize)
-	err = eachDataBlock(src, 0, src.Size(), func(b []byte, at int64) error {
-		if compress {
-			for k := 0; k < len(b); k += cs {
-				if err := cw.WriteCompressed(b[k:min(len(b), k+cs)], at+int64(k)); err != nil {
-					return err
-				}
+// writable reports whether the variant's images can be written, so write
+// patterns run on it: those of formats written in place.
+func (v variant) writable() bool { return v.format.Create.New != nil }
+
+// variantOf returns the variant called name, of one of formats.
+func variantOf(formats []diskserve.Format, name string) (variant, error) {
+	for _, f := range newimage.Creatable(formats) {
+		switch name {
+		case f.Name:
+			return variant{name, f, false}, nil
+		case f.Name + compressedSuffix:
+			if f.Create.Compressed {
+				return variant{name, f, true}, nil
 			}
-			return nil
-		}
-		_, err := d.WriteAt(b, at)
-		return err
-	})
-	return errors.Join(err, diskserve.Flush(d), d.Close())
-}
-
-// blockSize is the unit in which images are built: data blocks are
-// copied, zero blocks skipped.
-const blockSize = 1 << 20
-
-// eachDataBlock calls fn for every block of [off, off+n) of src that
-// holds anything but zeroes.
-func eachDataBlock(src diskserve.DiskFile, off, n int64, fn func(b []byte, at int64) error) error {
-	buf := make([]byte, blockSize)
-	zero := make([]byte, blockSize)
-	for at := off; at < off+n; at += blockSize {
-		b := buf[:min(blockSize, off+n-at)]
-		if err := diskserve.ReadFullAt(src, b, at); err != nil {
-			return err
-		}
-		if string(b) == string(zero[:len(b)]) {
-			continue
-		}
-		if err := fn(b, at); err != nil {
-			return err
 		}
 	}
-	return nil
+	return variant{}, fmt.Errorf("cannot build a %q image (formats: %v)", name, Variants(formats))
+}
+
+// build writes an image of variant v holding src's content into a new
+// directory in dir, with the format's default options, and returns its
+// path. The image may be several files: remove the directory.
+func build(ctx context.Context, v variant, src diskserve.DiskFile, dir string, open diskserve.Options) (string, error) {
+	imgDir, err := os.MkdirTemp(dir, "bench."+v.name+".")
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(imgDir, "image")
+	t := newimage.Target{Format: v.format, Compress: v.compress, Open: open}
+	if err := newimage.Convert(ctx, src, path, t, nil); err != nil {
+		os.RemoveAll(imgDir)
+		return "", err
+	}
+	return path, nil
 }

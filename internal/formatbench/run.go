@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
+	"github.com/diskserve/diskserve/format"
 )
 
 // A Pattern is an access pattern: which operation, how large, where.
@@ -60,6 +62,9 @@ type Config struct {
 	Self   string
 	Source diskserve.DiskFile // the content every image holds
 	Dir    string             // where images are built
+	// Open holds the formats images are built and opened with; package
+	// format's built-in ones when it leaves them empty.
+	Open diskserve.Options
 	// Progress, if not nil, is called after each measurement with the
 	// number done and the total.
 	Progress func(done, total int)
@@ -90,17 +95,26 @@ type Report struct {
 	Results []Result `json:"results"`
 }
 
+// formats returns the formats c builds and opens images with.
+func (c *Config) formats() []diskserve.Format {
+	return format.Options(c.Open).Formats
+}
+
 // Run builds an image of each format and measures every pattern at every
 // depth on it.
 func Run(ctx context.Context, c Config) (*Report, error) {
 	rep := &Report{Size: c.Source.Size(), Runtime: c.Runtime.Seconds(), Via: cmp.Or(c.Via, ViaEngine)}
 	total := len(c.Formats) * len(c.Patterns) * len(c.Depths)
 	for _, f := range c.Formats {
-		path, openAs, err := build(ctx, f, c.Source, c.Dir)
+		v, err := variantOf(c.formats(), f)
+		if err != nil {
+			return nil, err
+		}
+		path, err := build(ctx, v, c.Source, c.Dir, c.Open)
 		if err != nil {
 			return nil, fmt.Errorf("build the %s image: %w", f, err)
 		}
-		t, size, engine, detach, err := attach(c, path, openAs, !writable(f))
+		t, size, engine, detach, err := attach(c, path, v.format.Name, !v.writable())
 		if err != nil {
 			return nil, fmt.Errorf("%s via %s: %w", f, rep.Via, err)
 		}
@@ -113,7 +127,7 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 		for _, p := range patterns {
 			for _, qd := range c.Depths {
 				r := Result{Format: f, Pattern: p.Name, QueueDep: qd, BlockSize: p.BlockSize}
-				if p.Write && !writable(f) {
+				if p.Write && !v.writable() {
 					r.Skipped = "the format is read-only"
 				} else if err := measure(ctx, t, size, p, qd, c.Runtime, &r); err != nil {
 					detach()
@@ -131,7 +145,7 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		os.Remove(path)
+		os.RemoveAll(filepath.Dir(path))
 	}
 	return rep, nil
 }

@@ -14,6 +14,9 @@ import (
 // format stores a mix of what disks hold. It is computed on each read.
 type generated struct{ size int64 }
 
+// blockSize is the size of a block of generated content.
+const blockSize = 1 << 20
+
 // Generated returns a read-only disk of size bytes of that content.
 func Generated(size int64) diskserve.DiskFile { return generated{size} }
 

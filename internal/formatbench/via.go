@@ -46,7 +46,9 @@ func attach(c Config, path, openAs string, readOnly bool) (target, int64, string
 	if c.Via == ViaFUSE {
 		return mount(c, path, openAs, readOnly)
 	}
-	d, err := format.Open(path, diskserve.Options{Format: openAs, ReadOnly: readOnly})
+	opts := format.Options(c.Open)
+	opts.Format, opts.ReadOnly = openAs, readOnly
+	d, err := diskserve.Open(path, opts)
 	if err != nil {
 		return nil, 0, "", nil, err
 	}

@@ -1,0 +1,266 @@
+// Package newimage makes new images with the formats' [diskserve.Creator]s:
+// empty ones (`diskserve create`) and copies of a disk (`convert`, bundles,
+// `bench`). Nothing in it knows a format by name: whatever a format
+// declares in its Creator is what can be made of it.
+//
+// A conversion writes its files into a temporary directory beside the
+// destination and moves them into place when complete, the destination
+// itself last, so that an interrupted conversion leaves no partial
+// destination.
+package newimage
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+)
+
+// Copying: each of copyWorkers goroutines reads and writes a piece of up to
+// copyPiece bytes at a time, and skips the parts of copyGrain bytes that
+// read as zeroes.
+const (
+	copyPiece   = 1 << 20
+	copyGrain   = 64 << 10
+	copyWorkers = 4
+)
+
+// Creatable returns the formats of formats that have a [diskserve.Creator],
+// in their order.
+func Creatable(formats []diskserve.Format) []diskserve.Format {
+	var out []diskserve.Format
+	for _, f := range formats {
+		if f.Create != nil {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// Creator returns the Creator of f, or an error naming the formats of
+// formats that have one.
+func Creator(f diskserve.Format, formats []diskserve.Format) (*diskserve.Creator, error) {
+	if f.Create != nil {
+		return f.Create, nil
+	}
+	var names []string
+	for _, c := range Creatable(formats) {
+		names = append(names, c.Name)
+	}
+	return nil, fmt.Errorf("%s images cannot be written (these can: %v)", f.Name, names)
+}
+
+// Create makes an empty image of format f at path with f's
+// [diskserve.Creator.New], after checking a against what f declares.
+func Create(path string, f diskserve.Format, a diskserve.CreateArgs) error {
+	c := f.Create
+	switch {
+	case c == nil || c.New == nil:
+		return fmt.Errorf("create %s: %s images are written whole from a source: use convert", path, f.Name)
+	case a.BackingFile != "" && !c.Backing:
+		return fmt.Errorf("create %s: %s images have no backing file", path, f.Name)
+	case len(a.Components) > 0 && !c.Components:
+		return fmt.Errorf("create %s: %s images are not built from other images", path, f.Name)
+	}
+	if err := a.Options.Check(f.Name, c); err != nil {
+		return fmt.Errorf("create %s: %w", path, err)
+	}
+	return c.New(path, a)
+}
+
+// A Target is the image a conversion writes.
+type Target struct {
+	Format   diskserve.Format
+	Options  diskserve.CreateOptions
+	Compress bool // store data compressed; the format must declare it can
+
+	// Open holds what opening the new image needs: the formats and the
+	// file opener (package format's when left empty). Formats
+	// written in place are opened with it to be filled.
+	Open diskserve.Options
+}
+
+// Convert writes the content of src into a new image at dst. Ranges of
+// src that read as zeroes are not written, so the output stays sparse.
+// progress, if not nil, is told how many bytes of src have been covered.
+func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, progress func(int64)) (err error) {
+	c, err := Creator(t.Format, t.Open.Formats)
+	if err != nil {
+		return fmt.Errorf("convert to %s: %w", dst, err)
+	}
+	if t.Compress && !c.Compressed {
+		return fmt.Errorf("convert to %s: %s images cannot store data compressed", dst, t.Format.Name)
+	}
+	if err := t.Options.Check(t.Format.Name, c); err != nil {
+		return fmt.Errorf("convert to %s: %w", dst, err)
+	}
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".diskserve-"+strconv.Itoa(os.Getpid()))
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		return fmt.Errorf("convert to %s: %w", dst, err)
+	}
+	defer func() {
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			err = moveInto(tmp, dst)
+		}
+		os.RemoveAll(tmp)
+		if ctx.Err() != nil {
+			err = fmt.Errorf("convert interrupted (%v): %s was not written", context.Cause(ctx), dst)
+		}
+	}()
+	out := filepath.Join(tmp, filepath.Base(dst))
+	if c.Write != nil {
+		return writeStream(ctx, c, src, out, t.Options, progress)
+	}
+	if err := c.New(out, diskserve.CreateArgs{Size: src.Size(), Options: t.Options}); err != nil {
+		return fmt.Errorf("convert to %s: %w", dst, err)
+	}
+	opts := format.Options(t.Open)
+	opts.Format, opts.ReadOnly = t.Format.Name, false
+	d, err := diskserve.Open(out, opts)
+	if err != nil {
+		return err
+	}
+	err = Copy(ctx, d, src, t.Compress, progress)
+	if err == nil {
+		err = diskserve.Flush(d)
+	}
+	return errors.Join(err, d.Close())
+}
+
+// writeStream writes src into a new file at path with c.Write, and makes
+// it durable.
+func writeStream(ctx context.Context, c *diskserve.Creator, src diskserve.DiskFile, path string, o diskserve.CreateOptions, progress func(int64)) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := c.Write(ctx, f, src, o, progress); err != nil {
+		f.Close()
+		return err
+	}
+	return errors.Join(f.Sync(), f.Close())
+}
+
+// moveInto renames every file of the directory tmp into the directory of
+// dst, dst's own file last, and makes the renames durable.
+func moveInto(tmp, dst string) error {
+	entries, err := os.ReadDir(tmp)
+	if err != nil {
+		return err
+	}
+	dir, main := filepath.Dir(dst), filepath.Base(dst)
+	for _, e := range entries {
+		if e.Name() != main {
+			if err := os.Rename(filepath.Join(tmp, e.Name()), filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	if err := os.Rename(filepath.Join(tmp, main), dst); err != nil {
+		return err
+	}
+	return SyncDir(dir)
+}
+
+// SyncDir makes a directory's entries durable.
+func SyncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(f.Sync(), f.Close())
+}
+
+// Copy copies the content of src into dst, a disk of the same size that
+// reads as zeroes: ranges of src that read as zeroes, and parts of data
+// that are all zero, are skipped. Several workers read and write pieces at
+// once. With compress, dst stores data with [diskserve.WriteCompressed]
+// (the workers compress in parallel), in whole units of its cluster size.
+func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progress func(int64)) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	size := src.Size()
+	pieceSize, grain := int64(copyPiece), int64(copyGrain)
+	if compress {
+		if grain = diskserve.Describe(dst).ClusterSize; grain <= 0 {
+			return fmt.Errorf("compressed copy: the target has no cluster size: %w", diskserve.ErrUnsupported)
+		}
+		pieceSize = max(pieceSize, grain)
+	}
+	report := func(n int64) {
+		if progress != nil {
+			progress(n)
+		}
+	}
+	type piece struct{ off, n int64 }
+	jobs := make(chan piece, copyWorkers)
+	var wg sync.WaitGroup
+	for range copyWorkers {
+		wg.Go(func() {
+			buf := make([]byte, pieceSize+2*grain)
+			zero := make([]byte, grain)
+			for p := range jobs {
+				off, end := p.off, p.off+p.n
+				if compress { // whole clusters
+					off, end = off&^(grain-1), min((end+grain-1)&^(grain-1), size)
+				}
+				b := buf[:end-off]
+				if err := diskserve.ReadFullAt(src, b, off); err != nil {
+					cancel(fmt.Errorf("read %d bytes at %d: %w", end-off, off, err))
+					continue
+				}
+				for k := int64(0); k < end-off; k += grain {
+					part := b[k:min(end-off, k+grain)]
+					if bytes.Equal(part, zero[:len(part)]) {
+						continue
+					}
+					var err error
+					if compress {
+						err = diskserve.WriteCompressed(dst, part, off+k)
+					} else {
+						_, err = dst.WriteAt(part, off+k)
+					}
+					if err != nil {
+						cancel(err)
+						break
+					}
+				}
+				report(p.n)
+			}
+		})
+	}
+	feed := func(e diskserve.Extent) bool {
+		if e.Flags&diskserve.ExtentZero != 0 {
+			report(e.Len)
+			return true
+		}
+		// Pieces end on multiples of pieceSize, so that only pieces at
+		// the edges of an extent share a cluster.
+		for o, end := e.Off, e.Off+e.Len; o < end; {
+			next := min((o/pieceSize+1)*pieceSize, end)
+			select {
+			case jobs <- piece{o, next - o}:
+			case <-ctx.Done():
+				return false
+			}
+			o = next
+		}
+		return true
+	}
+	if err := diskserve.WalkExtents(src, 0, size, feed); err != nil {
+		cancel(err)
+	}
+	close(jobs)
+	wg.Wait()
+	return context.Cause(ctx)
+}
