@@ -33,12 +33,28 @@ import (
 // called concurrently with any other method; after Close, the DiskFile and
 // every image it opened (backing files, components) are released.
 //
-// Features that not every format has are optional interfaces ([Flusher],
-// [ZeroWriter], [HolePuncher], [ExtentMapper], [Resizer], [Describer],
-// [Checker], [Snapshotter]). Callers never type-assert them: the
-// package-level functions [Flush], [WriteZeroes], [PunchHole], [Extents],
-// [Resize], [Describe], [Check] and the snapshot functions do, and hold the fallback for disks that lack the capability;
-// [CapabilitiesOf] tells exporters what is native, to advertise.
+// Features that not every format has are optional interfaces, declared
+// once in the capability list ([Capabilities]). Callers never type-assert
+// them: each has a package-level function that does, and that holds the
+// fallback for disks that lack it:
+//
+//   - [Flusher], used by [Flush]: without it there is nothing to flush.
+//   - [ZeroWriter], used by [WriteZeroes]: without it zeroes are written.
+//   - [HolePuncher], used by [PunchHole]: without it the range is zeroed.
+//   - [ExtentMapper], used by [Extents]: without it all is data.
+//   - [Resizer], used by [Resize]: without it the size is fixed.
+//   - [Describer], used by [Describe]: without it only size and mode.
+//   - [Checker], used by [Check]: without it nothing can be checked.
+//   - [Snapshotter], used by [CreateSnapshot], [ApplySnapshot] and
+//     [DeleteSnapshot]: without it there are no internal snapshots.
+//   - [CompressedWriter], used by [WriteCompressed]: without it data is
+//     not stored compressed.
+//   - [HostMapper], used by [MapHost]: without it engines and exporters
+//     move every byte through ReadAt and WriteAt.
+//
+// [CapabilitiesOf] tells exporters what is native, to advertise. A
+// [Wrapper] implements every capability but HostMapper and forwards it
+// ([Passthrough] does, for wrappers that embed it).
 type DiskFile interface {
 	io.ReaderAt
 	io.WriterAt

@@ -444,3 +444,15 @@ func TestNoAllocs(t *testing.T) {
 		})
 	}
 }
+
+// TestDiskIsAWrapper holds the engine's disk to the capability list: it
+// forwards every capability, and maps reads (so that exporters can send
+// cached data from the host file) by choice.
+func TestDiskIsAWrapper(t *testing.T) {
+	w, err := Wrap(disktest.NewMemory(make([]byte, 1<<20), false), Options{Mode: Pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	disktest.CheckWrapper(t, w, true)
+}

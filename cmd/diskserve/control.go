@@ -17,11 +17,11 @@ import (
 func newControlCommand() *cobra.Command {
 	var socket, output string
 	cmd := &cobra.Command{
-		Use:   "control --socket PATH list|snapshot|commit|metrics",
+		Use:   "control --socket PATH list|overlay|commit|metrics",
 		Short: "Talk to a running diskserve serve --control",
 		Long: `control is the client of the API that diskserve serve --control unix:PATH
 serves: list the exports with their image chains, sizes and attached
-clients; take a live snapshot of an export (the export moves onto a new
+clients; put a live overlay on an export (the export moves onto a new
 qcow2 overlay whose backing file is its current image, which then stays as
 it was at that instant; clients stay attached); commit the top overlay
 back into its backing image, live, and delete it; print the Prometheus
@@ -66,8 +66,8 @@ metrics.`,
 	}
 	list.Flags().StringVar(&output, "output", "human", "human or json")
 	var export string
-	snapshot := &cobra.Command{
-		Use:   "snapshot [--export NAME] OVERLAY.qcow2",
+	overlay := &cobra.Command{
+		Use:   "overlay [--export NAME] OVERLAY.qcow2",
 		Short: "Move an export onto a new overlay, keeping its image as it is now",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -75,14 +75,14 @@ metrics.`,
 			if err != nil {
 				return err
 			}
-			overlay, err := filepath.Abs(args[0])
+			path, err := filepath.Abs(args[0])
 			if err != nil {
 				return err
 			}
-			return c.Snapshot(export, overlay)
+			return c.Overlay(export, path)
 		},
 	}
-	snapshot.Flags().StringVarP(&export, "export", "x", "", "the export (default: the default export)")
+	overlay.Flags().StringVarP(&export, "export", "x", "", "the export (default: the default export)")
 	metrics := &cobra.Command{
 		Use:   "metrics",
 		Short: "Print the metrics in Prometheus text format",
@@ -111,6 +111,6 @@ metrics.`,
 		},
 	}
 	commit.Flags().StringVarP(&commitExport, "export", "x", "", "the export (default: the default export)")
-	cmd.AddCommand(list, snapshot, commit, metrics)
+	cmd.AddCommand(list, overlay, commit, metrics)
 	return cmd
 }

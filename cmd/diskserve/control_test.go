@@ -17,12 +17,12 @@ import (
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// TestLiveSnapshot takes a live snapshot of a raw export while fio writes
+// TestLiveOverlay takes a live snapshot of a raw export while fio writes
 // through NBD: fio sees no error, the raw image keeps exactly what was
 // written before the snapshot, and the overlay over it holds what was
 // written after. The control API lists the new chain, and /metrics parses
 // and counts the writes the test sent.
-func TestLiveSnapshot(t *testing.T) {
+func TestLiveOverlay(t *testing.T) {
 	testtool.Need(t, "fio")
 	dir := t.TempDir()
 	img := image(t, dir, "disk.raw", "64M")
@@ -68,7 +68,7 @@ func TestLiveSnapshot(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	overlay := filepath.Join(dir, "after.qcow2")
-	mustRun(t, "control", "--socket", ctl, "snapshot", overlay)
+	mustRun(t, "control", "--socket", ctl, "overlay", overlay)
 	// After the snapshot.
 	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 34 64k 64k", uri)
 	list := mustRun(t, "control", "--socket", ctl, "list")
@@ -78,7 +78,7 @@ func TestLiveSnapshot(t *testing.T) {
 	if err := fio.Wait(); err != nil {
 		t.Fatalf("fio failed across the snapshot: %v\n%s", err, fioOut.String())
 	}
-	if _, stderr, code := run(t, nil, "control", "--socket", ctl, "snapshot", overlay); code == 0 || !strings.Contains(stderr, "exists") {
+	if _, stderr, code := run(t, nil, "control", "--socket", ctl, "overlay", overlay); code == 0 || !strings.Contains(stderr, "exists") {
 		t.Errorf("a second snapshot onto the same overlay: exit %d, %s", code, stderr)
 	}
 	// The overlay's metadata reaches its file with a flush; qemu-img then

@@ -192,7 +192,7 @@ func TestConvertErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"convert", "-O", "vmdk", src, filepath.Join(dir, "x")}, `cannot write format "vmdk"`},
+		{[]string{"convert", "-O", "vmdk", src, filepath.Join(dir, "x")}, `unknown disk format "vmdk"`},
 		{[]string{"convert", "-c", "-O", "raw", src, filepath.Join(dir, "x")}, "raw images cannot store data compressed"},
 		{[]string{"convert", "-O", "android-sparse", "-o", "block_size=1022", src, filepath.Join(dir, "x")}, "block size 1022"},
 		{[]string{"convert", "-O", "raw", filepath.Join(dir, "missing"), filepath.Join(dir, "x")}, "no such file"},

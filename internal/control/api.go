@@ -39,9 +39,9 @@ type Image struct {
 	Format string `json:"format"`
 }
 
-// SnapshotRequest is the body of POST /v1/snapshot, and of POST
-// /v1/commit (without Overlay).
-type SnapshotRequest struct {
+// OverlayRequest is the body of POST /v1/overlay, and of POST /v1/commit
+// (without Overlay).
+type OverlayRequest struct {
 	Export  string `json:"export"`
 	Overlay string `json:"overlay"`
 }
@@ -51,7 +51,7 @@ type apiError struct {
 	Error string `json:"error"`
 }
 
-// Handler serves the API: GET /v1/exports, POST /v1/snapshot, POST
+// Handler serves the API: GET /v1/exports, POST /v1/overlay, POST
 // /v1/commit and GET /metrics (gatherer's metrics in Prometheus text format). clients
 // counts the connections attached to an export.
 func Handler(exports []Export, clients func(name string) int, gatherer prometheus.Gatherer) http.Handler {
@@ -73,7 +73,7 @@ func Handler(exports []Export, clients func(name string) int, gatherer prometheu
 		reply(w, http.StatusOK, out)
 	})
 	// live decodes a request naming an export, or answers it with an error.
-	live := func(w http.ResponseWriter, r *http.Request, req *SnapshotRequest) *Live {
+	live := func(w http.ResponseWriter, r *http.Request, req *OverlayRequest) *Live {
 		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(req); err != nil {
 			reply(w, http.StatusBadRequest, apiError{"bad request: " + err.Error()})
 			return nil
@@ -84,25 +84,25 @@ func Handler(exports []Export, clients func(name string) int, gatherer prometheu
 		}
 		return l
 	}
-	done := func(w http.ResponseWriter, req SnapshotRequest, err error) {
+	done := func(w http.ResponseWriter, req OverlayRequest, err error) {
 		if err != nil {
 			reply(w, http.StatusConflict, apiError{err.Error()})
 			return
 		}
 		reply(w, http.StatusOK, req)
 	}
-	mux.HandleFunc("POST /v1/snapshot", func(w http.ResponseWriter, r *http.Request) {
-		var req SnapshotRequest
+	mux.HandleFunc("POST /v1/overlay", func(w http.ResponseWriter, r *http.Request) {
+		var req OverlayRequest
 		if l := live(w, r, &req); l != nil {
 			if req.Overlay == "" {
 				reply(w, http.StatusBadRequest, apiError{"overlay: a path is needed"})
 				return
 			}
-			done(w, req, l.Snapshot(req.Overlay))
+			done(w, req, l.Overlay(req.Overlay))
 		}
 	})
 	mux.HandleFunc("POST /v1/commit", func(w http.ResponseWriter, r *http.Request) {
-		var req SnapshotRequest
+		var req OverlayRequest
 		if l := live(w, r, &req); l != nil {
 			done(w, req, l.Commit())
 		}
@@ -157,14 +157,15 @@ func (c *Client) Exports() ([]ExportInfo, error) {
 	return out, c.call("GET", "/v1/exports", nil, &out)
 }
 
-// Snapshot takes a live snapshot of an export onto a new overlay.
-func (c *Client) Snapshot(export, overlay string) error {
-	return c.call("POST", "/v1/snapshot", SnapshotRequest{Export: export, Overlay: overlay}, nil)
+// Overlay moves an export onto a new qcow2 overlay over its current
+// image, live.
+func (c *Client) Overlay(export, overlay string) error {
+	return c.call("POST", "/v1/overlay", OverlayRequest{Export: export, Overlay: overlay}, nil)
 }
 
 // Commit merges an export's top overlay into its backing image.
 func (c *Client) Commit(export string) error {
-	return c.call("POST", "/v1/commit", SnapshotRequest{Export: export}, nil)
+	return c.call("POST", "/v1/commit", OverlayRequest{Export: export}, nil)
 }
 
 // Metrics returns the metrics in Prometheus text format.

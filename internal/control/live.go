@@ -1,6 +1,6 @@
 // Package control is the control side of `diskserve serve`: exports whose
 // disk can be swapped for a qcow2 overlay while clients stay attached
-// (live snapshots), Prometheus metrics of each export's requests, and the
+// (live overlays), Prometheus metrics of each export's requests, and the
 // HTTP/JSON API on a Unix socket that `diskserve control` talks to.
 package control
 
@@ -16,29 +16,32 @@ import (
 	"github.com/diskserve/diskserve/format/qcow2"
 )
 
-// A Live disk passes every request to its current disk, which Snapshot
-// replaces with a new qcow2 overlay on it. Requests hold a read lock;
-// Snapshot takes the write lock, so new requests wait while requests in
-// flight finish, and none fails or sees half a switch.
+// A Live disk passes every request to its current disk, which Overlay
+// replaces with a new qcow2 overlay on it and Commit with the image
+// beneath. Requests hold a read lock; Overlay and Commit take the write
+// lock, so new requests wait while requests in flight finish, and none
+// fails or sees half a switch. It forwards every capability of
+// [diskserve.Forwarded] and maps no host range, so that nothing reaches
+// the disk past the lock.
 type Live struct {
 	mu   sync.RWMutex
 	d    diskserve.DiskFile
 	opts diskserve.Options // how images are opened
 }
 
-var (
-	_ diskserve.Wrapper      = (*Live)(nil)
-	_ diskserve.Flusher      = (*Live)(nil)
-	_ diskserve.ZeroWriter   = (*Live)(nil)
-	_ diskserve.HolePuncher  = (*Live)(nil)
-	_ diskserve.ExtentMapper = (*Live)(nil)
-	_ diskserve.Describer    = (*Live)(nil)
-)
+var _ diskserve.Wrapper = (*Live)(nil)
 
-// NewLive serves d, which was opened with opts; Snapshot opens overlays
+// NewLive serves d, which was opened with opts; Overlay opens overlays
 // with the same options.
 func NewLive(d diskserve.DiskFile, opts diskserve.Options) *Live {
 	return &Live{d: d, opts: opts}
+}
+
+// current returns the current disk as a Passthrough, with the read lock
+// held until release is called.
+func (l *Live) current() (p diskserve.Passthrough, release func()) {
+	l.mu.RLock()
+	return diskserve.Passthrough{D: l.d}, l.mu.RUnlock
 }
 
 // Unwrap returns the current disk.
@@ -50,65 +53,107 @@ func (l *Live) Unwrap() diskserve.DiskFile {
 
 // Size returns the current disk's size.
 func (l *Live) Size() int64 {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.d.Size()
+	p, release := l.current()
+	defer release()
+	return p.Size()
 }
 
 // ReadOnly reports whether the current disk is read-only.
 func (l *Live) ReadOnly() bool {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.d.ReadOnly()
+	p, release := l.current()
+	defer release()
+	return p.ReadOnly()
 }
 
 // ReadAt reads the current disk.
-func (l *Live) ReadAt(p []byte, off int64) (int, error) {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.d.ReadAt(p, off)
+func (l *Live) ReadAt(b []byte, off int64) (int, error) {
+	p, release := l.current()
+	defer release()
+	return p.ReadAt(b, off)
 }
 
 // WriteAt writes the current disk.
-func (l *Live) WriteAt(p []byte, off int64) (int, error) {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.d.WriteAt(p, off)
+func (l *Live) WriteAt(b []byte, off int64) (int, error) {
+	p, release := l.current()
+	defer release()
+	return p.WriteAt(b, off)
 }
 
 // Flush flushes the current disk.
 func (l *Live) Flush() error {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return diskserve.Flush(l.d)
+	p, release := l.current()
+	defer release()
+	return p.Flush()
 }
 
 // WriteZeroesAt zeroes on the current disk.
 func (l *Live) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return diskserve.Passthrough{D: l.d}.WriteZeroesAt(off, n, flags)
+	p, release := l.current()
+	defer release()
+	return p.WriteZeroesAt(off, n, flags)
 }
 
 // PunchHole punches the current disk.
 func (l *Live) PunchHole(off, n int64) error {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return diskserve.Passthrough{D: l.d}.PunchHole(off, n)
+	p, release := l.current()
+	defer release()
+	return p.PunchHole(off, n)
+}
+
+// WriteCompressed writes compressed data to the current disk.
+func (l *Live) WriteCompressed(b []byte, off int64) error {
+	p, release := l.current()
+	defer release()
+	return p.WriteCompressed(b, off)
 }
 
 // AppendExtents reports the current disk's extents.
 func (l *Live) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return diskserve.Extents(l.d, dst, off, n)
+	p, release := l.current()
+	defer release()
+	return p.AppendExtents(dst, off, n)
 }
 
 // Describe describes the current disk and its chain.
 func (l *Live) Describe(info *diskserve.Info) {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	*info = diskserve.Describe(l.d)
+	p, release := l.current()
+	defer release()
+	p.Describe(info)
+}
+
+// Resize resizes the current disk.
+func (l *Live) Resize(size int64) error {
+	p, release := l.current()
+	defer release()
+	return p.Resize(size)
+}
+
+// Check checks the current disk.
+func (l *Live) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
+	p, release := l.current()
+	defer release()
+	return p.Check(repair)
+}
+
+// CreateSnapshot creates an internal snapshot of the current disk.
+func (l *Live) CreateSnapshot(name string) (diskserve.Snapshot, error) {
+	p, release := l.current()
+	defer release()
+	return p.CreateSnapshot(name)
+}
+
+// ApplySnapshot applies an internal snapshot of the current disk.
+func (l *Live) ApplySnapshot(name string) error {
+	p, release := l.current()
+	defer release()
+	return p.ApplySnapshot(name)
+}
+
+// DeleteSnapshot deletes an internal snapshot of the current disk.
+func (l *Live) DeleteSnapshot(name string) error {
+	p, release := l.current()
+	defer release()
+	return p.DeleteSnapshot(name)
 }
 
 // Close closes the current disk.
@@ -118,23 +163,23 @@ func (l *Live) Close() error {
 	return l.d.Close()
 }
 
-// Snapshot makes the current image a stable point in time: it waits for
+// Overlay makes the current image a stable point in time: it waits for
 // the requests in flight, flushes, creates a qcow2 overlay at path whose
 // backing file is the current top image (recorded by its absolute path),
 // and serves the overlay from then on. The old image is not written again
 // and can be copied or saved while the export goes on. On failure the
 // export goes on with the image it had.
-func (l *Live) Snapshot(path string) error {
+func (l *Live) Overlay(path string) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.d.ReadOnly() {
-		return fmt.Errorf("snapshot: %w", diskserve.ErrReadOnly)
+		return fmt.Errorf("overlay: %w", diskserve.ErrReadOnly)
 	}
 	if _, err := os.Lstat(path); err == nil {
-		return fmt.Errorf("snapshot: %s exists", path)
+		return fmt.Errorf("overlay: %s exists", path)
 	}
 	if err := diskserve.Flush(l.d); err != nil {
-		return fmt.Errorf("snapshot: flush: %w", err)
+		return fmt.Errorf("overlay: flush: %w", err)
 	}
 	info := diskserve.Describe(l.d)
 	size := l.d.Size()
@@ -143,20 +188,20 @@ func (l *Live) Snapshot(path string) error {
 		return err
 	}
 	if err := qcow2.Create(path, qcow2.CreateOptions{Size: size, BackingFile: top, BackingFormat: info.Format}); err != nil {
-		return fmt.Errorf("snapshot: %w", err)
+		return fmt.Errorf("overlay: %w", err)
 	}
 	// The top image is locked for writing while it is open; the overlay
 	// opens it again, read-only, as its backing file.
 	if err := l.d.Close(); err != nil {
 		os.Remove(path)
-		return l.reopen(top, info.Format, size, fmt.Errorf("snapshot: close %s: %w", top, err))
+		return l.reopen(top, info.Format, size, fmt.Errorf("overlay: close %s: %w", top, err))
 	}
 	opts := l.opts
 	opts.Format, opts.ReadOnly = "qcow2", false
 	d, err := format.Open(path, opts)
 	if err != nil {
 		os.Remove(path)
-		return l.reopen(top, info.Format, size, fmt.Errorf("snapshot: open the overlay: %w", err))
+		return l.reopen(top, info.Format, size, fmt.Errorf("overlay: open the overlay: %w", err))
 	}
 	l.d = d
 	return nil
@@ -226,34 +271,24 @@ func (l *Live) Commit() error {
 // copyAllocated writes into dst every range that src, an overlay, holds
 // itself: its data, and zeroes for its zero clusters.
 func copyAllocated(dst, src diskserve.DiskFile) error {
-	var ext []diskserve.Extent
 	buf := make([]byte, 1<<20)
-	for off := int64(0); off < src.Size(); off += 1 << 30 {
-		var err error
-		if ext, err = diskserve.Extents(src, ext[:0], off, min(1<<30, src.Size()-off)); err != nil {
-			return err
-		}
-		for _, e := range ext {
-			switch {
-			case e.Flags&diskserve.ExtentHole != 0: // the backing image's own
-			case e.Flags&diskserve.ExtentZero != 0:
-				if err := diskserve.WriteZeroes(dst, e.Off, e.Len, 0); err != nil {
-					return err
-				}
-			default:
-				for o := e.Off; o < e.Off+e.Len; o += int64(len(buf)) {
-					b := buf[:min(int64(len(buf)), e.Off+e.Len-o)]
-					if err := diskserve.ReadFullAt(src, b, o); err != nil {
-						return err
-					}
-					if _, err := dst.WriteAt(b, o); err != nil {
-						return err
-					}
+	var err error
+	walkErr := diskserve.WalkExtents(src, 0, src.Size(), func(e diskserve.Extent) bool {
+		switch {
+		case e.Flags&diskserve.ExtentHole != 0: // the backing image's own
+		case e.Flags&diskserve.ExtentZero != 0:
+			err = diskserve.WriteZeroes(dst, e.Off, e.Len, 0)
+		default:
+			for o := e.Off; o < e.Off+e.Len && err == nil; o += int64(len(buf)) {
+				b := buf[:min(int64(len(buf)), e.Off+e.Len-o)]
+				if err = diskserve.ReadFullAt(src, b, o); err == nil {
+					_, err = dst.WriteAt(b, o)
 				}
 			}
 		}
-	}
-	return nil
+		return err == nil
+	})
+	return errors.Join(walkErr, err)
 }
 
 // openUnlocked opens the file at path read-only as a container, without
@@ -283,9 +318,10 @@ func (r *roFile) Close() error                             { return r.f.Close() 
 func (r *roFile) ReadAt(p []byte, off int64) (int, error)  { return r.f.ReadAt(p, off) }
 func (r *roFile) WriteAt(p []byte, off int64) (int, error) { return 0, diskserve.ErrReadOnly }
 
-// reopen opens the image the export had again after a failed snapshot,
+// reopen opens the image the export had again after a failed overlay or
+// commit,
 // and returns cause (joined with the reopen's error, if that fails too,
-// in which case every request fails until the next snapshot).
+// in which case every request fails until the next overlay).
 func (l *Live) reopen(path, formatName string, size int64, cause error) error {
 	opts := l.opts
 	opts.Format, opts.ReadOnly = formatName, false

@@ -11,12 +11,14 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/internal/disktest"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
-// TestSnapshotUnderLoad snapshots and commits a Live disk while goroutines
+// TestOverlayUnderLoad puts overlays on and commits a Live disk while goroutines
 // read and write it: no request fails, each goroutine reads back its own
 // last write, and afterwards the image holds every write.
-func TestSnapshotUnderLoad(t *testing.T) {
+func TestOverlayUnderLoad(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "disk.raw")
 	if err := os.WriteFile(path, make([]byte, 8<<20), 0o644); err != nil {
@@ -55,11 +57,11 @@ func TestSnapshotUnderLoad(t *testing.T) {
 		})
 	}
 	for i := range 3 {
-		if err := l.Snapshot(filepath.Join(dir, "ov"+string(rune('a'+i))+".qcow2")); err != nil {
+		if err := l.Overlay(filepath.Join(dir, "ov"+string(rune('a'+i))+".qcow2")); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := l.Snapshot(filepath.Join(dir, "ova.qcow2")); err == nil {
+	if err := l.Overlay(filepath.Join(dir, "ova.qcow2")); err == nil {
 		t.Error("a snapshot onto an existing file succeeded")
 	}
 	for range 3 {
@@ -87,4 +89,13 @@ func TestSnapshotUnderLoad(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(dir, "ov*.qcow2")); len(left) != 0 {
 		t.Errorf("overlays left after commit: %v", left)
 	}
+}
+
+// TestWrappersForward holds Live and the metrics wrapper to the capability
+// list: each forwards every capability and maps no host range, so that no
+// request passes the lock or the counters.
+func TestWrappersForward(t *testing.T) {
+	mem := disktest.NewMemory(make([]byte, 1<<20), false)
+	disktest.CheckWrapper(t, NewLive(mem, diskserve.Options{}), false)
+	disktest.CheckWrapper(t, NewMetrics(prometheus.NewRegistry()).Metered("x", mem), false)
 }
