@@ -185,6 +185,30 @@ func ReadFullAt(r io.ReaderAt, p []byte, off int64) error {
 	return err
 }
 
+// ClipRead applies the bounds of [io.ReaderAt] to a read of p at off on a
+// disk of size bytes. It returns the part of p that lies inside the disk,
+// and the error the read must end with once that part is read: nil, or
+// [io.EOF] when p crosses the end. When nothing can be read the part is
+// empty and the error says why: io.EOF at or past the end, an error
+// wrapping [ErrOutOfRange] for a negative offset. Formats begin ReadAt
+// with it:
+//
+//	p, eof := diskserve.ClipRead(d.size, off, p)
+//	if len(p) == 0 {
+//		return 0, eof
+//	}
+func ClipRead(size, off int64, p []byte) ([]byte, error) {
+	switch {
+	case off < 0:
+		return p[:0], fmt.Errorf("read at %d: %w", off, ErrOutOfRange)
+	case off >= size:
+		return p[:0], io.EOF
+	case int64(len(p)) > size-off:
+		return p[:size-off], io.EOF
+	}
+	return p, nil
+}
+
 // CheckRange returns an error wrapping [ErrOutOfRange] unless off and n are
 // non-negative and [off, off+n) lies inside a disk of the given size.
 func CheckRange(size, off, n int64) error {

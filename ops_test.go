@@ -2,7 +2,10 @@ package diskserve_test
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"io/fs"
+	"syscall"
 	"testing"
 
 	"github.com/diskserve/diskserve"
@@ -115,6 +118,29 @@ func TestCheckRange(t *testing.T) {
 		err := diskserve.CheckRange(tc.size, tc.off, tc.n)
 		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, diskserve.ErrOutOfRange)) {
 			t.Errorf("CheckRange(%d, %d, %d) = %v, want ok=%v", tc.size, tc.off, tc.n, err, tc.ok)
+		}
+	}
+}
+
+// TestErrno maps each class of disk error to its errno.
+func TestErrno(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want syscall.Errno
+	}{
+		{nil, 0},
+		{fmt.Errorf("write: %w", diskserve.ErrReadOnly), syscall.EROFS},
+		{fmt.Errorf("write: %w", diskserve.ErrOutOfRange), syscall.ENOSPC},
+		{fmt.Errorf("fast zero: %w", errors.ErrUnsupported), syscall.EOPNOTSUPP},
+		{diskserve.Unsupported("qcow2", 0, "encryption"), syscall.EOPNOTSUPP},
+		{&fs.PathError{Op: "write", Path: "x", Err: syscall.ENOSPC}, syscall.ENOSPC},
+		{&fs.PathError{Op: "write", Path: "x", Err: syscall.EDQUOT}, syscall.EDQUOT},
+		{fmt.Errorf("write to a probed raw image: %w", fs.ErrPermission), syscall.EPERM},
+		{diskserve.Corrupt("qcow2", 0, "bad L2 entry"), syscall.EIO},
+		{io.ErrUnexpectedEOF, syscall.EIO},
+	} {
+		if got := diskserve.Errno(tc.err); got != tc.want {
+			t.Errorf("Errno(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }

@@ -23,7 +23,7 @@ neighbours with the same state. The JSON output is an array of
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
 				w := newMapWriter(cmd.OutOrStdout(), flags.output == "json")
-				if err := walkExtents(d, w.add); err != nil {
+				if err := diskserve.WalkExtents(d, 0, d.Size(), w.add); err != nil {
 					return fmt.Errorf("map %s: %w", args[0], err)
 				}
 				return w.close()
@@ -32,40 +32,6 @@ neighbours with the same state. The JSON output is an array of
 	}
 	flags.register(cmd.Flags())
 	return cmd
-}
-
-// mapChunk bounds how much of the disk one Extents call covers, and so the
-// memory that a badly fragmented image can take.
-const mapChunk = 1 << 30
-
-// walkExtents calls fn for every extent of d, in order, merging neighbours
-// with the same flags.
-func walkExtents(d diskserve.DiskFile, fn func(diskserve.Extent) error) error {
-	var buf []diskserve.Extent
-	var pending diskserve.Extent
-	size := d.Size()
-	for off := int64(0); off < size; off += mapChunk {
-		var err error
-		if buf, err = diskserve.Extents(d, buf[:0], off, min(mapChunk, size-off)); err != nil {
-			return err
-		}
-		for _, e := range buf {
-			if pending.Len > 0 && pending.Flags == e.Flags && pending.Off+pending.Len == e.Off {
-				pending.Len += e.Len
-				continue
-			}
-			if pending.Len > 0 {
-				if err := fn(pending); err != nil {
-					return err
-				}
-			}
-			pending = e
-		}
-	}
-	if pending.Len > 0 {
-		return fn(pending)
-	}
-	return nil
 }
 
 // mapRecord is one record of `qemu-img map --output=json`, reduced to the
@@ -90,7 +56,8 @@ func newMapWriter(w io.Writer, asJSON bool) *mapWriter {
 	return &mapWriter{w: w, json: asJSON}
 }
 
-func (m *mapWriter) add(e diskserve.Extent) error {
+// add prints e, and reports whether printing may go on.
+func (m *mapWriter) add(e diskserve.Extent) bool {
 	r := mapRecord{Start: e.Off, Length: e.Len, Data: e.Flags&diskserve.ExtentHole == 0, Zero: e.Flags&diskserve.ExtentZero != 0}
 	switch {
 	case m.json:
@@ -114,7 +81,7 @@ func (m *mapWriter) add(e diskserve.Extent) error {
 		_, m.err = fmt.Fprintf(m.w, "%-20s%-20s%s\n", fmt.Sprintf("%#x", r.Start), fmt.Sprintf("%#x", r.Length), state)
 	}
 	m.count++
-	return m.err
+	return m.err == nil
 }
 
 func (m *mapWriter) close() error {

@@ -34,6 +34,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -144,17 +146,43 @@ func (s *Server) Wait() { s.srv.Wait() }
 // ("disk") under a directory, with its partitions beside it.
 type rawFS struct {
 	gofuse.RawFileSystem
-	nodes []*node
-	dir   bool
-	log   *slog.Logger
-	mtime time.Time
+	nodes  []*node
+	dir    bool
+	log    *slog.Logger
+	mtime  time.Time
+	writes atomic.Uint64 // counts writes, zeroes and punches; see allocation
 }
 
 // A node is a file of the mount: the disk, or a window onto a partition.
 type node struct {
-	ino  uint64
-	name string
-	d    diskserve.DiskFile
+	ino   uint64
+	name  string
+	d     diskserve.DiskFile
+	alloc allocation
+}
+
+// allocation is what a node's st_blocks counts: the bytes of its disk that
+// are not holes. Counting walks the disk's extents, too costly for every
+// GETATTR on a large image, so the count is kept and walked again only
+// after the mount was written (any of its files: they share one disk),
+// and then at most once per attrTimeout: as stale as the kernel's own
+// attribute cache may be.
+type allocation struct {
+	mu     sync.Mutex
+	bytes  int64
+	walked time.Time // zero until the first walk
+	gen    uint64    // the mount's write generation at the walk
+}
+
+// get returns the allocated bytes of d, walking its extents if the count
+// is older than the write generation gen and than attrTimeout.
+func (a *allocation) get(d diskserve.DiskFile, gen uint64) int64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.walked.IsZero() || a.gen != gen && time.Since(a.walked) >= attrTimeout {
+		a.bytes, a.walked, a.gen = allocated(d), time.Now(), gen
+	}
+	return a.bytes
 }
 
 func (f *rawFS) String() string { return "diskserve" }
@@ -174,7 +202,7 @@ func (f *rawFS) fileAttr(n *node, a *gofuse.Attr) {
 	size := n.d.Size()
 	a.Ino = n.ino
 	a.Size = uint64(size)
-	a.Blocks = uint64(allocated(n.d, size)+511) / 512
+	a.Blocks = uint64(n.alloc.get(n.d, f.writes.Load())+511) / 512
 	a.Blksize = 4096
 	a.Mode = syscall.S_IFREG | 0o644
 	if n.d.ReadOnly() {
@@ -185,20 +213,18 @@ func (f *rawFS) fileAttr(n *node, a *gofuse.Attr) {
 	a.SetTimes(nil, &f.mtime, &f.mtime)
 }
 
-// allocated returns the bytes of d that are not holes.
-func allocated(d diskserve.DiskFile, size int64) int64 {
+// allocated returns the bytes of d that are not holes; all of them if the
+// extents cannot be read.
+func allocated(d diskserve.DiskFile) int64 {
 	var n int64
-	var ext []diskserve.Extent
-	for off := int64(0); off < size; off += 1 << 30 {
-		var err error
-		if ext, err = diskserve.Extents(d, ext[:0], off, min(1<<30, size-off)); err != nil {
-			return size
+	err := diskserve.WalkExtents(d, 0, d.Size(), func(e diskserve.Extent) bool {
+		if !isHole(e) {
+			n += e.Len
 		}
-		for _, e := range ext {
-			if !isHole(e) {
-				n += e.Len
-			}
-		}
+		return true
+	})
+	if err != nil {
+		return d.Size()
 	}
 	return n
 }
@@ -295,6 +321,7 @@ func (f *rawFS) Write(cancel <-chan struct{}, in *gofuse.WriteIn, data []byte) (
 	if d == nil {
 		return 0, gofuse.EBADF
 	}
+	f.writes.Add(1)
 	n, err := d.WriteAt(data, int64(in.Offset))
 	if err != nil {
 		return uint32(n), f.errno("write", err)
@@ -327,6 +354,7 @@ func (f *rawFS) Fallocate(cancel <-chan struct{}, in *gofuse.FallocateIn) gofuse
 	if d == nil {
 		return gofuse.EBADF
 	}
+	f.writes.Add(1)
 	off, n := int64(in.Offset), int64(in.Length)
 	if err := diskserve.CheckRange(d.Size(), off, n); err != nil {
 		return gofuse.Status(syscall.ENOSPC) // the disk cannot grow
@@ -366,22 +394,19 @@ func (f *rawFS) Lseek(cancel <-chan struct{}, in *gofuse.LseekIn, out *gofuse.Ls
 	if !wantHole && in.Whence != unix.SEEK_DATA {
 		return gofuse.EINVAL
 	}
-	var ext []diskserve.Extent
-	for pos := off; pos < size; {
-		n := min(1<<30, size-pos)
-		var err error
-		if ext, err = diskserve.Extents(d, ext[:0], pos, n); err != nil {
-			return f.errno("lseek", err)
+	found := false
+	err := diskserve.WalkExtents(d, off, size-off, func(e diskserve.Extent) bool {
+		if isHole(e) == wantHole {
+			out.Offset, found = uint64(max(e.Off, off)), true
 		}
-		for _, e := range ext {
-			if isHole(e) == wantHole {
-				out.Offset = uint64(e.Off)
-				return gofuse.OK
-			}
-		}
-		pos += n
-	}
-	if wantHole {
+		return !found
+	})
+	switch {
+	case err != nil:
+		return f.errno("lseek", err)
+	case found:
+		return gofuse.OK
+	case wantHole:
 		out.Offset = uint64(size) // the implicit hole at the end
 		return gofuse.OK
 	}
@@ -405,21 +430,14 @@ func (f *rawFS) StatFs(cancel <-chan struct{}, in *gofuse.InHeader, out *gofuse.
 	return gofuse.OK
 }
 
-// errno maps an error from the disk to what the kernel is told, and logs
-// it.
+// errno maps an error from the disk to what the kernel is told, by
+// [diskserve.Errno], and logs what is not the caller's doing.
 func (f *rawFS) errno(op string, err error) gofuse.Status {
-	var errno syscall.Errno
-	switch {
-	case errors.Is(err, diskserve.ErrReadOnly):
-		return gofuse.EROFS
-	case errors.Is(err, diskserve.ErrOutOfRange):
-		return gofuse.Status(syscall.ENOSPC)
-	case errors.Is(err, diskserve.ErrUnsupported):
-		return gofuse.Status(syscall.EOPNOTSUPP)
-	case errors.As(err, &errno):
+	errno := diskserve.Errno(err)
+	switch errno {
+	case syscall.EROFS, syscall.ENOSPC, syscall.EOPNOTSUPP:
+	default:
 		f.log.Warn(op+" failed", "err", err)
-		return gofuse.Status(errno)
 	}
-	f.log.Warn(op+" failed", "err", err)
-	return gofuse.EIO
+	return gofuse.Status(errno)
 }

@@ -3,7 +3,6 @@ package fuse
 import (
 	"encoding/binary"
 	"hash/crc32"
-	"io"
 
 	"github.com/diskserve/diskserve"
 )
@@ -131,15 +130,9 @@ func (w *window) Close() error   { return nil } // the disk belongs to the mount
 func (w *window) Flush() error   { return diskserve.Flush(w.d) }
 
 func (w *window) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, diskserve.ErrOutOfRange
-	}
-	if off >= w.n {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > w.n-off {
-		p, eof = p[:w.n-off], io.EOF
+	p, eof := diskserve.ClipRead(w.n, off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	n, err := w.d.ReadAt(p, w.off+off)
 	if n == len(p) {

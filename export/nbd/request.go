@@ -2,7 +2,6 @@ package nbd
 
 import (
 	"errors"
-	"io/fs"
 	"math/bits"
 	"sync"
 	"syscall"
@@ -133,36 +132,27 @@ func (r *request) fail(structured bool, errno uint32, msg string) {
 	_ = append(h, msg...)
 }
 
-// errnoOf maps an error from serving r to the NBD error the client gets.
-// Everything not listed is EIO.
+// errnoOf maps an error from serving r to the NBD error the client gets:
+// [diskserve.Errno]'s class, in the few errors NBD has. Everything else
+// is EIO.
 func errnoOf(err error, r *request) uint32 {
-	var errno syscall.Errno
-	switch {
-	case errors.Is(err, diskserve.ErrReadOnly):
+	switch diskserve.Errno(err) {
+	case syscall.EPERM, syscall.EROFS, syscall.EACCES:
 		return errPerm
-	case errors.Is(err, diskserve.ErrOutOfRange):
-		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
-			return errNoSpc
+	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
+		if errors.Is(err, diskserve.ErrOutOfRange) && r.typ != cmdWrite && r.typ != cmdWriteZeroes {
+			return errInval // a range error of a command that writes nothing
 		}
-		return errInval
-	case errors.Is(err, diskserve.ErrUnsupported):
+		return errNoSpc
+	case syscall.EOPNOTSUPP:
 		if r.flags&cmdFlagFastZero != 0 {
 			return errNotSup // the one case the spec allows ENOTSUP
 		}
 		return errInval
-	case errors.As(err, &errno):
-		switch errno {
-		case syscall.EPERM, syscall.EROFS, syscall.EACCES:
-			return errPerm
-		case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
-			return errNoSpc
-		case syscall.ENOMEM:
-			return errNoMem
-		case syscall.EINVAL:
-			return errInval
-		}
-	case errors.Is(err, fs.ErrPermission):
-		return errPerm
+	case syscall.ENOMEM:
+		return errNoMem
+	case syscall.EINVAL:
+		return errInval
 	}
 	return errIO
 }

@@ -497,7 +497,7 @@ func (t *transmission) blockStatus(r *request) {
 			return
 		}
 	}
-	ext = mergeExtents(ext)
+	ext = diskserve.MergeExtents(ext)
 	if len(ext) > maxDescriptors {
 		ext = ext[:maxDescriptors]
 	}
@@ -513,19 +513,6 @@ func (t *transmission) blockStatus(r *request) {
 	}
 	r.chunk(replyFlagDone, chunkBlockStatus, int64(len(p)))
 	r.out = append(r.out, p)
-}
-
-// mergeExtents merges neighbours with the same flags, in place.
-func mergeExtents(ext []diskserve.Extent) []diskserve.Extent {
-	out := ext[:0]
-	for _, e := range ext {
-		if n := len(out); n > 0 && out[n-1].Flags == e.Flags {
-			out[n-1].Len += e.Len
-			continue
-		}
-		out = append(out, e)
-	}
-	return out
 }
 
 // cache serves NBD_CMD_CACHE by reading the range, which brings it into

@@ -138,15 +138,9 @@ func (d *Disk) each(off, n int64, fn func(p *part, at, n, done int64) error) err
 
 // ReadAt reads across components.
 func (d *Disk) ReadAt(b []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
-	}
-	if off >= d.Size() {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(b)) > d.Size()-off {
-		b, eof = b[:d.Size()-off], io.EOF
+	b, eof := diskserve.ClipRead(d.Size(), off, b)
+	if len(b) == 0 {
+		return 0, eof
 	}
 	read := 0
 	err := d.each(off, int64(len(b)), func(p *part, at, n, done int64) error {

@@ -314,16 +314,9 @@ func (d *Disk) lockedMapAt(off int64) (mapping, error) {
 // ReadAt reads the guest bytes at off. Host ranges that follow each other
 // are read in one call.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	size := d.Size()
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
-	}
-	if off >= size {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > size-off {
-		p, eof = p[:size-off], io.EOF
+	p, eof := diskserve.ClipRead(d.Size(), off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	var run mapping // pending verbatim range, not yet read
 	runBuf := p[:0]

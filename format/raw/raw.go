@@ -30,7 +30,6 @@ package raw
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"sync/atomic"
 
@@ -93,21 +92,15 @@ func (d *Disk) Path() string { return d.path }
 // ReadAt reads len(p) bytes at off, or up to the end of the disk and
 // [io.EOF].
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	size := d.size.Load()
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
+	p, eof := diskserve.ClipRead(d.size.Load(), off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
-	if off >= size {
-		return 0, io.EOF
+	n, err := d.f.ReadAt(p, off)
+	if err == nil {
+		err = eof
 	}
-	if int64(len(p)) > size-off {
-		n, err := d.f.ReadAt(p[:size-off], off)
-		if err == nil {
-			err = io.EOF
-		}
-		return n, err
-	}
-	return d.f.ReadAt(p, off)
+	return n, err
 }
 
 // WriteAt writes p at off; the whole of p must fit inside the disk.

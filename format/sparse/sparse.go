@@ -229,15 +229,9 @@ func (d *Disk) find(off int64) int {
 
 // ReadAt reads expanded bytes, across as many chunks as it takes.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
-	}
-	if off >= d.size {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > d.size-off {
-		p, eof = p[:d.size-off], io.EOF
+	p, eof := diskserve.ClipRead(d.size, off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	done := 0
 	for i := d.find(off); done < len(p); i++ {

@@ -33,7 +33,6 @@ import (
 	"container/list"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -293,15 +292,9 @@ func (d *Disk) decompress(i int) ([]byte, error) {
 // read that ends a frame starts decompressing the next one, so sequential
 // readers find it ready.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
-	}
-	if off >= d.size {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > d.size-off {
-		p, eof = p[:d.size-off], io.EOF
+	p, eof := diskserve.ClipRead(d.size, off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	done := 0
 	i := d.frameAt(off)

@@ -2,8 +2,6 @@ package disktest
 
 import (
 	"bytes"
-	"fmt"
-	"io"
 	"sync"
 
 	"github.com/diskserve/diskserve"
@@ -32,19 +30,13 @@ func (m *Memory) ReadOnly() bool { return m.readOnly }
 
 // ReadAt copies from data.
 func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("read at %d: %w", off, diskserve.ErrOutOfRange)
-	}
-	if off >= m.Size() {
-		return 0, io.EOF
+	p, eof := diskserve.ClipRead(m.Size(), off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	n := copy(p, m.data[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return copy(p, m.data[off:]), eof
 }
 
 // WriteAt copies into data.

@@ -2,7 +2,6 @@ package formatbench
 
 import (
 	"fmt"
-	"io"
 	"math/rand/v2"
 
 	"github.com/diskserve/diskserve"
@@ -27,12 +26,9 @@ func (g generated) Close() error   { return nil }
 func (g generated) WriteAt([]byte, int64) (int, error) { return 0, diskserve.ErrReadOnly }
 
 func (g generated) ReadAt(p []byte, off int64) (int, error) {
-	if off >= g.size {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > g.size-off {
-		p, eof = p[:g.size-off], io.EOF
+	p, eof := diskserve.ClipRead(g.size, off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	block := make([]byte, blockSize)
 	for done := 0; done < len(p); {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -68,15 +67,9 @@ type testDisk struct {
 func (d *testDisk) Size() int64 { return d.size }
 
 func (d *testDisk) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, diskserve.ErrOutOfRange
-	}
-	if off >= d.size {
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > d.size-off {
-		p, eof = p[:d.size-off], io.EOF
+	p, eof := diskserve.ClipRead(d.size, off, p)
+	if len(p) == 0 {
+		return 0, eof
 	}
 	n, err := d.D.ReadAt(p, testHeader+off)
 	if n == len(p) {
