@@ -2,67 +2,46 @@ package fuse
 
 import (
 	"encoding/binary"
-	"hash/crc32"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/gpt"
 )
 
 // A partition is a byte range of the disk.
 type partition struct{ off, n int64 }
-
-// Limits for reading partition tables from a disk, which a guest controls.
-const (
-	maxGPTEntries   = 1024
-	maxGPTEntrySize = 4096
-)
 
 // readPartitions reads the partitions of d from its GPT, or else from its
 // MBR. A disk with neither, or with a table that does not check out, has
 // none. Partitions that do not fit in the disk are left out.
 func readPartitions(d diskserve.DiskFile) []partition {
 	size := d.Size()
-	head := make([]byte, 1024)
+	head := make([]byte, 2*gpt.SectorSize)
 	if size < int64(len(head)) || diskserve.ReadFullAt(d, head, 0) != nil {
 		return nil
 	}
-	if ps, ok := parseGPT(d, head[512:], size); ok {
+	if ps, ok := parseGPT(d, head[gpt.SectorSize:], size); ok {
 		return ps
 	}
-	return parseMBR(head[:512], size)
+	return parseMBR(head[:gpt.SectorSize], size)
 }
 
 // parseGPT reads the entries that the primary GPT header h points to.
-func parseGPT(d diskserve.DiskFile, h []byte, size int64) ([]partition, bool) {
-	le := binary.LittleEndian
-	if string(h[:8]) != "EFI PART" {
+func parseGPT(d diskserve.DiskFile, sector []byte, size int64) ([]partition, bool) {
+	h, err := gpt.ParseHeader(sector)
+	if err != nil || h.EntriesLBA > uint64(size/gpt.SectorSize) {
 		return nil, false
 	}
-	hsize := le.Uint32(h[12:])
-	if hsize < 92 || hsize > 512 {
+	entries := make([]byte, h.EntriesLen())
+	if diskserve.ReadFullAt(d, entries, int64(h.EntriesLBA)*gpt.SectorSize) != nil {
 		return nil, false
 	}
-	hdr := append([]byte(nil), h[:hsize]...)
-	crc := le.Uint32(hdr[16:])
-	le.PutUint32(hdr[16:], 0)
-	if crc32.ChecksumIEEE(hdr) != crc {
-		return nil, false
-	}
-	entriesLBA, n, esize := le.Uint64(h[72:]), int64(le.Uint32(h[80:])), int64(le.Uint32(h[84:]))
-	if n > maxGPTEntries || esize < 128 || esize > maxGPTEntrySize || entriesLBA > uint64(size/512) {
-		return nil, false
-	}
-	entries := make([]byte, n*esize)
-	if diskserve.ReadFullAt(d, entries, int64(entriesLBA)*512) != nil || crc32.ChecksumIEEE(entries) != le.Uint32(h[88:]) {
+	table, err := gpt.ParseEntries(h, entries)
+	if err != nil {
 		return nil, false
 	}
 	var ps []partition
-	for i := range n {
-		e := entries[i*esize:]
-		if allZero(e[:16]) { // an unused entry
-			continue
-		}
-		first, last := le.Uint64(e[32:]), le.Uint64(e[40:])
-		if p, ok := fit(first, last, size); ok {
+	for _, e := range table {
+		if p, ok := fit(e.First, e.Last, size); ok {
 			ps = append(ps, p)
 		}
 	}
@@ -79,7 +58,7 @@ func parseMBR(b []byte, size int64) []partition {
 	for i := range 4 {
 		e := b[446+16*i:]
 		typ, start, count := e[4], uint64(le.Uint32(e[8:])), uint64(le.Uint32(e[12:]))
-		if typ == 0 || typ == 0xEE || count == 0 {
+		if typ == 0 || typ == gpt.MBRTypeProtective || count == 0 {
 			continue // unused, or the protective entry of a GPT that did not check out
 		}
 		if p, ok := fit(start, start+count-1, size); ok {
@@ -97,15 +76,6 @@ func fit(first, last uint64, size int64) (partition, bool) {
 		return partition{}, false
 	}
 	return partition{off: int64(first) * 512, n: int64(last-first+1) * 512}, true
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // A window is a part of a disk shown as a disk of its own. It forwards

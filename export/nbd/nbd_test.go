@@ -640,3 +640,34 @@ func TestTLSClientCertificates(t *testing.T) {
 		t.Fatal("READ with a good client certificate failed")
 	}
 }
+
+// TestClient reads and writes an export with the package's Client, many
+// requests at once.
+func TestClient(t *testing.T) {
+	e, mem := memExport("", false)
+	_, sock := start(t, []Export{e}, Options{})
+	cl, err := Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			p := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+			if _, err := cl.WriteAt(p, int64(i)*4096); err != nil {
+				t.Error(err)
+			}
+			got := make([]byte, 4096)
+			if _, err := cl.ReadAt(got, int64(i)*4096); err != nil || !bytes.Equal(got, p) {
+				t.Errorf("read back %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := cl.Close(); err != nil {
+		t.Error(err)
+	}
+	if got := mem.Bytes()[7*4096]; got != 8 {
+		t.Errorf("the disk holds %d at the last write", got)
+	}
+}

@@ -42,6 +42,8 @@ const (
 	repInfo        = 3
 	repMetaContext = 4
 
+	repErrBit     = 1 << 31 // set in every error reply
+
 	repErrUnsup   = 1<<31 | 1
 	repErrPolicy  = 1<<31 | 2
 	repErrInvalid = 1<<31 | 3

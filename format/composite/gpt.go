@@ -2,7 +2,6 @@ package composite
 
 import (
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"hash/crc32"
@@ -10,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"unicode/utf16"
+
+	"github.com/diskserve/diskserve/internal/gpt"
 )
 
 // GPT layout of a composite disk built by CreateGPT, as crosvm lays it out:
@@ -17,12 +18,10 @@ import (
 // 40 sectors), the partitions at 4 KiB boundaries, and a footer component
 // (padding, the backup entries, the backup header in the last sector).
 const (
-	sectorSize     = 512
+	sectorSize     = gpt.SectorSize
 	gptEntries     = 128
-	gptEntrySize   = 128
-	gptHeaderSize  = 92
 	headerLen      = 40 * sectorSize // the header component
-	entriesLen     = gptEntries * gptEntrySize
+	entriesLen     = gptEntries * gpt.EntrySize
 	partitionAlign = 4096
 	footerPadding  = 0xE00 // rounds the 33-sector footer up to 4 KiB
 	footerLen      = footerPadding + entriesLen + sectorSize
@@ -36,7 +35,7 @@ var (
 )
 
 // A GUID in its on-disk (mixed-endian) form.
-type GUID [16]byte
+type GUID = gpt.GUID
 
 // ParseGUID parses the text form of a GUID.
 func ParseGUID(s string) (GUID, error) {
@@ -86,8 +85,8 @@ func CreateGPT(path string, parts []Partition) error {
 	labels := map[string]bool{}
 	for _, p := range parts {
 		switch {
-		case p.Label == "" || len(utf16.Encode([]rune(p.Label))) > 36:
-			return fmt.Errorf("partition label %q must have 1 to 36 UTF-16 code units", p.Label)
+		case p.Label == "" || len(utf16.Encode([]rune(p.Label))) > gpt.MaxNameUnits:
+			return fmt.Errorf("partition label %q must have 1 to %d UTF-16 code units", p.Label, gpt.MaxNameUnits)
 		case labels[p.Label]:
 			return fmt.Errorf("two partitions are labelled %q", p.Label)
 		case p.Writable && p.Size%partitionAlign != 0:
@@ -124,19 +123,14 @@ func CreateGPT(path string, parts []Partition) error {
 			spec.Components = append(spec.Components, Component{Path: base + ".filler", Offset: off + p.Size})
 			needFiller = true
 		}
-		e := entries[i*gptEntrySize:]
 		typ := p.Type
 		if typ == (GUID{}) {
 			typ = TypeLinux
 		}
-		unique := randomGUID()
-		copy(e[0:], typ[:])
-		copy(e[16:], unique[:])
-		binary.LittleEndian.PutUint64(e[32:], uint64(off/sectorSize))
-		binary.LittleEndian.PutUint64(e[40:], uint64((off+aligned)/sectorSize-1))
-		for k, u := range utf16.Encode([]rune(p.Label)) {
-			binary.LittleEndian.PutUint16(e[56+2*k:], u)
-		}
+		gpt.MarshalEntry(entries[i*gpt.EntrySize:], gpt.Partition{
+			Type: typ, Unique: randomGUID(), Name: p.Label,
+			First: uint64(off / sectorSize), Last: uint64((off+aligned)/sectorSize - 1),
+		})
 		off += aligned
 	}
 	backupEntries := off + footerPadding
@@ -148,12 +142,19 @@ func CreateGPT(path string, parts []Partition) error {
 	disk := randomGUID()
 	entriesCRC := crc32.ChecksumIEEE(entries)
 	header := make([]byte, headerLen)
-	protectiveMBR(header[:sectorSize], lastLBA)
-	gptHeader(header[sectorSize:], 1, uint64(lastLBA), 2, uint64(backupEntries/sectorSize-1), disk, entriesCRC)
+	primary := gpt.Header{
+		Current: 1, Backup: uint64(lastLBA),
+		FirstUsable: firstUsableLBA, LastUsable: uint64(backupEntries/sectorSize - 1),
+		Disk: disk, EntriesLBA: 2, Entries: gptEntries, EntrySize: gpt.EntrySize, EntriesCRC: entriesCRC,
+	}
+	backup := primary
+	backup.Current, backup.Backup, backup.EntriesLBA = uint64(lastLBA), 1, uint64(backupEntries/sectorSize)
+	gpt.ProtectiveMBR(header[:sectorSize], lastLBA)
+	primary.Marshal(header[sectorSize:])
 	copy(header[2*sectorSize:], entries)
 	footer := make([]byte, footerLen)
 	copy(footer[footerPadding:], entries)
-	gptHeader(footer[footerPadding+entriesLen:], uint64(lastLBA), 1, uint64(backupEntries/sectorSize), uint64(backupEntries/sectorSize-1), disk, entriesCRC)
+	backup.Marshal(footer[footerPadding+entriesLen:])
 
 	files := map[string][]byte{path + ".header": header, path + ".footer": footer, path: spec.Marshal()}
 	if needFiller {
@@ -165,36 +166,4 @@ func CreateGPT(path string, parts []Partition) error {
 		}
 	}
 	return nil
-}
-
-// protectiveMBR writes the MBR of a GPT disk whose last sector is lastLBA,
-// as UEFI specifies it: one partition of type 0xEE from sector 1, its size
-// capped at 0xFFFFFFFF sectors for disks of 2 TiB and more.
-func protectiveMBR(b []byte, lastLBA int64) {
-	p := b[446:]
-	p[0] = 0x00                         // not bootable
-	p[1], p[2], p[3] = 0x00, 0x02, 0x00 // start CHS 0/0/2: sector 1
-	p[4] = 0xEE
-	p[5], p[6], p[7] = 0xFF, 0xFF, 0xFF // end CHS: as far as CHS goes
-	binary.LittleEndian.PutUint32(p[8:], 1)
-	binary.LittleEndian.PutUint32(p[12:], uint32(min(lastLBA, 0xFFFFFFFF)))
-	b[510], b[511] = 0x55, 0xAA
-}
-
-// gptHeader writes a GPT header at b: at sector current, with its twin at
-// backup and its entry array at entriesLBA.
-func gptHeader(b []byte, current, backup, entriesLBA, lastUsable uint64, disk GUID, entriesCRC uint32) {
-	copy(b, "EFI PART")
-	binary.LittleEndian.PutUint32(b[8:], 0x00010000) // revision 1.0
-	binary.LittleEndian.PutUint32(b[12:], gptHeaderSize)
-	binary.LittleEndian.PutUint64(b[24:], current)
-	binary.LittleEndian.PutUint64(b[32:], backup)
-	binary.LittleEndian.PutUint64(b[40:], firstUsableLBA)
-	binary.LittleEndian.PutUint64(b[48:], lastUsable)
-	copy(b[56:], disk[:])
-	binary.LittleEndian.PutUint64(b[72:], entriesLBA)
-	binary.LittleEndian.PutUint32(b[80:], gptEntries)
-	binary.LittleEndian.PutUint32(b[84:], gptEntrySize)
-	binary.LittleEndian.PutUint32(b[88:], entriesCRC)
-	binary.LittleEndian.PutUint32(b[16:], crc32.ChecksumIEEE(b[:gptHeaderSize]))
 }
