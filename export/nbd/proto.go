@@ -42,7 +42,7 @@ const (
 	repInfo        = 3
 	repMetaContext = 4
 
-	repErrBit     = 1 << 31 // set in every error reply
+	repErrBit = 1 << 31 // set in every error reply
 
 	repErrUnsup   = 1<<31 | 1
 	repErrPolicy  = 1<<31 | 2
