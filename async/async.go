@@ -5,6 +5,20 @@
 //
 // Exporters serve a disk through [NewDisk], a [diskserve.DiskFile] whose
 // data requests go through an engine; [New] picks the engine.
+//
+// # Two ways to submit
+//
+// [Engine.Do] runs a request and returns when it is complete; the NBD and
+// FUSE exporters use it, through [Disk], because each of their requests
+// already has a goroutine of its own (an NBD worker, a go-fuse request
+// goroutine), and with data in the page cache running it there is the
+// cheapest path. [Engine.Submit] starts a request and calls its Done
+// function on completion, without a goroutine waiting for it. No exporter
+// uses it yet; it stays because the next ones need it: a vhost-user-blk
+// queue is served by one goroutine that must keep many requests in flight,
+// and with O_DIRECT on data that is in no cache, deep queues pay only when
+// a request does not hold a goroutine until the device answers. Both
+// engines implement both calls, and the conformance tests run both.
 package async
 
 import (

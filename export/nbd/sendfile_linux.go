@@ -10,9 +10,8 @@ import (
 // sendfileMin is the smallest READ whose data goes with sendfile(2). A
 // smaller one is cheaper copied: its reply then joins the other replies of
 // the connection in one writev, where a sendfile is a system call of its
-// own. Measured with fio's nbd engine, random reads at QD16 of a cached raw
-// image: sendfile lost at 8 KiB (0.83-0.92x), was even at 16 KiB and won
-// from 32 KiB (1.09-1.16x) up (64 KiB 1.27-1.33x, 256 KiB 1.56-2.0x).
+// own. The threshold is where sendfile began to win in random reads of a
+// cached raw image (docs/performance.md, "Thresholds").
 const sendfileMin = 32 << 10
 
 var pageSize = int64(os.Getpagesize())

@@ -19,8 +19,8 @@ const iovMax = 1024
 // the goroutine's processor need not be handed to another thread while it
 // runs (a 1 MiB copy holds it for some tens of microseconds). Told of each
 // call, the scheduler woke Go's system monitor after every idle spell, and
-// the monitor then polled every 20 us: 15-17% of the server's CPU on 4k
-// reads and 1M writes (perf record, fio's nbd engine; docs/performance.md).
+// the monitor then polled in a tight loop, a large share of the server's
+// CPU (docs/performance.md, "Where the CPU goes").
 // Deadlines set on the connection hold, since the poller's waits honour
 // them.
 //

@@ -25,7 +25,7 @@ var _ diskserve.Checker = (*Disk)(nil)
 func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.w != nil {
+	if d.writable() {
 		// Clusters freed since the last flush still have their refcount
 		// until the flush; they are not leaks.
 		if err := d.flushLocked(); err != nil {
@@ -51,7 +51,7 @@ func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 // Preconditions: d.mu is held.
 func (d *Disk) checkLocked(repair diskserve.Repair) (diskserve.CheckReport, error) {
 	var r diskserve.CheckReport
-	if repair != diskserve.RepairNone && d.w == nil {
+	if repair != diskserve.RepairNone && !d.writable() {
 		return r, fmt.Errorf("check: repairs need the image open read-write: %w", diskserve.ErrReadOnly)
 	}
 	if d.h.AutoclearFeatures&1 != 0 {

@@ -86,7 +86,7 @@ type Disk struct {
 	backing   diskserve.DiskFile
 	snaps     []snapshot
 	snapBytes int64   // length of the snapshot table
-	w         *writer // nil when read-only
+	w         *writer // the state of writing; nil when the image is open read-only
 
 	// mu guards the metadata: the header's mutable fields, the L1 table,
 	// the metadata cache and the writer's state. Data is read and written
@@ -186,13 +186,16 @@ func (d *Disk) Size() int64 {
 }
 
 // ReadOnly reports whether the image was opened read-only.
-func (d *Disk) ReadOnly() bool { return d.w == nil }
+func (d *Disk) ReadOnly() bool { return !d.writable() }
+
+// writable reports whether the image is open for writing.
+func (d *Disk) writable() bool { return d.w != nil }
 
 // Close flushes a writable image and closes the backing chain and the
 // image file.
 func (d *Disk) Close() error {
 	var errs []error
-	if d.w != nil {
+	if d.writable() {
 		errs = append(errs, d.Flush())
 	}
 	if d.backing != nil {

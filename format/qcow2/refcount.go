@@ -8,7 +8,7 @@ const refTableMask = ^uint64(0x1ff)
 
 // refcount returns the refcount of the host cluster at host.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) refcount(host int64) (uint64, error) { return d.refcountIn(d.w, host) }
 
 // refcountIn returns the refcount of the host cluster at host, with the
@@ -35,7 +35,7 @@ func (d *Disk) refcountIn(w *writer, host int64) (uint64, error) {
 // setRefcount sets the refcount of the host cluster at host, adding a
 // refcount block (and growing the refcount table) where there is none.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) setRefcount(host int64, v uint64) error {
 	w := d.w
 	if w.bits < 64 && v >= 1<<w.bits {
@@ -74,7 +74,7 @@ func (d *Disk) setRefcount(host int64, v uint64) error {
 // the file, so that it has at least need entries. The header points to it
 // from the next flush on, and the old table is freed after that.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) growRefTable(need int64) error {
 	w := d.w
 	perCluster := d.cs / 8

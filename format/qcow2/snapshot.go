@@ -345,7 +345,7 @@ func (d *Disk) DeleteSnapshot(name string) error {
 // checkSnapshotWrite returns the error a snapshot operation on d fails
 // with before it starts, or nil.
 func (d *Disk) checkSnapshotWrite(op string) error {
-	if d.w == nil {
+	if !d.writable() {
 		return fmt.Errorf("%s: %w", op, diskserve.ErrReadOnly)
 	}
 	return nil
@@ -372,7 +372,7 @@ func (d *Disk) forEachCluster(e uint64, fn func(host int64) error) error {
 
 // addRef raises the refcount of the host cluster at host by one.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) addRef(host int64) error {
 	rc, err := d.refcount(host)
 	if err != nil {
@@ -401,7 +401,7 @@ func (d *Disk) l2Table(l1 []uint64, i int) (*metaTable, error) {
 // the tables: they are shared from now on. The tables reach the file in
 // the next flush, after the refcounts.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) shareTree(l1 []uint64) error {
 	for i := range l1 {
 		t, err := d.l2Table(l1, i)
@@ -433,7 +433,7 @@ func (d *Disk) shareTree(l1 []uint64) error {
 // on disk any more: those of its L2 tables and their clusters, and its own
 // clusters at l1Off. They are counted down in the next flush.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
 	for i := range l1 {
 		t, err := d.l2Table(l1, i)
@@ -458,7 +458,7 @@ func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
 // is 1 again: on L1 entries, and on the entries of the L2 tables that the
 // active layer alone refers to (a shared table's clusters are shared too).
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) restoreCopied() error {
 	for i := range d.l1 {
 		t, err := d.l2Table(d.l1, i)
@@ -489,7 +489,7 @@ func (d *Disk) restoreCopied() error {
 // recomputeCopied sets the COPIED flag of each entry of L2 table t that
 // refers to a data cluster exactly when that cluster's refcount is 1.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) recomputeCopied(t *metaTable) error {
 	for j := int64(0); j < d.l2n; j++ {
 		e := be.Uint64(t.data[j*8:])
@@ -517,7 +517,7 @@ func (d *Disk) recomputeCopied(t *metaTable) error {
 // clusters, after the refcounts and tables pending in the cache, and
 // returns its offset. A table of no entries takes no cluster and is at 0.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) writeNewL1(l1 []uint64) (int64, error) {
 	if len(l1) == 0 {
 		return 0, d.flushLocked()
@@ -543,7 +543,7 @@ func (d *Disk) writeNewL1(l1 []uint64) (int64, error) {
 // clusters, switches the header to it in one write, and frees the old
 // table. Everything else the table refers to must be durable already.
 //
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) writeSnapshotTable(snaps []snapshot) error {
 	var table []byte
 	for _, s := range snaps {

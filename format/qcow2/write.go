@@ -361,7 +361,7 @@ func (d *Disk) flushIfFull() error {
 
 // Flush makes every completed write durable, metadata in crash-safe order.
 func (d *Disk) Flush() error {
-	if d.w == nil {
+	if !d.writable() {
 		return nil
 	}
 	d.mu.Lock()
@@ -369,7 +369,7 @@ func (d *Disk) Flush() error {
 	return d.flushLocked()
 }
 
-// Preconditions: d.mu is held; d.w is not nil.
+// Preconditions: d.mu is held; the image is writable.
 func (d *Disk) flushLocked() error {
 	w := d.w
 	// 1. Refcount increments, with the data written so far.
@@ -465,7 +465,7 @@ func (d *Disk) writeEntries(t []uint64, off int64) error {
 // Resize grows the virtual size, moving the L1 table to a larger place
 // when it has to. Shrinking is not supported.
 func (d *Disk) Resize(size int64) error {
-	if d.w == nil {
+	if !d.writable() {
 		return fmt.Errorf("resize: %w", diskserve.ErrReadOnly)
 	}
 	d.mu.Lock()

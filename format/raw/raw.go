@@ -66,7 +66,7 @@ type Disk struct {
 	blockDev bool
 	readOnly bool
 	size     atomic.Int64
-	store    *store // nil for block devices and read-only disks
+	mapping  *writeMapping // nil for block devices and read-only disks
 }
 
 var (
@@ -108,7 +108,7 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
 		return 0, fmt.Errorf("write: %w", err)
 	}
-	if d.store.write(p, off) {
+	if d.mapping.write(p, off) {
 		return len(p), nil
 	}
 	return d.f.WriteAt(p, off)
@@ -118,7 +118,7 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 // WriteAt would store into cached pages, which is cheaper than any pwrite
 // an engine could issue.
 func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
-	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil || write && d.store.storable(off, n) {
+	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil || write && d.mapping.storable(off, n) {
 		return diskserve.HostRange{}, false
 	}
 	return diskserve.HostRange{FD: d.fd, Off: off, Whole: true}, true
@@ -126,7 +126,7 @@ func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 
 // Close closes the file, releasing its lock.
 func (d *Disk) Close() error {
-	d.store.unmap() // the mapping holds the file, and so the lock, open
+	d.mapping.unmap() // the mapping holds the file, and so the lock, open
 	return d.f.Close()
 }
 

@@ -81,7 +81,7 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 	}
 	d.size.Store(size)
 	if !readOnly && !d.blockDev {
-		d.store = mapStore(d.fd)
+		d.mapping = mapForWrites(d.fd)
 	}
 	return d, nil
 }

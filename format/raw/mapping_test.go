@@ -33,18 +33,18 @@ func cachestat(t *testing.T, d *Disk, off, n int64) unix.Cachestat_t {
 	return st
 }
 
-// TestStore checks when writes are stores: to cached pages they are (and
+// TestWriteMapping checks when writes are stores: to cached pages they are (and
 // MapHost leaves them to WriteAt), and fdatasync makes them durable; to
 // pages not cached they are not, and pwrite (or an engine) does them.
-func TestStore(t *testing.T) {
+func TestWriteMapping(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	const size = 4 << 20
 	if err := os.WriteFile(path, bytes.Repeat([]byte{1}, size), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	d := openDisk(t, path)
-	if d.store == nil {
-		t.Fatal("a writable regular file has no store")
+	if d.mapping == nil {
+		t.Fatal("a writable regular file has no write mapping")
 	}
 	p := bytes.Repeat([]byte{2}, 8192)
 	if _, ok := d.MapHost(4096+100, int64(len(p)), true); ok {
@@ -53,7 +53,7 @@ func TestStore(t *testing.T) {
 	if _, ok := d.MapHost(4096+100, int64(len(p)), false); !ok {
 		t.Fatal("MapHost refused a read")
 	}
-	if !d.store.write(p, 4096+100) {
+	if !d.mapping.write(p, 4096+100) {
 		t.Fatal("a write to cached pages was not stored")
 	}
 	if st := cachestat(t, d, 0, size); st.Dirty == 0 {
@@ -87,7 +87,7 @@ func TestStore(t *testing.T) {
 	if _, ok := d.MapHost(size/2+100, int64(len(p)), true); !ok {
 		t.Fatal("MapHost refused a write to pages not in the page cache")
 	}
-	if d.store.write(p, size/2+100) {
+	if d.mapping.write(p, size/2+100) {
 		t.Fatal("a write to pages not in the page cache was stored")
 	}
 	if _, err := d.WriteAt(p, size/2+100); err != nil {
@@ -98,30 +98,30 @@ func TestStore(t *testing.T) {
 	}
 }
 
-// TestStoreFault stores past the end of the file, where the mapping
+// TestWriteMappingFault stores past the end of the file, where the mapping
 // faults: the store reports false instead of crashing, and the goroutine's
 // fault setting is as before.
-func TestStoreFault(t *testing.T) {
+func TestWriteMappingFault(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	d := openDisk(t, path)
-	if d.store.copyIn(make([]byte, 4096), 8<<20) {
+	if d.mapping.copyIn(make([]byte, 4096), 8<<20) {
 		t.Fatal("a store past the end of the file succeeded")
 	}
 	if debug.SetPanicOnFault(false) {
 		t.Fatal("the store left SetPanicOnFault on")
 	}
-	if !d.store.copyIn(make([]byte, 4096), 4096) {
+	if !d.mapping.copyIn(make([]byte, 4096), 4096) {
 		t.Fatal("a store inside the file failed after a fault")
 	}
 }
 
-// TestStoreENOSPC fills a sparse image on a small ext4 file system whose
+// TestWriteMappingENOSPC fills a sparse image on a small ext4 file system whose
 // holes are cached: stores fault when ext4 has no block to give, the write
 // goes to pwrite, and that fails with ENOSPC; what was written reads back.
-func TestStoreENOSPC(t *testing.T) {
+func TestWriteMappingENOSPC(t *testing.T) {
 	if os.Geteuid() != 0 {
 		if os.Getenv(testtool.RequireEnv) == "1" {
 			t.Fatal("mounting an ext4 file system needs root")
@@ -159,10 +159,10 @@ func TestStoreENOSPC(t *testing.T) {
 	var faults int
 	var err error
 	for ; off < size; off += int64(len(buf)) {
-		if !d.store.cached(off, int64(len(buf))) {
+		if !d.mapping.cached(off, int64(len(buf))) {
 			t.Fatalf("hole at %d is not cached", off)
 		}
-		if d.store.write(buf, off) {
+		if d.mapping.write(buf, off) {
 			continue
 		}
 		faults++

@@ -18,9 +18,9 @@ const storeWindow = 64 << 30
 
 var pageSize = int64(os.Getpagesize())
 
-// A store writes into an image file's page cache through a shared mapping
-// of the file, where the pages a write covers are already cached. Such a
-// write is a memory copy: no system call and no inode lock, which on ext4
+// A writeMapping is a shared mapping of an image file through which
+// writes go into the file's page cache where the pages they cover are
+// already cached. Such a write (a "store") is a memory copy: no system call and no inode lock, which on ext4
 // with large folios is what makes small buffered pwrites slow (see
 // docs/performance.md). A write to pages that are not cached goes to
 // pwrite instead, because a store into a missing page would read it from
@@ -31,24 +31,24 @@ var pageSize = int64(os.Getpagesize())
 // [debug.SetPanicOnFault], recovers the fault and leaves the write to
 // pwrite, which returns the real errno. Pages stored to are dirty page
 // cache like those pwrite leaves, so fdatasync makes them durable.
-type store struct {
+type writeMapping struct {
 	mu  sync.RWMutex // shared by writes, exclusive to unmap
 	mem []byte       // nil once unmapped
 }
 
-// mapStore maps the file open at fd for stores, or returns nil where it
+// mapForWrites maps the file open at fd for stores, or returns nil where it
 // cannot; writes then all go to pwrite.
-func mapStore(fd int) *store {
+func mapForWrites(fd int) *writeMapping {
 	mem, err := unix.Mmap(fd, 0, storeWindow, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return nil
 	}
-	return &store{mem: mem}
+	return &writeMapping{mem: mem}
 }
 
 // write stores p at off and reports whether it did; where it did not, the
-// caller must write p with pwrite. A nil store stores nothing.
-func (s *store) write(p []byte, off int64) bool {
+// caller must write p with pwrite. A nil mapping stores nothing.
+func (s *writeMapping) write(p []byte, off int64) bool {
 	if s == nil {
 		return false
 	}
@@ -59,7 +59,7 @@ func (s *store) write(p []byte, off int64) bool {
 
 // storable reports whether a write of n bytes at off would be a store
 // now.
-func (s *store) storable(off, n int64) bool {
+func (s *writeMapping) storable(off, n int64) bool {
 	if s == nil {
 		return false
 	}
@@ -70,13 +70,13 @@ func (s *store) storable(off, n int64) bool {
 
 // covers reports whether [off, off+n) lies in the mapping and in the page
 // cache; s.mu must be held.
-func (s *store) covers(off, n int64) bool {
+func (s *writeMapping) covers(off, n int64) bool {
 	return s.mem != nil && off <= storeWindow-n && s.cached(off, n)
 }
 
 // cached reports whether every page of [off, off+n) is in the page cache,
 // asking mincore(2) 256 pages at a time.
-func (s *store) cached(off, n int64) bool {
+func (s *writeMapping) cached(off, n int64) bool {
 	var vec [256]byte
 	end := off + n
 	for pos := off &^ (pageSize - 1); pos < end; {
@@ -98,7 +98,7 @@ func (s *store) cached(off, n int64) bool {
 
 // copyIn copies p to off in the mapping and reports false if the copy
 // faulted. A fault anywhere else is not its business and panics on.
-func (s *store) copyIn(p []byte, off int64) (ok bool) {
+func (s *writeMapping) copyIn(p []byte, off int64) (ok bool) {
 	old := debug.SetPanicOnFault(true)
 	defer func() {
 		debug.SetPanicOnFault(old)
@@ -115,13 +115,13 @@ func (s *store) copyIn(p []byte, off int64) (ok bool) {
 	return true
 }
 
-func (s *store) contains(addr uintptr) bool {
+func (s *writeMapping) contains(addr uintptr) bool {
 	base := uintptr(unsafe.Pointer(unsafe.SliceData(s.mem)))
 	return addr >= base && addr-base < uintptr(len(s.mem))
 }
 
 // unmap removes the mapping once the writes in progress are done.
-func (s *store) unmap() {
+func (s *writeMapping) unmap() {
 	if s == nil {
 		return
 	}
