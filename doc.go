@@ -6,15 +6,29 @@
 //
 // A [DiskFile] is an [io.ReaderAt] and [io.WriterAt] over a fixed-size
 // virtual disk, safe for concurrent use. What only some formats can do is an
-// optional one-method interface: [Flusher], [ZeroWriter], [HolePuncher],
-// [ExtentMapper], [Resizer], [Describer] and [Checker]. Code that uses a
-// disk calls the functions [Flush], [WriteZeroes], [PunchHole], [Extents],
-// [Resize], [Describe] and [Check], which use the capability when the disk
-// has it and fall back when it does not; nothing outside this package
-// type-asserts a capability.
-// A wrapper around a DiskFile must therefore implement every capability
-// itself and forward it through these functions: embedding a DiskFile
-// forwards only the methods of DiskFile.
+// optional one-method interface, each declared once in the capability list
+// ([Capabilities]): [Flusher], [ZeroWriter], [HolePuncher], [ExtentMapper],
+// [Resizer], [Describer], [Checker], [Snapshotter], [CompressedWriter] and
+// [HostMapper]. Code that uses a disk calls the package function of each
+// ([Flush], [WriteZeroes], [PunchHole], [Extents], ...), which uses the
+// capability when the disk has it and falls back when it does not; nothing
+// outside this package type-asserts a capability. A wrapper around a
+// DiskFile must therefore implement every capability itself and forward
+// it through these functions (embedding a DiskFile forwards only the
+// methods of DiskFile): [Passthrough] does, and the tests hold every
+// wrapper to the list.
+//
+// Shared rules have one helper each: [ClipRead] for the bounds of a read,
+// [CheckWrite] and [CheckRange] for those of a write, [AppendExtent],
+// [MergeExtents] and [WalkExtents] for extents, [Errno] for the errno an
+// exporter reports.
+//
+// # Making images
+//
+// A [Format] that can be written declares a [Creator]: its -o options, and
+// either New (an empty image, written in place) or Write (a whole image in
+// one pass from a source). The CLI's create, convert and bench are driven
+// by the format list through it, and know no format by name.
 //
 // # Opening images
 //
