@@ -197,7 +197,7 @@ func (l *Live) Overlay(path string) error {
 		return l.reopen(top, info.Format, size, fmt.Errorf("overlay: close %s: %w", top, err))
 	}
 	opts := l.opts
-	opts.Format, opts.ReadOnly = "qcow2", false
+	opts.Format, opts.ReadOnly = qcow2.Format.Name, false
 	d, err := format.Open(path, opts)
 	if err != nil {
 		os.Remove(path)
@@ -219,7 +219,7 @@ func (l *Live) Commit() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	info := diskserve.Describe(l.d)
-	if info.Format != "qcow2" || info.Backing == nil || l.d.ReadOnly() {
+	if info.Format != qcow2.Format.Name || info.Backing == nil || l.d.ReadOnly() {
 		return fmt.Errorf("commit: the export is not a writable qcow2 overlay")
 	}
 	if err := diskserve.Flush(l.d); err != nil {
@@ -228,20 +228,20 @@ func (l *Live) Commit() error {
 	top, base := info.Filename, info.Backing
 	size := l.d.Size()
 	if err := l.d.Close(); err != nil {
-		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: close %s: %w", top, err))
+		return l.reopen(top, qcow2.Format.Name, size, fmt.Errorf("commit: close %s: %w", top, err))
 	}
 	opts := l.opts
 	opts.Format, opts.ReadOnly = base.Format, false
 	backing, err := format.Open(base.Filename, opts)
 	if err != nil {
-		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: open %s for writing: %w", base.Filename, err))
+		return l.reopen(top, qcow2.Format.Name, size, fmt.Errorf("commit: open %s for writing: %w", base.Filename, err))
 	}
 	// The overlay opens its backing file read-only and without the lock,
 	// which the writable open above holds. Copying reads only what the
 	// overlay holds itself, never through to the backing image being
 	// written.
 	ovOpts := format.Options(l.opts)
-	ovOpts.Format, ovOpts.ReadOnly = "qcow2", true
+	ovOpts.Format, ovOpts.ReadOnly = qcow2.Format.Name, true
 	openFile := ovOpts.OpenFile
 	ovOpts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
 		if path == base.Filename {
@@ -259,7 +259,7 @@ func (l *Live) Commit() error {
 	}
 	if err != nil {
 		backing.Close()
-		return l.reopen(top, "qcow2", size, fmt.Errorf("commit: %w", err))
+		return l.reopen(top, qcow2.Format.Name, size, fmt.Errorf("commit: %w", err))
 	}
 	l.d = backing
 	if err := os.Remove(top); err != nil {
