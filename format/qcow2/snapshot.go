@@ -151,14 +151,21 @@ func (d *Disk) snapshotState(s snapshot, fileSize int64) (*header, []uint64, err
 	return &h, l1, nil
 }
 
+// lookupSnapshot returns the index of the snapshot called name (its ID or
+// its name) and its state, as findSnapshot and snapshotState do.
+func (d *Disk) lookupSnapshot(name string, fileSize int64) (int, *header, []uint64, error) {
+	i, err := d.findSnapshot(name)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	h, l1, err := d.snapshotState(d.snaps[i], fileSize)
+	return i, h, l1, err
+}
+
 // useSnapshot makes d the image as it was when the snapshot called name
 // (its ID or its name) was taken. The image is then read-only.
 func (d *Disk) useSnapshot(name string, fileSize int64) error {
-	i, err := d.findSnapshot(name)
-	if err != nil {
-		return err
-	}
-	h, l1, err := d.snapshotState(d.snaps[i], fileSize)
+	_, h, l1, err := d.lookupSnapshot(name, fileSize)
 	if err != nil {
 		return err
 	}
@@ -258,11 +265,7 @@ func (d *Disk) ApplySnapshot(name string) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	i, err := d.findSnapshot(name)
-	if err != nil {
-		return fmt.Errorf("apply snapshot: %w", err)
-	}
-	h, l1, err := d.snapshotState(d.snaps[i], d.c.Size())
+	_, h, l1, err := d.lookupSnapshot(name, d.c.Size())
 	if err != nil {
 		return fmt.Errorf("apply snapshot: %w", err)
 	}
@@ -311,15 +314,11 @@ func (d *Disk) DeleteSnapshot(name string) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	i, err := d.findSnapshot(name)
+	i, _, l1, err := d.lookupSnapshot(name, d.c.Size())
 	if err != nil {
 		return fmt.Errorf("delete snapshot: %w", err)
 	}
 	s := d.snaps[i]
-	_, l1, err := d.snapshotState(s, d.c.Size())
-	if err != nil {
-		return fmt.Errorf("delete snapshot: %w", err)
-	}
 	if err := d.flushLocked(); err != nil {
 		return err
 	}
