@@ -42,6 +42,13 @@ func WriteZeroes(d DiskFile, off, n int64, flags ZeroFlags) error {
 	if flags&ZeroFast != 0 {
 		return fmt.Errorf("fast zero of %d bytes at %d: %w", n, off, errors.ErrUnsupported)
 	}
+	return WriteZeroBytes(d, off, n)
+}
+
+// WriteZeroBytes zeroes [off, off+n) of d by writing zeroes with its
+// WriteAt, from a shared buffer: the fallback of [WriteZeroes], for formats
+// that must fall back themselves for part of a request.
+func WriteZeroBytes(d DiskFile, off, n int64) error {
 	for n > 0 {
 		c := min(n, int64(len(zeroes)))
 		if _, err := d.WriteAt(zeroes[:c], off); err != nil {

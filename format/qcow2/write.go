@@ -286,9 +286,9 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 		return fmt.Errorf("fast zero of %d bytes at %d: %w", n, off, diskserve.ErrUnsupported)
 	}
 	if wholeStart >= wholeEnd || !canZeroClusters {
-		return d.writeZeroBytes(off, n)
+		return diskserve.WriteZeroBytes(d, off, n)
 	}
-	if err := d.writeZeroBytes(off, wholeStart-off); err != nil {
+	if err := diskserve.WriteZeroBytes(d, off, wholeStart-off); err != nil {
 		return err
 	}
 	for c := wholeStart; c < wholeEnd; c += d.cs {
@@ -296,26 +296,13 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 			return err
 		}
 	}
-	return d.writeZeroBytes(wholeEnd, max(0, end-wholeEnd))
+	return diskserve.WriteZeroBytes(d, wholeEnd, max(0, end-wholeEnd))
 }
 
 // PunchHole frees [off, off+n) where whole clusters allow, and makes all of
 // it read as zeroes.
 func (d *Disk) PunchHole(off, n int64) error {
 	return d.WriteZeroesAt(off, n, diskserve.ZeroMayUnmap)
-}
-
-// writeZeroBytes zeroes a range by writing zeroes.
-func (d *Disk) writeZeroBytes(off, n int64) error {
-	zero := make([]byte, min(n, d.cs))
-	for n > 0 {
-		c := min(n, int64(len(zero)))
-		if _, err := d.WriteAt(zero[:c], off); err != nil {
-			return err
-		}
-		off, n = off+c, n-c
-	}
-	return nil
 }
 
 // zeroCluster makes guest cluster ci read as zeroes through its L2 entry.
