@@ -46,6 +46,12 @@ type Format struct {
 	// [Options.Snapshot] for every other format.
 	Snapshots bool
 
+	// ReadOnly says that images of the format are never written in place
+	// (they are written whole, by a [Creator]'s Write, or not at all): the
+	// opener refuses to open one read-write, with an error that says how
+	// to get a writable copy.
+	ReadOnly bool
+
 	// Create, if not nil, says how the format makes new images; a format
 	// that is only read has none.
 	Create *Creator
@@ -209,6 +215,9 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		return nil, &fs.PathError{Op: "open", Path: oc.path, Err: err}
 	}
 	f, err := oc.pick(c, format)
+	if err == nil && f.ReadOnly && !oc.readOnly {
+		err = Unsupported(f.Name, -1, "%s images cannot be written in place: open it read-only, or convert it first (diskserve convert -O raw)", f.Name)
+	}
 	if err == nil && oc.Snapshot() != "" {
 		switch {
 		case !f.Snapshots:

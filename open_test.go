@@ -337,3 +337,25 @@ func TestConfine(t *testing.T) {
 		t.Error("a missing confinement directory was accepted")
 	}
 }
+
+// TestOpenReadOnlyFormat opens an image of a format that is never written
+// in place: read-only it opens, read-write the opener refuses it, saying
+// how to get a writable copy, before the format sees it.
+func TestOpenReadOnlyFormat(t *testing.T) {
+	path := write(t, filepath.Join(t.TempDir(), "img"), "FROZEN\n")
+	opened := 0
+	frozen := diskserve.Format{Name: "frozen", Magic: "FROZEN", ReadOnly: true, Open: func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) {
+		opened++
+		return c, nil
+	}}
+	opts := diskserve.Options{Formats: []diskserve.Format{frozen, raw.Format}, OpenFile: raw.OpenFile}
+	if _, err := diskserve.Open(path, opts); !errors.Is(err, errors.ErrUnsupported) || !strings.Contains(err.Error(), "frozen images cannot be written in place") || opened != 0 {
+		t.Fatalf("a read-write open: %v (format opened %d times)", err, opened)
+	}
+	opts.ReadOnly = true
+	d, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+}

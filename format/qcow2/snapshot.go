@@ -256,24 +256,38 @@ func (s snapshot) encode() []byte {
 	return b
 }
 
+// beginSnapshotChange checks that op may change the snapshots, takes d.mu,
+// looks snapshot name up and flushes. Unless it fails, the caller holds
+// d.mu and unlocks it.
+func (d *Disk) beginSnapshotChange(op, name string) (int, *header, []uint64, error) {
+	if err := d.checkSnapshotWrite(op); err != nil {
+		return 0, nil, nil, err
+	}
+	d.mu.Lock()
+	i, h, l1, err := d.lookupSnapshot(name, d.c.Size())
+	if err != nil {
+		err = fmt.Errorf("%s: %w", op, err)
+	} else {
+		err = d.flushLocked()
+	}
+	if err != nil {
+		d.mu.Unlock()
+		return 0, nil, nil, err
+	}
+	return i, h, l1, nil
+}
+
 // ApplySnapshot reverts the disk to snapshot name (its ID or its name): its
 // content and its disk size. The snapshot stays, and what the active layer
 // alone held is freed.
 func (d *Disk) ApplySnapshot(name string) error {
-	if err := d.checkSnapshotWrite("apply snapshot"); err != nil {
+	_, h, l1, err := d.beginSnapshotChange("apply snapshot", name)
+	if err != nil {
 		return err
 	}
-	d.mu.Lock()
 	defer d.mu.Unlock()
-	_, h, l1, err := d.lookupSnapshot(name, d.c.Size())
-	if err != nil {
-		return fmt.Errorf("apply snapshot: %w", err)
-	}
 	if h.Size != d.h.Size && d.h.Version < 3 {
 		return unsupported(60, "apply snapshot %q: its disk size, %d bytes, is not the image's, %d, and a version 2 image with snapshots keeps its size (as in qemu)", name, h.Size, d.h.Size)
-	}
-	if err := d.flushLocked(); err != nil {
-		return err
 	}
 	// 1. The snapshot's tables and clusters gain the active layer's
 	// reference; writeNewL1 makes that durable before it writes the
@@ -309,19 +323,12 @@ func (d *Disk) ApplySnapshot(name string) error {
 // DeleteSnapshot deletes snapshot name (its ID or its name) and frees what
 // only it held.
 func (d *Disk) DeleteSnapshot(name string) error {
-	if err := d.checkSnapshotWrite("delete snapshot"); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	i, _, l1, err := d.lookupSnapshot(name, d.c.Size())
+	i, _, l1, err := d.beginSnapshotChange("delete snapshot", name)
 	if err != nil {
-		return fmt.Errorf("delete snapshot: %w", err)
-	}
-	s := d.snaps[i]
-	if err := d.flushLocked(); err != nil {
 		return err
 	}
+	defer d.mu.Unlock()
+	s := d.snaps[i]
 	// 1. The table without the entry; then nothing refers to the
 	// snapshot's L1 table on disk, and its references go.
 	rest := append(d.snaps[:i:i], d.snaps[i+1:]...)
@@ -402,14 +409,7 @@ func (d *Disk) l2Table(l1 []uint64, i int) (*metaTable, error) {
 //
 // Preconditions: d.mu is held; the image is writable.
 func (d *Disk) shareTree(l1 []uint64) error {
-	for i := range l1 {
-		t, err := d.l2Table(l1, i)
-		if err != nil {
-			return err
-		}
-		if t == nil {
-			continue
-		}
+	return d.eachL2(l1, func(i int, t *metaTable) error {
 		for j := int64(0); j < d.l2n; j++ {
 			e := be.Uint64(t.data[j*8:])
 			if err := d.forEachCluster(e, d.addRef); err != nil {
@@ -424,6 +424,25 @@ func (d *Disk) shareTree(l1 []uint64) error {
 			return err
 		}
 		l1[i] &^= entryCopied
+		return nil
+	})
+}
+
+// eachL2 calls fn with every L2 table that l1 refers to, and its index.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) eachL2(l1 []uint64, fn func(i int, t *metaTable) error) error {
+	for i := range l1 {
+		t, err := d.l2Table(l1, i)
+		if err != nil {
+			return err
+		}
+		if t == nil {
+			continue
+		}
+		if err := fn(i, t); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -434,18 +453,15 @@ func (d *Disk) shareTree(l1 []uint64) error {
 //
 // Preconditions: d.mu is held; the image is writable.
 func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
-	for i := range l1 {
-		t, err := d.l2Table(l1, i)
-		if err != nil {
-			return err
-		}
-		if t == nil {
-			continue
-		}
+	err := d.eachL2(l1, func(_ int, t *metaTable) error {
 		for j := int64(0); j < d.l2n; j++ {
 			d.free(be.Uint64(t.data[j*8:]))
 		}
 		d.w.pendingFree = append(d.w.pendingFree, t.off)
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	for k := int64(0); k*d.cs < int64(len(l1))*8; k++ {
 		d.w.pendingFree = append(d.w.pendingFree, l1Off+k*d.cs)
@@ -459,20 +475,10 @@ func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
 //
 // Preconditions: d.mu is held; the image is writable.
 func (d *Disk) restoreCopied() error {
-	for i := range d.l1 {
-		t, err := d.l2Table(d.l1, i)
-		if err != nil {
-			return err
-		}
-		if t == nil {
-			continue
-		}
+	return d.eachL2(d.l1, func(i int, t *metaTable) error {
 		rc, err := d.refcount(t.off)
-		if err != nil {
+		if err != nil || rc != 1 {
 			return err
-		}
-		if rc != 1 {
-			continue
 		}
 		if err := d.recomputeCopied(t); err != nil {
 			return err
@@ -481,8 +487,8 @@ func (d *Disk) restoreCopied() error {
 			d.l1[i] |= entryCopied
 			d.w.l1Dirty = true
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // recomputeCopied sets the COPIED flag of each entry of L2 table t that

@@ -43,7 +43,7 @@ const Magic = "\x3a\xff\x26\xed"
 const Name = "android-sparse"
 
 // Format is the Android sparse format for the opener.
-var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open, Create: creator}
+var Format = diskserve.Format{Name: Name, Magic: Magic, Open: open, ReadOnly: true, Create: creator}
 
 var le = binary.LittleEndian
 
@@ -103,9 +103,6 @@ func corrupt(off int64, msg string, args ...any) error {
 }
 
 func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
-	if !oc.ReadOnly() {
-		return nil, diskserve.Unsupported(Name, -1, "Android sparse images cannot be written in place: open it read-only, or convert it first (diskserve convert -O raw)")
-	}
 	d, err := parse(c)
 	if err != nil {
 		return nil, err

@@ -48,7 +48,7 @@ const Name = "zstd"
 
 // Format is the seekable zstd format for the opener. It claims files that
 // start with a zstd frame or a skippable frame.
-var Format = diskserve.Format{Name: Name, Match: Match, Open: open, Create: creator}
+var Format = diskserve.Format{Name: Name, Match: Match, Open: open, ReadOnly: true, Create: creator}
 
 // Match reports whether head starts with a zstd frame (magic 0xFD2FB528)
 // or a skippable frame (0x184D2A50 to 0x184D2A5F), both little-endian.
@@ -118,9 +118,6 @@ func corrupt(off int64, msg string, args ...any) error {
 }
 
 func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
-	if !oc.ReadOnly() {
-		return nil, diskserve.Unsupported(Name, -1, "seekable zstd images cannot be written in place: open it read-only, or convert it first (diskserve convert -O raw)")
-	}
 	d, err := parse(c)
 	if err != nil {
 		return nil, err

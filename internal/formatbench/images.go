@@ -41,8 +41,8 @@ type variant struct {
 }
 
 // writable reports whether the variant's images can be written, so write
-// patterns run on it: those of formats written in place.
-func (v variant) writable() bool { return v.format.Create.New != nil }
+// patterns run on it.
+func (v variant) writable() bool { return !v.format.ReadOnly }
 
 // variantOf returns the variant called name, of one of formats.
 func variantOf(formats []diskserve.Format, name string) (variant, error) {
