@@ -75,12 +75,16 @@ func fit(first, last uint64, size int64) (partition, bool) {
 	if first == 0 || last < first || last >= sectors {
 		return partition{}, false
 	}
-	return partition{off: int64(first) * 512, n: int64(last-first+1) * 512}, true
+	return partition{off: int64(first) * gpt.SectorSize, n: int64(last-first+1) * gpt.SectorSize}, true
 }
 
-// A window is a part of a disk shown as a disk of its own. It forwards
-// every capability through the functions of package diskserve, so the
-// underlying disk's fallbacks apply.
+// A window is a part of a disk shown as a disk of its own. It is a view,
+// not a [diskserve.Wrapper]: it moves offsets and has a size of its own,
+// so it has only the capabilities that apply to part of a disk (flush,
+// zeroes, holes, extents), each passed on through the functions of package
+// diskserve so that the disk's fallbacks apply. Resizing, checking or
+// snapshotting a partition would act on the whole disk, and it has none of
+// them.
 type window struct {
 	d      diskserve.DiskFile
 	off, n int64
