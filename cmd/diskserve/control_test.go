@@ -17,7 +17,7 @@ import (
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// TestLiveOverlay takes a live snapshot of a raw export while fio writes
+// TestLiveOverlay puts a live overlay on a raw export while fio writes
 // through NBD: fio sees no error, the raw image keeps exactly what was
 // written before the snapshot, and the overlay over it holds what was
 // written after. The control API lists the new chain, and /metrics parses

@@ -1,5 +1,5 @@
 // Package bundle reads, writes and verifies the manifest of a snapshot
-// bundle (`diskserve snapshot save`): a directory holding the data of a
+// bundle (`diskserve bundle save`): a directory holding the data of a
 // disk at one point in time and a manifest.json that says what it is and
 // gives a SHA-256 digest of every chunk of the guest-visible bytes, so
 // that a bundle is checked before it is used.
