@@ -45,8 +45,8 @@ func Write(ctx context.Context, out io.Writer, src diskserve.DiskFile, o WriteOp
 	size := src.Size()
 	frames := (size + o.FrameSize - 1) / o.FrameSize
 	switch {
-	case o.FrameSize < 1 || o.FrameSize > maxFrameSize:
-		return fmt.Errorf("frame size %d outside 1..%d", o.FrameSize, maxFrameSize)
+	case o.FrameSize < 1 || o.FrameSize > MaxFrameSize:
+		return fmt.Errorf("frame size %d outside 1..%d", o.FrameSize, MaxFrameSize)
 	case o.Level < 1 || o.Level > 22:
 		return fmt.Errorf("level %d outside 1..22", o.Level)
 	case frames > maxFrames:

@@ -10,12 +10,28 @@
 //     of XXH64 of the frame's data), verified on every decompression; the
 //     skippable header, its size, the reserved descriptor bits and the
 //     frames' sizes adding up to the file are all checked at open.
-//   - Frames of any size up to the format's 1 GiB; decompressed frames are
-//     kept in an LRU cache of bounded size shared by all readers, and a
-//     read that reaches the end of a frame decompresses the next one ahead.
-//   - Extents: frames that decompress to nothing but zeroes are reported
-//     as zero ranges once they have been read; everything else is data.
+//   - Frames of up to [MaxFrameSize] decompressed (the format allows
+//     1 GiB; an image with a larger frame is refused at open, with the
+//     conversion that rewrites it in smaller frames). Decompressed frames
+//     are kept in one LRU cache of bounded size shared by every image the
+//     process has open, and a read that reaches the end of a frame
+//     decompresses the next one ahead.
+//   - Extents: frames that decompress to zeroes alone are zero ranges,
+//     whether or not they were read before; everything else is data. Only
+//     frames that compress to at most 4 KiB and whose checksum is that of
+//     zeroes are decompressed to find out, once each.
 //   - Writing with [Write], which compresses frames in parallel.
+//
+// # Memory
+//
+// What a process holds for seekable images does not depend on what they
+// claim, how many there are or how many readers they have: the frame
+// cache (cacheBytes, entries charged at least entryCost), plus frames in
+// use, each charged its decompressed and compressed size against one
+// process-wide budget (useBytes) for as long as a read decompresses or
+// copies it, so at most that much of frames outside the cache is alive at
+// once. The index takes 20 bytes per frame, and frames are capped at
+// maxFrames.
 //
 // # Not supported
 //
@@ -31,6 +47,7 @@ package zstd
 
 import (
 	"container/list"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"sort"
@@ -39,6 +56,7 @@ import (
 
 	"github.com/cespare/xxhash/v2"
 	kzstd "github.com/klauspost/compress/zstd"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/diskserve/diskserve"
 )
@@ -73,13 +91,32 @@ const (
 	reservedBits   = 0x7C
 )
 
+// MaxFrameSize is the largest frame, decompressed, that an image may
+// have: what one read at most decompresses and holds. The format allows
+// 1 GiB; images with larger frames than this are refused at open, with an
+// error that says how to rewrite them.
+const MaxFrameSize = 32 << 20
+
 // Limits. maxFrames is below the format's own (0x8000000) so that the
 // index of one image stays under 320 MiB: 16 Mi frames of 64 KiB is 1 TiB.
+// A frame's compressed size may exceed its decompressed size by zstd's
+// block overhead (3 bytes per 128 KiB block) and its frame header and
+// checksum; maxFrameOverhead allows for them with room.
 const (
-	maxFrames    = 1 << 24
-	maxFrameSize = 1 << 30 // ZSTD_SEEKABLE_MAX_FRAME_DECOMPRESSED_SIZE
-	cacheBytes   = 256 << 20
+	maxFrames        = 1 << 24
+	formatMaxFrame   = 1 << 30 // ZSTD_SEEKABLE_MAX_FRAME_DECOMPRESSED_SIZE
+	maxFrameOverhead = 64 << 10
 )
+
+// The process-wide bounds of memory (see the package doc).
+const (
+	cacheBytes = 256 << 20 // decompressed frames kept
+	useBytes   = 128 << 20 // frames being decompressed or copied
+)
+
+// entryCost is the least a cached frame is charged, so that a cache of
+// tiny frames is bounded in entries too.
+const entryCost = 256
 
 // A Disk is an open seekable zstd image.
 type Disk struct {
@@ -89,14 +126,28 @@ type Disk struct {
 	starts    []int64  // decompressed offset of each frame, and the size at the end
 	offsets   []int64  // file offset of each frame, and the table's at the end
 	checksums []uint32 // nil without the checksum flag
-	dec       *kzstd.Decoder
 
-	mu       sync.Mutex // guards the cache and inflight
-	cache    *frameCache
+	mu       sync.Mutex        // guards inflight
 	inflight map[int]*decoding // frames being decompressed
+
+	zeroes []atomic.Uint32 // 2 bits a frame: unknown, zero or data (see frameKind)
+
+	aheadBusy atomic.Bool    // a read-ahead is running
+	ahead     sync.WaitGroup // the read-ahead, which Close waits for
 
 	decoded atomic.Int64 // frames decompressed, for tests of the cache
 }
+
+// decoder decompresses the frames of every image: a klauspost decoder is
+// safe for concurrent DecodeAll calls, keeps a few internal decoders, and
+// refuses a frame whose header claims more than MaxFrameSize.
+var decoder = sync.OnceValues(func() (*kzstd.Decoder, error) {
+	return kzstd.NewReader(nil, kzstd.WithDecoderConcurrency(0), kzstd.WithDecoderMaxMemory(MaxFrameSize))
+})
+
+// inUse is the budget of frame memory outside the cache (useBytes).
+// Tests replace it, and frames, while no image is in use.
+var inUse = semaphore.NewWeighted(useBytes)
 
 // decoding is a decompression in progress, which other readers of the
 // same frame wait for instead of decompressing it again.
@@ -174,8 +225,14 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	for i := range n {
 		e := table[skipHeaderLen+i*entry:]
 		comp, decomp := int64(le.Uint32(e)), int64(le.Uint32(e[4:]))
-		if decomp > maxFrameSize {
-			return nil, corrupt(tableOff+skipHeaderLen+i*entry, "frame %d decompresses to %d bytes, more than %d", i, decomp, maxFrameSize)
+		if decomp > formatMaxFrame {
+			return nil, corrupt(tableOff+skipHeaderLen+i*entry, "frame %d decompresses to %d bytes, more than %d", i, decomp, formatMaxFrame)
+		}
+		if decomp > MaxFrameSize {
+			return nil, diskserve.Unsupported(Name, tableOff+skipHeaderLen+i*entry, "frame %d decompresses to %d bytes, more than the %d (%d MiB) diskserve reads a frame of; rewrite the image in smaller frames: diskserve convert -O zstd -o frame_size=256K", i, decomp, MaxFrameSize, MaxFrameSize>>20)
+		}
+		if comp > decomp+maxFrameOverhead {
+			return nil, corrupt(tableOff+skipHeaderLen+i*entry, "frame %d: %d compressed bytes for %d decompressed", i, comp, decomp)
 		}
 		if d.checksums != nil {
 			d.checksums[i] = le.Uint32(e[8:])
@@ -189,12 +246,11 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 		return nil, corrupt(tableOff, "the frames' compressed sizes add up to %d bytes, but the seek table starts at %d", fsize, tableOff)
 	}
 	d.size = dsize
-	var err error
-	if d.dec, err = kzstd.NewReader(nil, kzstd.WithDecoderConcurrency(0), kzstd.WithDecoderMaxMemory(2*maxFrameSize)); err != nil {
+	if _, err := decoder(); err != nil {
 		return nil, err
 	}
-	d.cache = newFrameCache(cacheBytes)
 	d.inflight = map[int]*decoding{}
+	d.zeroes = make([]atomic.Uint32, (n+15)/16)
 	return d, nil
 }
 
@@ -217,9 +273,11 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	return 0, fmt.Errorf("write: %w", diskserve.ErrReadOnly)
 }
 
-// Close releases the decoder and closes the file.
+// Close waits for the read-ahead, drops the image's frames from the
+// cache and closes the file.
 func (d *Disk) Close() error {
-	d.dec.Close()
+	d.ahead.Wait()
+	frames.drop(d)
 	return d.c.Close()
 }
 
@@ -229,14 +287,24 @@ func (d *Disk) frameAt(off int64) int {
 	return sort.Search(len(d.starts)-1, func(i int) bool { return d.starts[i+1] > off })
 }
 
+// frameSize returns frame i's decompressed size.
+func (d *Disk) frameSize(i int) int64 { return d.starts[i+1] - d.starts[i] }
+
+// useCost is what using frame i is charged against the process's budget:
+// its decompressed bytes, and its compressed ones while it is decompressed.
+func (d *Disk) useCost(i int) int64 {
+	return d.frameSize(i) + d.offsets[i+1] - d.offsets[i]
+}
+
 // frame returns frame i decompressed: from the cache, from a
 // decompression already under way, or by decompressing and verifying it.
+// The caller holds useCost(i) of the budget for as long as it uses the
+// bytes, so that a frame evicted meanwhile is still paid for.
 func (d *Disk) frame(i int) ([]byte, error) {
-	d.mu.Lock()
-	if data, ok := d.cache.get(i); ok {
-		d.mu.Unlock()
+	if data, ok := frames.get(d, i); ok {
 		return data, nil
 	}
+	d.mu.Lock()
 	if dc, ok := d.inflight[i]; ok {
 		d.mu.Unlock()
 		<-dc.done
@@ -246,11 +314,11 @@ func (d *Disk) frame(i int) ([]byte, error) {
 	d.inflight[i] = dc
 	d.mu.Unlock()
 	dc.data, dc.err = d.decompress(i)
+	if dc.err == nil {
+		frames.put(d, i, dc.data)
+	}
 	d.mu.Lock()
 	delete(d.inflight, i)
-	if dc.err == nil {
-		d.cache.put(i, dc.data)
-	}
 	d.mu.Unlock()
 	close(dc.done)
 	return dc.data, dc.err
@@ -260,6 +328,10 @@ func (d *Disk) frame(i int) ([]byte, error) {
 // while a frame is decompressed.
 var compBufs = sync.Pool{New: func() any { return new([]byte) }}
 
+// decompress reads frame i, decompresses it and verifies it against the
+// seek table. The buffer is the size the table claims, which open has
+// bounded by MaxFrameSize and the caller has paid for (useCost) before it
+// is allocated; a frame that decompresses to more fails without growing it.
 func (d *Disk) decompress(i int) ([]byte, error) {
 	d.decoded.Add(1)
 	cb := compBufs.Get().(*[]byte)
@@ -272,8 +344,12 @@ func (d *Disk) decompress(i int) ([]byte, error) {
 	if err := readAt(d.c, comp, d.offsets[i]); err != nil {
 		return nil, err
 	}
-	want := d.starts[i+1] - d.starts[i]
-	data, err := d.dec.DecodeAll(comp, make([]byte, 0, want))
+	want := d.frameSize(i)
+	dec, err := decoder()
+	if err != nil {
+		return nil, err
+	}
+	data, err := dec.DecodeAll(comp, make([]byte, 0, want))
 	switch {
 	case err != nil:
 		return nil, corrupt(d.offsets[i], "frame %d: %v", i, err)
@@ -296,23 +372,49 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	done := 0
 	i := d.frameAt(off)
 	for ; done < len(p); i++ {
-		if d.starts[i+1] == d.starts[i] {
+		if d.frameSize(i) == 0 {
 			continue // an empty frame
 		}
+		cost := d.useCost(i)
+		if err := inUse.Acquire(context.Background(), cost); err != nil {
+			return done, err
+		}
 		data, err := d.frame(i)
+		if err == nil {
+			done += copy(p[done:], data[off+int64(done)-d.starts[i]:])
+		}
+		inUse.Release(cost)
 		if err != nil {
 			return done, err
 		}
-		done += copy(p[done:], data[off+int64(done)-d.starts[i]:])
 	}
 	if off+int64(done) == d.starts[i] && i < len(d.starts)-1 {
-		go d.frame(i) // read ahead; an error shows when the frame is read
+		d.readAhead(i)
 	}
 	return done, eof
 }
 
-// AppendExtents reports data, except for frames already found to hold
-// only zeroes.
+// readAhead decompresses frame i into the cache in the background, if no
+// read-ahead is running and the budget has room now; an error shows when
+// the frame is read.
+func (d *Disk) readAhead(i int) {
+	cost := d.useCost(i)
+	if d.frameSize(i) == 0 || !d.aheadBusy.CompareAndSwap(false, true) {
+		return
+	}
+	if !inUse.TryAcquire(cost) {
+		d.aheadBusy.Store(false)
+		return
+	}
+	d.ahead.Go(func() {
+		d.frame(i)
+		inUse.Release(cost)
+		d.aheadBusy.Store(false)
+	})
+}
+
+// AppendExtents reports data, except for frames that decompress to
+// zeroes alone, which are zero ranges (see zeroFrame).
 func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 	end := off + n
 	for i := d.frameAt(off); i < len(d.starts)-1 && d.starts[i] < end; i++ {
@@ -321,14 +423,105 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		if e.Len <= 0 {
 			continue
 		}
-		d.mu.Lock()
-		if d.cache.zero(i) {
+		zero, err := d.zeroFrame(i)
+		if err != nil {
+			return dst, err
+		}
+		if zero {
 			e.Flags = diskserve.ExtentZero
 		}
-		d.mu.Unlock()
 		dst = diskserve.AppendExtent(dst, e)
 	}
 	return dst, nil
+}
+
+// The kinds of frame zeroFrame remembers, 2 bits a frame in Disk.zeroes.
+const (
+	kindUnknown = iota
+	kindZero
+	kindData
+)
+
+// maxZeroFrameComp is the largest compressed frame that zeroFrame
+// decompresses to look for zeroes: zstd writes 128 KiB of zeroes in a few
+// bytes, so a frame of MaxFrameSize of zeroes takes about 1 KiB, and any
+// larger frame holds data.
+const maxZeroFrameComp = 4096
+
+// zeroFrame reports whether frame i decompresses to zeroes alone, and
+// remembers the answer, so that extents depend on the image alone, never
+// on what was read before. A frame that compresses to more than
+// maxZeroFrameComp, or whose checksum is not that of zeroes, holds data;
+// any other is decompressed (through the cache) to find out.
+func (d *Disk) zeroFrame(i int) (bool, error) {
+	word, shift := &d.zeroes[i/16], uint(i%16)*2
+	switch (word.Load() >> shift) & 3 {
+	case kindZero:
+		return true, nil
+	case kindData:
+		return false, nil
+	}
+	kind, err := d.findZeroes(i)
+	if err != nil {
+		return false, err
+	}
+	for {
+		old := word.Load()
+		if word.CompareAndSwap(old, old|kind<<shift) {
+			return kind == kindZero, nil
+		}
+	}
+}
+
+// findZeroes is the first zeroFrame of frame i.
+func (d *Disk) findZeroes(i int) (uint32, error) {
+	size := d.frameSize(i)
+	if d.offsets[i+1]-d.offsets[i] > maxZeroFrameComp || d.checksums != nil && d.checksums[i] != zeroChecksum(size) {
+		return kindData, nil
+	}
+	cost := d.useCost(i)
+	if err := inUse.Acquire(context.Background(), cost); err != nil {
+		return kindUnknown, err
+	}
+	defer inUse.Release(cost)
+	data, err := d.frame(i)
+	if err != nil {
+		return kindUnknown, err
+	}
+	if allZero(data) {
+		return kindZero, nil
+	}
+	return kindData, nil
+}
+
+// zeroChecksums caches the seek-table checksum of n zero bytes by n.
+var zeroChecksums sync.Map // int64 to uint32
+
+// zeroChecksum returns the seek-table checksum of n zero bytes (the low
+// 32 bits of their XXH64).
+func zeroChecksum(n int64) uint32 {
+	if c, ok := zeroChecksums.Load(n); ok {
+		return c.(uint32)
+	}
+	h := xxhash.New()
+	for left := n; left > 0; left -= int64(len(zeroBlock)) {
+		h.Write(zeroBlock[:min(left, int64(len(zeroBlock)))])
+	}
+	c := uint32(h.Sum64())
+	zeroChecksums.Store(n, c)
+	return c
+}
+
+var zeroBlock [64 << 10]byte
+
+func allZero(b []byte) bool {
+	for len(b) >= len(zeroBlock) {
+		if string(b[:len(zeroBlock)]) != string(zeroBlock[:]) {
+			return false
+		}
+		b = b[len(zeroBlock):]
+	}
+	return string(b) == string(zeroBlock[:len(b)])
 }
 
 // Describe reports the frame count and whether frames carry checksums.
@@ -345,7 +538,13 @@ func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 		return r, fmt.Errorf("check: seekable zstd images cannot be repaired: %w", diskserve.ErrReadOnly)
 	}
 	for i := range len(d.starts) - 1 {
-		if _, err := d.decompress(i); err != nil {
+		cost := d.useCost(i)
+		if err := inUse.Acquire(context.Background(), cost); err != nil {
+			return r, err
+		}
+		_, err := d.decompress(i)
+		inUse.Release(cost)
+		if err != nil {
 			r.Corruptions++
 			r.Messages = append(r.Messages, "ERROR "+err.Error())
 		}
@@ -354,28 +553,39 @@ func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 	return r, nil
 }
 
-// frameCache is an LRU cache of decompressed frames, bounded in bytes. It
-// also remembers which frames were all zeroes.
-//
-// Preconditions: Disk.mu is held for every method.
+// frames is the process's cache of decompressed frames, shared by every
+// open image.
+var frames = newFrameCache(cacheBytes)
+
+// frameCache is an LRU cache of decompressed frames, bounded in bytes.
 type frameCache struct {
+	mu        sync.Mutex
 	max, used int64
-	byIndex   map[int]*list.Element // of *cachedFrame
+	byKey     map[frameKey]*list.Element // of *cachedFrame
 	recent    list.List
-	zeroes    map[int]bool
+}
+
+type frameKey struct {
+	d *Disk
+	i int
 }
 
 type cachedFrame struct {
-	index int
-	data  []byte
+	key  frameKey
+	data []byte
 }
 
 func newFrameCache(max int64) *frameCache {
-	return &frameCache{max: max, byIndex: map[int]*list.Element{}, zeroes: map[int]bool{}}
+	return &frameCache{max: max, byKey: map[frameKey]*list.Element{}}
 }
 
-func (c *frameCache) get(i int) ([]byte, bool) {
-	e, ok := c.byIndex[i]
+// cost is what a frame of n bytes is charged in the cache.
+func cost(n int) int64 { return max(int64(n), entryCost) }
+
+func (c *frameCache) get(d *Disk, i int) ([]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.byKey[frameKey{d, i}]
 	if !ok {
 		return nil, false
 	}
@@ -383,31 +593,36 @@ func (c *frameCache) get(i int) ([]byte, bool) {
 	return e.Value.(*cachedFrame).data, true
 }
 
-func (c *frameCache) put(i int, data []byte) {
-	if _, ok := c.byIndex[i]; ok || int64(len(data)) > c.max {
+func (c *frameCache) put(d *Disk, i int, data []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := frameKey{d, i}
+	if _, ok := c.byKey[k]; ok || cost(len(data)) > c.max {
 		return
 	}
-	if allZero(data) {
-		c.zeroes[i] = true
-	}
-	c.byIndex[i] = c.recent.PushFront(&cachedFrame{index: i, data: data})
-	c.used += int64(len(data))
+	c.byKey[k] = c.recent.PushFront(&cachedFrame{key: k, data: data})
+	c.used += cost(len(data))
 	for c.used > c.max {
-		last := c.recent.Back()
-		f := last.Value.(*cachedFrame)
-		c.recent.Remove(last)
-		delete(c.byIndex, f.index)
-		c.used -= int64(len(f.data))
+		c.remove(c.recent.Back())
 	}
 }
 
-func (c *frameCache) zero(i int) bool { return c.zeroes[i] }
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
+// drop removes every frame of d.
+func (c *frameCache) drop(d *Disk) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for e := c.recent.Front(); e != nil; {
+		next := e.Next()
+		if e.Value.(*cachedFrame).key.d == d {
+			c.remove(e)
 		}
+		e = next
 	}
-	return true
+}
+
+// remove drops the entry e. Preconditions: c.mu is held.
+func (c *frameCache) remove(e *list.Element) {
+	f := c.recent.Remove(e).(*cachedFrame)
+	delete(c.byKey, f.key)
+	c.used -= cost(len(f.data))
 }
