@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/diskserve/diskserve/internal/testtool"
+	"go.uber.org/goleak"
 )
 
 // diskserveBin is the diskserve command built for these tests, in a directory
@@ -31,6 +32,13 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
+	if code == 0 {
+		// No goroutine of an in-process test may outlive it.
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 
