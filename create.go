@@ -41,9 +41,11 @@ type Creator struct {
 	// through [WriteCompressed], as `convert -c` asks.
 	Compressed bool
 
-	// New makes an empty image at path, replacing any file there. nil
-	// when the format has Write.
-	New func(path string, a CreateArgs) error
+	// New makes an empty image in out, a new empty file that will be
+	// named a.Path once the image is complete (until then it may have no
+	// name at all). Files an image needs beside it come from a.Sidecar.
+	// nil when the format has Write.
+	New func(out *os.File, a CreateArgs) error
 
 	// Write writes the content of src to out, a new empty file, as an
 	// image of this format, reporting the source bytes it has covered to
@@ -61,6 +63,16 @@ type CreateOption struct {
 
 // CreateArgs are what [Creator.New] makes an image from.
 type CreateArgs struct {
+	// Path is where the image will be: what names recorded in it (a
+	// composite's components) are relative to.
+	Path string
+
+	// Sidecar creates a new empty file that will appear as name, in the
+	// directory of Path, when the image does (a composite's components and
+	// partition tables). The caller closes nothing it returns: the image's
+	// maker does.
+	Sidecar func(name string) (*os.File, error)
+
 	// Size is the virtual size in bytes; unused with Components.
 	Size int64
 

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -30,7 +29,8 @@ was made, the source image's format, size and chain, and a SHA-256 digest
 of every 4 MiB of the guest-visible bytes.
 
 save writes the bundle under a temporary name beside DIR and renames it
-when complete, so an interrupted save leaves no DIR. The data is a hard
+when complete, so an interrupted save leaves no DIR; what a killed save
+left is removed by the next save to DIR. The data is a hard
 link of the image when the image is one plain file holding the disk byte
 for byte (raw) and the bundle is on the same file system (no copy; the
 image must not be written afterwards, as after a live overlay moved the
@@ -81,8 +81,8 @@ func saveBundle(ctx context.Context, f *openFlags, image, dir string, compress b
 	}
 	defer src.Close()
 	info := diskserve.Describe(src)
-	tmp := filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".diskserve-"+strconv.Itoa(os.Getpid()))
-	if err := os.Mkdir(tmp, 0o755); err != nil {
+	tmp, err := newimage.TempDir(dir)
+	if err != nil {
 		return fmt.Errorf("bundle save: %w", err)
 	}
 	defer func() {

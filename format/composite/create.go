@@ -1,7 +1,6 @@
 package composite
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,24 +17,25 @@ var creator = &diskserve.Creator{
 		{Name: "components", Default: "1", Help: "without --partition: how many raw files, of equal size, hold the disk"},
 	},
 	Components: true,
-	New: func(path string, a diskserve.CreateArgs) error {
+	New: func(out *os.File, a diskserve.CreateArgs) error {
 		if len(a.Components) > 0 {
 			if len(a.Options) > 0 {
-				return fmt.Errorf("create %s: a composite built from partitions takes no options", path)
+				return fmt.Errorf("create %s: a composite built from partitions takes no options", a.Path)
 			}
-			return createFromPartitions(path, a)
+			return createFromPartitions(out, a)
 		}
 		n, err := a.Options.Int("components", 1)
 		if err != nil {
-			return fmt.Errorf("create %s: %w", path, err)
+			return fmt.Errorf("create %s: %w", a.Path, err)
 		}
-		return createRaw(path, a.Size, n)
+		return createRaw(out, a, n)
 	},
 }
 
 // createFromPartitions builds a GPT composite from --partition arguments,
-// opening each image to learn its size.
-func createFromPartitions(path string, a diskserve.CreateArgs) error {
+// opening each image to learn its size: the spec into out, the partition
+// tables beside it.
+func createFromPartitions(out *os.File, a diskserve.CreateArgs) error {
 	var parts []Partition
 	for _, arg := range a.Components {
 		p, err := ParsePartition(arg)
@@ -50,8 +50,21 @@ func createFromPartitions(path string, a diskserve.CreateArgs) error {
 		d.Close()
 		parts = append(parts, p)
 	}
-	if err := CreateGPT(path, parts); err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
+	spec := filepath.Base(a.Path)
+	err := buildGPT(a.Path, parts, func(name string, b []byte) error {
+		if name == spec {
+			_, err := out.Write(b)
+			return err
+		}
+		f, err := a.Sidecar(name)
+		if err != nil {
+			return err
+		}
+		_, err = f.Write(b)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("create %s: %w", a.Path, err)
 	}
 	return nil
 }
@@ -87,13 +100,14 @@ func ParsePartition(arg string) (Partition, error) {
 	return p, nil
 }
 
-// createRaw makes a writable composite of size bytes held by n sparse raw
-// files, path.0 to path.N-1 beside the spec, each a multiple of 4 KiB but
-// the last.
-func createRaw(path string, size int64, n int) error {
+// createRaw makes a writable composite of a.Size bytes held by n sparse
+// raw files beside it, PATH.0 to PATH.N-1, each a multiple of 4 KiB but
+// the last; the spec goes into out.
+func createRaw(out *os.File, a diskserve.CreateArgs, n int) error {
 	if n < 1 || n > maxComponents {
-		return fmt.Errorf("create %s: components must be 1 to %d, not %d", path, maxComponents, n)
+		return fmt.Errorf("create %s: components must be 1 to %d, not %d", a.Path, maxComponents, n)
 	}
+	size := a.Size
 	if size == 0 {
 		n = 0
 	}
@@ -104,21 +118,17 @@ func createRaw(path string, size int64, n int) error {
 		if i == n-1 {
 			end = size
 		}
-		name := fmt.Sprintf("%s.%d", filepath.Base(path), i)
-		if err := truncated(filepath.Join(filepath.Dir(path), name), end-off); err != nil {
-			return fmt.Errorf("create %s: %w", path, err)
+		name := fmt.Sprintf("%s.%d", filepath.Base(a.Path), i)
+		f, err := a.Sidecar(name)
+		if err == nil {
+			err = f.Truncate(end - off)
+		}
+		if err != nil {
+			return fmt.Errorf("create %s: %w", a.Path, err)
 		}
 		spec.Components = append(spec.Components, Component{Path: name, Offset: off, Writable: true})
 		off = end
 	}
-	return os.WriteFile(path, spec.Marshal(), 0o644)
-}
-
-// truncated makes an empty sparse file of size bytes at path.
-func truncated(path string, size int64) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	return errors.Join(f.Truncate(size), f.Close())
+	_, err := out.Write(spec.Marshal())
+	return err
 }

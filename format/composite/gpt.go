@@ -82,6 +82,14 @@ type Partition struct {
 // partition's size is not a multiple of 4 KiB) and the composite spec
 // itself, whose component paths are relative to path's directory.
 func CreateGPT(path string, parts []Partition) error {
+	return buildGPT(path, parts, func(name string, b []byte) error {
+		return os.WriteFile(filepath.Join(filepath.Dir(path), name), b, 0o644)
+	})
+}
+
+// buildGPT lays out the GPT composite that will be at path and gives each
+// of its files to write, by name in path's directory.
+func buildGPT(path string, parts []Partition, write func(name string, b []byte) error) error {
 	labels := map[string]bool{}
 	for _, p := range parts {
 		switch {
@@ -156,12 +164,12 @@ func CreateGPT(path string, parts []Partition) error {
 	copy(footer[footerPadding:], entries)
 	backup.Marshal(footer[footerPadding+entriesLen:])
 
-	files := map[string][]byte{path + ".header": header, path + ".footer": footer, path: spec.Marshal()}
+	files := map[string][]byte{base + ".header": header, base + ".footer": footer, base: spec.Marshal()}
 	if needFiller {
-		files[path+".filler"] = make([]byte, partitionAlign)
+		files[base+".filler"] = make([]byte, partitionAlign)
 	}
 	for name, b := range files {
-		if err := os.WriteFile(name, b, 0o644); err != nil {
+		if err := write(name, b); err != nil {
 			return err
 		}
 	}

@@ -36,13 +36,16 @@ var creator = &diskserve.Creator{
 	},
 	Backing:    true,
 	Compressed: true,
-	New: func(path string, a diskserve.CreateArgs) error {
+	New: func(out *os.File, a diskserve.CreateArgs) error {
 		o, err := parseOptions(a.Options)
 		if err != nil {
-			return fmt.Errorf("create %s: %w", path, err)
+			return fmt.Errorf("create %s: %w", a.Path, err)
 		}
 		o.Size, o.BackingFile, o.BackingFormat = a.Size, a.BackingFile, a.BackingFormat
-		return Create(path, o)
+		if err := write(out, o); err != nil {
+			return fmt.Errorf("create %s: %w", a.Path, err)
+		}
+		return nil
 	},
 }
 
@@ -71,9 +74,22 @@ func parseOptions(opts diskserve.CreateOptions) (CreateOptions, error) {
 // laid out as qemu-img lays it out: the header cluster, the refcount table,
 // the refcount blocks, then the L1 table.
 func Create(path string, o CreateOptions) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := write(f, o); err != nil {
+		f.Close()
+		return fmt.Errorf("create %s: %w", path, err)
+	}
+	return f.Close()
+}
+
+// write writes a new, empty image into f, an empty file, and syncs it.
+func write(f *os.File, o CreateOptions) error {
 	h, err := o.header()
 	if err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
+		return err
 	}
 	cs := h.clusterSize()
 	l1Clusters := (int64(h.L1Size)*8 + cs - 1) / cs
@@ -91,7 +107,7 @@ func Create(path string, o CreateOptions) error {
 		rbClusters, rtClusters = rb, rt
 	}
 	if rtClusters*cs > maxRefTableBytes {
-		return fmt.Errorf("create %s: the refcount table would exceed %d bytes", path, maxRefTableBytes)
+		return fmt.Errorf("the refcount table would exceed %d bytes", maxRefTableBytes)
 	}
 	rtOff := cs
 	rbOff := rtOff + rtClusters*cs
@@ -102,7 +118,7 @@ func Create(path string, o CreateOptions) error {
 
 	img := make([]byte, end)
 	if err := h.encode(img[:cs]); err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
+		return err
 	}
 	for i := range rbClusters {
 		be.PutUint64(img[rtOff+i*8:], uint64(rbOff+i*cs))
@@ -110,19 +126,10 @@ func Create(path string, o CreateOptions) error {
 	for c := range end / cs {
 		putRefcount(img[rbOff:rbOff+rbClusters*cs], c, uint(1<<h.RefcountOrder), 1)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
+	if _, err := f.WriteAt(img, 0); err != nil {
 		return err
 	}
-	if _, err := f.Write(img); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return f.Sync()
 }
 
 // header builds the header of a new image from the options.

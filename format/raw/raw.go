@@ -44,19 +44,8 @@ var Format = diskserve.Format{
 	Create: &diskserve.Creator{New: create},
 }
 
-// create makes a sparse file of a.Size bytes at path, replacing any file
-// there.
-func create(path string, a diskserve.CreateArgs) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(a.Size); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
+// create makes out a sparse file of a.Size bytes.
+func create(out *os.File, a diskserve.CreateArgs) error { return out.Truncate(a.Size) }
 
 // A Disk is an open raw image.
 type Disk struct {

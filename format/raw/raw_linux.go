@@ -40,6 +40,16 @@ func OpenFile(path string, readOnly bool) (diskserve.DiskFile, error) {
 	return d, nil
 }
 
+// FromFile returns the open file f as a raw disk (a *[Disk]) called path
+// in errors, and takes its lock. The disk owns f: its Close closes it.
+func FromFile(f *os.File, path string, readOnly bool) (diskserve.DiskFile, error) {
+	d, err := newDisk(f, path, readOnly)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	return d, nil
+}
+
 func checkMode(m fs.FileMode) error {
 	switch {
 	case m.IsRegular(), m&fs.ModeDevice != 0 && m&fs.ModeCharDevice == 0:

@@ -3,10 +3,11 @@
 // `bench`). Nothing in it knows a format by name: whatever a format
 // declares in its Creator is what can be made of it.
 //
-// A conversion writes its files into a temporary directory beside the
-// destination and moves them into place when complete, the destination
-// itself last, so that an interrupted conversion leaves no partial
-// destination.
+// Every file of a new image is written where nobody sees it, unnamed
+// (O_TMPFILE) where the file system allows, and given its name only when
+// the image is complete and durable, the image's own file last: an
+// interrupted run, even a killed one, leaves no partial image and, on the
+// usual Linux file systems, nothing at all (see output).
 package newimage
 
 import (
@@ -16,7 +17,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 
 	"github.com/diskserve/diskserve"
@@ -58,8 +58,9 @@ func Creator(f diskserve.Format, formats []diskserve.Format) (*diskserve.Creator
 }
 
 // Create makes an empty image of format f at path with f's
-// [diskserve.Creator.New], after checking a against what f declares.
-func Create(path string, f diskserve.Format, a diskserve.CreateArgs) error {
+// [diskserve.Creator.New], after checking a against what f declares. It
+// replaces any file there, once the new image is complete.
+func Create(path string, f diskserve.Format, a diskserve.CreateArgs) (err error) {
 	c := f.Create
 	switch {
 	case c == nil || c.New == nil:
@@ -72,7 +73,17 @@ func Create(path string, f diskserve.Format, a diskserve.CreateArgs) error {
 	if err := a.Options.Check(f.Name, c); err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
 	}
-	return c.New(path, a)
+	o := newOutput(path)
+	defer func() { err = errors.Join(err, o.close()) }()
+	out, err := o.create(filepath.Base(path))
+	if err != nil {
+		return err
+	}
+	a.Path, a.Sidecar = path, o.create
+	if err := c.New(out, a); err != nil {
+		return err
+	}
+	return o.commit()
 }
 
 // A Target is the image a conversion writes.
@@ -101,32 +112,41 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	if err := t.Options.Check(t.Format.Name, c); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}
-	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".diskserve-"+strconv.Itoa(os.Getpid()))
-	if err := os.Mkdir(tmp, 0o755); err != nil {
-		return fmt.Errorf("convert to %s: %w", dst, err)
-	}
+	o := newOutput(dst)
 	defer func() {
-		if err == nil {
-			err = ctx.Err()
-		}
-		if err == nil {
-			err = moveInto(tmp, dst)
-		}
-		os.RemoveAll(tmp)
+		err = errors.Join(err, o.close())
 		if ctx.Err() != nil {
 			err = fmt.Errorf("convert interrupted (%v): %s was not written", context.Cause(ctx), dst)
 		}
 	}()
-	out := filepath.Join(tmp, filepath.Base(dst))
-	if c.Write != nil {
-		return writeStream(ctx, c, src, out, t.Options, progress)
+	out, err := o.create(filepath.Base(dst))
+	if err != nil {
+		return err
 	}
-	if err := c.New(out, diskserve.CreateArgs{Size: src.Size(), Options: t.Options}); err != nil {
+	if c.Write != nil {
+		err = c.Write(ctx, out, src, t.Options, progress)
+	} else {
+		err = fill(ctx, o, out, src, dst, t, progress)
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err == nil {
+		err = o.commit()
+	}
+	return err
+}
+
+// fill makes an empty image of t's format in out, for dst, and copies src
+// into it.
+func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, dst string, t Target, progress func(int64)) error {
+	if err := t.Format.Create.New(out, diskserve.CreateArgs{Path: dst, Size: src.Size(), Options: t.Options, Sidecar: o.create}); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}
 	opts := format.Options(t.Open)
 	opts.Format, opts.ReadOnly = t.Format.Name, false
-	d, err := diskserve.Open(out, opts)
+	opts.OpenFile = o.openFile(opts.OpenFile)
+	d, err := diskserve.Open(dst, opts)
 	if err != nil {
 		return err
 	}
@@ -135,41 +155,6 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 		err = diskserve.Flush(d)
 	}
 	return errors.Join(err, d.Close())
-}
-
-// writeStream writes src into a new file at path with c.Write, and makes
-// it durable.
-func writeStream(ctx context.Context, c *diskserve.Creator, src diskserve.DiskFile, path string, o diskserve.CreateOptions, progress func(int64)) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	if err := c.Write(ctx, f, src, o, progress); err != nil {
-		f.Close()
-		return err
-	}
-	return errors.Join(f.Sync(), f.Close())
-}
-
-// moveInto renames every file of the directory tmp into the directory of
-// dst, dst's own file last, and makes the renames durable.
-func moveInto(tmp, dst string) error {
-	entries, err := os.ReadDir(tmp)
-	if err != nil {
-		return err
-	}
-	dir, main := filepath.Dir(dst), filepath.Base(dst)
-	for _, e := range entries {
-		if e.Name() != main {
-			if err := os.Rename(filepath.Join(tmp, e.Name()), filepath.Join(dir, e.Name())); err != nil {
-				return err
-			}
-		}
-	}
-	if err := os.Rename(filepath.Join(tmp, main), dst); err != nil {
-		return err
-	}
-	return SyncDir(dir)
 }
 
 // SyncDir makes a directory's entries durable.

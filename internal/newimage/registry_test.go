@@ -38,16 +38,16 @@ var testFormat = diskserve.Format{
 	},
 	Create: &diskserve.Creator{
 		Options: []diskserve.CreateOption{{Name: "label", Default: "", Help: "a name kept in the header"}},
-		New: func(path string, a diskserve.CreateArgs) error {
+		New: func(out *os.File, a diskserve.CreateArgs) error {
 			label := a.Options.String("label", "")
 			var h [testHeader]byte
 			copy(h[:], testMagic)
 			binary.BigEndian.PutUint64(h[8:], uint64(a.Size))
 			copy(h[16:80], label)
-			if err := os.WriteFile(path, h[:], 0o644); err != nil {
+			if _, err := out.Write(h[:]); err != nil {
 				return err
 			}
-			return os.Truncate(path, testHeader+a.Size)
+			return out.Truncate(testHeader + a.Size)
 		},
 	},
 }

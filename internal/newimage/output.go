@@ -1,0 +1,169 @@
+package newimage
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/raw"
+	"golang.org/x/sys/unix"
+)
+
+// An output is the set of files of a new image, written where nobody sees
+// them until commit puts them in place: unnamed files (O_TMPFILE) where
+// the file system has them (ext4, xfs, btrfs, tmpfs), so that a process
+// killed at any moment leaves nothing behind; elsewhere files under
+// temporary names, which the next run against the same destination
+// removes (see removeStale).
+type output struct {
+	dir   string
+	files []*outFile // the image's own file first
+}
+
+// An outFile is one file of an output.
+type outFile struct {
+	f    *os.File
+	name string // its final name, in the output's directory
+	tmp  string // its temporary path; "" for an unnamed file
+}
+
+// tempMark marks the temporary names of outputs: .NAME.diskserve-PID-N.
+const tempMark = ".diskserve-"
+
+// newOutput starts the output of an image that will be named dst, after
+// removing what earlier runs killed before they finished left there.
+func newOutput(dst string) *output {
+	o := &output{dir: filepath.Dir(dst)}
+	removeStale(o.dir, filepath.Base(dst))
+	return o
+}
+
+// create makes a new empty file of the output, to be named name (a base
+// name, in the output's directory) on commit.
+func (o *output) create(name string) (*os.File, error) {
+	if strings.ContainsRune(name, filepath.Separator) {
+		return nil, fmt.Errorf("%q: a file beside an image is named without a directory", name)
+	}
+	of := &outFile{name: name}
+	f, err := os.OpenFile(o.dir, os.O_RDWR|unix.O_TMPFILE, 0o644)
+	if err != nil {
+		// No unnamed files here: a temporary name that a later run
+		// can recognise and remove.
+		of.tmp = tempName(o.dir, name, len(o.files))
+		if f, err = os.OpenFile(of.tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	of.f = f
+	o.files = append(o.files, of)
+	return f, nil
+}
+
+// tempName returns the temporary path of the k-th file of an output of
+// this process, named name in dir.
+func tempName(dir, name string, k int) string {
+	return filepath.Join(dir, "."+name+tempMark+strconv.Itoa(os.Getpid())+"-"+strconv.Itoa(k))
+}
+
+// commit makes every file durable, gives each its name (replacing what
+// was there), the image's own file last, and makes the names durable.
+func (o *output) commit() error {
+	for _, of := range o.files {
+		if err := of.f.Sync(); err != nil {
+			return err
+		}
+	}
+	for i := len(o.files) - 1; i >= 0; i-- {
+		of := o.files[i]
+		dst := filepath.Join(o.dir, of.name)
+		if of.tmp == "" {
+			// linkat cannot replace a name: link the file to a
+			// temporary name, then rename that over dst.
+			of.tmp = tempName(o.dir, of.name, i)
+			proc := "/proc/self/fd/" + strconv.Itoa(int(of.f.Fd()))
+			if err := unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, of.tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
+				of.tmp = ""
+				return fmt.Errorf("link %s: %w", dst, err)
+			}
+		}
+		if err := os.Rename(of.tmp, dst); err != nil {
+			return err
+		}
+		of.tmp = ""
+	}
+	return SyncDir(o.dir)
+}
+
+// close closes every file and removes those that commit did not name.
+func (o *output) close() error {
+	var errs []error
+	for _, of := range o.files {
+		errs = append(errs, of.f.Close())
+		if of.tmp != "" {
+			os.Remove(of.tmp)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeStale removes the temporary files and directories that runs of
+// diskserve left in dir for an output named name (.NAME.diskserve-PID and
+// .NAME.diskserve-PID-N, and those of the files beside it, .NAME.X...)
+// when they were killed before they finished: those whose process is gone.
+func removeStale(dir, name string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		n := e.Name()
+		i := strings.LastIndex(n, tempMark)
+		if i < 0 || !strings.HasPrefix(n, "."+name) {
+			continue
+		}
+		pidText, _, _ := strings.Cut(n[i+len(tempMark):], "-")
+		pid, err := strconv.Atoi(pidText)
+		if err != nil || pid <= 0 || pid == os.Getpid() || alive(pid) {
+			continue
+		}
+		os.RemoveAll(filepath.Join(dir, n))
+	}
+}
+
+// alive reports whether a process pid exists.
+func alive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// openFile returns an opener of image files that opens the files of the
+// output by their final names, and passes every other path to next.
+func (o *output) openFile(next func(string, bool) (diskserve.DiskFile, error)) func(string, bool) (diskserve.DiskFile, error) {
+	return func(path string, readOnly bool) (diskserve.DiskFile, error) {
+		for _, of := range o.files {
+			if filepath.Join(o.dir, of.name) != filepath.Clean(path) {
+				continue
+			}
+			fd, err := unix.Dup(int(of.f.Fd()))
+			if err != nil {
+				return nil, err
+			}
+			return raw.FromFile(os.NewFile(uintptr(fd), path), path, readOnly)
+		}
+		return next(path, readOnly)
+	}
+}
+
+// TempDir makes a directory beside dst, named so that the next run against
+// dst removes it if this process dies before renaming it into place (as
+// removeStale does for files). Bundles are written in one.
+func TempDir(dst string) (string, error) {
+	removeStale(filepath.Dir(dst), filepath.Base(dst))
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+tempMark+strconv.Itoa(os.Getpid()))
+	return tmp, os.Mkdir(tmp, 0o755)
+}
