@@ -36,7 +36,6 @@ const (
 	// and size fields), or one error chunk with its message.
 	hdrSpace       = maxReadChunks*32 + 64 + maxErrMsg
 	maxErrMsg      = 256
-	statusStep     = 256 << 20 // the range one Extents call covers in BLOCK_STATUS
 	unixSendBuffer = 4 << 20
 	stopGrace      = 10 * time.Second // for a client to read its last replies at shutdown
 	cacheStep      = 1 << 20          // the buffer CACHE reads into
