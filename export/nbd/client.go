@@ -8,10 +8,11 @@ import (
 	"sync"
 )
 
-// A Client is the least NBD client that reads and writes an export, for
-// benchmarks and tools: fixed newstyle, OPT_GO to the default export,
-// simple replies, any number of requests in flight on one connection (as
-// fio's nbd engine keeps them). Its methods are safe for concurrent use.
+// A Client is the least NBD client that uses an export, for benchmarks,
+// tools and tests: fixed newstyle, OPT_GO, simple replies, READ, WRITE,
+// FLUSH, TRIM and WRITE_ZEROES, any number of requests in flight on one
+// connection (as fio's nbd engine keeps them). Its methods are safe for
+// concurrent use. An error reply comes back as an [*Error].
 type Client struct {
 	c   net.Conn
 	wmu sync.Mutex // one request on the wire at a time
@@ -29,8 +30,8 @@ type clientCall struct {
 }
 
 // Dial connects to the NBD server at addr (as [net.Dial] takes it) and
-// attaches to its default export.
-func Dial(network, addr string) (*Client, error) {
+// attaches to export ("" for the default one).
+func Dial(network, addr, export string) (*Client, error) {
 	c, err := net.Dial(network, addr)
 	if err != nil {
 		return nil, err
@@ -49,9 +50,10 @@ func Dial(network, addr string) (*Client, error) {
 	msg := be.AppendUint32(nil, flagFixedNewstyle|flagNoZeroes)
 	msg = be.AppendUint64(msg, magicOpt)
 	msg = be.AppendUint32(msg, optGo)
-	msg = be.AppendUint32(msg, 6) // empty name, no info requests
-	msg = be.AppendUint32(msg, 0)
-	msg = be.AppendUint16(msg, 0)
+	msg = be.AppendUint32(msg, uint32(4+len(export)+2))
+	msg = be.AppendUint32(msg, uint32(len(export)))
+	msg = append(msg, export...)
+	msg = be.AppendUint16(msg, 0) // no info requests
 	if _, err := c.Write(msg); err != nil {
 		return fail(err)
 	}
@@ -109,7 +111,7 @@ func (cl *Client) readReplies() {
 			return
 		}
 		if errno := be.Uint32(h[4:]); errno != 0 {
-			call.done <- fmt.Errorf("NBD error %d", errno)
+			call.done <- &Error{Errno: errno}
 			continue
 		}
 		if call.buf != nil {
@@ -122,11 +124,22 @@ func (cl *Client) readReplies() {
 	}
 }
 
-// do sends one request and waits for its reply.
-func (cl *Client) do(cmd uint16, off int64, p []byte) error {
+// An Error is an error reply of the server.
+type Error struct {
+	Errno uint32 // the NBD error: 1 EPERM, 5 EIO, 22 EINVAL, 28 ENOSPC, ...
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("NBD error %d", e.Errno) }
+
+// do sends one request and waits for its reply. p is READ's buffer or
+// WRITE's payload; n is the length of the other commands.
+func (cl *Client) do(cmd uint16, off int64, p []byte, n uint32) error {
 	call := &clientCall{done: make(chan error, 1)}
 	if cmd == cmdRead {
 		call.buf = p
+	}
+	if p != nil {
+		n = uint32(len(p))
 	}
 	cl.mu.Lock()
 	if cl.err != nil {
@@ -142,7 +155,7 @@ func (cl *Client) do(cmd uint16, off int64, p []byte) error {
 	be.PutUint16(h[6:], cmd)
 	be.PutUint64(h[8:], cookie)
 	be.PutUint64(h[16:], uint64(off))
-	be.PutUint32(h[24:], uint32(len(p)))
+	be.PutUint32(h[24:], n)
 	bufs := net.Buffers{h[:]}
 	if cmd == cmdWrite {
 		bufs = append(bufs, p)
@@ -158,7 +171,7 @@ func (cl *Client) do(cmd uint16, off int64, p []byte) error {
 
 // ReadAt reads len(p) bytes at off of the export.
 func (cl *Client) ReadAt(p []byte, off int64) (int, error) {
-	if err := cl.do(cmdRead, off, p); err != nil {
+	if err := cl.do(cmdRead, off, p, 0); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -166,10 +179,21 @@ func (cl *Client) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off of the export.
 func (cl *Client) WriteAt(p []byte, off int64) (int, error) {
-	if err := cl.do(cmdWrite, off, p); err != nil {
+	if err := cl.do(cmdWrite, off, p, 0); err != nil {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// Flush asks the server to make every completed write durable.
+func (cl *Client) Flush() error { return cl.do(cmdFlush, 0, nil, 0) }
+
+// Trim asks the server to discard n bytes at off.
+func (cl *Client) Trim(off int64, n uint32) error { return cl.do(cmdTrim, off, nil, n) }
+
+// WriteZeroes asks the server to make n bytes at off read as zeroes.
+func (cl *Client) WriteZeroes(off int64, n uint32) error {
+	return cl.do(cmdWriteZeroes, off, nil, n)
 }
 
 // Close disconnects.

@@ -646,7 +646,7 @@ func TestTLSClientCertificates(t *testing.T) {
 func TestClient(t *testing.T) {
 	e, mem := memExport("", false)
 	_, sock := start(t, []Export{e}, Options{})
-	cl, err := Dial("unix", sock)
+	cl, err := Dial("unix", sock, "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -73,7 +73,7 @@ func attach(c Config, path, openAs string, readOnly bool) (target, int64, string
 			return nil, 0, "", nil, err
 		}
 		go srv.Serve(l)
-		cl, err := nbd.Dial("unix", sock)
+		cl, err := nbd.Dial("unix", sock, "")
 		if err != nil {
 			srv.Shutdown(context.Background())
 			w.Close()
