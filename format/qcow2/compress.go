@@ -3,17 +3,32 @@ package qcow2
 import (
 	"bytes"
 	"compress/flate"
+	"context"
 	"fmt"
 	"io"
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sync/semaphore"
 )
 
-// compressedClustersCached is how many decompressed clusters are kept, so
-// that reading a compressed cluster in pieces (4 KiB at a time, as guests
-// do) decompresses it once.
-const compressedClustersCached = 16
+// An image keeps its most recently decompressed clusters, so that reading
+// a compressed cluster in pieces (4 KiB at a time, as guests do)
+// decompresses it once: up to compressedClustersCached of them, and no
+// more than clusterCacheBytes, whatever the cluster size.
+const (
+	compressedClustersCached = 16
+	clusterCacheBytes        = 4 << 20
+)
+
+// decompressing is the process's budget of memory for compressed clusters
+// outside the images' caches: a read of a compressed cluster holds twice
+// the cluster size of it (the compressed input and the cluster) while it
+// decompresses and copies, so that readers in any number hold at most
+// decompressBytes of clusters at once.
+var decompressing = semaphore.NewWeighted(decompressBytes)
+
+const decompressBytes = 64 << 20
 
 // zstdMaxMemory bounds what one zstd frame may make the decoder allocate;
 // a cluster is at most 2 MiB, so no valid image comes near it.
@@ -33,6 +48,11 @@ var (
 // readCompressed copies into p the bytes from in onwards of the compressed
 // cluster that L2 entry e describes.
 func (d *Disk) readCompressed(p []byte, e uint64, in int64) error {
+	cost := 2 * d.cs
+	if err := decompressing.Acquire(context.Background(), cost); err != nil {
+		return err
+	}
+	defer decompressing.Release(cost)
 	cluster, err := d.clust.get(e, d.decompress)
 	if err != nil {
 		return err
@@ -87,7 +107,7 @@ func (d *Disk) decompress(e uint64) ([]byte, error) {
 // clusterCache keeps the most recently decompressed clusters by L2 entry.
 type clusterCache struct {
 	mu    sync.Mutex
-	slots [compressedClustersCached]struct {
+	slots []struct {
 		entry uint64
 		data  []byte
 		used  uint64
@@ -95,7 +115,17 @@ type clusterCache struct {
 	clock uint64
 }
 
-func newClusterCache() *clusterCache { return &clusterCache{} }
+// newClusterCache makes the cache of an image of clusterSize clusters.
+func newClusterCache(clusterSize int64) *clusterCache {
+	n := min(compressedClustersCached, max(1, clusterCacheBytes/clusterSize))
+	c := &clusterCache{}
+	c.slots = make([]struct {
+		entry uint64
+		data  []byte
+		used  uint64
+	}, n)
+	return c
+}
 
 func (c *clusterCache) get(e uint64, load func(uint64) ([]byte, error)) ([]byte, error) {
 	c.mu.Lock()

@@ -136,7 +136,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		bits:  uint(h.ClusterBits),
 		l2n:   h.l2Entries(),
 		meta:  newMetaCache(h.clusterSize()),
-		clust: newClusterCache(),
+		clust: newClusterCache(h.clusterSize()),
 	}
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
 		return nil, fmt.Errorf("read L1 table: %w", err)

@@ -230,11 +230,9 @@ func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 		switch {
 		case zero:
 		case e&entryCompressed != 0:
-			c, err := d.clust.get(e, d.decompress)
-			if err != nil {
+			if err := d.readCompressed(buf, e, 0); err != nil {
 				return 0, err
 			}
-			copy(buf, c)
 		case host != 0:
 			if err := d.readHost(buf, host); err != nil {
 				return 0, err
