@@ -62,6 +62,12 @@ const (
 	maxHeaderLen   = 4096     // larger file or chunk headers than this are refused
 	maxBlockSize   = 64 << 20 // libsparse uses 4 KiB; 64 KiB is the largest seen in practice
 	maxSize        = 1 << 62
+
+	// maxChunks bounds the index, 40 bytes a chunk: 160 MiB at most.
+	// img2simg writes a few chunks per run of data or zeroes, so real
+	// images have thousands; only a file crafted to alternate tiny chunks
+	// comes near it.
+	maxChunks = 4 << 20
 )
 
 // chunk is one entry of the index: the expanded bytes [start, start+n).
@@ -145,6 +151,8 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	case totalChunks > fileSize/chunkHdr:
 		// Each chunk takes at least a header: this bounds the index.
 		return nil, corrupt(20, "%d chunks cannot fit in a file of %d bytes", totalChunks, fileSize)
+	case totalChunks > maxChunks:
+		return nil, diskserve.Unsupported(Name, 20, "%d chunks, more than the %d diskserve indexes; rewrite the image with larger blocks: diskserve convert -O android-sparse -o block_size=4096", totalChunks, maxChunks)
 	}
 	d := &Disk{c: c, size: totalBlks * blkSz, blkSz: blkSz, minor: minor, checksum: le.Uint32(h[24:])}
 	hdr := make([]byte, chunkHdr)

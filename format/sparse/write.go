@@ -145,6 +145,9 @@ func (c *chunkWriter) flush() error {
 	if c.kind == 0 {
 		return nil
 	}
+	if c.chunks == maxChunks {
+		return fmt.Errorf("the image would have more than %d chunks, more than diskserve reads back: use a larger block_size", maxChunks)
+	}
 	var payload []byte
 	switch c.kind {
 	case chunkFill:
