@@ -3,13 +3,14 @@
 // whose frames, clusters, chunks or components are the largest or the most
 // numerous diskserve accepts, read at random with fio's nbd engine.
 //
-//	go run ./bench/membench [-runtime 10s]
+//	go run ./bench/membench [-runtime 10s] [-only NAME]
 //
 // It prints a table of peak resident memory (VmHWM) per image.
 package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"flag"
 	"fmt"
 	"log"
@@ -32,6 +33,7 @@ type image struct {
 
 func main() {
 	runtime := flag.Duration("runtime", 10*time.Second, "time each image is read")
+	only := flag.String("only", "", "measure only the images whose name contains this")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, bin := fio.Setup("membench")
@@ -61,8 +63,20 @@ func main() {
 		{"seekable zstd, 32 MiB frames", "the largest frames accepted, each read decompresses one", func(bin, dir, raw string) string {
 			return convert(bin, filepath.Join(dir, "f32m.zst"), "-O", "zstd", "-o", "frame_size=32M,level=1")
 		}},
-		{"Android sparse, 4-byte blocks", "the smallest blocks: the most chunks", func(bin, dir, raw string) string {
-			return convert(bin, filepath.Join(dir, "b4.simg"), "-O", "android-sparse", "-o", "block_size=4")
+		{"Android sparse, 4 Mi chunks of 4 bytes", "the most chunks an image may have: the largest index", func(bin, dir, raw string) string {
+			// Every other 4-byte word is zero and the others differ: a
+			// FILL chunk and a DONT_CARE chunk for every 8 bytes.
+			alt := filepath.Join(dir, "alternating.raw")
+			b := make([]byte, 16<<20)
+			for i := 0; i < len(b); i += 8 {
+				binary.LittleEndian.PutUint32(b[i:], uint32(i/8+1))
+			}
+			if err := os.WriteFile(alt, b, 0o644); err != nil {
+				log.Fatal(err)
+			}
+			out := filepath.Join(dir, "b4.simg")
+			run(bin, "convert", "-O", "android-sparse", "-o", "block_size=4", alt, out)
+			return out
 		}},
 		{"composite of 1024 raw components", "one open file and disk per component", func(bin, dir, raw string) string {
 			return convert(bin, filepath.Join(dir, "many.cmp"), "-O", "composite", "-o", "components=1024")
@@ -70,6 +84,9 @@ func main() {
 	}
 	fmt.Printf("| image (16 readers, 4k random, %v) | why it is the worst | peak resident memory |\n|---|---|---|\n", *runtime)
 	for _, im := range images {
+		if !strings.Contains(im.name, *only) {
+			continue
+		}
 		path := im.make(bin, dir, raw)
 		fmt.Printf("| %s | %s | %s |\n", im.name, im.why, peak(bin, dir, path, *runtime))
 	}

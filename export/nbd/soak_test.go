@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -244,5 +245,17 @@ func TestSoak(t *testing.T) {
 	if heap > baseHeap+64<<20 {
 		t.Errorf("heap in use grew from %d to %d MiB", baseHeap>>20, heap>>20)
 	}
-	t.Logf("goroutines %d then %d; heap in use %d then %d MiB", baseGoroutines, goroutines, baseHeap>>20, heap>>20)
+	t.Logf("goroutines %d then %d; heap in use %d then %d MiB; peak resident memory of the test process %s", baseGoroutines, goroutines, baseHeap>>20, heap>>20, peakRSS())
+}
+
+// peakRSS returns the process's peak resident memory (VmHWM), as the
+// kernel reports it.
+func peakRSS() string {
+	status, _ := os.ReadFile("/proc/self/status")
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
 }

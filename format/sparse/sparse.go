@@ -63,7 +63,7 @@ const (
 	maxBlockSize   = 64 << 20 // libsparse uses 4 KiB; 64 KiB is the largest seen in practice
 	maxSize        = 1 << 62
 
-	// maxChunks bounds the index, 40 bytes a chunk: 160 MiB at most.
+	// maxChunks bounds the index, 32 bytes a chunk: 128 MiB at most.
 	// img2simg writes a few chunks per run of data or zeroes, so real
 	// images have thousands; only a file crafted to alternate tiny chunks
 	// comes near it.
@@ -71,11 +71,12 @@ const (
 )
 
 // chunk is one entry of the index: the expanded bytes [start, start+n).
+// Its fields are ordered to take 32 bytes.
 type chunk struct {
 	start, n int64
-	kind     uint16
 	file     int64   // chunkRaw: offset of the data in the file
 	fill     [4]byte // chunkFill: the pattern
+	kind     uint16
 }
 
 // crcMark is a CRC32 chunk: the CRC of the expanded data before end.
@@ -155,6 +156,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 		return nil, diskserve.Unsupported(Name, 20, "%d chunks, more than the %d diskserve indexes; rewrite the image with larger blocks: diskserve convert -O android-sparse -o block_size=4096", totalChunks, maxChunks)
 	}
 	d := &Disk{c: c, size: totalBlks * blkSz, blkSz: blkSz, minor: minor, checksum: le.Uint32(h[24:])}
+	d.chunks = make([]chunk, 0, totalChunks) // allocated once: the claim is bounded above
 	hdr := make([]byte, chunkHdr)
 	pos, out := fileHdr, int64(0)
 	for i := range int(totalChunks) {

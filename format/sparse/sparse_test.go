@@ -371,3 +371,4 @@ func fixChecksums(b, data []byte) bool {
 	}
 	return true
 }
+
