@@ -102,7 +102,7 @@ type Target struct {
 // src that read as zeroes are not written, so the output stays sparse.
 // progress, if not nil, is told how many bytes of src have been covered.
 func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, progress func(int64)) (err error) {
-	c, err := Creator(t.Format, t.Open.Formats)
+	c, err := Creator(t.Format, format.Options(t.Open).Formats)
 	if err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}
@@ -115,7 +115,7 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	o := newOutput(dst)
 	defer func() {
 		err = errors.Join(err, o.close())
-		if ctx.Err() != nil {
+		if err != nil && ctx.Err() != nil {
 			err = fmt.Errorf("convert interrupted (%v): %s was not written", context.Cause(ctx), dst)
 		}
 	}()
