@@ -371,4 +371,3 @@ func fixChecksums(b, data []byte) bool {
 	}
 	return true
 }
-
