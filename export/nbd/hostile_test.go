@@ -27,7 +27,7 @@ func TestHostileClients(t *testing.T) {
 	content := make([]byte, 16<<20)
 	rand.NewChaCha8([32]byte{7}).Read(content)
 	mem := disktest.NewMemory(content, false)
-	_, path := start(t, []Export{{Disk: mem}}, Options{HandshakeTimeout: 2 * time.Second})
+	_, path := start(t, []Export{{Disk: mem}}, Options{HandshakeTimeout: 5 * time.Second})
 	baseGoroutines, baseHeap := settle()
 
 	var wg sync.WaitGroup
