@@ -31,7 +31,6 @@ const (
 type capability struct {
 	c     Capabilities
 	iface string                // the optional interface, as the docs name it
-	fn    string                // the package function that uses it
 	has   func(d DiskFile) bool // whether d implements the interface
 	// forwarded says that every wrapper must implement the interface
 	// and pass it on. HostMapper is the one that is not: a mapping lets
@@ -43,16 +42,16 @@ type capability struct {
 // capabilityList declares the capability set, in the order of the
 // constants.
 var capabilityList = []capability{
-	{CanFlush, "Flusher", "Flush", is[Flusher], true},
-	{CanWriteZeroes, "ZeroWriter", "WriteZeroes", is[ZeroWriter], true},
-	{CanPunchHole, "HolePuncher", "PunchHole", is[HolePuncher], true},
-	{CanMapExtents, "ExtentMapper", "Extents", is[ExtentMapper], true},
-	{CanResize, "Resizer", "Resize", is[Resizer], true},
-	{CanDescribe, "Describer", "Describe", is[Describer], true},
-	{CanCheck, "Checker", "Check", is[Checker], true},
-	{CanSnapshot, "Snapshotter", "CreateSnapshot", is[Snapshotter], true},
-	{CanWriteCompressed, "CompressedWriter", "WriteCompressed", is[CompressedWriter], true},
-	{CanMapHost, "HostMapper", "MapHost", is[HostMapper], false},
+	{CanFlush, "Flusher", is[Flusher], true},
+	{CanWriteZeroes, "ZeroWriter", is[ZeroWriter], true},
+	{CanPunchHole, "HolePuncher", is[HolePuncher], true},
+	{CanMapExtents, "ExtentMapper", is[ExtentMapper], true},
+	{CanResize, "Resizer", is[Resizer], true},
+	{CanDescribe, "Describer", is[Describer], true},
+	{CanCheck, "Checker", is[Checker], true},
+	{CanSnapshot, "Snapshotter", is[Snapshotter], true},
+	{CanWriteCompressed, "CompressedWriter", is[CompressedWriter], true},
+	{CanMapHost, "HostMapper", is[HostMapper], false},
 }
 
 func is[T any](d DiskFile) bool {

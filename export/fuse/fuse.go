@@ -321,8 +321,8 @@ func (f *rawFS) Write(cancel <-chan struct{}, in *gofuse.WriteIn, data []byte) (
 	if d == nil {
 		return 0, gofuse.EBADF
 	}
-	f.writes.Add(1)
 	n, err := d.WriteAt(data, int64(in.Offset))
+	f.writes.Add(1) // after the write, so that a walk cannot miss it
 	if err != nil {
 		return uint32(n), f.errno("write", err)
 	}
@@ -354,7 +354,7 @@ func (f *rawFS) Fallocate(cancel <-chan struct{}, in *gofuse.FallocateIn) gofuse
 	if d == nil {
 		return gofuse.EBADF
 	}
-	f.writes.Add(1)
+	defer f.writes.Add(1) // after the change, so that a walk cannot miss it
 	off, n := int64(in.Offset), int64(in.Length)
 	if err := diskserve.CheckRange(d.Size(), off, n); err != nil {
 		return gofuse.Status(syscall.ENOSPC) // the disk cannot grow
