@@ -30,13 +30,13 @@ of every 4 MiB of the guest-visible bytes.
 
 save writes the bundle under a temporary name beside DIR and renames it
 when complete, so an interrupted save leaves no DIR; what a killed save
-left is removed by the next save to DIR. The data is a hard
-link of the image when the image is one plain file holding the disk byte
-for byte (raw) and the bundle is on the same file system (no copy; the
-image must not be written afterwards, as after a live overlay moved the
-guest onto a new image), and a compact qcow2 otherwise (-o compress for a
-compressed one). verify checks every digest; restore verifies, then
-writes IMAGE atomically.`,
+left, the next save to DIR removes. The data is a hard link of the image
+when the image is one plain file holding the disk byte for byte (raw)
+and the bundle is on the same file system (no copy; the image must not be
+written afterwards, as after a live overlay moved the guest onto a new
+image), and a compact qcow2 otherwise (-o compress for a compressed one).
+verify checks every digest; restore verifies, then writes IMAGE, which
+appears whole or not at all.`,
 	}
 	cmd.AddCommand(newBundleSaveCommand(), newBundleVerifyCommand(), newBundleRestoreCommand())
 	return cmd

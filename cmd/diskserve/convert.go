@@ -32,11 +32,13 @@ opens, into a new image DST of format -O: ` + strings.Join(writableNames(), ", "
 
 Ranges that read as zeroes (holes, zero clusters, DONT_CARE chunks, and data
 blocks that are all zero) are not written, so the output stays sparse.
-DST is written under a temporary name in its directory and renamed when
-complete: an interrupted conversion leaves no partial DST.
+DST's files are written unnamed in its directory (O_TMPFILE; temporary
+names where the file system has none) and named when complete and
+durable: an interrupted conversion, even a killed one, leaves no partial
+DST.
 
 -o takes the output format's options:
-` + createOptionsHelp() + `
+` + createOptionsHelp(func(*diskserve.Creator) bool { return true }) + `
 -c stores the data compressed, where the output format can (as qemu-img
 convert -c does), compressing on several cores; reads of compressed data
 cost a decompression. -p shows a progress bar on a terminal.`,
@@ -90,11 +92,14 @@ func writableNames() []string {
 	return names
 }
 
-// createOptionsHelp lists the -o options of every writable format, for
-// help texts.
-func createOptionsHelp() string {
+// createOptionsHelp lists the -o options of the writable formats whose
+// Creator pleases want, for help texts.
+func createOptionsHelp(want func(*diskserve.Creator) bool) string {
 	var b strings.Builder
 	for _, f := range newimage.Creatable(format.All()) {
+		if !want(f.Create) {
+			continue
+		}
 		if len(f.Create.Options) == 0 {
 			fmt.Fprintf(&b, "  %s: none\n", f.Name)
 			continue

@@ -19,13 +19,13 @@ func newCreateCommand() *cobra.Command {
 		Use:   "create -f FORMAT [-o OPT=VALUE,...] [-b BACKING [-F FORMAT]] [--partition LABEL=PATH[:rw][:type=T]]... IMAGE [SIZE]",
 		Short: "Create a new image",
 		Long: `create makes a new, empty image of FORMAT at IMAGE, replacing any file
-there, as qemu-img create does. SIZE takes the suffixes K, M, G, T, P and E
-(powers of 1024); with a backing file it defaults to the backing file's
-size. Formats that are written whole from a source (Android sparse, zstd)
-are made with convert instead.
+there once it is complete, as qemu-img create does. SIZE takes the
+suffixes K, M, G, T, P and E (powers of 1024); with a backing file it
+defaults to the backing file's size. Formats that are written whole from
+a source (Android sparse, zstd) are made with convert instead.
 
 -o takes the format's options:
-` + createOptionsHelp() + `
+` + createOptionsHelp(func(c *diskserve.Creator) bool { return c.New != nil }) + `
 -b records BACKING in the new image as given (qcow2); a relative name is
 relative to IMAGE's directory. -F records its format; without -F the
 format is detected.
