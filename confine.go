@@ -18,7 +18,8 @@ var ErrOutsideConfinement = errors.New("outside the confinement directory")
 // "../" escapes and links that lead out all fail with an error wrapping
 // [ErrOutsideConfinement]. The path it returns is the real one, so a link
 // swapped after the check is not followed. The image named to [Open] is
-// not confined: only the names images record.
+// not confined: only the names images record. URLs that images record are
+// refused.
 func Confine(dir string) (func(referrer, name string) (string, error), error) {
 	root, err := filepath.Abs(dir)
 	if err == nil {
@@ -31,6 +32,11 @@ func Confine(dir string) (func(referrer, name string) (string, error), error) {
 		path, err := ResolveRelative(referrer, name)
 		if err != nil {
 			return "", err
+		}
+		if isURL(path) {
+			// An untrusted image must not make the server fetch URLs
+			// of its choosing (inside the server's network, say).
+			return "", fmt.Errorf("%s is a URL: %w %s", displayName(path), ErrOutsideConfinement, root)
 		}
 		if path, err = filepath.Abs(path); err != nil {
 			return "", err

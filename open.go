@@ -6,7 +6,9 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/url"
 	"path/filepath"
+	"strings"
 )
 
 // A Format describes one on-disk image format to the opener.
@@ -133,18 +135,49 @@ func Open(path string, opts Options) (DiskFile, error) {
 	return oc.open(opts.Format)
 }
 
-// ResolveRelative is the default [Options.ResolvePath]: an absolute name is
-// used as it is, a relative one is taken relative to the directory of the
-// referring image (as qemu does for backing files), never to the working
-// directory.
+// ResolveRelative is the default [Options.ResolvePath]: an absolute name or
+// a URL (scheme://...) is used as it is, and a relative one is taken
+// relative to the referring image (as qemu does for backing files): to its
+// directory, or for an image opened by URL, as a relative URL reference.
+// It is never taken relative to the working directory.
 func ResolveRelative(referrer, name string) (string, error) {
-	if name == "" {
+	switch {
+	case name == "":
 		return "", errors.New("empty image name")
-	}
-	if filepath.IsAbs(name) {
+	case isURL(name), filepath.IsAbs(name):
 		return name, nil
+	case isURL(referrer):
+		base, err := url.Parse(referrer)
+		if err != nil {
+			return "", err
+		}
+		ref, err := url.Parse(name)
+		if err != nil {
+			return "", err
+		}
+		return base.ResolveReference(ref).String(), nil
 	}
 	return filepath.Join(filepath.Dir(referrer), name), nil
+}
+
+// isURL reports whether name is a URL (scheme://...) rather than a path.
+func isURL(name string) bool {
+	scheme, _, ok := strings.Cut(name, "://")
+	return ok && scheme != "" && !strings.ContainsAny(scheme, "/.")
+}
+
+// displayName is name as errors show it: a URL without its user
+// information and query, which may hold credentials.
+func displayName(name string) string {
+	if !isURL(name) {
+		return name
+	}
+	u, err := url.Parse(name)
+	if err != nil {
+		return "(an unparsable URL)"
+	}
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return u.String()
 }
 
 // An OpenContext is what a [Format] gets to know about the image it opens:
@@ -194,11 +227,11 @@ func (oc *OpenContext) Logger() *slog.Logger { return oc.opts.Logger }
 // wrapping [ErrNestingDepth], before any file is opened.
 func (oc *OpenContext) OpenChild(name, format string, readOnly bool) (DiskFile, error) {
 	if oc.depth >= oc.opts.MaxDepth {
-		return nil, &fs.PathError{Op: "open", Path: name, Err: fmt.Errorf("%w (%d)", ErrNestingDepth, oc.opts.MaxDepth)}
+		return nil, &fs.PathError{Op: "open", Path: displayName(name), Err: fmt.Errorf("%w (%d)", ErrNestingDepth, oc.opts.MaxDepth)}
 	}
 	path, err := oc.opts.ResolvePath(oc.path, name)
 	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: name, Err: err}
+		return nil, &fs.PathError{Op: "open", Path: displayName(name), Err: err}
 	}
 	child := &OpenContext{opts: oc.opts, path: path, readOnly: readOnly, depth: oc.depth + 1}
 	return child.open(format)
@@ -212,7 +245,7 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		if errors.As(err, &pe) {
 			return nil, err
 		}
-		return nil, &fs.PathError{Op: "open", Path: oc.path, Err: err}
+		return nil, &fs.PathError{Op: "open", Path: displayName(oc.path), Err: err}
 	}
 	f, err := oc.pick(c, format)
 	if err == nil && f.ReadOnly && !oc.readOnly {
@@ -236,7 +269,7 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		}
 	}
 	c.Close()
-	return nil, &fs.PathError{Op: "open", Path: oc.path, Err: err}
+	return nil, &fs.PathError{Op: "open", Path: displayName(oc.path), Err: err}
 }
 
 // pick returns the format called name, or the first format that matches

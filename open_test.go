@@ -359,3 +359,27 @@ func TestOpenReadOnlyFormat(t *testing.T) {
 	}
 	d.Close()
 }
+
+// TestResolveURLs resolves names against an image opened by URL as a
+// relative URL reference, and keeps URLs and absolute paths as they are;
+// Confine refuses every URL an image records.
+func TestResolveURLs(t *testing.T) {
+	for _, tc := range []struct{ referrer, name, want string }{
+		{"https://h/dir/top.qcow2?sig=x", "base.qcow2", "https://h/dir/base.qcow2"},
+		{"https://h/dir/top.qcow2", "../b/base.raw", "https://h/b/base.raw"},
+		{"/local/top.qcow2", "http://h/base.raw", "http://h/base.raw"},
+		{"https://h/dir/top.qcow2", "/local/base.raw", "/local/base.raw"},
+		{"/local/top.qcow2", "base.raw", "/local/base.raw"},
+	} {
+		if got, err := diskserve.ResolveRelative(tc.referrer, tc.name); err != nil || got != tc.want {
+			t.Errorf("ResolveRelative(%q, %q) = %q, %v; want %q", tc.referrer, tc.name, got, err, tc.want)
+		}
+	}
+	confine, err := diskserve.Confine(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := confine(filepath.Join(t.TempDir(), "top.qcow2"), "http://169.254.169.254/latest?token=x"); !errors.Is(err, diskserve.ErrOutsideConfinement) || strings.Contains(err.Error(), "token") {
+		t.Errorf("a URL under confinement: %v", err)
+	}
+}

@@ -7,12 +7,15 @@
 package format
 
 import (
+	"fmt"
+
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/sparse"
 	"github.com/diskserve/diskserve/format/zstd"
+	"github.com/diskserve/diskserve/remote"
 )
 
 // All returns the built-in formats in the order the opener tries them.
@@ -27,16 +30,29 @@ func All() []diskserve.Format {
 	}
 }
 
-// Options returns opts with the built-in formats and the raw file opener
-// filled in where opts leaves them empty.
+// Options returns opts with the built-in formats and the default file
+// opener ([OpenFile]) filled in where opts leaves them empty.
 func Options(opts diskserve.Options) diskserve.Options {
 	if opts.Formats == nil {
 		opts.Formats = All()
 	}
 	if opts.OpenFile == nil {
-		opts.OpenFile = raw.OpenFile
+		opts.OpenFile = OpenFile
 	}
 	return opts
+}
+
+// OpenFile opens the container of an image: an object on an HTTP(S)
+// server for a URL ([remote.OpenHTTP]; read-only), a local file or block
+// device for any other name ([raw.OpenFile]).
+func OpenFile(name string, readOnly bool) (diskserve.DiskFile, error) {
+	if !remote.IsURL(name) {
+		return raw.OpenFile(name, readOnly)
+	}
+	if !readOnly {
+		return nil, fmt.Errorf("a remote image is read-only (serve it with -r, or put a local overlay over it): %w", diskserve.ErrReadOnly)
+	}
+	return remote.OpenHTTP(name, remote.Options{})
 }
 
 // Open opens the image at path with the built-in formats: it is

@@ -13,6 +13,7 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/export/fuse"
+	"github.com/diskserve/diskserve/remote"
 )
 
 func newMountCommand() *cobra.Command {
@@ -43,12 +44,15 @@ and served until the last open file is closed.`,
 				return err
 			}
 			defer d.Close()
-			abs, _ := filepath.Abs(image)
-			srv, err := fuse.Mount(d, mountpoint, fuse.Options{Name: "diskserve:" + strings.ReplaceAll(abs, ",", "_"), Logger: log})
+			name := remote.Redact(image) // no credentials in /proc/mounts
+			if !remote.IsURL(image) {
+				name, _ = filepath.Abs(image)
+			}
+			srv, err := fuse.Mount(d, mountpoint, fuse.Options{Name: "diskserve:" + strings.ReplaceAll(name, ",", "_"), Logger: log})
 			if err != nil {
 				return err
 			}
-			log.Info("mounted", "image", image, "at", mountpoint, "read-only", d.ReadOnly(), "engine", engineName(d))
+			log.Info("mounted", "image", name, "at", mountpoint, "read-only", d.ReadOnly(), "engine", engineName(d))
 			sig := make(chan os.Signal, 1)
 			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 			s := <-sig

@@ -23,6 +23,7 @@ import (
 	"github.com/diskserve/diskserve/export/nbd"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/internal/control"
+	"github.com/diskserve/diskserve/remote"
 )
 
 type serveFlags struct {
@@ -207,7 +208,7 @@ func closeDisks(exports []nbd.Export) {
 // isNamed reports whether arg is NAME=IMAGE rather than a path that
 // happens to contain '='.
 func isNamed(arg string) bool {
-	if !strings.Contains(arg, "=") {
+	if !strings.Contains(arg, "=") || remote.IsURL(arg) { // a presigned URL's query has '='
 		return false
 	}
 	_, err := os.Stat(arg)
