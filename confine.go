@@ -36,7 +36,7 @@ func Confine(dir string) (func(referrer, name string) (string, error), error) {
 		if isURL(path) {
 			// An untrusted image must not make the server fetch URLs
 			// of its choosing (inside the server's network, say).
-			return "", fmt.Errorf("%s is a URL: %w %s", displayName(path), ErrOutsideConfinement, root)
+			return "", fmt.Errorf("%s is a URL: %w %s", DisplayName(path), ErrOutsideConfinement, root)
 		}
 		if path, err = filepath.Abs(path); err != nil {
 			return "", err

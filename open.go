@@ -166,9 +166,10 @@ func isURL(name string) bool {
 	return ok && scheme != "" && !strings.ContainsAny(scheme, "/.")
 }
 
-// displayName is name as errors show it: a URL without its user
-// information and query, which may hold credentials.
-func displayName(name string) string {
+// DisplayName returns name as messages and reports may show it: a path as
+// it is, a URL without its user information, query and fragment, which
+// may hold credentials (a presigned URL's signature).
+func DisplayName(name string) string {
 	if !isURL(name) {
 		return name
 	}
@@ -227,11 +228,11 @@ func (oc *OpenContext) Logger() *slog.Logger { return oc.opts.Logger }
 // wrapping [ErrNestingDepth], before any file is opened.
 func (oc *OpenContext) OpenChild(name, format string, readOnly bool) (DiskFile, error) {
 	if oc.depth >= oc.opts.MaxDepth {
-		return nil, &fs.PathError{Op: "open", Path: displayName(name), Err: fmt.Errorf("%w (%d)", ErrNestingDepth, oc.opts.MaxDepth)}
+		return nil, &fs.PathError{Op: "open", Path: DisplayName(name), Err: fmt.Errorf("%w (%d)", ErrNestingDepth, oc.opts.MaxDepth)}
 	}
 	path, err := oc.opts.ResolvePath(oc.path, name)
 	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: displayName(name), Err: err}
+		return nil, &fs.PathError{Op: "open", Path: DisplayName(name), Err: err}
 	}
 	child := &OpenContext{opts: oc.opts, path: path, readOnly: readOnly, depth: oc.depth + 1}
 	return child.open(format)
@@ -245,7 +246,7 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		if errors.As(err, &pe) {
 			return nil, err
 		}
-		return nil, &fs.PathError{Op: "open", Path: displayName(oc.path), Err: err}
+		return nil, &fs.PathError{Op: "open", Path: DisplayName(oc.path), Err: err}
 	}
 	f, err := oc.pick(c, format)
 	if err == nil && f.ReadOnly && !oc.readOnly {
@@ -269,7 +270,7 @@ func (oc *OpenContext) open(format string) (DiskFile, error) {
 		}
 	}
 	c.Close()
-	return nil, &fs.PathError{Op: "open", Path: displayName(oc.path), Err: err}
+	return nil, &fs.PathError{Op: "open", Path: DisplayName(oc.path), Err: err}
 }
 
 // pick returns the format called name, or the first format that matches

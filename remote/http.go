@@ -99,7 +99,7 @@ func OpenHTTP(rawURL string, o Options) (*HTTP, error) {
 		t.MaxIdleConnsPerHost = idleConns
 		client = &http.Client{Transport: t}
 	}
-	h := &HTTP{client: client, o: o, url: rawURL, name: Redact(rawURL)}
+	h := &HTTP{client: client, o: o, url: rawURL, name: diskserve.DisplayName(rawURL)}
 	var resp *http.Response
 	err := h.retry(func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.url, nil)
@@ -139,7 +139,7 @@ func OpenHTTP(rawURL string, o Options) (*HTTP, error) {
 		return nil, fmt.Errorf("open %s: %s", h.name, resp.Status)
 	}
 	h.url = resp.Request.URL.String() // after redirects
-	h.name = Redact(h.url)
+	h.name = diskserve.DisplayName(h.url)
 	h.etag = resp.Header.Get("ETag")
 	if h.etag == "" {
 		h.modified = resp.Header.Get("Last-Modified")
@@ -292,24 +292,12 @@ func contentRange(v string) (start, end, total int64, ok bool) {
 	return start, end, total, true
 }
 
-// Redact returns rawURL without its user information and query, which may
-// hold credentials (a presigned URL's signature), for messages and
-// reports.
-func Redact(rawURL string) string {
-	u, err := url.Parse(rawURL)
-	if err != nil {
-		return "(an unparsable URL)"
-	}
-	u.User, u.RawQuery, u.Fragment = nil, "", ""
-	return u.String()
-}
-
 // redactErr keeps a *url.Error, which names the whole URL, from carrying
 // credentials into messages.
 func redactErr(err error) error {
 	var ue *url.Error
 	if errors.As(err, &ue) {
-		return fmt.Errorf("%s %s: %w", ue.Op, Redact(ue.URL), ue.Err)
+		return fmt.Errorf("%s %s: %w", ue.Op, diskserve.DisplayName(ue.URL), ue.Err)
 	}
 	return err
 }

@@ -44,7 +44,7 @@ and served until the last open file is closed.`,
 				return err
 			}
 			defer d.Close()
-			name := remote.Redact(image) // no credentials in /proc/mounts
+			name := diskserve.DisplayName(image) // no credentials in /proc/mounts
 			if !remote.IsURL(image) {
 				name, _ = filepath.Abs(image)
 			}
