@@ -42,17 +42,30 @@ func Options(opts diskserve.Options) diskserve.Options {
 	return opts
 }
 
-// OpenFile opens the container of an image: an object on an HTTP(S)
-// server for a URL ([remote.OpenHTTP]; read-only), a local file or block
-// device for any other name ([raw.OpenFile]).
+// OpenFile opens the container of an image: an object in S3 or on an
+// HTTP(S) server for a URL (read-only, through the block cache in the
+// user's cache directory), a local file or block device for any other
+// name ([raw.OpenFile]). It is [FileOpener] of the default configuration.
 func OpenFile(name string, readOnly bool) (diskserve.DiskFile, error) {
-	if !remote.IsURL(name) {
-		return raw.OpenFile(name, readOnly)
+	return FileOpener(remote.Config{})(name, readOnly)
+}
+
+// FileOpener returns an [diskserve.Options.OpenFile] that opens URLs as
+// cfg says ([remote.Config.Open]) and local names with [raw.OpenFile].
+func FileOpener(cfg remote.Config) func(name string, readOnly bool) (diskserve.DiskFile, error) {
+	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
+		if !remote.IsURL(name) {
+			return raw.OpenFile(name, readOnly)
+		}
+		if !readOnly {
+			return nil, fmt.Errorf("%s: a remote image is read-only (serve it with -r, or put a local overlay over it): %w", diskserve.DisplayName(name), diskserve.ErrReadOnly)
+		}
+		d, err := cfg.Open(name)
+		if err != nil {
+			return nil, err // not a nil *cache.Disk in an interface
+		}
+		return d, nil
 	}
-	if !readOnly {
-		return nil, fmt.Errorf("a remote image is read-only (serve it with -r, or put a local overlay over it): %w", diskserve.ErrReadOnly)
-	}
-	return remote.OpenHTTP(name, remote.Options{})
 }
 
 // Open opens the image at path with the built-in formats: it is

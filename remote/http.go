@@ -1,24 +1,3 @@
-// Package remote opens images kept on HTTP(S) servers as read-only
-// containers that formats parse like local files: `diskserve serve
-// https://host/golden.qcow2` reads only the bytes its clients read, with
-// ranged GETs.
-//
-// # Supported
-//
-//   - http:// and https:// URLs, presigned ones included (the size comes
-//     from the Content-Range of a one-byte GET, since a presigned URL may
-//     refuse HEAD); redirects followed at open and the final URL kept.
-//   - Every read pinned to the object seen at open: If-Match on its ETag,
-//     or If-Unmodified-Since on its Last-Modified; an object replaced while
-//     served gives read errors, never a mix of old and new bytes.
-//   - Bounded retries with backoff on 5xx, 429, resets and short bodies,
-//     a timeout per request, and proxies and CA bundles from the
-//     environment as net/http takes them.
-//
-// # Not supported yet
-//
-// A persistent block cache, s3:// URLs and coalesced, parallel fetches
-// (issue #24): every read is a GET of what it asks for.
 package remote
 
 import (
@@ -31,173 +10,163 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/remote/cache"
 )
-
-// IsURL reports whether name is the URL of a remote image (http:// or
-// https://).
-func IsURL(name string) bool {
-	return strings.HasPrefix(name, "http://") || strings.HasPrefix(name, "https://")
-}
-
-// Defaults of [Options].
-const (
-	defaultTimeout  = 30 * time.Second
-	defaultAttempts = 5
-	firstBackoff    = 100 * time.Millisecond
-	idleConns       = 16 // kept alive to one server: the exporters' parallelism
-)
-
-// Options configure [OpenHTTP]. The zero value means the defaults.
-type Options struct {
-	// Client makes the requests; nil means one with keep-alive
-	// connections for the exporters' parallelism, proxies from the
-	// environment and the system's CA bundle.
-	Client *http.Client
-	// Timeout bounds each request; 0 means 30 s.
-	Timeout time.Duration
-	// Attempts is how often a request is tried before its error is
-	// returned; 0 means 5.
-	Attempts int
-}
 
 // ErrChanged is the error of a read of an object that was replaced after
 // it was opened.
 var ErrChanged = errors.New("the remote object changed since it was opened")
 
-// An HTTP is an object on an HTTP(S) server, read-only: a
-// [diskserve.DiskFile] container.
-type HTTP struct {
+// An object is a remote object read with ranged GETs over HTTP(S): a
+// [cache.Source]. S3 objects are objects whose requests are signed.
+type object struct {
 	client   *http.Client
-	o        Options
+	cfg      *Config
 	url      string // after redirects; may hold a presigned query
-	name     string // url without credentials or query, for messages
+	id       cache.Identity
 	size     int64
 	etag     string
-	modified string // Last-Modified, when there is no ETag
+	modified string                     // Last-Modified, when there is no ETag
+	sign     func(*http.Request) error // nil: requests go as they are
+	retries  atomic.Int64              // requests tried again
 }
 
-var (
-	_ diskserve.DiskFile  = (*HTTP)(nil)
-	_ diskserve.Describer = (*HTTP)(nil)
-)
+var _ cache.Source = (*object)(nil)
 
-// OpenHTTP opens the object at rawURL: it asks for its first byte, which
-// gives its size and validators and shows that the server serves ranges.
-func OpenHTTP(rawURL string, o Options) (*HTTP, error) {
-	if o.Timeout == 0 {
-		o.Timeout = defaultTimeout
+// openObject finds the size and version of the object at rawURL: with a
+// HEAD, or, where HEAD is refused (a presigned GET URL) or says nothing of
+// ranges, with a GET of the first byte, which also shows that the server
+// serves ranges. Redirects are followed and the final URL kept.
+func openObject(ctx context.Context, rawURL string, id cache.Identity, cfg *Config, sign func(*http.Request) error) (*object, error) {
+	o := &object{client: cfg.client(), cfg: cfg, url: rawURL, id: id, sign: sign}
+	resp, err := o.do(ctx, http.MethodHead, "")
+	if err == nil && resp.StatusCode == http.StatusOK && resp.Header.Get("Accept-Ranges") == "bytes" && resp.ContentLength >= 0 {
+		o.size = resp.ContentLength
+	} else {
+		resp, err = o.do(ctx, http.MethodGet, "bytes=0-0")
+		if err != nil {
+			return nil, fmt.Errorf("open %s: %w", o.id.Name, err)
+		}
+		switch resp.StatusCode {
+		case http.StatusPartialContent:
+			_, _, total, ok := contentRange(resp.Header.Get("Content-Range"))
+			if !ok || total < 0 {
+				return nil, fmt.Errorf("open %s: the server gave no object size (Content-Range %q)", o.id.Name, resp.Header.Get("Content-Range"))
+			}
+			o.size = total
+		case http.StatusRequestedRangeNotSatisfiable: // an empty object
+			if _, _, total, ok := contentRange(resp.Header.Get("Content-Range")); !ok || total != 0 {
+				return nil, fmt.Errorf("open %s: the server refused the first byte (%s)", o.id.Name, resp.Status)
+			}
+		case http.StatusOK:
+			return nil, fmt.Errorf("open %s: the server does not serve byte ranges (it answered a ranged GET with the whole object), so the image cannot be read in place", o.id.Name)
+		default:
+			return nil, fmt.Errorf("open %s: %s", o.id.Name, statusError(resp))
+		}
 	}
-	if o.Attempts == 0 {
-		o.Attempts = defaultAttempts
+	if resp.Request != nil && resp.Request.URL.String() != o.url {
+		o.url = resp.Request.URL.String() // after redirects
+		if sign == nil {
+			o.id.Name = diskserve.DisplayName(o.url)
+		}
 	}
-	client := o.Client
-	if client == nil {
-		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.MaxIdleConnsPerHost = idleConns
-		client = &http.Client{Transport: t}
+	o.etag = resp.Header.Get("ETag")
+	o.id.Validator = o.etag
+	if o.etag == "" {
+		o.modified = resp.Header.Get("Last-Modified")
+		o.id.Validator = o.modified
 	}
-	h := &HTTP{client: client, o: o, url: rawURL, name: diskserve.DisplayName(rawURL)}
+	return o, nil
+}
+
+// do sends one request of the object (a ranged one when rng is set), tried
+// again on failures that may pass, and returns the response with its body
+// read and closed: it is for requests whose bodies do not matter.
+func (o *object) do(ctx context.Context, method, rng string) (*http.Response, error) {
 	var resp *http.Response
-	err := h.retry(func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.url, nil)
+	err := o.retry(ctx, func(ctx context.Context) error {
+		req, err := o.request(ctx, method, rng)
 		if err != nil {
 			return permanent(err)
 		}
-		req.Header.Set("Range", "bytes=0-0")
-		resp, err = h.client.Do(req)
-		if err != nil {
+		if resp, err = o.client.Do(req); err != nil {
 			return err
 		}
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096)) // so that the connection is reused
+		resp.Body.Close()
 		if retryable(resp.StatusCode) {
-			resp.Body.Close()
-			return fmt.Errorf("status %s", resp.Status)
+			return fmt.Errorf("%s", statusError(resp))
 		}
 		return nil
 	})
+	return resp, err
+}
+
+// request makes a request of the object, signed if the object's requests
+// are.
+func (o *object) request(ctx context.Context, method, rng string) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, o.url, nil)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", h.name, err)
+		return nil, err
 	}
-	defer resp.Body.Close()
-	io.Copy(io.Discard, io.LimitReader(resp.Body, 512)) // to EOF, so that the connection is reused
-	switch resp.StatusCode {
-	case http.StatusPartialContent:
-		_, _, total, ok := contentRange(resp.Header.Get("Content-Range"))
-		if !ok || total < 0 {
-			return nil, fmt.Errorf("open %s: the server gave no object size (Content-Range %q)", h.name, resp.Header.Get("Content-Range"))
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
+	if o.etag != "" {
+		req.Header.Set("If-Match", o.etag)
+	} else if o.modified != "" {
+		req.Header.Set("If-Unmodified-Since", o.modified)
+	}
+	if o.sign != nil {
+		if err := o.sign(req); err != nil {
+			return nil, err
 		}
-		h.size = total
-	case http.StatusRequestedRangeNotSatisfiable: // an empty object
-		if _, _, total, ok := contentRange(resp.Header.Get("Content-Range")); !ok || total != 0 {
-			return nil, fmt.Errorf("open %s: the server refused the first byte (%s)", h.name, resp.Status)
-		}
-	case http.StatusOK:
-		return nil, fmt.Errorf("open %s: the server does not serve byte ranges (it answered a ranged GET with the whole object), so the image cannot be read in place", h.name)
-	default:
-		return nil, fmt.Errorf("open %s: %s", h.name, resp.Status)
 	}
-	h.url = resp.Request.URL.String() // after redirects
-	h.name = diskserve.DisplayName(h.url)
-	h.etag = resp.Header.Get("ETag")
-	if h.etag == "" {
-		h.modified = resp.Header.Get("Last-Modified")
-	}
-	return h, nil
+	return req, nil
 }
 
 // Size returns the object's size.
-func (h *HTTP) Size() int64 { return h.size }
+func (o *object) Size() int64 { return o.size }
 
-// ReadOnly is true: remote objects are only read.
-func (h *HTTP) ReadOnly() bool { return true }
+// Identity names the object and the version opened.
+func (o *object) Identity() cache.Identity { return o.id }
 
-// WriteAt fails: the object is read-only.
-func (h *HTTP) WriteAt([]byte, int64) (int, error) {
-	return 0, fmt.Errorf("write %s: %w", h.name, diskserve.ErrReadOnly)
-}
+// Retries counts the requests tried again.
+func (o *object) Retries() int64 { return o.retries.Load() }
 
 // Close lets the client's idle connections go.
-func (h *HTTP) Close() error {
-	h.client.CloseIdleConnections()
+func (o *object) Close() error {
+	o.client.CloseIdleConnections()
 	return nil
 }
 
-// Describe names the object, without credentials.
-func (h *HTTP) Describe(info *diskserve.Info) {
-	info.Filename = h.name
-	info.Specific = map[string]any{"url": h.name, "etag": h.etag}
-}
-
-// ReadAt reads [off, off+len(p)) of the object with one ranged GET,
-// pinned to the object opened.
-func (h *HTTP) ReadAt(p []byte, off int64) (int, error) {
-	p, eof := diskserve.ClipRead(h.size, off, p)
-	if len(p) == 0 {
-		return 0, eof
-	}
-	err := h.retry(func(ctx context.Context) error { return h.get(ctx, p, off) })
+// Fetch fills p from off with a ranged GET pinned to the version opened;
+// when a try fails after some bytes arrived, the next asks for the rest.
+func (o *object) Fetch(ctx context.Context, p []byte, off int64, progress func(int)) error {
+	filled := 0
+	err := o.retry(ctx, func(ctx context.Context) error {
+		return o.get(ctx, p, off, &filled, progress)
+	})
 	if err != nil {
-		return 0, fmt.Errorf("read %d bytes at %d of %s: %w", len(p), off, h.name, err)
+		return fmt.Errorf("GET bytes %d-%d: %w", off+int64(filled), off+int64(len(p))-1, err)
 	}
-	return len(p), eof
+	return nil
 }
 
-// get fills p from off with one GET.
-func (h *HTTP) get(ctx context.Context, p []byte, off int64) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.url, nil)
+// get asks for p[*filled:] and reads what arrives into it, advancing
+// *filled and calling progress.
+func (o *object) get(ctx context.Context, p []byte, off int64, filled *int, progress func(int)) error {
+	start := off + int64(*filled)
+	end := off + int64(len(p)) - 1
+	req, err := o.request(ctx, http.MethodGet, "bytes="+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end, 10))
 	if err != nil {
 		return permanent(err)
 	}
-	end := off + int64(len(p)) - 1
-	req.Header.Set("Range", "bytes="+strconv.FormatInt(off, 10)+"-"+strconv.FormatInt(end, 10))
-	if h.etag != "" {
-		req.Header.Set("If-Match", h.etag)
-	} else if h.modified != "" {
-		req.Header.Set("If-Unmodified-Since", h.modified)
-	}
-	resp, err := h.client.Do(req)
+	resp, err := o.client.Do(req)
 	if err != nil {
 		return err
 	}
@@ -206,37 +175,52 @@ func (h *HTTP) get(ctx context.Context, p []byte, off int64) error {
 	case resp.StatusCode == http.StatusPreconditionFailed:
 		return permanent(ErrChanged)
 	case retryable(resp.StatusCode):
-		return fmt.Errorf("status %s", resp.Status)
+		return fmt.Errorf("%s", statusError(resp))
 	case resp.StatusCode != http.StatusPartialContent:
-		return permanent(fmt.Errorf("status %s to a ranged GET", resp.Status))
+		return permanent(fmt.Errorf("%s to a ranged GET", statusError(resp)))
 	}
-	start, last, total, ok := contentRange(resp.Header.Get("Content-Range"))
-	if !ok || start != off || last != end || total != h.size {
-		return permanent(fmt.Errorf("%w: Content-Range %q for bytes %d-%d of %d", ErrChanged, resp.Header.Get("Content-Range"), off, end, h.size))
+	first, last, total, ok := contentRange(resp.Header.Get("Content-Range"))
+	if !ok || first != start || last != end || total != o.size {
+		return permanent(fmt.Errorf("%w: Content-Range %q for bytes %d-%d of %d", ErrChanged, resp.Header.Get("Content-Range"), start, end, o.size))
 	}
-	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return fmt.Errorf("body cut short: %w", err)
+	for *filled < len(p) {
+		n, err := resp.Body.Read(p[*filled:])
+		if n > 0 {
+			*filled += n
+			progress(*filled)
+		}
+		if err == io.EOF && *filled < len(p) {
+			return fmt.Errorf("body cut short after %d bytes", *filled)
+		}
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("body: %w", err)
+		}
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 512)) // see EOF, so that the connection is reused
 	return nil
 }
 
-// retry runs attempt up to o.Attempts times, each under o.Timeout, with
-// an exponential backoff and jitter between them, until it succeeds or
-// fails permanently.
-func (h *HTTP) retry(attempt func(ctx context.Context) error) error {
+// retry runs attempt up to cfg.Attempts times, each under cfg.Timeout,
+// with an exponential backoff and jitter between them, until it succeeds,
+// fails permanently or ctx ends.
+func (o *object) retry(ctx context.Context, attempt func(ctx context.Context) error) error {
 	backoff := firstBackoff
 	var err error
-	for i := range h.o.Attempts {
+	for i := range o.cfg.attempts() {
 		if i > 0 {
-			time.Sleep(backoff + rand.N(backoff))
+			o.retries.Add(1)
+			select {
+			case <-time.After(backoff + rand.N(backoff)):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 			backoff *= 2
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), h.o.Timeout)
-		err = attempt(ctx)
+		actx, cancel := context.WithTimeout(ctx, o.cfg.timeout())
+		err = attempt(actx)
 		cancel()
 		var p permanentError
-		if err == nil || errors.As(err, &p) {
+		if err == nil || errors.As(err, &p) || ctx.Err() != nil {
 			break
 		}
 	}
@@ -257,6 +241,15 @@ func permanent(err error) error { return permanentError{err} }
 // retryable reports whether a status may go away when asked again.
 func retryable(status int) bool {
 	return status >= 500 || status == http.StatusTooManyRequests || status == http.StatusRequestTimeout
+}
+
+// statusError describes a response that failed, with the error code an
+// S3 server puts in its body when the body was kept.
+func statusError(resp *http.Response) string {
+	if code := resp.Header.Get("X-Amz-Error-Code"); code != "" {
+		return resp.Status + " (" + code + ")"
+	}
+	return resp.Status
 }
 
 // contentRange parses "bytes START-END/TOTAL" (TOTAL may be "*", given as

@@ -3,11 +3,13 @@ package remote_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +23,7 @@ import (
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/remote"
+	"github.com/diskserve/diskserve/remote/cache"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -55,6 +58,24 @@ func serve(t *testing.T, h http.Handler) *httptest.Server {
 	return s
 }
 
+// config returns a configuration with a cache of the test's own.
+func config(t *testing.T) remote.Config {
+	return remote.Config{Cache: cache.Config{Dir: t.TempDir(), ChunkSize: 64 << 10}}
+}
+
+// openURL opens the image at url through the opener, read-only, with cfg.
+func openURL(t *testing.T, url string, cfg remote.Config, opts diskserve.Options) diskserve.DiskFile {
+	t.Helper()
+	opts.ReadOnly = true
+	opts.OpenFile = format.FileOpener(cfg)
+	d, err := format.Open(url, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
 func content(n int) []byte {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{4}).Read(b)
@@ -62,19 +83,17 @@ func content(n int) []byte {
 }
 
 // TestRawOverHTTP opens an image by URL through the opener and runs the
-// conformance suite on it. The suite reads byte by byte, a GET each
-// without a cache: the image is small.
+// conformance suite on it, through the cache.
 func TestRawOverHTTP(t *testing.T) {
-	data := content(8<<10 + 123)
+	data := content(3<<20 + 123)
+	copy(data[1<<20:], make([]byte, 256<<10)) // chunks of zeroes
 	o := &object{data: data, etag: `"v1"`}
 	s := serve(t, o)
-	d, err := format.Open(s.URL+"/disk.img", diskserve.Options{ReadOnly: true, Format: "raw"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	cfg := config(t)
+	d := openURL(t, s.URL+"/disk.img", cfg, diskserve.Options{Format: "raw"})
 	disktest.Check(t, d, data)
-	if _, err := format.Open(s.URL+"/disk.img", diskserve.Options{Format: "raw"}); !errors.Is(err, diskserve.ErrReadOnly) {
+	opts := diskserve.Options{Format: "raw", OpenFile: format.FileOpener(cfg)}
+	if _, err := format.Open(s.URL+"/disk.img", opts); !errors.Is(err, diskserve.ErrReadOnly) {
 		t.Errorf("a read-write open of a URL: %v", err)
 	}
 }
@@ -105,16 +124,12 @@ func TestQcow2OverHTTP(t *testing.T) {
 	local.Close()
 
 	s := serve(t, http.FileServer(http.Dir(dir)))
-	d, err := format.Open(s.URL+"/overlay.qcow2", diskserve.Options{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openURL(t, s.URL+"/overlay.qcow2", config(t), diskserve.Options{})
 	if info := diskserve.Describe(d); info.Format != "qcow2" || info.Backing == nil || info.Backing.Filename != s.URL+"/base.raw" {
 		t.Errorf("described as %+v", info)
 	}
-	// The conformance suite reads byte by byte, a GET each without a
-	// cache: TestRawOverHTTP runs it; here whole and random reads.
+	// TestRawOverHTTP runs the conformance suite; here whole and random
+	// reads.
 	got := make([]byte, len(want))
 	if err := diskserve.ReadFullAt(d, got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("whole read: %v", err)
@@ -134,17 +149,13 @@ func TestQcow2OverHTTP(t *testing.T) {
 func TestReplacedObject(t *testing.T) {
 	o := &object{data: content(1 << 20), etag: `"v1"`}
 	s := serve(t, o)
-	d, err := remote.OpenHTTP(s.URL+"/disk.img", remote.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openURL(t, s.URL+"/disk.img", config(t), diskserve.Options{Format: "raw"})
 	p := make([]byte, 4096)
 	if _, err := d.ReadAt(p, 0); err != nil {
 		t.Fatal(err)
 	}
 	o.replace(bytes.Repeat([]byte{1}, 1<<20), `"v2"`)
-	if n, err := d.ReadAt(p, 8192); !errors.Is(err, remote.ErrChanged) || n != 0 {
+	if n, err := d.ReadAt(p, 512<<10); !errors.Is(err, remote.ErrChanged) || n != 0 {
 		t.Fatalf("a read after the object changed: %d bytes, %v", n, err)
 	}
 }
@@ -155,7 +166,7 @@ func TestNoRanges(t *testing.T) {
 	s := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write(content(4096))
 	}))
-	if _, err := remote.OpenHTTP(s.URL+"/disk.img", remote.Options{}); err == nil || !strings.Contains(err.Error(), "does not serve byte ranges") {
+	if _, err := config(t).Open(s.URL + "/disk.img"); err == nil || !strings.Contains(err.Error(), "does not serve byte ranges") {
 		t.Fatalf("open: %v", err)
 	}
 }
@@ -170,20 +181,18 @@ func TestRetries(t *testing.T) {
 		switch n.Add(1) % 4 {
 		case 1:
 			w.WriteHeader(http.StatusServiceUnavailable)
-		case 3: // a body cut short: the promised length, half of it sent
-			w.Header().Set("Content-Range", strings.Replace(r.Header.Get("Range"), "=", " ", 1)+"/1048576")
-			w.Header().Set("Content-Length", "65536")
+		case 3: // a body cut short: the bytes asked for, only the first 100 of them sent
+			var first, last int
+			fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-%d", &first, &last)
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", first, last, len(data)))
+			w.Header().Set("Content-Length", strconv.Itoa(last-first+1))
 			w.WriteHeader(http.StatusPartialContent)
-			w.Write(make([]byte, 100))
+			w.Write(data[first : first+100])
 		default:
 			o.ServeHTTP(w, r)
 		}
 	}))
-	d, err := remote.OpenHTTP(s.URL+"/disk.img", remote.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openURL(t, s.URL+"/disk.img", config(t), diskserve.Options{Format: "raw"})
 	p := make([]byte, 65536)
 	for off := int64(0); off < int64(len(data)); off += int64(len(p)) {
 		if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, data[off:off+int64(len(p))]) {
@@ -205,16 +214,21 @@ func TestCredentialsStayOut(t *testing.T) {
 		o.ServeHTTP(w, r)
 	}))
 	u := strings.Replace(s.URL, "http://", "http://user:hunter2@", 1)
-	_, err := format.Open(u+"/denied?X-Amz-Signature=SECRET", diskserve.Options{ReadOnly: true})
+	cfg := config(t)
+	_, err := format.Open(u+"/denied?X-Amz-Signature=SECRET", diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(cfg)})
 	if err == nil || strings.Contains(err.Error(), "SECRET") || strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("open of a refused URL: %v", err)
 	}
-	d, err := format.Open(u+"/disk.img?X-Amz-Signature=SECRET", diskserve.Options{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openURL(t, u+"/disk.img?X-Amz-Signature=SECRET", cfg, diskserve.Options{})
 	if info := diskserve.Describe(d); strings.Contains(info.Filename, "SECRET") || strings.Contains(info.Filename, "hunter2") {
 		t.Errorf("described as %q", info.Filename)
+	}
+	entries, err := cache.List(cfg.Cache.Dir)
+	if err != nil || len(entries) != 1 {
+		t.Fatalf("cache entries %v, %v", entries, err)
+	}
+	meta, _ := os.ReadFile(filepath.Join(entries[0].Dir, "meta.json"))
+	if bytes.Contains(meta, []byte("SECRET")) || bytes.Contains(meta, []byte("hunter2")) {
+		t.Errorf("the cache's meta.json holds credentials: %s", meta)
 	}
 }

@@ -1,0 +1,713 @@
+// Package cache keeps the bytes of remote objects in a persistent local
+// block cache, and serves them as read-only disks.
+//
+// An object's cache is a directory named by the object's identity (its
+// URL without credentials, its ETag or Last-Modified, its size), holding
+// the object's bytes at their own offsets in a sparse file, one state word
+// per chunk (absent, present, all zeroes) and a CRC-32C per chunk. Several
+// processes may use one directory at once: they share the states through
+// a shared mapping and take a byte-range lock per chunk while fetching it,
+// so each chunk is fetched once per host.
+//
+// A chunk is marked present only after its bytes are durable (fdatasync
+// of the data file comes first), so a crash at any moment leaves at worst
+// chunks that are fetched again, never a chunk marked present with wrong
+// bytes. Marking is batched: fetched chunks are served from the data file
+// at once and become present at the next commit, a fraction of a second
+// later.
+package cache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/semaphore"
+	"golang.org/x/sys/unix"
+
+	"github.com/diskserve/diskserve"
+)
+
+// A Source is a remote object: read-only bytes fetched by range.
+type Source interface {
+	// Fetch fills p with the object's bytes from off, which lie inside
+	// the object, retrying as it sees fit. It calls progress with the
+	// number of leading bytes of p filled so far, whenever more have
+	// arrived, so that the cache can hand out chunks before the whole
+	// range is in. It returns an error if p is not filled.
+	Fetch(ctx context.Context, p []byte, off int64, progress func(n int)) error
+	// Size is the object's size in bytes.
+	Size() int64
+	// Identity names the object and its version.
+	Identity() Identity
+	// Close releases the source's connections.
+	Close() error
+}
+
+// An Identity names one version of an object.
+type Identity struct {
+	// Name is how messages show the object: a URL without credentials.
+	Name string
+	// Key names the object independently of credentials and signatures:
+	// the URL without user information or query (but with an S3
+	// version ID).
+	Key string
+	// Validator is the ETag or, without one, the Last-Modified time of
+	// the version opened; empty when the server gives neither, and then
+	// the cache is not kept beyond Close.
+	Validator string
+}
+
+// Defaults of [Config].
+const (
+	DefaultChunkSize    = 1 << 20
+	DefaultFetches      = 8
+	DefaultMaxFetch     = 4 << 20
+	DefaultPrefetchRate = 256 << 20
+	commitInterval      = 200 * time.Millisecond
+	commitBytes         = 32 << 20 // fetched bytes that make a commit start early
+	prefetchStreams     = 2
+)
+
+// Config configures [Open]. Zero fields take the defaults.
+type Config struct {
+	// Dir is the root under which each object gets its directory.
+	Dir string
+	// ChunkSize is the unit of fetching and of presence, a power of two
+	// from 64 KiB to 64 MiB; a directory that exists keeps its own.
+	ChunkSize int64
+	// Limit bounds the bytes of data the cache keeps for one object;
+	// 0 means no bound. Chunks are evicted, least recently used first,
+	// keeping pinned ones (format metadata).
+	Limit int64
+	// Fetches bounds the GETs in flight for one object.
+	Fetches int
+	// MaxFetch bounds the bytes one GET asks for, when adjacent missing
+	// chunks are fetched together.
+	MaxFetch int64
+	// Prefetch fills the whole cache in the background, at PrefetchRate
+	// bytes per second at most.
+	Prefetch     bool
+	PrefetchRate int64
+	// Logger receives progress and trouble; nil discards.
+	Logger *slog.Logger
+}
+
+// A Disk is a remote object served through its block cache: a read-only
+// [diskserve.DiskFile].
+type Disk struct {
+	src     Source
+	s       *store
+	id      Identity
+	size    int64
+	chunk   int64
+	n       int64 // chunks
+	limit   int64
+	maxRun  int64 // chunks one GET fetches at most
+	log     *slog.Logger
+	temp    bool // the directory goes at Close: the object had no validator
+	stats   *Stats
+	sem     *semaphore.Weighted // GETs in flight
+	bufs    chan []byte         // free fetch buffers of maxRun chunks
+	ctx     context.Context     // ends at Close, for background fetches
+	cancel  context.CancelFunc
+	bg      sync.WaitGroup // background fetches and the committer
+	wake    chan struct{}  // asks the committer for an early commit
+	evictMu sync.Mutex
+	hand    int64 // eviction's clock hand
+
+	mu       sync.Mutex
+	inflight map[int64]*fetch // chunks being fetched or fetched and not yet committed
+	pending  []run            // fetched runs not yet committed
+	pendingN int64            // their bytes
+	resident atomic.Int64     // bytes of present chunks, as this process counts them
+
+	refs   []atomic.Uint64 // a bit per chunk: read since the clock hand passed
+	pinned []atomic.Uint64 // a bit per chunk: never evicted
+
+	ra readahead
+}
+
+var (
+	_ diskserve.DiskFile     = (*Disk)(nil)
+	_ diskserve.Describer    = (*Disk)(nil)
+	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.HostMapper   = (*Disk)(nil)
+	_ diskserve.Pinner       = (*Disk)(nil)
+)
+
+// A fetch is one chunk on its way: done closes once its bytes are in the
+// data file or err says why not.
+type fetch struct {
+	done chan struct{}
+	err  error
+}
+
+// A run is fetched chunks [first, first+len(kinds)) waiting to be
+// committed, with the state each gets.
+type run struct {
+	first int64
+	kinds []uint32
+}
+
+// Open opens src through its cache under cfg.Dir, reusing what an earlier
+// process fetched of the same version of the object.
+func Open(src Source, cfg Config) (*Disk, error) {
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if !ValidChunkSize(cfg.ChunkSize) {
+		return nil, fmt.Errorf("cache chunk size %d is not a power of two from 64 KiB to 64 MiB", cfg.ChunkSize)
+	}
+	if cfg.Fetches <= 0 {
+		cfg.Fetches = DefaultFetches
+	}
+	if cfg.MaxFetch <= 0 {
+		cfg.MaxFetch = DefaultMaxFetch
+	}
+	if cfg.PrefetchRate <= 0 {
+		cfg.PrefetchRate = DefaultPrefetchRate
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Dir == "" {
+		return nil, errors.New("no cache directory")
+	}
+	id := src.Identity()
+	size := src.Size()
+	dir := filepath.Join(cfg.Dir, dirName(id, size))
+	temp := id.Validator == ""
+	if temp {
+		// Nothing tells a later open whether the object changed: use a
+		// directory of this process only.
+		var err error
+		if err = os.MkdirAll(cfg.Dir, 0o700); err == nil {
+			dir, err = os.MkdirTemp(cfg.Dir, "unversioned-")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cache of %s: %w", id.Name, err)
+		}
+		cfg.Logger.Warn("the server gives no ETag or Last-Modified: the cache is not kept after exit", "image", id.Name)
+	}
+	s, err := openStore(dir, Meta{Version: layoutVersion, Name: id.Name, Key: id.Key, Validator: id.Validator, Size: size, ChunkSize: cfg.ChunkSize, Created: time.Now().UTC()})
+	if err != nil {
+		if temp {
+			os.RemoveAll(dir)
+		}
+		return nil, fmt.Errorf("cache of %s: %w (choose another directory with --cache-dir)", id.Name, err)
+	}
+	chunk := s.meta.ChunkSize
+	n := chunks(size, chunk)
+	d := &Disk{
+		src: src, s: s, id: id, size: size, chunk: chunk, n: n,
+		limit:    cfg.Limit,
+		maxRun:   max(1, cfg.MaxFetch/chunk),
+		log:      cfg.Logger,
+		temp:     temp,
+		stats:    newStats(src),
+		sem:      semaphore.NewWeighted(int64(cfg.Fetches)),
+		bufs:     make(chan []byte, cfg.Fetches),
+		wake:     make(chan struct{}, 1),
+		inflight: map[int64]*fetch{},
+		refs:     make([]atomic.Uint64, (n+63)/64),
+		pinned:   make([]atomic.Uint64, (n+63)/64),
+	}
+	d.ra.max = max(1, 2*cfg.MaxFetch/chunk)
+	for i := range n {
+		if s.state(i)&kindMask == present {
+			d.resident.Add(d.chunkLen(i))
+		}
+	}
+	d.stats.cached.Store(d.resident.Load())
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.bg.Add(1)
+	go d.committer()
+	if cfg.Prefetch {
+		d.bg.Add(1)
+		go d.prefetchAll(cfg.PrefetchRate)
+	}
+	register(d.stats)
+	return d, nil
+}
+
+// Size returns the object's size.
+func (d *Disk) Size() int64 { return d.size }
+
+// ReadOnly is true: remote objects are only read.
+func (d *Disk) ReadOnly() bool { return true }
+
+// WriteAt fails: the disk is read-only.
+func (d *Disk) WriteAt([]byte, int64) (int, error) {
+	return 0, fmt.Errorf("write %s: %w", d.id.Name, diskserve.ErrReadOnly)
+}
+
+// Dir returns the object's cache directory.
+func (d *Disk) Dir() string { return d.s.dir }
+
+// Close stops background fetches, commits what was fetched and releases
+// the cache and the source.
+func (d *Disk) Close() error {
+	d.cancel()
+	d.bg.Wait()
+	err := d.commit()
+	unregister(d.stats)
+	err = errors.Join(err, d.s.close(), d.src.Close())
+	if d.temp {
+		os.RemoveAll(d.s.dir)
+	}
+	return err
+}
+
+// ReadAt reads from the cache, fetching the chunks that are not there.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	p, eof := diskserve.ClipRead(d.size, off, p)
+	if len(p) == 0 {
+		return 0, eof
+	}
+	d.readahead(off/d.chunk, (off+int64(len(p))-1)/d.chunk)
+	done := 0
+	for done < len(p) {
+		n, err := d.read(p[done:], off+int64(done))
+		done += n
+		if err != nil {
+			return done, fmt.Errorf("read %s at %d: %w", d.id.Name, off+int64(done), err)
+		}
+	}
+	return done, eof
+}
+
+// read reads a leading part of p from off: a run of chunks in the cache,
+// or the first chunk once it is fetched. It may return 0, nil when a
+// chunk was evicted under it; the caller asks again.
+func (d *Disk) read(p []byte, off int64) (int, error) {
+	first := off / d.chunk
+	last := (off + int64(len(p)) - 1) / d.chunk
+	var words [64]uint32
+	i := first
+	for ; i <= last && i-first < int64(len(words)); i++ {
+		w := d.s.state(i)
+		if w&kindMask == absent {
+			break
+		}
+		words[i-first] = w
+	}
+	if i > first {
+		n := min(int64(len(p)), i*d.chunk-off)
+		if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
+			return 0, err
+		}
+		for j := first; j < i; j++ {
+			if d.s.state(j) != words[j-first] {
+				return 0, nil // evicted while read
+			}
+			d.touch(j)
+		}
+		d.stats.hitBytes.Add(n)
+		return int(n), nil
+	}
+	f, waited, err := d.await(first, last)
+	if err != nil || f == nil {
+		return 0, err
+	}
+	n := min(int64(len(p)), (first+1)*d.chunk-off)
+	if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
+		return 0, err
+	}
+	d.touch(first)
+	if waited {
+		d.stats.missBytes.Add(n)
+	} else {
+		d.stats.hitBytes.Add(n)
+	}
+	return int(n), nil
+}
+
+// await returns once chunk first is fetched, fetching chunks first to
+// last that nobody fetches yet (at most maxRun of them, with one GET), and
+// says whether it had to wait. It returns nil when the chunk turned out
+// to be present.
+func (d *Disk) await(first, last int64) (f *fetch, waited bool, err error) {
+	d.mu.Lock()
+	f, ok := d.inflight[first]
+	if !ok {
+		if d.s.state(first)&kindMask != absent {
+			d.mu.Unlock()
+			return nil, false, nil
+		}
+		end := d.claim(first, min(last+1, first+d.maxRun))
+		f = d.inflight[first]
+		d.mu.Unlock()
+		d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
+		d.fetchRun(d.ctx, first, end)
+		d.sem.Release(1)
+		return f, true, f.err
+	}
+	d.mu.Unlock()
+	select {
+	case <-f.done:
+	default:
+		waited = true
+		<-f.done
+	}
+	return f, waited, f.err
+}
+
+// claim enters fetches for the absent chunks from first, up to end, that
+// nobody fetches yet, and returns the end of the run claimed. d.mu is
+// held; chunk first is absent and not in flight.
+func (d *Disk) claim(first, end int64) int64 {
+	i := first
+	for ; i < end; i++ {
+		if _, busy := d.inflight[i]; busy || i > first && d.s.state(i)&kindMask != absent {
+			break
+		}
+		d.inflight[i] = &fetch{done: make(chan struct{})}
+	}
+	return i
+}
+
+// fetchRun fetches the claimed chunks [first, end): it takes their fetch
+// lock shared with other processes, skips what another process fetched
+// meanwhile, and GETs the rest.
+func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
+	if err := d.s.lockChunks(first, end); err != nil {
+		d.fail(first, end, err)
+		return
+	}
+	for i := first; i < end; {
+		if d.s.state(i)&kindMask != absent { // another process fetched it
+			d.mu.Lock()
+			f := d.inflight[i]
+			delete(d.inflight, i)
+			d.mu.Unlock()
+			close(f.done)
+			d.s.unlockChunks(i, i+1)
+			i++
+			continue
+		}
+		j := i + 1
+		for j < end && d.s.state(j)&kindMask == absent {
+			j++
+		}
+		d.get(ctx, i, j)
+		i = j
+	}
+}
+
+// get fetches chunks [first, end), which are claimed and locked, with one
+// GET, handing each chunk out as it arrives.
+func (d *Disk) get(ctx context.Context, first, end int64) {
+	buf := d.buffer()
+	defer func() { d.bufs <- buf }()
+	off := first * d.chunk
+	n := min(end*d.chunk, d.size) - off
+	p := buf[:n]
+	kinds := make([]uint32, 0, end-first)
+	deliver := func(upto int) {
+		for i := first + int64(len(kinds)); i < end; i++ {
+			lo := (i - first) * d.chunk
+			hi := min(lo+d.chunk, n)
+			if hi > int64(upto) {
+				return
+			}
+			k, err := d.store(i, p[lo:hi])
+			if err != nil {
+				d.fail(i, end, err)
+				end = i
+				return
+			}
+			kinds = append(kinds, k)
+			d.mu.Lock()
+			f := d.inflight[i]
+			d.mu.Unlock()
+			close(f.done)
+		}
+	}
+	start := time.Now()
+	d.stats.gets.Add(1)
+	err := d.src.Fetch(ctx, p, off, deliver)
+	d.stats.observe(time.Since(start))
+	got := int64(len(kinds))
+	d.stats.fetched.Add(min(got*d.chunk, n))
+	if got > 0 {
+		d.mu.Lock()
+		d.pending = append(d.pending, run{first, kinds})
+		d.pendingN += got * d.chunk
+		early := d.pendingN >= commitBytes
+		d.mu.Unlock()
+		if early {
+			select {
+			case d.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+	if first+got < end {
+		if err == nil {
+			err = errors.New("fetch ended early")
+		}
+		d.fail(first+got, end, err)
+	}
+}
+
+// store writes one fetched chunk into the data file (a hole when it is
+// all zeroes) and its sum, and returns the state it gets at commit.
+func (d *Disk) store(i int64, b []byte) (uint32, error) {
+	d.s.setSum(i, crc32.Checksum(b, castagnoli))
+	off := i * d.chunk
+	if allZero(b) {
+		// The file may hold bytes of a fetch cut short by a crash.
+		err := unix.Fallocate(int(d.s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(len(b)))
+		return zero, err
+	}
+	_, err := d.s.data.WriteAt(b, off)
+	return present, err
+}
+
+// fail ends the claimed chunks [first, end) with err: their waiters get
+// it, later reads try again.
+func (d *Disk) fail(first, end int64, err error) {
+	d.mu.Lock()
+	fs := make([]*fetch, 0, end-first)
+	for i := first; i < end; i++ {
+		fs = append(fs, d.inflight[i])
+		delete(d.inflight, i)
+	}
+	d.mu.Unlock()
+	d.s.unlockChunks(first, end)
+	d.stats.failures.Add(1)
+	for _, f := range fs {
+		f.err = err
+		close(f.done)
+	}
+}
+
+// committer commits fetched chunks every commitInterval, or sooner when
+// many are waiting, until Close.
+func (d *Disk) committer() {
+	defer d.bg.Done()
+	t := time.NewTicker(commitInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		case <-d.wake:
+		}
+		if err := d.commit(); err != nil {
+			d.log.Error("cannot commit fetched chunks to the cache; they will be fetched again", "image", d.id.Name, "err", err)
+		}
+	}
+}
+
+// commit makes the fetched chunks durable, then marks them present and
+// lets other processes at them.
+func (d *Disk) commit() error {
+	d.mu.Lock()
+	runs := d.pending
+	d.pending, d.pendingN = nil, 0
+	d.mu.Unlock()
+	if len(runs) == 0 {
+		return nil
+	}
+	err := unix.Fdatasync(int(d.s.data.Fd()))
+	var added int64
+	for _, r := range runs {
+		end := r.first + int64(len(r.kinds))
+		if err == nil {
+			for j, k := range r.kinds {
+				i := r.first + int64(j)
+				d.s.setState(i, k)
+				if k == present {
+					added += d.chunkLen(i)
+				}
+			}
+		}
+		d.mu.Lock()
+		for i := r.first; i < end; i++ {
+			delete(d.inflight, i)
+		}
+		d.mu.Unlock()
+		d.s.unlockChunks(r.first, end)
+	}
+	d.resident.Add(added)
+	d.stats.cached.Store(d.resident.Load())
+	if d.limit > 0 && d.resident.Load() > d.limit {
+		d.evict()
+	}
+	return err
+}
+
+// buffer returns a fetch buffer of maxRun chunks.
+func (d *Disk) buffer() []byte {
+	select {
+	case b := <-d.bufs:
+		return b
+	default:
+		return make([]byte, d.maxRun*d.chunk)
+	}
+}
+
+// chunkLen is the length of chunk i: chunk, or less for the last one.
+func (d *Disk) chunkLen(i int64) int64 { return min(d.chunk, d.size-i*d.chunk) }
+
+// touch notes that chunk i was read, for eviction.
+func (d *Disk) touch(i int64) {
+	if d.limit > 0 {
+		w := &d.refs[i/64]
+		if bit := uint64(1) << (i % 64); w.Load()&bit == 0 {
+			w.Or(bit)
+		}
+	}
+}
+
+// Pin keeps the chunks of [off, off+n) in the cache: eviction passes them
+// by. Formats pin their metadata.
+func (d *Disk) Pin(off, n int64) {
+	if n <= 0 || off < 0 || off >= d.size {
+		return
+	}
+	for i := off / d.chunk; i <= min(off+n-1, d.size-1)/d.chunk; i++ {
+		d.pinned[i/64].Or(1 << (i % 64))
+	}
+}
+
+// evict drops chunks, least recently read first (an approximation: a
+// clock over read bits), until the cache holds at most 90% of its limit.
+// Chunks another process is fetching, or reading through a shared lock,
+// are passed by.
+func (d *Disk) evict() {
+	if !d.evictMu.TryLock() {
+		return
+	}
+	defer d.evictMu.Unlock()
+	var resident int64 // recount: other processes may have added chunks
+	for i := range d.n {
+		if d.s.state(i)&kindMask == present {
+			resident += d.chunkLen(i)
+		}
+	}
+	target := d.limit / 10 * 9
+	for scanned := int64(0); resident > target && scanned < 2*d.n; scanned++ {
+		i := d.hand
+		d.hand = (d.hand + 1) % d.n
+		bit := uint64(1) << (i % 64)
+		if d.s.state(i)&kindMask != present || d.pinned[i/64].Load()&bit != 0 {
+			continue
+		}
+		if d.refs[i/64].Load()&bit != 0 {
+			d.refs[i/64].And(^bit)
+			continue
+		}
+		if !d.s.tryLockChunks(i, i+1) {
+			continue
+		}
+		if d.s.state(i)&kindMask == present {
+			d.s.setState(i, absent) // before the hole: readers see the change
+			unix.Fallocate(int(d.s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, i*d.chunk, d.chunkLen(i))
+			resident -= d.chunkLen(i)
+			d.stats.evictions.Add(1)
+		}
+		d.s.unlockChunks(i, i+1)
+	}
+	d.resident.Store(resident)
+	d.stats.cached.Store(resident)
+}
+
+// MapHost maps ranges whose chunks are all in the cache onto the data
+// file, so that exporters send them with sendfile or io_uring. A cache
+// with a limit maps nothing: eviction could punch a mapped range.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if write || d.limit > 0 {
+		return diskserve.HostRange{}, false
+	}
+	for i := off / d.chunk; i <= (off+n-1)/d.chunk; i++ {
+		if d.s.state(i)&kindMask == absent {
+			return diskserve.HostRange{}, false
+		}
+	}
+	d.stats.hitBytes.Add(n)
+	return diskserve.HostRange{FD: int(d.s.data.Fd()), Off: off}, true
+}
+
+// AppendExtents reports chunks known to be all zeroes as zero, and the
+// rest as data.
+func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	end := off + n
+	for off < end {
+		i := off / d.chunk
+		next := min(end, (i+1)*d.chunk)
+		var flags diskserve.ExtentFlags
+		if d.s.state(i)&kindMask == zero {
+			flags = diskserve.ExtentZero
+		}
+		dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: next - off, Flags: flags})
+		off = next
+	}
+	return dst, nil
+}
+
+// Describe names the object, its version and the cache's state.
+func (d *Disk) Describe(info *diskserve.Info) {
+	info.Filename = d.id.Name
+	st := d.State()
+	info.Specific = map[string]any{
+		"url":           d.id.Name,
+		"validator":     d.id.Validator,
+		"cache":         d.s.dir,
+		"chunk-size":    d.chunk,
+		"chunks":        d.n,
+		"chunks-cached": st.Chunks,
+		"bytes-cached":  st.Bytes,
+	}
+}
+
+// A State is how much of an object a cache holds.
+type State struct {
+	Chunks int64 // present or known to be zero
+	Bytes  int64 // of data in present chunks
+}
+
+// State counts the chunks in the cache.
+func (d *Disk) State() State { return countState(d.s, d.n, d.chunkLen) }
+
+func countState(s *store, n int64, chunkLen func(int64) int64) State {
+	var st State
+	for i := range n {
+		switch s.state(i) & kindMask {
+		case present:
+			st.Chunks++
+			st.Bytes += chunkLen(i)
+		case zero:
+			st.Chunks++
+		}
+	}
+	return st
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// zeroes is compared against to find chunks of zeroes.
+var zeroes [64 << 10]byte
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroes))
+		if !bytes.Equal(b[:n], zeroes[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}

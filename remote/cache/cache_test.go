@@ -1,0 +1,395 @@
+package cache_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/disktest"
+	"github.com/diskserve/diskserve/remote/cache"
+)
+
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("CACHE_TEST_CHILD"); dir != "" {
+		prefetchForever(dir)
+		return
+	}
+	goleak.VerifyTestMain(m)
+}
+
+const chunk = 64 << 10
+
+// source is an object in memory that counts what is fetched of it.
+type source struct {
+	data     []byte
+	version  string
+	delay    time.Duration // per 16 KiB delivered
+	fetches  atomic.Int64
+	bytes    atomic.Int64
+	fail     atomic.Bool
+	gate     chan struct{} // when set, fetches wait for it to close
+	mu       sync.Mutex
+	requests [][2]int64 // off, len
+}
+
+func newSource(n int, seed uint64) *source {
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{byte(seed)}).Read(b)
+	return &source{data: b, version: fmt.Sprint(seed)}
+}
+
+func (s *source) Fetch(ctx context.Context, p []byte, off int64, progress func(int)) error {
+	s.fetches.Add(1)
+	s.mu.Lock()
+	s.requests = append(s.requests, [2]int64{off, int64(len(p))})
+	s.mu.Unlock()
+	if s.gate != nil {
+		<-s.gate
+	}
+	if s.fail.Load() {
+		return errors.New("injected failure")
+	}
+	for done := 0; done < len(p); {
+		n := min(16<<10, len(p)-done)
+		copy(p[done:done+n], s.data[off+int64(done):])
+		done += n
+		s.bytes.Add(int64(n))
+		if s.delay > 0 {
+			time.Sleep(s.delay)
+		}
+		progress(done)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func (s *source) Size() int64 { return int64(len(s.data)) }
+func (s *source) Identity() cache.Identity {
+	return cache.Identity{Name: "mem://object", Key: "mem://object", Validator: s.version}
+}
+func (s *source) Close() error { return nil }
+
+func open(t *testing.T, src cache.Source, cfg cache.Config) *cache.Disk {
+	t.Helper()
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = chunk
+	}
+	d, err := cache.Open(src, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func readAll(t *testing.T, d diskserve.DiskFile, want []byte) {
+	t.Helper()
+	got := make([]byte, len(want))
+	if err := diskserve.ReadFullAt(d, got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, want))
+	}
+}
+
+// TestConformance runs the conformance suite on a cached object with
+// chunks of zeroes and a short last chunk.
+func TestConformance(t *testing.T) {
+	src := newSource(20*chunk+777, 1)
+	clear(src.data[3*chunk : 6*chunk])
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	defer d.Close()
+	disktest.Check(t, d, src.data)
+}
+
+// TestReuse closes a filled cache and opens it again: nothing is fetched
+// again, and the bytes are the object's.
+func TestReuse(t *testing.T) {
+	dir := t.TempDir()
+	src := newSource(40*chunk+5, 2)
+	d := open(t, src, cache.Config{Dir: dir})
+	readAll(t, d, src.data)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fetched := src.bytes.Load()
+	if fetched != int64(len(src.data)) {
+		t.Errorf("fetched %d bytes of %d", fetched, len(src.data))
+	}
+	d = open(t, src, cache.Config{Dir: dir, ChunkSize: 1 << 20}) // the directory keeps its chunk size
+	defer d.Close()
+	readAll(t, d, src.data)
+	if src.bytes.Load() != fetched {
+		t.Errorf("a reopened cache fetched %d bytes", src.bytes.Load()-fetched)
+	}
+	if st := d.State(); st.Chunks != 41 {
+		t.Errorf("state %+v", st)
+	}
+	if bad, err := cache.Verify(d.Dir()); err != nil || len(bad) != 0 {
+		t.Errorf("verify: %v %v", bad, err)
+	}
+
+	// Another version of the object gets a directory of its own.
+	src2 := newSource(len(src.data), 3)
+	d2 := open(t, src2, cache.Config{Dir: dir})
+	defer d2.Close()
+	readAll(t, d2, src2.data)
+	if entries, err := cache.List(dir); err != nil || len(entries) != 2 {
+		t.Errorf("entries %+v, %v", entries, err)
+	}
+}
+
+// TestSingleFlight reads one chunk from many goroutines at once: one
+// fetch serves them all.
+func TestSingleFlight(t *testing.T) {
+	src := newSource(8*chunk, 4)
+	src.gate = make(chan struct{})
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	defer d.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for i := range 16 {
+		wg.Go(func() {
+			p := make([]byte, 4096)
+			off := int64(3*chunk + i*4096)
+			if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, src.data[off:off+4096]) {
+				errs <- fmt.Errorf("read at %d: %v", off, err)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond) // let the readers queue up behind the fetch
+	close(src.gate)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := src.fetches.Load(); n != 1 {
+		t.Errorf("%d fetches", n)
+	}
+}
+
+// TestCoalesce reads a range of several absent chunks: one fetch for them
+// all, as long as MaxFetch allows.
+func TestCoalesce(t *testing.T) {
+	src := newSource(32*chunk, 5)
+	d := open(t, src, cache.Config{Dir: t.TempDir(), MaxFetch: 4 * chunk})
+	defer d.Close()
+	p := make([]byte, 10*chunk)
+	if _, err := d.ReadAt(p, 2*chunk+100); err != nil || !bytes.Equal(p, src.data[2*chunk+100:12*chunk+100]) {
+		t.Fatal(err)
+	}
+	// 11 chunks in runs of at most 4: 3 fetches.
+	if n := src.fetches.Load(); n != 3 {
+		t.Errorf("%d fetches: %v", n, src.requests)
+	}
+}
+
+// TestSharedDirectory reads one object through two opens of one cache
+// directory at once (their locks conflict as two processes' would): each
+// chunk is fetched once.
+func TestSharedDirectory(t *testing.T) {
+	dir := t.TempDir()
+	src := newSource(64*chunk, 6)
+	src.delay = time.Millisecond
+	a := open(t, src, cache.Config{Dir: dir, MaxFetch: chunk})
+	defer a.Close()
+	b := open(t, src, cache.Config{Dir: dir, MaxFetch: chunk})
+	defer b.Close()
+	var wg sync.WaitGroup
+	for _, d := range []*cache.Disk{a, b, a, b} {
+		wg.Go(func() {
+			p := make([]byte, 4096)
+			for _, i := range rand.Perm(64) {
+				off := int64(i)*chunk + 512
+				if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, src.data[off:off+4096]) {
+					t.Errorf("read at %d: %v", off, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := src.bytes.Load(); n != int64(len(src.data)) {
+		t.Errorf("fetched %d bytes of an object of %d", n, len(src.data))
+	}
+}
+
+// TestEviction reads an object four times the cache's limit, with the
+// first chunk pinned: the cache stays within its limit, keeps the pinned
+// chunk and reads right.
+func TestEviction(t *testing.T) {
+	src := newSource(64*chunk, 7)
+	limit := int64(16 * chunk)
+	root := t.TempDir()
+	d := open(t, src, cache.Config{Dir: root, Limit: limit, MaxFetch: chunk})
+	d.Pin(0, 100)
+	readAll(t, d, src.data)
+	d.Close() // commits, and so evicts
+	d = open(t, src, cache.Config{Dir: root, Limit: limit})
+	defer d.Close()
+	st := d.State()
+	if st.Bytes > limit {
+		t.Errorf("%d bytes cached, limit %d", st.Bytes, limit)
+	}
+	before := src.bytes.Load()
+	p := make([]byte, 100)
+	d.ReadAt(p, 0)
+	if src.bytes.Load() != before {
+		t.Errorf("the pinned first chunk was evicted")
+	}
+	readAll(t, d, src.data)
+}
+
+// TestZeroChunks: chunks of zeroes are holes, reported as zero extents.
+func TestZeroChunks(t *testing.T) {
+	src := newSource(8*chunk, 8)
+	clear(src.data[2*chunk : 5*chunk])
+	root := t.TempDir()
+	d := open(t, src, cache.Config{Dir: root})
+	readAll(t, d, src.data)
+	d.Close() // commits
+	d = open(t, src, cache.Config{Dir: root})
+	defer d.Close()
+	ext, err := diskserve.Extents(d, nil, 0, d.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []diskserve.Extent{{Off: 0, Len: 2 * chunk}, {Off: 2 * chunk, Len: 3 * chunk, Flags: diskserve.ExtentZero}, {Off: 5 * chunk, Len: 3 * chunk}}
+	if fmt.Sprint(diskserve.MergeExtents(ext)) != fmt.Sprint(want) {
+		t.Errorf("extents %v, want %v", ext, want)
+	}
+}
+
+// TestFailure fails fetches: reads fail with the error, and succeed once
+// the source recovers.
+func TestFailure(t *testing.T) {
+	src := newSource(8*chunk, 9)
+	src.fail.Store(true)
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	defer d.Close()
+	p := make([]byte, 4096)
+	if _, err := d.ReadAt(p, chunk); err == nil {
+		t.Fatal("a read of a failing source succeeded")
+	}
+	src.fail.Store(false)
+	readAll(t, d, src.data)
+}
+
+// TestReadahead reads sequentially in small requests: fetches run ahead,
+// and nothing is fetched twice.
+func TestReadahead(t *testing.T) {
+	src := newSource(256*chunk, 10)
+	d := open(t, src, cache.Config{Dir: t.TempDir(), MaxFetch: 4 * chunk})
+	defer d.Close()
+	p := make([]byte, 16<<10)
+	for off := int64(0); off < d.Size(); off += int64(len(p)) {
+		if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, src.data[off:off+int64(len(p))]) {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+	}
+	s := d.Stats().Snapshot()
+	if s.Readahead == 0 || src.bytes.Load() != d.Size() {
+		t.Errorf("readahead fetches %d, fetched %d of %d", s.Readahead, src.bytes.Load(), d.Size())
+	}
+	if s.HitBytes < d.Size()/2 {
+		t.Errorf("only %d of %d bytes read found their chunk fetched ahead", s.HitBytes, d.Size())
+	}
+}
+
+// TestPrefetch fills the whole cache in the background.
+func TestPrefetch(t *testing.T) {
+	src := newSource(100*chunk+1, 11)
+	d := open(t, src, cache.Config{Dir: t.TempDir(), Prefetch: true})
+	defer d.Close()
+	for deadline := time.Now().Add(20 * time.Second); d.State().Chunks < 101; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("prefetch stuck at %+v", d.State())
+		}
+	}
+	before := src.bytes.Load()
+	readAll(t, d, src.data)
+	if src.bytes.Load() != before || before != d.Size() {
+		t.Errorf("fetched %d then %d, size %d", before, src.bytes.Load(), d.Size())
+	}
+}
+
+// TestVerifyFindsDamage damages a present chunk's bytes: Verify names it.
+func TestVerifyFindsDamage(t *testing.T) {
+	src := newSource(8*chunk, 12)
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	readAll(t, d, src.data)
+	dir := d.Dir()
+	d.Close()
+	f, err := os.OpenFile(filepath.Join(dir, "data"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{1, 2, 3}, 5*chunk+10)
+	f.Close()
+	if bad, err := cache.Verify(dir); err != nil || fmt.Sprint(bad) != "[5]" {
+		t.Errorf("verify: %v, %v", bad, err)
+	}
+	if ok, err := cache.Remove(dir); !ok || err != nil {
+		t.Errorf("remove: %v %v", ok, err)
+	}
+}
+
+// TestKilledDuringPrefetch kills a process while it fills a cache, again
+// and again on the same directory: every chunk marked present holds the
+// object's bytes, and the directory stays usable.
+func TestKilledDuringPrefetch(t *testing.T) {
+	dir := t.TempDir()
+	for round := range 4 {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), "CACHE_TEST_CHILD="+dir)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(100+rand.IntN(300)) * time.Millisecond)
+		cmd.Process.Kill()
+		cmd.Wait()
+		entries, err := cache.List(dir)
+		if err != nil || len(entries) != 1 {
+			t.Fatalf("round %d: entries %v, %v", round, entries, err)
+		}
+		if bad, err := cache.Verify(entries[0].Dir); err != nil || len(bad) != 0 {
+			t.Fatalf("round %d: chunks %v do not match their sums (%v)", round, bad, err)
+		}
+		t.Logf("round %d: %d chunks present", round, entries[0].Chunks)
+	}
+	src := crashSource()
+	d := open(t, src, cache.Config{Dir: dir})
+	defer d.Close()
+	readAll(t, d, src.data) // the present chunks match the object, not just their sums
+}
+
+// crashSource is the object the killed child fetches: slow enough that a
+// kill lands mid-fill.
+func crashSource() *source {
+	s := newSource(512*chunk, 13)
+	clear(s.data[100*chunk : 120*chunk])
+	s.delay = 200 * time.Microsecond
+	return s
+}
+
+func prefetchForever(dir string) {
+	d, err := cache.Open(crashSource(), cache.Config{Dir: dir, ChunkSize: chunk, Prefetch: true, PrefetchRate: 8 << 20, MaxFetch: 4 * chunk})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	_ = d
+	select {}
+}
