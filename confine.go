@@ -19,8 +19,10 @@ var ErrOutsideConfinement = errors.New("outside the confinement directory")
 // [ErrOutsideConfinement]. The path it returns is the real one, so a link
 // swapped after the check is not followed. The image named to [Open] is
 // not confined: only the names images record. URLs that images record are
-// refused.
-func Confine(dir string) (func(referrer, name string) (string, error), error) {
+// refused unless they start with one of allowURLs, at a boundary: an
+// allowed "https://host/golden/" or "https://host/golden" admits
+// "https://host/golden/a.qcow2", never "https://host/goldenrod".
+func Confine(dir string, allowURLs ...string) (func(referrer, name string) (string, error), error) {
 	root, err := filepath.Abs(dir)
 	if err == nil {
 		root, err = filepath.EvalSymlinks(root)
@@ -36,7 +38,12 @@ func Confine(dir string) (func(referrer, name string) (string, error), error) {
 		if isURL(path) {
 			// An untrusted image must not make the server fetch URLs
 			// of its choosing (inside the server's network, say).
-			return "", fmt.Errorf("%s is a URL: %w %s", DisplayName(path), ErrOutsideConfinement, root)
+			for _, prefix := range allowURLs {
+				if urlUnder(path, prefix) {
+					return path, nil
+				}
+			}
+			return "", fmt.Errorf("%s is a URL that no --allow-url admits: %w %s", DisplayName(path), ErrOutsideConfinement, root)
 		}
 		if path, err = filepath.Abs(path); err != nil {
 			return "", err
@@ -55,4 +62,18 @@ func Confine(dir string) (func(referrer, name string) (string, error), error) {
 		}
 		return real, nil
 	}, nil
+}
+
+// urlUnder reports whether u is prefix or lies under it: prefix ends in
+// '/', or u goes on with '/', '?' or '#' after it. A ".." segment after
+// the prefix (which a server might resolve to outside it) is refused.
+func urlUnder(u, prefix string) bool {
+	rest, ok := strings.CutPrefix(u, prefix)
+	if !ok || prefix == "" {
+		return false
+	}
+	if path, _, _ := strings.Cut(rest, "?"); strings.Contains("/"+path+"/", "/../") {
+		return false
+	}
+	return rest == "" || strings.HasSuffix(prefix, "/") || strings.ContainsAny(rest[:1], "/?#")
 }

@@ -370,6 +370,7 @@ func TestResolveURLs(t *testing.T) {
 		{"/local/top.qcow2", "http://h/base.raw", "http://h/base.raw"},
 		{"https://h/dir/top.qcow2", "/local/base.raw", "/local/base.raw"},
 		{"/local/top.qcow2", "base.raw", "/local/base.raw"},
+		{"s3://golden/vm/top.qcow2", "base.qcow2", "s3://golden/vm/base.qcow2"},
 	} {
 		if got, err := diskserve.ResolveRelative(tc.referrer, tc.name); err != nil || got != tc.want {
 			t.Errorf("ResolveRelative(%q, %q) = %q, %v; want %q", tc.referrer, tc.name, got, err, tc.want)
@@ -381,5 +382,24 @@ func TestResolveURLs(t *testing.T) {
 	}
 	if _, err := confine(filepath.Join(t.TempDir(), "top.qcow2"), "http://169.254.169.254/latest?token=x"); !errors.Is(err, diskserve.ErrOutsideConfinement) || strings.Contains(err.Error(), "token") {
 		t.Errorf("a URL under confinement: %v", err)
+	}
+	allowing, err := diskserve.Confine(t.TempDir(), "https://h/golden", "s3://bucket/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, ok := range map[string]bool{
+		"https://h/golden/base.qcow2":      true,
+		"https://h/golden":                 true,
+		"s3://bucket/x/base.qcow2":         true,
+		"https://h/goldenrod/base.qcow2":   false,
+		"https://h/golden/../etc/passwd":   false,
+		"s3://bucket2/base.qcow2":          false,
+		"http://169.254.169.254/latest":    false,
+		"https://h.evil/golden/base.qcow2": false,
+	} {
+		_, err := allowing(filepath.Join(t.TempDir(), "top.qcow2"), name)
+		if (err == nil) != ok || err != nil && !errors.Is(err, diskserve.ErrOutsideConfinement) {
+			t.Errorf("%s under --allow-url: %v", name, err)
+		}
 	}
 }

@@ -58,7 +58,7 @@ func FileOpener(cfg remote.Config) func(name string, readOnly bool) (diskserve.D
 			return raw.OpenFile(name, readOnly)
 		}
 		if !readOnly {
-			return nil, fmt.Errorf("%s: a remote image is read-only (serve it with -r, or put a local overlay over it): %w", diskserve.DisplayName(name), diskserve.ErrReadOnly)
+			return nil, fmt.Errorf("%s: a remote image is read-only (serve it with -r, or writable with serve --overlay DIR, or make a local qcow2 overlay of it): %w", diskserve.DisplayName(name), diskserve.ErrReadOnly)
 		}
 		d, err := cfg.Open(name)
 		if err != nil {

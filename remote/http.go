@@ -30,7 +30,7 @@ type object struct {
 	id       cache.Identity
 	size     int64
 	etag     string
-	modified string                     // Last-Modified, when there is no ETag
+	modified string                    // Last-Modified, when there is no ETag
 	sign     func(*http.Request) error // nil: requests go as they are
 	retries  atomic.Int64              // requests tried again
 }

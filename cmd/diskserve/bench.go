@@ -30,6 +30,7 @@ func newBenchCommand() *cobra.Command {
 		fromJSON                  string
 		runtime                   time.Duration
 		aio                       aioFlag
+		remoteF                   remoteFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "bench [-f FORMAT,...] [--size SIZE] [--pattern PATTERN,...] [--qd N,...] [--aio ENGINE] [--via engine|nbd|fuse] [--output FORMAT] [SOURCE]",
@@ -108,7 +109,11 @@ afterwards. Progress is shown on a terminal.`,
 			}
 			c.Engine, c.Runtime = mode, runtime
 			if len(args) == 1 {
-				src, err := format.Open(args[0], diskserve.Options{ReadOnly: true})
+				rc, err := remoteF.config(nil)
+				if err != nil {
+					return err
+				}
+				src, err := format.Open(args[0], diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(rc)})
 				if err != nil {
 					return err
 				}
@@ -158,5 +163,6 @@ afterwards. Progress is shown on a terminal.`,
 	fl.StringVar(&dir, "dir", "", "directory to build the images in")
 	fl.StringVar(&fromJSON, "from-json", "", "render the report saved by --output json in FILE instead of measuring")
 	aio.register(fl)
+	remoteF.register(fl, false)
 	return cmd
 }

@@ -13,6 +13,7 @@ import (
 func newCreateCommand() *cobra.Command {
 	var (
 		fmtName, backing, backingFmt string
+		remoteF                      remoteFlags
 		options, partitions          []string
 	)
 	cmd := &cobra.Command{
@@ -39,6 +40,13 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			path := args[0]
+			rc, err := remoteF.config(nil)
+			if err != nil {
+				return err
+			}
+			open := func(p, fmtName string) (diskserve.DiskFile, error) {
+				return format.Open(p, diskserve.Options{Format: fmtName, ReadOnly: true, OpenFile: format.FileOpener(rc)})
+			}
 			f, err := diskserve.LookupFormat(format.All(), fmtName)
 			if err != nil {
 				return fmt.Errorf("create -f: %w", err)
@@ -51,9 +59,7 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 				if len(args) != 1 || backing != "" {
 					return fmt.Errorf("create %s: an image built from --partition images takes no size and no backing file", path)
 				}
-				a.Open = func(p string) (diskserve.DiskFile, error) {
-					return format.Open(p, diskserve.Options{ReadOnly: true})
-				}
+				a.Open = func(p string) (diskserve.DiskFile, error) { return open(p, "") }
 				if err := newimage.Create(path, f, a); err != nil {
 					return err
 				}
@@ -66,7 +72,7 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 				}
 			}
 			if backing != "" {
-				bf, bsize, err := probeBacking(path, backing, backingFmt)
+				bf, bsize, err := probeBacking(path, backing, backingFmt, open)
 				if err != nil {
 					return err
 				}
@@ -86,6 +92,7 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 		},
 	}
 	fl := cmd.Flags()
+	remoteF.register(fl, false)
 	fl.StringVarP(&fmtName, "format", "f", "raw", "format of the new image")
 	fl.StringArrayVarP(&options, "options", "o", nil, "format options, OPT=VALUE[,OPT=VALUE...]")
 	fl.StringVarP(&backing, "backing", "b", "", "backing file (qcow2)")
@@ -96,12 +103,12 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 
 // probeBacking opens the backing file as the new image will, relative to
 // its directory, and returns its format and size.
-func probeBacking(image, backing, backingFmt string) (string, int64, error) {
+func probeBacking(image, backing, backingFmt string, open func(path, format string) (diskserve.DiskFile, error)) (string, int64, error) {
 	path, err := diskserve.ResolveRelative(image, backing)
 	if err != nil {
 		return "", 0, err
 	}
-	d, err := format.Open(path, diskserve.Options{Format: backingFmt, ReadOnly: true})
+	d, err := open(path, backingFmt)
 	if err != nil {
 		return "", 0, fmt.Errorf("backing file: %w", err)
 	}

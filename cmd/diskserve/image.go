@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -33,6 +34,7 @@ type openFlags struct {
 	snapshot string
 	confine  string
 	aio      aioFlag
+	remote   remoteFlags
 }
 
 // register declares -f, --verify and the flags of has on fs. what names
@@ -55,6 +57,7 @@ func (f *openFlags) register(fs *pflag.FlagSet, has openFlag, what string) {
 	if has&withAIO != 0 {
 		f.aio.register(fs)
 	}
+	f.remote.register(fs, has&withConfine != 0)
 }
 
 // options returns the opener's options for the flags; readOnly forces a
@@ -67,11 +70,18 @@ func (f *openFlags) options(readOnly bool, log *slog.Logger) (diskserve.Options,
 		Snapshot: f.snapshot,
 		Logger:   log,
 	}
-	if f.confine != "" {
-		var err error
-		if opts.ResolvePath, err = diskserve.Confine(f.confine); err != nil {
+	rc, err := f.remote.config(log)
+	if err != nil {
+		return opts, err
+	}
+	opts.OpenFile = format.FileOpener(rc)
+	switch {
+	case f.confine != "":
+		if opts.ResolvePath, err = diskserve.Confine(f.confine, f.remote.allowURLs...); err != nil {
 			return opts, err
 		}
+	case len(f.remote.allowURLs) > 0:
+		return opts, errors.New("--allow-url admits URLs under --confine; without --confine every URL is followed")
 	}
 	return opts, nil
 }

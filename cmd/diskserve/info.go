@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/remote/cache"
 )
 
 func newInfoCommand() *cobra.Command {
@@ -30,10 +31,14 @@ backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
 				if info.Filename == "" {
 					info.Filename = args[0]
 				}
+				remotes := remoteInfos()
 				if flags.output == "json" {
-					return writeJSON(cmd.OutOrStdout(), newInfoJSON(info))
+					j := newInfoJSON(info)
+					j.Remote = remotes
+					return writeJSON(cmd.OutOrStdout(), j)
 				}
 				writeInfo(cmd.OutOrStdout(), info, "")
+				writeRemotes(cmd.OutOrStdout(), remotes)
 				return nil
 			})
 		},
@@ -57,6 +62,42 @@ type infoJSON struct {
 	FormatSpecific      *formatSpecific `json:"format-specific,omitempty"`
 	BackingImage        *infoJSON       `json:"backing-image,omitempty"`
 	Children            []childJSON     `json:"children,omitempty"`
+	Remote              []remoteJSON    `json:"remote,omitempty"` // diskserve's: the remote images opened
+}
+
+// remoteJSON is an image named by URL, in the top image's chain, and
+// what its block cache holds.
+type remoteJSON struct {
+	URL          string `json:"url"`
+	Validator    string `json:"validator"`
+	Size         int64  `json:"size"`
+	Cache        string `json:"cache"`
+	ChunkSize    int64  `json:"chunk-size"`
+	Chunks       int64  `json:"chunks"`
+	ChunksCached int64  `json:"chunks-cached"`
+	BytesCached  int64  `json:"bytes-cached"`
+}
+
+// remoteInfos describes the remote images open in the process: those of
+// the image info opened.
+func remoteInfos() []remoteJSON {
+	var out []remoteJSON
+	cache.Each(func(d *cache.Disk) {
+		st := d.State()
+		id := d.Identity()
+		out = append(out, remoteJSON{id.Name, id.Validator, d.Size(), d.Dir(), d.ChunkSize(), d.Chunks(), st.Chunks, st.Bytes})
+	})
+	return out
+}
+
+func writeRemotes(w io.Writer, remotes []remoteJSON) {
+	for _, r := range remotes {
+		fmt.Fprintf(w, "Remote image: %s\n", r.URL)
+		fmt.Fprintf(w, "    version: %s\n", r.Validator)
+		fmt.Fprintf(w, "    size: %s (%d bytes)\n", humanSize(r.Size), r.Size)
+		fmt.Fprintf(w, "    cache: %s\n", r.Cache)
+		fmt.Fprintf(w, "    cached: %d of %d chunks of %s, %s of data\n", r.ChunksCached, r.Chunks, humanSize(r.ChunkSize), humanSize(r.BytesCached))
+	}
 }
 
 type formatSpecific struct {

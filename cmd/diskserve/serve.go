@@ -6,11 +6,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -22,6 +24,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/export/nbd"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/internal/control"
 	"github.com/diskserve/diskserve/remote"
 )
@@ -37,6 +40,7 @@ type serveFlags struct {
 	tlsMode     string
 	verbose     bool
 	control     string
+	overlayDir  string
 
 	metrics *control.Metrics // with --control
 	lives   []control.Export // with --control
@@ -75,6 +79,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.StringVar(&f.tlsMode, "tls", "require", "with TLS: require (no export before STARTTLS) or allow")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live overlays, /metrics) on unix:PATH")
+	fl.StringVar(&f.overlayDir, "overlay", "", "serve each image writable through a qcow2 overlay in DIR (NAME-overlay.qcow2, made on first use and kept), leaving the image itself unchanged: for remote golden images")
 	return cmd
 }
 
@@ -182,7 +187,15 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 // through the I/O engine; with --control, also through a Live disk (for
 // live overlays) and the metrics.
 func (f *serveFlags) openExport(name, path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
-	d, err := format.Open(path, opts)
+	var (
+		d   diskserve.DiskFile
+		err error
+	)
+	if f.overlayDir != "" {
+		d, err = f.openOverlay(name, path, opts, log)
+	} else {
+		d, err = format.Open(path, opts)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -192,6 +205,63 @@ func (f *serveFlags) openExport(name, path string, opts diskserve.Options, log *
 		d = f.metrics.Metered(name, live)
 	}
 	return f.open.aio.wrap(d, log)
+}
+
+// openOverlay opens, read-write, the overlay in --overlay DIR of the image
+// at path, making it first if it does not exist. An overlay that exists
+// must have been made for the same image: it holds the writes of an
+// earlier run, which go on from where they were.
+func (f *serveFlags) openOverlay(name, path string, opts diskserve.Options, log *slog.Logger) (diskserve.DiskFile, error) {
+	if opts.Snapshot != "" || f.open.readOnly {
+		return nil, errors.New("--overlay serves images writable: it does not go with --read-only or --snapshot")
+	}
+	base := path
+	if !remote.IsURL(path) {
+		var err error
+		if base, err = filepath.Abs(path); err != nil {
+			return nil, err
+		}
+	}
+	if name == "" {
+		name = strings.TrimSuffix(filepath.Base(diskserve.DisplayName(path)), filepath.Ext(path))
+	}
+	ov := filepath.Join(f.overlayDir, name+"-overlay.qcow2")
+	if _, err := os.Lstat(ov); errors.Is(err, fs.ErrNotExist) {
+		if strings.HasPrefix(path, "http") && path != diskserve.DisplayName(path) {
+			return nil, fmt.Errorf("%s: an overlay records the name of its backing file, and this URL carries credentials (a query or user information): name the image by s3:// or by a URL without them", diskserve.DisplayName(path))
+		}
+		ro := opts
+		ro.ReadOnly = true
+		b, err := format.Open(base, ro)
+		if err != nil {
+			return nil, err
+		}
+		info, size := diskserve.Describe(b), b.Size()
+		b.Close()
+		tmp := ov + ".new"
+		if err := qcow2.Create(tmp, qcow2.CreateOptions{Size: size, BackingFile: base, BackingFormat: info.Format}); err != nil {
+			os.Remove(tmp)
+			return nil, err
+		}
+		if err := os.Rename(tmp, ov); err != nil {
+			return nil, err
+		}
+		log.Info("made an overlay", "overlay", ov, "image", diskserve.DisplayName(base))
+	} else if err != nil {
+		return nil, err
+	} else {
+		log.Info("writing to the existing overlay", "overlay", ov, "image", diskserve.DisplayName(base))
+	}
+	opts.Format, opts.ReadOnly = qcow2.Format.Name, false
+	d, err := format.Open(ov, opts)
+	if err != nil {
+		return nil, err
+	}
+	if info := diskserve.Describe(d); info.BackingFile != base {
+		d.Close()
+		return nil, fmt.Errorf("the overlay %s was made for %s, not %s: move it away, or give another --overlay directory", ov, diskserve.DisplayName(info.BackingFile), diskserve.DisplayName(base))
+	}
+	return d, nil
 }
 
 // closeDisks closes the disks of exports, each once.

@@ -8,7 +8,8 @@ import (
 	"github.com/diskserve/diskserve"
 )
 
-// Metrics are the Prometheus metrics of every export's requests.
+// Metrics are the Prometheus metrics of every export's requests, and of
+// the block caches of remote images.
 type Metrics struct {
 	requests *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
@@ -28,7 +29,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: prometheus.ExponentialBuckets(1e-6, 4, 12), // 1 µs to 4 s
 		}, labels),
 	}
-	reg.MustRegister(m.requests, m.bytes, m.errors, m.latency)
+	reg.MustRegister(m.requests, m.bytes, m.errors, m.latency, newRemoteCollector())
 	return m
 }
 

@@ -5,15 +5,16 @@ import (
 	"time"
 )
 
-// readahead detects sequential reading and fetches ahead of it. The
-// window starts at one chunk and doubles at each step forward, up to max;
-// a read elsewhere starts over.
+// readahead detects sequential reading and fetches ahead of it. Once a
+// stream has stepped into two new chunks in order, it keeps half as many
+// chunks ahead of it as it has read, up to max: a short run fetches
+// little it will not read, a long one streams at full depth.
 type readahead struct {
-	mu     sync.Mutex
-	last   int64 // highest chunk read in the current sequential stream
-	ahead  int64 // first chunk not yet asked for ahead
-	window int64
-	max    int64
+	mu    sync.Mutex
+	last  int64 // highest chunk read in the current sequential stream
+	steps int64 // chunks the stream has stepped into, in order
+	ahead int64 // first chunk not yet asked for ahead
+	max   int64
 }
 
 // reorder is how far behind the stream a read may land and still count
@@ -27,18 +28,19 @@ func (d *Disk) readahead(first, last int64) {
 	ra.mu.Lock()
 	switch {
 	case first <= ra.last+1 && last > ra.last: // a step forward
+		ra.steps += last - ra.last
 		ra.last = last
-		ra.window = min(max(1, 2*ra.window), ra.max)
 	case first+reorder >= ra.last && last <= ra.last: // within the stream
 		ra.mu.Unlock()
 		return
 	default:
-		ra.last, ra.window, ra.ahead = last, 0, last+1
+		ra.last, ra.steps, ra.ahead = last, 0, last+1
 		ra.mu.Unlock()
 		return
 	}
+	window := min(ra.steps/2, ra.max)
 	from := max(ra.ahead, ra.last+1)
-	to := min(ra.last+1+ra.window, d.n)
+	to := min(ra.last+1+window, d.n)
 	ra.ahead = max(ra.ahead, to)
 	ra.mu.Unlock()
 	for from < to {

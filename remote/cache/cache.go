@@ -235,7 +235,7 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		d.bg.Add(1)
 		go d.prefetchAll(cfg.PrefetchRate)
 	}
-	register(d.stats)
+	register(d)
 	return d, nil
 }
 
@@ -250,6 +250,15 @@ func (d *Disk) WriteAt([]byte, int64) (int, error) {
 	return 0, fmt.Errorf("write %s: %w", d.id.Name, diskserve.ErrReadOnly)
 }
 
+// Identity names the object and the version cached.
+func (d *Disk) Identity() Identity { return d.id }
+
+// ChunkSize returns the cache's chunk size.
+func (d *Disk) ChunkSize() int64 { return d.chunk }
+
+// Chunks returns the number of chunks of the object.
+func (d *Disk) Chunks() int64 { return d.n }
+
 // Dir returns the object's cache directory.
 func (d *Disk) Dir() string { return d.s.dir }
 
@@ -259,7 +268,7 @@ func (d *Disk) Close() error {
 	d.cancel()
 	d.bg.Wait()
 	err := d.commit()
-	unregister(d.stats)
+	unregister(d)
 	err = errors.Join(err, d.s.close(), d.src.Close())
 	if d.temp {
 		os.RemoveAll(d.s.dir)
@@ -678,8 +687,11 @@ type State struct {
 	Bytes  int64 // of data in present chunks
 }
 
-// State counts the chunks in the cache.
-func (d *Disk) State() State { return countState(d.s, d.n, d.chunkLen) }
+// State counts the chunks in the cache, committing those fetched first.
+func (d *Disk) State() State {
+	d.commit()
+	return countState(d.s, d.n, d.chunkLen)
+}
 
 func countState(s *store, n int64, chunkLen func(int64) int64) State {
 	var st State

@@ -1,13 +1,14 @@
 package cache
 
 import (
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// Stats count what one open cache did. [Each] reports the caches open in
-// the process, for metrics.
+// Stats count what one open cache did.
 type Stats struct {
 	Name string // the object, without credentials
 
@@ -43,6 +44,24 @@ type Snapshot struct {
 
 // A Retrier is a [Source] that counts the requests it tried again.
 type Retrier interface{ Retries() int64 }
+
+// Add adds the counters of o to s.
+func (s *Snapshot) Add(o Snapshot) {
+	s.GETs += o.GETs
+	s.Fetched += o.Fetched
+	s.HitBytes += o.HitBytes
+	s.MissBytes += o.MissBytes
+	s.Readahead += o.Readahead
+	s.Failures += o.Failures
+	s.Evictions += o.Evictions
+	s.Cached += o.Cached
+	s.Retries += o.Retries
+	for i := range s.LatencyCounts {
+		s.LatencyCounts[i] += o.LatencyCounts[i]
+	}
+	s.LatencySeconds += o.LatencySeconds
+	s.LatencyObserved += o.LatencyObserved
+}
 
 func newStats(src Source) *Stats {
 	s := &Stats{Name: src.Identity().Name, retries: func() int64 { return 0 }}
@@ -83,30 +102,32 @@ func (d *Disk) Stats() *Stats { return d.stats }
 
 var (
 	openMu sync.Mutex
-	open   = map[*Stats]bool{}
+	open   = map[*Disk]bool{}
 )
 
-func register(s *Stats) {
+func register(d *Disk) {
 	openMu.Lock()
-	open[s] = true
+	open[d] = true
 	openMu.Unlock()
 }
 
-func unregister(s *Stats) {
+func unregister(d *Disk) {
 	openMu.Lock()
-	delete(open, s)
+	delete(open, d)
 	openMu.Unlock()
 }
 
-// Each calls fn with a snapshot of every cache open in the process.
-func Each(fn func(Snapshot)) {
+// Each calls fn with every cache open in the process, in the order of
+// their names.
+func Each(fn func(*Disk)) {
 	openMu.Lock()
-	list := make([]*Stats, 0, len(open))
-	for s := range open {
-		list = append(list, s)
+	list := make([]*Disk, 0, len(open))
+	for d := range open {
+		list = append(list, d)
 	}
 	openMu.Unlock()
-	for _, s := range list {
-		fn(s.Snapshot())
+	slices.SortFunc(list, func(a, b *Disk) int { return strings.Compare(a.id.Name, b.id.Name) })
+	for _, d := range list {
+		fn(d)
 	}
 }

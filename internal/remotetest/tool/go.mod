@@ -1,4 +1,4 @@
-module github.com/diskserve/diskserve/internal/s3test/tool
+module github.com/diskserve/diskserve/internal/remotetest/tool
 
 go 1.26.0
 
