@@ -378,7 +378,7 @@ func TestRemoteKilledDuringPrefetch(t *testing.T) {
 	base := remotetest.StartNginx(t, www)
 	cache := filepath.Join(dir, "cache")
 	for range 3 {
-		_, srv := serveAt(t, dir, "-r", "--cache-dir", cache, "--chunk-size", "256K", "--prefetch=all", "--prefetch-rate", "32M", base+"/base.raw")
+		_, srv := serveAt(t, dir, "-r", "--cache-dir", cache, "--chunk-size", "256K", "--prefetch=all", "--prefetch-rate", "8M", base+"/base.raw")
 		time.Sleep(time.Duration(200+rand.IntN(600)) * time.Millisecond)
 		srv.stop(t, syscall.SIGKILL)
 		mustRun(t, "cache", "verify", "--cache-dir", cache)
