@@ -20,6 +20,7 @@ type metaCache struct {
 	byOff  map[int64]*list.Element // of *metaTable
 	recent list.List               // front: most recently used
 	dirty  int
+	gen    uint64 // changes whenever a table changes or is written back
 }
 
 type metaTable struct {
@@ -53,8 +54,19 @@ func (c *metaCache) get(off int64, kind tableKind, load func(int64) ([]byte, err
 	return c.add(off, kind, data, false), nil
 }
 
-// add puts a table into the cache, evicting clean tables past max.
+// has reports whether the table at off is in the cache.
+func (c *metaCache) has(off int64) bool {
+	_, ok := c.byOff[off]
+	return ok
+}
+
+// add puts a table into the cache, in place of one at the same offset,
+// evicting clean tables past max.
 func (c *metaCache) add(off int64, kind tableKind, data []byte, dirty bool) *metaTable {
+	if e, ok := c.byOff[off]; ok {
+		c.markClean(e.Value.(*metaTable))
+		c.recent.Remove(e)
+	}
 	t := &metaTable{off: off, kind: kind, data: data}
 	c.byOff[off] = c.recent.PushFront(t)
 	if dirty {
@@ -72,6 +84,7 @@ func (c *metaCache) add(off int64, kind tableKind, data []byte, dirty bool) *met
 }
 
 func (c *metaCache) markDirty(t *metaTable) {
+	c.gen++
 	if !t.dirty {
 		t.dirty = true
 		c.dirty++
@@ -90,6 +103,7 @@ func (c *metaCache) dirtyTables(kind tableKind) []*metaTable {
 }
 
 func (c *metaCache) markClean(t *metaTable) {
+	c.gen++
 	if t.dirty {
 		t.dirty = false
 		c.dirty--

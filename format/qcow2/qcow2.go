@@ -59,7 +59,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"sync"
+
+	"golang.org/x/sync/singleflight"
 
 	"github.com/diskserve/diskserve"
 )
@@ -91,10 +94,11 @@ type Disk struct {
 	// mu guards the metadata: the header's mutable fields, the L1 table,
 	// the metadata cache and the writer's state. Data is read and written
 	// outside it.
-	mu   sync.Mutex
-	h    *header
-	l1   []uint64
-	meta *metaCache
+	mu    sync.Mutex
+	h     *header
+	l1    []uint64
+	meta  *metaCache
+	loads singleflight.Group // L2 tables being read outside mu, by offset
 }
 
 var (
@@ -141,6 +145,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
 		return nil, fmt.Errorf("read L1 table: %w", err)
 	}
+	d.pinMetadata()
 	if d.snaps, d.snapBytes, err = readSnapshots(c, h); err != nil {
 		return nil, err
 	}
@@ -163,6 +168,20 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		}
 	}
 	return d, nil
+}
+
+// pinMetadata asks a caching image file (a remote image's block cache)
+// to keep the header, the L1 and refcount tables and every L2 table
+// resident, since every read needs them.
+func (d *Disk) pinMetadata() {
+	diskserve.Pin(d.c, 0, d.cs)
+	diskserve.Pin(d.c, int64(d.h.L1TableOffset), int64(d.h.L1Size)*8)
+	diskserve.Pin(d.c, int64(d.h.RefcountTableOffset), int64(d.h.RefcountTableClusters)*d.cs)
+	for _, e := range d.l1 {
+		if off := int64(e & offsetMask); off != 0 {
+			diskserve.Pin(d.c, off, d.cs)
+		}
+	}
 }
 
 // readTable reads n big-endian 64-bit entries at off.
@@ -307,8 +326,43 @@ func (d *Disk) loadTable(off int64) ([]byte, error) {
 	return t, nil
 }
 
+// cacheL2 brings the L2 table that maps guest offset off into the
+// metadata cache, reading it without holding d.mu: a slow image file (a
+// remote image, a cold disk) then stalls only the reads that need this
+// table, not every request. Concurrent misses of one table share one
+// read. A table that changed while it was read (a writer modified or
+// wrote back a table) is not cached; mapAt then reads it under the lock.
+func (d *Disk) cacheL2(off int64) error {
+	d.mu.Lock()
+	l1i := off >> d.bits / d.l2n
+	if l1i >= int64(len(d.l1)) {
+		d.mu.Unlock()
+		return nil
+	}
+	l2off := int64(d.l1[l1i] & offsetMask)
+	if l2off == 0 || l2off%d.cs != 0 || d.meta.has(l2off) {
+		d.mu.Unlock()
+		return nil // nothing to read, or mapAt reports the corruption
+	}
+	gen := d.meta.gen
+	d.mu.Unlock()
+	t, err, _ := d.loads.Do(strconv.FormatInt(l2off, 10), func() (any, error) { return d.loadTable(l2off) })
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	if d.meta.gen == gen && !d.meta.has(l2off) && l1i < int64(len(d.l1)) && int64(d.l1[l1i]&offsetMask) == l2off {
+		d.meta.add(l2off, kindL2, t.([]byte), false)
+	}
+	d.mu.Unlock()
+	return nil
+}
+
 // lockedMapAt is mapAt for callers that do not hold d.mu.
 func (d *Disk) lockedMapAt(off int64) (mapping, error) {
+	if err := d.cacheL2(off); err != nil {
+		return mapping{}, err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.mapAt(off)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
@@ -289,4 +290,82 @@ func (g *growable) Resize(size int64) error {
 	}
 	g.b = append(g.b, make([]byte, size-int64(len(g.b)))...)
 	return nil
+}
+
+// gatedFile is an image file whose reads of one range wait for a gate.
+type gatedFile struct {
+	diskserve.DiskFile
+	off  int64
+	gate chan struct{}
+}
+
+func (g *gatedFile) ReadAt(p []byte, off int64) (int, error) {
+	if off <= g.off && g.off < off+int64(len(p)) {
+		<-g.gate
+	}
+	return g.DiskFile.ReadAt(p, off)
+}
+
+// TestSlowL2DoesNotStallReads makes the read of one L2 table hang, as a
+// cold fetch of a remote image may: reads through other, cached tables go
+// on meanwhile, and the stalled read completes once the table arrives.
+func TestSlowL2DoesNotStallReads(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "two-tables.qcow2")
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20, ClusterSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 4 KiB clusters: one L2 table maps 2 MiB.
+	w.WriteAt(bytes.Repeat([]byte{1}, 8192), 0)
+	w.WriteAt(bytes.Repeat([]byte{2}, 8192), 6<<20)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1 := binary.BigEndian.Uint64(b[40:])
+	g := &gatedFile{DiskFile: disktest.NewMemory(b, true), off: int64(binary.BigEndian.Uint64(b[l1+3*8:]) & 0x00ff_ffff_ffff_fe00), gate: make(chan struct{})}
+	opts := memOptions("img", b)
+	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
+	d, err := diskserve.Open("img", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	p := make([]byte, 4096)
+	if _, err := d.ReadAt(p, 0); err != nil || p[0] != 1 {
+		t.Fatal(err)
+	}
+	stalled := make(chan error, 1)
+	go func() {
+		q := make([]byte, 4096)
+		_, err := d.ReadAt(q, 6<<20)
+		if err == nil && q[0] != 2 {
+			err = fmt.Errorf("read %d", q[0])
+		}
+		stalled <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // the stalled read waits for its table
+	done := make(chan error, 1)
+	go func() {
+		_, err := d.ReadAt(p, 4096)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil || p[0] != 1 {
+			t.Fatalf("read through a cached table: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a read through a cached table waited for another table's slow read")
+	}
+	close(g.gate)
+	if err := <-stalled; err != nil {
+		t.Fatal(err)
+	}
 }

@@ -213,6 +213,7 @@ func parse(c diskserve.DiskFile) (*Disk, error) {
 	if m, size := le.Uint32(table), int64(le.Uint32(table[4:])); m != skippableMagic || size != tableLen {
 		return nil, corrupt(tableOff, "seek table header is magic %#x size %d, want %#x size %d", m, size, skippableMagic, tableLen)
 	}
+	diskserve.Pin(c, tableOff, fileSize-tableOff)
 	d := &Disk{
 		c:       c,
 		starts:  make([]int64, n+1),
