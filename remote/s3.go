@@ -61,7 +61,13 @@ func openS3(ctx context.Context, name string, cfg *Config) (*object, error) {
 		endpoint.RawQuery = "versionId=" + url.QueryEscape(version)
 	}
 	display := "s3://" + bucket + "/" + key
-	id := cache.Identity{Name: display, Key: endpoint.String()}
+	// Keyed by bucket and key, not endpoint: the ETag and size that go
+	// with the key tell versions apart, and hosts that reach one bucket
+	// through different endpoints can share a cache.
+	id := cache.Identity{Name: display, Key: display}
+	if version != "" {
+		id.Key += "?versionId=" + version
+	}
 	creds := ac.Credentials
 	if creds != nil {
 		if _, err := creds.Retrieve(ctx); err != nil {

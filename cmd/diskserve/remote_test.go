@@ -2,13 +2,19 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -394,4 +400,240 @@ func TestRemoteKilledDuringPrefetch(t *testing.T) {
 	if got := readExport(t, sock, len(content)); !bytes.Equal(got, content) {
 		t.Fatal("the image read through the cache the killed servers left differs")
 	}
+}
+
+// bootTrace is a boot-like read pattern over content: scattered small
+// reads where there is data, and some sequential runs of a few MiB.
+func bootTrace(size int64) [][2]int64 {
+	rnd := rand.New(rand.NewPCG(7, 7))
+	var trace [][2]int64
+	for len(trace) < 150 {
+		if rnd.IntN(10) < 3 { // a file read sequentially
+			off := rnd.Int64N(size-8<<20) &^ 4095
+			run := (1 + rnd.Int64N(4)) << 20
+			for o := off; o < off+run; o += 128 << 10 {
+				trace = append(trace, [2]int64{o, 128 << 10})
+			}
+			continue
+		}
+		n := (1 + rnd.Int64N(32)) * 4096
+		trace = append(trace, [2]int64{rnd.Int64N(size-n) &^ 511, n})
+	}
+	return trace
+}
+
+// replay reads trace through the default export at sock, checking the
+// bytes.
+func replay(t *testing.T, sock string, trace [][2]int64, content []byte) error {
+	c, err := nbd.Dial("unix", sock, "")
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	for _, r := range trace {
+		p := make([]byte, r[1])
+		if _, err := c.ReadAt(p, r[0]); err != nil {
+			return err
+		}
+		if !bytes.Equal(p, content[r[0]:r[0]+r[1]]) {
+			return fmt.Errorf("read of %d bytes at %d: wrong bytes", r[1], r[0])
+		}
+	}
+	return nil
+}
+
+// serveHost starts a diskserve process as one host of a fleet: its own
+// S3 endpoint (a proxy that counts what it fetches) and cache directory.
+func serveHost(t *testing.T, dir, name, endpoint, cache, image string) (string, *server) {
+	t.Helper()
+	sock := filepath.Join(dir, name+".sock")
+	os.Remove(sock)
+	cmd := exec.Command(diskserveBin, "serve", "-r", "--listen", "unix:"+sock, "--cache-dir", cache, image)
+	cmd.Env = append(os.Environ(), "AWS_ENDPOINT_URL_S3="+endpoint)
+	return sock, startServe(t, cmd)
+}
+
+// TestRemoteFleet has four diskserve processes, standing for four hosts
+// with a cache each, serve one golden image from one bucket and replay a
+// boot-like trace at once. Each fetches at most 1.2 times the chunks the
+// trace touches; restarted, they fetch nothing; and two processes that
+// share one cache directory fetch each chunk once between them.
+func TestRemoteFleet(t *testing.T) {
+	dir := t.TempDir()
+	_, rawPath, content := golden(t, dir)
+	for i := range content { // data everywhere: no chunk is all zeroes
+		content[i] |= 1
+	}
+	os.WriteFile(rawPath, content, 0o644)
+	s3 := remotetest.StartS3(t)
+	s3.CreateBucket(t, "golden")
+	s3.PutFile(t, "golden", "base.raw", rawPath)
+	remotetest.Env(t, s3.URL)
+	const image = "s3://golden/base.raw"
+	trace := bootTrace(int64(len(content)))
+	touched := map[int64]bool{}
+	for _, r := range trace {
+		for c := r[0] >> 20; c <= (r[0]+r[1]-1)>>20; c++ {
+			touched[c] = true
+		}
+	}
+	distinct := int64(len(touched)) << 20
+
+	const hosts = 4
+	proxies := make([]*remotetest.Proxy, hosts)
+	socks := make([]string, hosts)
+	servers := make([]*server, hosts)
+	start := func() {
+		for i := range hosts {
+			socks[i], servers[i] = serveHost(t, dir, fmt.Sprint("host", i), proxies[i].URL, filepath.Join(dir, fmt.Sprint("cache", i)), image)
+		}
+	}
+	runAll := func(socks []string) {
+		errs := make(chan error, len(socks))
+		for _, s := range socks {
+			go func() { errs <- replay(t, s, trace, content) }()
+		}
+		for range socks {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := range hosts {
+		proxies[i] = remotetest.NewProxy(t, s3.URL)
+	}
+	start()
+	runAll(socks)
+	fetched := make([]int64, hosts)
+	for i, p := range proxies {
+		fetched[i] = p.Bytes.Load()
+		t.Logf("host %d: %d GETs, %d bytes fetched for %d bytes of chunks touched (%.2fx)", i, p.GETs.Load(), fetched[i], distinct, float64(fetched[i])/float64(distinct))
+		if fetched[i] > distinct*12/10 || fetched[i] < distinct {
+			t.Errorf("host %d fetched %d bytes; the trace touches %d bytes of chunks", i, fetched[i], distinct)
+		}
+	}
+	for _, s := range servers {
+		s.stop(t, syscall.SIGTERM)
+	}
+	start()
+	runAll(socks)
+	for i, p := range proxies {
+		if again := p.Bytes.Load() - fetched[i]; again != 0 {
+			t.Errorf("host %d fetched %d bytes again after a restart", i, again)
+		}
+	}
+	for _, s := range servers {
+		s.stop(t, syscall.SIGTERM)
+	}
+
+	// Two processes on one host, sharing its cache directory.
+	shared := filepath.Join(dir, "shared-cache")
+	pa, pb := remotetest.NewProxy(t, s3.URL), remotetest.NewProxy(t, s3.URL)
+	sa, _ := serveHost(t, dir, "a", pa.URL, shared, image)
+	sb, _ := serveHost(t, dir, "b", pb.URL, shared, image)
+	runAll([]string{sa, sb})
+	ranges := append(pa.Ranges(), pb.Ranges()...)
+	slices.SortFunc(ranges, func(x, y [2]int64) int { return cmp.Compare(x[0], y[0]) })
+	for i := 1; i < len(ranges); i++ {
+		if ranges[i][0] <= ranges[i-1][1] {
+			t.Errorf("bytes %d-%d fetched twice by processes sharing a cache", ranges[i][0], min(ranges[i][1], ranges[i-1][1]))
+		}
+	}
+	if total := pa.Bytes.Load() + pb.Bytes.Load(); total > distinct*12/10 {
+		t.Errorf("two processes sharing a cache fetched %d bytes for %d bytes of chunks", total, distinct)
+	}
+}
+
+// pattern is an object of any size whose bytes are computed from their
+// offsets (none zero), served with ranges.
+type pattern int64
+
+func (p pattern) byteAt(off int64) byte { return byte(off*0x9e3779b1>>24) | 1 }
+
+func (p pattern) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("ETag", `"pattern"`)
+	http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(p, 0, int64(p)))
+}
+
+func (p pattern) ReadAt(b []byte, off int64) (int, error) {
+	n := min(int64(len(b)), int64(p)-off)
+	for i := range n {
+		b[i] = p.byteAt(off + i)
+	}
+	if n < int64(len(b)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+// TestRemoteMemoryBounded streams a 4 GiB image through a cache bounded
+// to 256 MiB: the cache stays within its bound, and so does the server's
+// memory.
+func TestRemoteMemoryBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("streams 4 GiB")
+	}
+	dir := t.TempDir()
+	const size = 4 << 30
+	s := httptest.NewServer(pattern(size))
+	defer s.Close()
+	cache := filepath.Join(dir, "cache")
+	sock, srv := serveAt(t, dir, "-r", "--cache-dir", cache, "--cache-size", "256M", s.URL+"/big.img")
+	c, err := nbd.Dial("unix", sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	p := make([]byte, 4<<20)
+	var peakDisk int64
+	for off := int64(0); off < size; off += int64(len(p)) {
+		if _, err := c.ReadAt(p, off); err != nil {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+		if p[0] != pattern(size).byteAt(off) || p[len(p)-1] != pattern(size).byteAt(off+int64(len(p))-1) {
+			t.Fatalf("wrong bytes at %d", off)
+		}
+		if off%(256<<20) == 0 {
+			peakDisk = max(peakDisk, diskUsage(t, cache))
+		}
+	}
+	rss := peakRSS(t, srv.cmd.Process.Pid)
+	t.Logf("peak RSS %d MiB, cache on disk at most %d MiB", rss>>20, peakDisk>>20)
+	if peakDisk > 256<<20+64<<20 { // the bound, and what may wait for a commit
+		t.Errorf("the cache grew to %d MiB on disk, bound 256 MiB", peakDisk>>20)
+	}
+	if rss > 256<<20 {
+		t.Errorf("peak RSS %d MiB streaming through the cache", rss>>20)
+	}
+}
+
+// diskUsage returns the bytes the files under dir occupy.
+func diskUsage(t *testing.T, dir string) int64 {
+	var n int64
+	filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Sys().(*syscall.Stat_t).Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+// peakRSS reads VmHWM of process pid.
+func peakRSS(t *testing.T, pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(v), "%d kB", &kb)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
 }

@@ -264,4 +264,3 @@ http {
 	start(t, cmd, addr)
 	return "http://" + addr
 }
-

@@ -73,7 +73,8 @@ const (
 	DefaultMaxFetch     = 4 << 20
 	DefaultPrefetchRate = 256 << 20
 	commitInterval      = 200 * time.Millisecond
-	commitBytes         = 32 << 20 // fetched bytes that make a commit start early
+	commitBytes         = 32 << 20        // fetched bytes that make a commit start early
+	maxPending          = 2 * commitBytes // fetched bytes at most awaiting a commit: new GETs wait
 	prefetchStreams     = 2
 )
 
@@ -128,6 +129,7 @@ type Disk struct {
 	inflight map[int64]*fetch // chunks being fetched or fetched and not yet committed
 	pending  []run            // fetched runs not yet committed
 	pendingN int64            // their bytes
+	drained  *sync.Cond       // on mu: a commit took the pending runs
 	resident atomic.Int64     // bytes of present chunks, as this process counts them
 
 	refs   []atomic.Uint64 // a bit per chunk: read since the clock hand passed
@@ -221,6 +223,7 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		refs:     make([]atomic.Uint64, (n+63)/64),
 		pinned:   make([]atomic.Uint64, (n+63)/64),
 	}
+	d.drained = sync.NewCond(&d.mu)
 	d.ra.max = max(1, 2*cfg.MaxFetch/chunk)
 	for i := range n {
 		if s.state(i)&kindMask == present {
@@ -266,6 +269,9 @@ func (d *Disk) Dir() string { return d.s.dir }
 // the cache and the source.
 func (d *Disk) Close() error {
 	d.cancel()
+	d.mu.Lock()
+	d.drained.Broadcast() // fetches waiting for a commit see the cancel
+	d.mu.Unlock()
 	d.bg.Wait()
 	err := d.commit()
 	unregister(d)
@@ -388,6 +394,11 @@ func (d *Disk) claim(first, end int64) int64 {
 // lock shared with other processes, skips what another process fetched
 // meanwhile, and GETs the rest.
 func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
+	d.mu.Lock()
+	for d.pendingN >= maxPending && ctx.Err() == nil { // the disk is behind: wait for it
+		d.drained.Wait()
+	}
+	d.mu.Unlock()
 	if err := d.s.lockChunks(first, end); err != nil {
 		d.fail(first, end, err)
 		return
@@ -525,6 +536,7 @@ func (d *Disk) commit() error {
 	d.mu.Lock()
 	runs := d.pending
 	d.pending, d.pendingN = nil, 0
+	d.drained.Broadcast()
 	d.mu.Unlock()
 	if len(runs) == 0 {
 		return nil

@@ -354,10 +354,17 @@ func TestKilledDuringPrefetch(t *testing.T) {
 	for round := range 4 {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), "CACHE_TEST_CHILD="+dir)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(100+rand.IntN(300)) * time.Millisecond)
+		if _, err := out.Read(make([]byte, 1)); err != nil { // the child has the cache open
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(50+rand.IntN(300)) * time.Millisecond)
 		cmd.Process.Kill()
 		cmd.Wait()
 		entries, err := cache.List(dir)
@@ -391,5 +398,6 @@ func prefetchForever(dir string) {
 		os.Exit(1)
 	}
 	_ = d
+	fmt.Println("open")
 	select {}
 }
