@@ -14,23 +14,41 @@ declare -A package=(
 	[fio]=fio [fusermount3]=fuse3 [img2simg]=android-sdk-libsparse-utils
 	[zstd]=zstd [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [sgdisk]=gdisk [losetup]=mount
 	[qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [cpio]=cpio [sfdisk]=fdisk
-	[rsvg-convert]=librsvg2-bin
+	[rsvg-convert]=librsvg2-bin [nginx]=nginx
 )
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin:/usr/local/go/bin
 missing=$(for tool in "${!package[@]}"; do
 	command -v "$tool" >/dev/null || echo "${package[$tool]}"
 done | sort -u)
+# qemu's curl driver, which the remote-image tests read URLs with.
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || missing="$missing qemu-block-extra"
 if [ -n "$missing" ]; then
 	sudo=""
 	[ "$(id -u)" -eq 0 ] || sudo=sudo
 	echo "installing: $missing"
 	$sudo apt-get update -q
+	# The tests start nginx with their own configuration: keep the
+	# package's post-install from starting a system service on port 80.
+	policy=""
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		policy=/usr/sbin/policy-rc.d
+		printf '#!/bin/sh\nexit 101\n' | $sudo tee $policy >/dev/null
+		$sudo chmod +x $policy
+	fi
 	# shellcheck disable=SC2086 # one package per word
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
+	[ -z "$policy" ] || $sudo rm -f $policy
 fi
 
 # The kernel that TestGuestBoot boots, from Debian's cloud kernel package.
 bash testdata/guest/fetch-kernel.sh
+
+# The S3 server the remote-image tests start (versitygw), built from its
+# own tool module so that its dependencies stay out of go.mod; the Go build
+# cache makes later builds a link.
+export DISKSERVE_VERSITYGW="${XDG_CACHE_HOME:-$HOME/.cache}/diskserve-test/versitygw"
+mkdir -p "$(dirname "$DISKSERVE_VERSITYGW")"
+go build -C internal/remotetest/tool -o "$DISKSERVE_VERSITYGW" github.com/versity/versitygw/cmd/versitygw
 
 export DISKSERVE_REQUIRE_INTEROP=1
 unformatted=$(gofmt -l .)

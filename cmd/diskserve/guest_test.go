@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/diskserve/diskserve/internal/remotetest"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -85,7 +87,9 @@ func TestGuestBoot(t *testing.T) {
 	kernelDir := guestDir(t)
 	qemu := testtool.Need(t, "qemu-system-x86_64")
 	initrd := initramfs(t, kernelDir)
-	for _, format := range []string{"raw", "qcow2"} {
+	// s3-overlay: the guest boots from a local overlay whose backing
+	// file is a qcow2 golden image in a bucket.
+	for _, format := range []string{"raw", "qcow2", "s3-overlay"} {
 		t.Run(format, func(t *testing.T) {
 			dir := t.TempDir()
 			content := filepath.Join(dir, "content")
@@ -93,13 +97,28 @@ func TestGuestBoot(t *testing.T) {
 			os.WriteFile(filepath.Join(content, "hello.txt"), []byte("hello from the host"), 0o644)
 			img := filepath.Join(dir, "disk.raw")
 			testtool.Run(t, "mkfs.ext4", "-q", "-F", "-d", content, img, "64M")
-			if format == "qcow2" {
+			if format != "raw" {
 				testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, img+".qcow2")
 				img += ".qcow2"
 			}
+			var golden []byte
+			if format == "s3-overlay" {
+				s3 := remotetest.StartS3(t)
+				s3.CreateBucket(t, "golden")
+				s3.PutFile(t, "golden", "disk.qcow2", img)
+				remotetest.Env(t, s3.URL)
+				golden, _ = os.ReadFile(img)
+				img = filepath.Join(dir, "vm.qcow2")
+				mustRun(t, "create", "--cache-dir", filepath.Join(dir, "cache"), "-f", "qcow2", "-b", "s3://golden/disk.qcow2", "-F", "qcow2", img)
+				t.Cleanup(func() {
+					if stored, err := os.ReadFile(filepath.Join(s3.Root, "golden", "disk.qcow2")); err != nil || !bytes.Equal(stored, golden) {
+						t.Errorf("the golden image in the bucket changed (%v)", err)
+					}
+				})
+			}
 
 			sock := filepath.Join(dir, "nbd.sock")
-			srv := startServe(t, exec.Command(diskserveBin, "serve", "-f", format, "--listen", "unix:"+sock, img))
+			srv := startServe(t, exec.Command(diskserveBin, "serve", "-f", strings.TrimPrefix(format, "s3-overlay"), "--cache-dir", filepath.Join(dir, "cache"), "--listen", "unix:"+sock, img))
 			ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 			defer cancel()
 			guest := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
@@ -115,10 +134,15 @@ func TestGuestBoot(t *testing.T) {
 				t.Fatalf("diskserve exit status %d:\n%s", code, srv.stderr)
 			}
 			fsImage := img
-			if format == "qcow2" {
+			switch format {
+			case "qcow2":
 				testtool.Run(t, "qemu-img", "check", img)
 				fsImage = filepath.Join(dir, "back.raw")
 				testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, fsImage)
+			case "s3-overlay": // qemu cannot read s3:// backing files
+				mustRun(t, "check", "--cache-dir", filepath.Join(dir, "cache"), img)
+				fsImage = filepath.Join(dir, "back.raw")
+				mustRun(t, "convert", "--cache-dir", filepath.Join(dir, "cache"), "-O", "raw", img, fsImage)
 			}
 			if got := string(testtool.Run(t, "debugfs", "-R", "cat /guest.txt", fsImage)); strings.TrimSpace(got) != "written by the guest" {
 				t.Fatalf("the guest's file holds %q", got)
