@@ -46,22 +46,31 @@ func (p *Proxy) Ranges() [][2]int64 {
 // NewProxy starts a proxy to target until the test ends.
 func NewProxy(t testing.TB, target string) *Proxy {
 	t.Helper()
-	u, err := url.Parse(target)
+	p, stop, err := StartProxy(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &Proxy{target: u, rnd: rand.New(rand.NewPCG(1, 2))}
+	t.Cleanup(stop)
+	return p
+}
+
+// StartProxy starts a proxy to target, until stop.
+func StartProxy(target string) (p *Proxy, stop func(), err error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, nil, err
+	}
+	p = &Proxy{target: u, rnd: rand.New(rand.NewPCG(1, 2))}
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
 	p.transport.MaxIdleConnsPerHost = 64
 	s := httptest.NewServer(p)
-	t.Cleanup(func() {
+	p.URL = s.URL
+	return p, func() {
 		p.stall.Store(false)
 		s.CloseClientConnections()
 		s.Close()
 		p.transport.CloseIdleConnections()
-	})
-	p.URL = s.URL
-	return p
+	}, nil
 }
 
 // SetLatency makes every request wait d before it is forwarded.

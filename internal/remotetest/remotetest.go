@@ -229,12 +229,23 @@ func (s *S3) do(t testing.TB, method, path string, body []byte) *http.Response {
 // configuration of the test's own, and returns its URL.
 func StartNginx(t testing.TB, root string) string {
 	t.Helper()
-	bin := testtool.Need(t, "nginx")
-	dir := t.TempDir()
+	testtool.Need(t, "nginx")
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	cmd, err := NginxCommand(t.TempDir(), addr, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, cmd, addr)
+	return "http://" + addr
+}
+
+// NginxCommand writes a configuration for nginx to serve the files under
+// root on addr, with its files in dir, and returns the command that runs
+// it in the foreground.
+func NginxCommand(dir, addr, root string) (*exec.Cmd, error) {
 	user := ""
 	if os.Geteuid() == 0 {
-		user = "user root root;" // the workers must read the test's files
+		user = "user root root;" // the workers must read the caller's files
 	}
 	conf := fmt.Sprintf(`%s
 daemon off;
@@ -258,9 +269,7 @@ http {
 `, user, dir, addr, root)
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	cmd := exec.Command(bin, "-p", dir, "-c", path, "-e", filepath.Join(dir, "error.log"))
-	start(t, cmd, addr)
-	return "http://" + addr
+	return exec.Command("nginx", "-p", dir, "-c", path, "-e", filepath.Join(dir, "error.log")), nil
 }

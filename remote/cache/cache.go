@@ -117,7 +117,6 @@ type Disk struct {
 	temp    bool // the directory goes at Close: the object had no validator
 	stats   *Stats
 	sem     *semaphore.Weighted // GETs in flight
-	bufs    chan []byte         // free fetch buffers of maxRun chunks
 	ctx     context.Context     // ends at Close, for background fetches
 	cancel  context.CancelFunc
 	bg      sync.WaitGroup // background fetches and the committer
@@ -146,11 +145,34 @@ var (
 	_ diskserve.Pinner       = (*Disk)(nil)
 )
 
-// A fetch is one chunk on its way: done closes once its bytes are in the
-// data file or err says why not.
+// A fetch is one chunk on its way. Its bytes arrive in buf, filled of
+// them so far; readers that need only the first bytes of the chunk go as
+// soon as those are in (a 4 KiB read does not wait for the whole chunk).
+// done closes once the chunk is in the data file, or err says why not.
+// buf stays until the chunk is committed, so that readers right behind a
+// fetch (a sequential stream, readahead) copy from memory rather than
+// read the file back.
 type fetch struct {
-	done chan struct{}
-	err  error
+	done   chan struct{}
+	err    error
+	buf    []byte  // the chunk's bytes, in the buffer of its GET
+	st     *stream // signals arrivals; filled is guarded by st.mu
+	filled int     // bytes of buf arrived; stays 0 if another process fetched the chunk
+}
+
+// A stream signals the arrivals of one claimed run of chunks.
+type stream struct {
+	mu   sync.Mutex
+	cond sync.Cond
+}
+
+// finish ends f: its waiters see done closed.
+func (f *fetch) finish(err error) {
+	f.err = err
+	close(f.done)
+	f.st.mu.Lock()
+	f.st.cond.Broadcast()
+	f.st.mu.Unlock()
 }
 
 // A run is fetched chunks [first, first+len(kinds)) waiting to be
@@ -217,7 +239,6 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		temp:     temp,
 		stats:    newStats(src),
 		sem:      semaphore.NewWeighted(int64(cfg.Fetches)),
-		bufs:     make(chan []byte, cfg.Fetches),
 		wake:     make(chan struct{}, 1),
 		inflight: map[int64]*fetch{},
 		refs:     make([]atomic.Uint64, (n+63)/64),
@@ -329,12 +350,15 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 		d.stats.hitBytes.Add(n)
 		return int(n), nil
 	}
-	f, waited, err := d.await(first, last)
+	in := off - first*d.chunk
+	n := min(int64(len(p)), d.chunk-in)
+	f, inMemory, waited, err := d.await(first, last, in+n)
 	if err != nil || f == nil {
 		return 0, err
 	}
-	n := min(int64(len(p)), (first+1)*d.chunk-off)
-	if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
+	if inMemory {
+		copy(p[:n], f.buf[in:in+n])
+	} else if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
 		return 0, err
 	}
 	d.touch(first)
@@ -346,46 +370,77 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-// await returns once chunk first is fetched, fetching chunks first to
-// last that nobody fetches yet (at most maxRun of them, with one GET), and
-// says whether it had to wait. It returns nil when the chunk turned out
-// to be present.
-func (d *Disk) await(first, last int64) (f *fetch, waited bool, err error) {
+// await returns once the first need bytes of chunk first have arrived,
+// or the chunk is in the data file: inMemory says which. It starts a
+// fetch of chunks first to last that nobody fetches yet (at most maxRun
+// of them, with one GET), and says whether it had to wait. It returns a
+// nil fetch when the chunk turned out to be present.
+func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, err error) {
 	d.mu.Lock()
 	f, ok := d.inflight[first]
 	if !ok {
 		if d.s.state(first)&kindMask != absent {
 			d.mu.Unlock()
-			return nil, false, nil
+			return nil, false, false, nil
 		}
 		end := d.claim(first, min(last+1, first+d.maxRun))
 		f = d.inflight[first]
+		d.bg.Add(1)
 		d.mu.Unlock()
-		d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
-		d.fetchRun(d.ctx, first, end)
-		d.sem.Release(1)
-		return f, true, f.err
-	}
-	d.mu.Unlock()
-	select {
-	case <-f.done:
-	default:
+		// The GET goes on in the background once the bytes this read
+		// needs are in: the rest of the run may be read next.
+		go func() {
+			defer d.bg.Done()
+			d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
+			d.fetchRun(d.ctx, first, end)
+			d.sem.Release(1)
+		}()
 		waited = true
-		<-f.done
+	} else {
+		d.mu.Unlock()
 	}
-	return f, waited, f.err
+	f.st.mu.Lock()
+	for int64(f.filled) < need && !isClosed(f.done) {
+		waited = true
+		f.st.cond.Wait()
+	}
+	inMemory = int64(f.filled) >= need
+	f.st.mu.Unlock()
+	if inMemory {
+		return f, true, waited, nil
+	}
+	<-f.done
+	return f, false, waited, f.err
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 // claim enters fetches for the absent chunks from first, up to end, that
-// nobody fetches yet, and returns the end of the run claimed. d.mu is
-// held; chunk first is absent and not in flight.
+// nobody fetches yet, with a buffer for their GET, and returns the end of
+// the run claimed. d.mu is held; chunk first is absent and not in flight.
 func (d *Disk) claim(first, end int64) int64 {
-	i := first
-	for ; i < end; i++ {
-		if _, busy := d.inflight[i]; busy || i > first && d.s.state(i)&kindMask != absent {
+	i := first + 1
+	for i < end {
+		if _, busy := d.inflight[i]; busy || d.s.state(i)&kindMask != absent {
 			break
 		}
-		d.inflight[i] = &fetch{done: make(chan struct{})}
+		i++
+	}
+	// A buffer of its own, not pooled: its chunks stay in the fetches
+	// until commit, and the GC frees it once none refers to it.
+	buf := alignedBuffer(min(i*d.chunk, d.size) - first*d.chunk)
+	st := &stream{}
+	st.cond.L = &st.mu
+	for j := first; j < i; j++ {
+		lo := (j - first) * d.chunk
+		d.inflight[j] = &fetch{done: make(chan struct{}), st: st, buf: buf[lo : lo+d.chunkLen(j)]}
 	}
 	return i
 }
@@ -409,7 +464,7 @@ func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
 			f := d.inflight[i]
 			delete(d.inflight, i)
 			d.mu.Unlock()
-			close(f.done)
+			f.finish(nil)
 			d.s.unlockChunks(i, i+1)
 			i++
 			continue
@@ -426,13 +481,24 @@ func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
 // get fetches chunks [first, end), which are claimed and locked, with one
 // GET, handing each chunk out as it arrives.
 func (d *Disk) get(ctx context.Context, first, end int64) {
-	buf := d.buffer()
-	defer func() { d.bufs <- buf }()
 	off := first * d.chunk
 	n := min(end*d.chunk, d.size) - off
-	p := buf[:n]
+	fs := make([]*fetch, end-first)
+	d.mu.Lock()
+	for i := range fs {
+		fs[i] = d.inflight[first+int64(i)]
+	}
+	d.mu.Unlock()
+	st := fs[0].st
+	p := fs[0].buf[:n] // the chunks are consecutive in their run's buffer
 	kinds := make([]uint32, 0, end-first)
 	deliver := func(upto int) {
+		st.mu.Lock()
+		for i, f := range fs[len(kinds):] {
+			f.filled = int(min(max(int64(upto)-int64(len(kinds)+i)*d.chunk, 0), int64(len(f.buf))))
+		}
+		st.cond.Broadcast()
+		st.mu.Unlock()
 		for i := first + int64(len(kinds)); i < end; i++ {
 			lo := (i - first) * d.chunk
 			hi := min(lo+d.chunk, n)
@@ -446,10 +512,7 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 				return
 			}
 			kinds = append(kinds, k)
-			d.mu.Lock()
-			f := d.inflight[i]
-			d.mu.Unlock()
-			close(f.done)
+			fs[i-first].finish(nil)
 		}
 	}
 	start := time.Now()
@@ -489,8 +552,7 @@ func (d *Disk) store(i int64, b []byte) (uint32, error) {
 		err := unix.Fallocate(int(d.s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(len(b)))
 		return zero, err
 	}
-	_, err := d.s.data.WriteAt(b, off)
-	return present, err
+	return present, d.s.writeChunk(b, off)
 }
 
 // fail ends the claimed chunks [first, end) with err: their waiters get
@@ -506,8 +568,7 @@ func (d *Disk) fail(first, end int64, err error) {
 	d.s.unlockChunks(first, end)
 	d.stats.failures.Add(1)
 	for _, f := range fs {
-		f.err = err
-		close(f.done)
+		f.finish(err)
 	}
 }
 
@@ -567,16 +628,6 @@ func (d *Disk) commit() error {
 		d.evict()
 	}
 	return err
-}
-
-// buffer returns a fetch buffer of maxRun chunks.
-func (d *Disk) buffer() []byte {
-	select {
-	case b := <-d.bufs:
-		return b
-	default:
-		return make([]byte, d.maxRun*d.chunk)
-	}
 }
 
 // chunkLen is the length of chunk i: chunk, or less for the last one.

@@ -1,0 +1,346 @@
+// Command remotebench measures diskserve serving an image from an HTTP
+// server side by side with nbdkit's curl plugin (under its cache and
+// readahead filters, as a user would stack them) and qemu-nbd over qemu's
+// curl driver, in one run on one machine, and prints Markdown tables.
+//
+// One nginx serves a 1 GiB raw image of random data; a proxy in front of
+// it counts the bytes each server fetches and adds a latency to every
+// request (0 and, standing in for S3, 5 ms). Every job starts a server
+// with nothing cached (diskserve with an empty cache directory):
+//
+//   - cold 1M sequential read at QD4: fio reads the whole image once;
+//   - cold 4k random read at QD16 for -runtime;
+//   - a boot-like trace of scattered reads and short sequential runs:
+//     bytes fetched over bytes of 1 MiB chunks the trace touches.
+//
+// Then, for diskserve alone: the same image fully cached (after
+// --prefetch=all) against the local file served by diskserve, and a
+// restart, counting the bytes fetched again.
+//
+// Run it from the module root (it builds ./cmd/diskserve):
+//
+//	go run ./bench/remotebench -rounds 2
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/diskserve/diskserve/bench/internal/fio"
+	"github.com/diskserve/diskserve/export/nbd"
+	"github.com/diskserve/diskserve/internal/remotetest"
+)
+
+const imageSize = 1 << 30
+
+type peer struct {
+	name  string
+	start func(url, sock, cache string) *exec.Cmd
+}
+
+func peers(diskserve string, extra []string) []peer {
+	return []peer{
+		{"diskserve", func(url, sock, cache string) *exec.Cmd {
+			return exec.Command(diskserve, append([]string{"serve", "-r", "-f", "raw", "--cache-dir", cache, "--listen", "unix:" + sock, url}, extra...)...)
+		}},
+		{"nbdkit-curl", func(url, sock, _ string) *exec.Cmd {
+			// The first filter is nearest the client: readahead asks
+			// the cache to fetch ahead, the cache keeps what curl got.
+			return exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-r", "-U", sock,
+				"--filter=readahead", "--filter=cache", "curl", url, "cache-on-read=true")
+		}},
+		{"qemu-nbd-curl", func(url, sock, _ string) *exec.Cmd {
+			return exec.Command("qemu-nbd", "-r", "-f", "raw", "-t", "-k", sock, url)
+		}},
+	}
+}
+
+func main() {
+	runtime := flag.Duration("runtime", 3*time.Second, "time of the random-read job")
+	rounds := flag.Int("rounds", 2, "rounds of every job; figures are medians")
+	flags := flag.String("flags", "", "more flags for diskserve serve, space-separated (--chunk-size 256K)")
+	only := flag.Bool("only", false, "measure diskserve alone, for comparing its settings")
+	flag.Parse()
+	log.SetFlags(0)
+	dir, bin := fio.Setup("remotebench")
+	defer os.RemoveAll(dir)
+	www := filepath.Join(dir, "www")
+	os.Mkdir(www, 0o755)
+	img := filepath.Join(www, "disk.raw")
+	fio.WriteRandom(img, imageSize, [][2]int64{{0, imageSize}})
+	content, err := os.ReadFile(img)
+	if err != nil {
+		log.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	nginx, err := remotetest.NginxCommand(dir, addr, www)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := nginx.Start(); err != nil {
+		log.Fatal(err)
+	}
+	defer nginx.Process.Kill()
+	waitTCP(addr)
+	proxy, stop, err := remotetest.StartProxy("http://" + addr)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer stop()
+	url := proxy.URL + "/disk.raw"
+	ps := peers(bin, strings.Fields(*flags))
+	if *only {
+		ps = ps[:1]
+	}
+	trace := bootTrace()
+
+	type key struct{ job, peer string }
+	results := map[key][]float64{}
+	fetched := map[key][]float64{}
+	jobs := []string{"cold 1M sequential read QD4 (MiB/s)", "cold 4k random read QD16 (IOPS)", "boot trace (s)"}
+	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
+		proxy.SetLatency(lat)
+		for round := range *rounds {
+			order := slices.Concat(ps[round%len(ps):], ps[:round%len(ps)])
+			for ji, job := range jobs {
+				for _, p := range order {
+					k := key{fmt.Sprintf("%s, %v latency", job, lat), p.name}
+					before := proxy.Bytes.Load()
+					v := withServer(p, url, dir, func(uri, sock string) float64 {
+						switch ji {
+						case 0:
+							return fioOnce(uri, "--rw=read", "--bs=1m", "--iodepth=4")
+						case 1:
+							return fio.Run(fio.Job{Name: job, Args: []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, Unit: "IOPS"},
+								[]string{"--ioengine=nbd", "--uri=" + uri}, *runtime, imageSize)
+						}
+						start := time.Now()
+						replay(sock, trace, content)
+						return time.Since(start).Seconds()
+					})
+					results[k] = append(results[k], v)
+					fetched[k] = append(fetched[k], float64(proxy.Bytes.Load()-before))
+					log.Printf("latency %v round %d %-14s %-36s %10.2f, %6.0f MiB fetched", lat, round+1, p.name, job, v, float64(proxy.Bytes.Load()-before)/(1<<20))
+				}
+			}
+		}
+	}
+	fmt.Println("| job | diskserve | nbdkit-curl | qemu-nbd-curl | diskserve / better peer |")
+	fmt.Println("|---|---|---|---|---|")
+	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
+		for _, job := range jobs {
+			name := fmt.Sprintf("%s, %v latency", job, lat)
+			var vs []float64
+			for _, p := range ps {
+				vs = append(vs, fio.Median(results[key{name, p.name}]))
+			}
+			if len(vs) < 3 {
+				fmt.Printf("| %s | %.1f |\n", name, vs[0])
+				continue
+			}
+			ratio := vs[0] / max(vs[1], vs[2])
+			if strings.HasSuffix(job, "(s)") { // a time: the better peer's over ours
+				ratio = min(vs[1], vs[2]) / vs[0]
+			}
+			fmt.Printf("| %s | %.1f | %.1f | %.1f | %.2f |\n", name, vs[0], vs[1], vs[2], ratio)
+		}
+	}
+	distinct := traceChunks(trace)
+	fmt.Println("\n| bytes fetched (MiB) | diskserve | nbdkit-curl | qemu-nbd-curl |")
+	fmt.Println("|---|---|---|---|")
+	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
+		for _, job := range jobs {
+			name := fmt.Sprintf("%s, %v latency", job, lat)
+			fmt.Printf("| %s |", name)
+			for _, p := range ps {
+				fmt.Printf(" %.0f |", fio.Median(fetched[key{name, p.name}])/(1<<20))
+			}
+			fmt.Println()
+		}
+	}
+	fmt.Printf("\nThe boot trace reads %d MiB touching %d MiB of 1 MiB chunks.\n", traceBytes(trace)>>20, distinct>>20)
+	warmAndRestart(bin, url, img, dir, proxy, *runtime)
+}
+
+// warmAndRestart compares diskserve serving the image from a full cache
+// with diskserve serving the local file, and counts what a restart
+// fetches.
+func warmAndRestart(bin, url, img, dir string, proxy *remotetest.Proxy, runtime time.Duration) {
+	proxy.SetLatency(0)
+	cache := filepath.Join(dir, "warm-cache")
+	os.RemoveAll(cache)
+	fill := exec.Command(bin, "convert", "--cache-dir", cache, "-f", "raw", "-O", "raw", url, filepath.Join(dir, "copy.raw"))
+	if out, err := fill.CombinedOutput(); err != nil {
+		log.Fatalf("fill: %v\n%s", err, out)
+	}
+	os.Remove(filepath.Join(dir, "copy.raw"))
+	remote := peer{"diskserve-cached", func(url, sock, _ string) *exec.Cmd {
+		return exec.Command(bin, "serve", "-r", "-f", "raw", "--cache-dir", cache, "--listen", "unix:"+sock, url)
+	}}
+	local := peer{"diskserve-local", func(_, sock, _ string) *exec.Cmd {
+		return exec.Command(bin, "serve", "-r", "-f", "raw", "--listen", "unix:"+sock, img)
+	}}
+	jobs := []fio.Job{
+		{Name: "4k random read QD16", Args: []string{"--rw=randread", "--bs=4k", "--iodepth=16"}, Unit: "IOPS"},
+		{Name: "1M sequential read QD4", Args: []string{"--rw=read", "--bs=1m", "--iodepth=4"}, Unit: "MiB/s"},
+	}
+	fmt.Println("\n| fully cached | remote image, cached | local file | ratio |\n|---|---|---|---|")
+	before := proxy.Bytes.Load()
+	for _, j := range jobs {
+		var a, b []float64
+		for range 3 {
+			fio.Warm(img)
+			data, _ := filepath.Glob(filepath.Join(cache, "*", "data"))
+			for _, f := range data {
+				fio.Warm(f)
+			}
+			a = append(a, withServer(remote, url, dir, func(uri, _ string) float64 {
+				return fio.Run(j, []string{"--ioengine=nbd", "--uri=" + uri}, runtime, imageSize)
+			}))
+			b = append(b, withServer(local, url, dir, func(uri, _ string) float64 {
+				return fio.Run(j, []string{"--ioengine=nbd", "--uri=" + uri}, runtime, imageSize)
+			}))
+		}
+		fmt.Printf("| %s (%s) | %.0f | %.0f | %.2f |\n", j.Name, j.Unit, fio.Median(a), fio.Median(b), fio.Median(a)/fio.Median(b))
+	}
+	fmt.Printf("\nRestarted servers on the full cache fetched %d bytes of data.\n", proxy.Bytes.Load()-before)
+}
+
+// withServer starts p for url with an empty cache, runs fn against it and
+// stops it.
+func withServer(p peer, url, dir string, fn func(uri, sock string) float64) float64 {
+	sock := filepath.Join(dir, "nbd.sock")
+	os.Remove(sock)
+	cache, err := os.MkdirTemp(dir, "cache")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(cache)
+	cmd := p.start(url, sock, cache)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		log.Fatalf("%s: %v", p.name, err)
+	}
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	uri := "nbd+unix:///?socket=" + sock
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if exec.Command("nbdinfo", "--size", uri).Run() == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			log.Fatalf("%s did not start: %s", p.name, stderr.String())
+		}
+	}
+	return fn(uri, sock)
+}
+
+// fioOnce reads the whole export once with fio's nbd engine and returns
+// MiB/s.
+func fioOnce(uri string, args ...string) float64 {
+	cmd := exec.Command("fio", append([]string{"--name=once", "--ioengine=nbd", "--uri=" + uri, "--size=" + strconv.Itoa(imageSize), "--output-format=json"}, args...)...)
+	out, err := cmd.Output()
+	if err != nil {
+		log.Fatalf("fio: %v\n%s", err, out)
+	}
+	var res struct{ Jobs []struct{ Read struct{ BW float64 } } }
+	if i := bytes.IndexByte(out, '{'); i < 0 || json.Unmarshal(out[i:], &res) != nil || len(res.Jobs) == 0 {
+		log.Fatalf("fio: no result in\n%s", out)
+	}
+	return res.Jobs[0].Read.BW / 1024
+}
+
+// bootTrace is a boot-like read pattern: scattered reads of 4 to 128 KiB
+// and a few sequential runs of 1 to 4 MiB, over the image.
+func bootTrace() [][2]int64 {
+	rnd := rand.New(rand.NewPCG(7, 7))
+	var trace [][2]int64
+	for len(trace) < 400 {
+		if rnd.IntN(10) < 2 {
+			off := rnd.Int64N(imageSize-8<<20) &^ 4095
+			for o := off; o < off+(1+rnd.Int64N(4))<<20; o += 128 << 10 {
+				trace = append(trace, [2]int64{o, 128 << 10})
+			}
+			continue
+		}
+		n := (1 + rnd.Int64N(32)) * 4096
+		trace = append(trace, [2]int64{rnd.Int64N(imageSize-n) &^ 4095, n})
+	}
+	return trace
+}
+
+func traceBytes(trace [][2]int64) (n int64) {
+	for _, r := range trace {
+		n += r[1]
+	}
+	return n
+}
+
+// traceChunks is the bytes of the 1 MiB chunks the trace touches.
+func traceChunks(trace [][2]int64) int64 {
+	touched := map[int64]bool{}
+	for _, r := range trace {
+		for c := r[0] >> 20; c <= (r[0]+r[1]-1)>>20; c++ {
+			touched[c] = true
+		}
+	}
+	return int64(len(touched)) << 20
+}
+
+// replay reads the trace through the export at sock, one request at a
+// time as a booting guest mostly does, and checks the bytes.
+func replay(sock string, trace [][2]int64, content []byte) {
+	c, err := nbd.Dial("unix", sock, "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	for _, r := range trace {
+		p := make([]byte, r[1])
+		if _, err := c.ReadAt(p, r[0]); err != nil {
+			log.Fatal(err)
+		}
+		if !bytes.Equal(p, content[r[0]:r[0]+r[1]]) {
+			log.Fatalf("trace: wrong bytes at %d", r[0])
+		}
+	}
+}
+
+func waitTCP(addr string) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			log.Fatalf("nothing listens on %s", addr)
+		}
+	}
+}
