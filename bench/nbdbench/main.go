@@ -20,7 +20,6 @@
 package main
 
 import (
-	"bytes"
 	"flag"
 	"fmt"
 	"io"
@@ -193,31 +192,9 @@ func withServerCmd(p peer, image, dir string, fn func(uri string, cmd *exec.Cmd)
 	sock := filepath.Join(dir, p.name+".sock")
 	os.Remove(sock)
 	cmd := p.start(image, sock)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		log.Fatalf("%s: %v", p.name, err)
-	}
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if err := exec.Command("nbdinfo", "--size", "nbd+unix:///?socket="+sock).Run(); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			log.Fatalf("%s did not start: %s", p.name, stderr.String())
-		}
-	}
-	return fn("nbd+unix:///?socket="+sock, cmd)
+	uri, stop := fio.StartNBD(p.name, cmd, sock)
+	defer stop()
+	return fn(uri, cmd)
 }
 
 // nbdTarget is fio's target for the NBD export at uri.

@@ -233,32 +233,8 @@ func withServer(p peer, url, dir string, fn func(uri, sock string) float64) floa
 		log.Fatal(err)
 	}
 	defer os.RemoveAll(cache)
-	cmd := p.start(url, sock, cache)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		log.Fatalf("%s: %v", p.name, err)
-	}
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}()
-	uri := "nbd+unix:///?socket=" + sock
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if exec.Command("nbdinfo", "--size", uri).Run() == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			log.Fatalf("%s did not start: %s", p.name, stderr.String())
-		}
-	}
+	uri, stop := fio.StartNBD(p.name, p.start(url, sock, cache), sock)
+	defer stop()
 	return fn(uri, sock)
 }
 
@@ -270,7 +246,9 @@ func fioOnce(uri string, args ...string) float64 {
 	if err != nil {
 		log.Fatalf("fio: %v\n%s", err, out)
 	}
-	var res struct{ Jobs []struct{ Read struct{ BW float64 } } }
+	var res struct {
+		Jobs []struct{ Read struct{ BW float64 } }
+	}
 	if i := bytes.IndexByte(out, '{'); i < 0 || json.Unmarshal(out[i:], &res) != nil || len(res.Jobs) == 0 {
 		log.Fatalf("fio: no result in\n%s", out)
 	}

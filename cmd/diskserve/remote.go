@@ -73,12 +73,17 @@ func (f *remoteFlags) config(log *slog.Logger) (remote.Config, error) {
 	return cfg, nil
 }
 
-// cacheRoot is the cache directory the flags name, or the default.
-func (f *remoteFlags) cacheRoot() (string, error) {
-	if f.cacheDir != "" {
-		return f.cacheDir, nil
+// entries lists the caches under the directory the flags name, or the
+// default one.
+func (f *remoteFlags) entries() ([]cache.Entry, error) {
+	root := f.cacheDir
+	if root == "" {
+		var err error
+		if root, err = remote.DefaultCacheDir(); err != nil {
+			return nil, err
+		}
 	}
-	return remote.DefaultCacheDir()
+	return cache.List(root)
 }
 
 func newCacheCommand() *cobra.Command {
@@ -96,11 +101,7 @@ processes on the host. These commands look after it.`,
 		Short: "List the cached images: URL, version, size, how much is cached",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			root, err := f.cacheRoot()
-			if err != nil {
-				return err
-			}
-			entries, err := cache.List(root)
+			entries, err := f.entries()
 			if err != nil {
 				return err
 			}
@@ -146,11 +147,7 @@ CRC-32C recorded when it was fetched. It exits 1 if any chunk fails; run
 prune --all (or delete the directory) to start that image's cache over.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			root, err := f.cacheRoot()
-			if err != nil {
-				return err
-			}
-			entries, err := cache.List(root)
+			entries, err := f.entries()
 			if err != nil {
 				return err
 			}
@@ -183,11 +180,7 @@ prune --all (or delete the directory) to start that image's cache over.`,
 			if !all && olderThan == 0 {
 				return errors.New("say which caches to delete: --all or --older-than DURATION")
 			}
-			root, err := f.cacheRoot()
-			if err != nil {
-				return err
-			}
-			entries, err := cache.List(root)
+			entries, err := f.entries()
 			if err != nil {
 				return err
 			}

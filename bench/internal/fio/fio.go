@@ -166,3 +166,34 @@ func Warm(path string) {
 		pos = hole
 	}
 }
+
+// StartNBD starts cmd, a server of an NBD export on the Unix socket sock,
+// and waits until nbdinfo can reach the export. It returns the export's
+// URI and a function that stops the server (SIGINT, then SIGKILL after
+// 10 s). A server that does not start ends the benchmark.
+func StartNBD(name string, cmd *exec.Cmd, sock string) (uri string, stop func()) {
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		log.Fatalf("%s: %v", name, err)
+	}
+	stop = func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}
+	uri = "nbd+unix:///?socket=" + sock
+	for deadline := time.Now().Add(10 * time.Second); exec.Command("nbdinfo", "--size", uri).Run() != nil; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			stop()
+			log.Fatalf("%s did not start: %s", name, stderr.String())
+		}
+	}
+	return uri, stop
+}
