@@ -232,3 +232,35 @@ func TestCredentialsStayOut(t *testing.T) {
 		t.Errorf("the cache's meta.json holds credentials: %s", meta)
 	}
 }
+
+// TestRedirectAndRefusedHEAD opens a URL that redirects, on a server that
+// refuses HEAD as a presigned GET URL does: the size comes from a ranged
+// GET, and later GETs go straight to where the redirect led.
+func TestRedirectAndRefusedHEAD(t *testing.T) {
+	data := content(3 << 20)
+	o := &object{data: data, etag: `"v1"`}
+	var redirected, heads atomic.Int64
+	s := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodHead:
+			heads.Add(1)
+			http.Error(w, "signature does not match", http.StatusForbidden)
+		case r.URL.Path == "/old.img":
+			redirected.Add(1)
+			http.Redirect(w, r, "/new.img?X-Amz-Signature=SECRET", http.StatusFound)
+		default:
+			o.ServeHTTP(w, r)
+		}
+	}))
+	d := openURL(t, s.URL+"/old.img", config(t), diskserve.Options{Format: "raw"})
+	got := make([]byte, len(data))
+	if err := diskserve.ReadFullAt(d, got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read: %v", err)
+	}
+	if redirected.Load() != 1 || heads.Load() != 1 { // the probing GET at open
+		t.Errorf("%d requests redirected, %d HEADs", redirected.Load(), heads.Load())
+	}
+	if info := diskserve.Describe(d); info.Filename != s.URL+"/new.img" {
+		t.Errorf("described as %q", info.Filename)
+	}
+}

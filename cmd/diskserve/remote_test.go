@@ -168,6 +168,22 @@ func TestRemoteS3(t *testing.T) {
 		t.Errorf("cache list:\n%s", list)
 	}
 	mustRun(t, "cache", "verify", "--cache-dir", cache)
+
+	// Credentials from a profile of the shared credentials file, and a
+	// wrong secret refused without the secret in the message.
+	creds := filepath.Join(dir, "credentials")
+	os.WriteFile(creds, []byte("[golden]\naws_access_key_id = "+remotetest.AccessKey+"\naws_secret_access_key = "+remotetest.SecretKey+"\n"), 0o600)
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", creds)
+	t.Setenv("AWS_PROFILE", "golden")
+	mustRun(t, "info", "--cache-dir", cache, url)
+	t.Setenv("AWS_PROFILE", "")
+	t.Setenv("AWS_ACCESS_KEY_ID", remotetest.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-42")
+	if _, errOut, code := run(t, nil, "info", "--cache-dir", cache, url); code != 1 || !strings.Contains(errOut, "403") || strings.Contains(errOut, "not-the-secret-42") {
+		t.Errorf("a wrong secret: exit %d\n%s", code, errOut)
+	}
 	if pruned := mustRun(t, "cache", "prune", "--all", "--cache-dir", cache); strings.Count(pruned, "removed") != 2 {
 		t.Errorf("cache prune:\n%s", pruned)
 	}

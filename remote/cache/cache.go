@@ -117,10 +117,14 @@ type Disk struct {
 	temp    bool // the directory goes at Close: the object had no validator
 	stats   *Stats
 	sem     *semaphore.Weighted // GETs in flight
-	ctx     context.Context     // ends at Close, for background fetches
+	ctx     context.Context     // ends at Close, for readahead and prefetch
 	cancel  context.CancelFunc
-	bg      sync.WaitGroup // background fetches and the committer
+	demand  context.Context // ends closeGrace after Close, for fetches readers started
+	stopDem context.CancelFunc
+	bg      sync.WaitGroup // fetches and the prefetcher
 	wake    chan struct{}  // asks the committer for an early commit
+	stop    chan struct{}  // stops the committer
+	stopped chan struct{}  // closed when it has
 	evictMu sync.Mutex
 	hand    int64 // eviction's clock hand
 
@@ -253,7 +257,8 @@ func Open(src Source, cfg Config) (*Disk, error) {
 	}
 	d.stats.cached.Store(d.resident.Load())
 	d.ctx, d.cancel = context.WithCancel(context.Background())
-	d.bg.Add(1)
+	d.demand, d.stopDem = context.WithCancel(context.Background())
+	d.stop, d.stopped = make(chan struct{}), make(chan struct{})
 	go d.committer()
 	if cfg.Prefetch {
 		d.bg.Add(1)
@@ -286,14 +291,31 @@ func (d *Disk) Chunks() int64 { return d.n }
 // Dir returns the object's cache directory.
 func (d *Disk) Dir() string { return d.s.dir }
 
-// Close stops background fetches, commits what was fetched and releases
-// the cache and the source.
+// closeGrace is how long Close lets the GETs that readers started go on:
+// a reader that got its bytes early leaves the rest of its chunk coming,
+// and cutting that off would only make the next run fetch it again.
+const closeGrace = 5 * time.Second
+
+// Close stops readahead and prefetch at once, lets the fetches readers
+// started finish (for closeGrace at most), commits what was fetched and
+// releases the cache and the source.
 func (d *Disk) Close() error {
+	wakeWaiters := func() {
+		d.mu.Lock()
+		d.drained.Broadcast() // fetches waiting for a commit see the cancel
+		d.mu.Unlock()
+	}
 	d.cancel()
-	d.mu.Lock()
-	d.drained.Broadcast() // fetches waiting for a commit see the cancel
-	d.mu.Unlock()
+	wakeWaiters()
+	grace := time.AfterFunc(closeGrace, func() {
+		d.stopDem()
+		wakeWaiters()
+	})
 	d.bg.Wait()
+	grace.Stop()
+	d.stopDem()
+	close(d.stop)
+	<-d.stopped
 	err := d.commit()
 	unregister(d)
 	err = errors.Join(err, d.s.close(), d.src.Close())
@@ -392,7 +414,7 @@ func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, 
 		go func() {
 			defer d.bg.Done()
 			d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
-			d.fetchRun(d.ctx, first, end)
+			d.fetchRun(d.demand, first, end)
 			d.sem.Release(1)
 		}()
 		waited = true
@@ -575,12 +597,12 @@ func (d *Disk) fail(first, end int64, err error) {
 // committer commits fetched chunks every commitInterval, or sooner when
 // many are waiting, until Close.
 func (d *Disk) committer() {
-	defer d.bg.Done()
+	defer close(d.stopped)
 	t := time.NewTicker(commitInterval)
 	defer t.Stop()
 	for {
 		select {
-		case <-d.ctx.Done():
+		case <-d.stop:
 			return
 		case <-t.C:
 		case <-d.wake:
