@@ -71,7 +71,8 @@ func main() {
 	runtime := flag.Duration("runtime", 3*time.Second, "time of the random-read job")
 	rounds := flag.Int("rounds", 2, "rounds of every job; figures are medians")
 	flags := flag.String("flags", "", "more flags for diskserve serve, space-separated (--chunk-size 256K)")
-	only := flag.Bool("only", false, "measure diskserve alone, for comparing its settings")
+	only := flag.String("peers", "diskserve,nbdkit-curl,qemu-nbd-curl", "the servers to measure, comma-separated")
+	jobsFlag := flag.String("jobs", "seq,rand,trace", "the jobs to run, comma-separated")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, bin := fio.Setup("remotebench")
@@ -105,21 +106,22 @@ func main() {
 	}
 	defer stop()
 	url := proxy.URL + "/disk.raw"
-	ps := peers(bin, strings.Fields(*flags))
-	if *only {
-		ps = ps[:1]
-	}
+	ps := slices.DeleteFunc(peers(bin, strings.Fields(*flags)), func(p peer) bool { return !slices.Contains(strings.Split(*only, ","), p.name) })
 	trace := bootTrace()
 
 	type key struct{ job, peer string }
 	results := map[key][]float64{}
 	fetched := map[key][]float64{}
 	jobs := []string{"cold 1M sequential read QD4 (MiB/s)", "cold 4k random read QD16 (IOPS)", "boot trace (s)"}
+	jobKeys := []string{"seq", "rand", "trace"}
 	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
 		proxy.SetLatency(lat)
 		for round := range *rounds {
 			order := slices.Concat(ps[round%len(ps):], ps[:round%len(ps)])
 			for ji, job := range jobs {
+				if !slices.Contains(strings.Split(*jobsFlag, ","), jobKeys[ji]) {
+					continue
+				}
 				for _, p := range order {
 					k := key{fmt.Sprintf("%s, %v latency", job, lat), p.name}
 					before := proxy.Bytes.Load()
@@ -151,6 +153,9 @@ func main() {
 			for _, p := range ps {
 				vs = append(vs, fio.Median(results[key{name, p.name}]))
 			}
+			if len(results[key{name, ps[0].name}]) == 0 {
+				continue
+			}
 			if len(vs) < 3 {
 				fmt.Printf("| %s | %.1f |\n", name, vs[0])
 				continue
@@ -176,7 +181,9 @@ func main() {
 		}
 	}
 	fmt.Printf("\nThe boot trace reads %d MiB touching %d MiB of 1 MiB chunks.\n", traceBytes(trace)>>20, distinct>>20)
-	warmAndRestart(bin, url, img, dir, proxy, *runtime)
+	if ps[0].name == "diskserve" {
+		warmAndRestart(bin, url, img, dir, proxy, *runtime)
+	}
 }
 
 // warmAndRestart compares diskserve serving the image from a full cache

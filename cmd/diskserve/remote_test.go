@@ -102,9 +102,16 @@ func TestRemoteS3(t *testing.T) {
 		t.Fatalf("info: %+v", info)
 	}
 
-	sock, srv := serveAt(t, dir, "-r", "--cache-dir", cache, url)
+	ctl := filepath.Join(dir, "ctl.sock")
+	sock, srv := serveAt(t, dir, "-r", "--cache-dir", cache, "--control", "unix:"+ctl, url)
 	if got := readExport(t, sock, len(content)); !bytes.Equal(got, content) {
 		t.Fatal("the export differs from the image")
+	}
+	metrics := mustRun(t, "control", "--socket", ctl, "metrics")
+	for _, m := range []string{`diskserve_remote_gets_total{export="",image="s3://golden/base.qcow2"}`, `diskserve_remote_fetched_bytes_total{export="",image="s3://golden/base.qcow2"}`, `diskserve_remote_fetch_seconds_count{export="",image="s3://golden/base.qcow2"}`} {
+		if !strings.Contains(metrics, m) {
+			t.Errorf("the metrics have no %s:\n%s", m, metrics)
+		}
 	}
 	srv.stop(t, syscall.SIGTERM)
 	fetched := proxy.Bytes.Load()

@@ -191,10 +191,18 @@ func (f *serveFlags) openExport(name, path string, opts diskserve.Options, log *
 		d   diskserve.DiskFile
 		err error
 	)
-	if f.overlayDir != "" {
-		d, err = f.openOverlay(name, path, opts, log)
+	open := func() error {
+		if f.overlayDir != "" {
+			d, err = f.openOverlay(name, path, opts, log)
+		} else {
+			d, err = format.Open(path, opts)
+		}
+		return err
+	}
+	if f.metrics != nil {
+		f.metrics.RemoteOf(name, open)
 	} else {
-		d, err = format.Open(path, opts)
+		open()
 	}
 	if err != nil {
 		return nil, err

@@ -15,6 +15,7 @@ type Metrics struct {
 	bytes    *prometheus.CounterVec
 	errors   *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
+	remote   *remoteCollector
 }
 
 // NewMetrics registers the metrics with reg.
@@ -29,7 +30,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: prometheus.ExponentialBuckets(1e-6, 4, 12), // 1 µs to 4 s
 		}, labels),
 	}
-	reg.MustRegister(m.requests, m.bytes, m.errors, m.latency, newRemoteCollector())
+	m.remote = newRemoteCollector()
+	reg.MustRegister(m.requests, m.bytes, m.errors, m.latency, m.remote)
 	return m
 }
 
