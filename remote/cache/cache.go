@@ -73,7 +73,7 @@ const (
 	DefaultMaxFetch     = 4 << 20
 	DefaultPrefetchRate = 256 << 20
 	commitInterval      = 200 * time.Millisecond
-	commitBytes         = 32 << 20        // fetched bytes that make a commit start early
+	commitBytes         = 16 << 20        // fetched bytes that make a commit start early
 	maxPending          = 2 * commitBytes // fetched bytes at most awaiting a commit: new GETs wait
 	prefetchStreams     = 2
 )
@@ -251,8 +251,12 @@ func Open(src Source, cfg Config) (*Disk, error) {
 	d.drained = sync.NewCond(&d.mu)
 	d.ra.max = max(1, 2*cfg.MaxFetch/chunk)
 	for i := range n {
-		if s.state(i)&kindMask == present {
+		switch s.state(i) & kindMask {
+		case present:
 			d.resident.Add(d.chunkLen(i))
+		case absent, zero:
+		default: // no such state: a damaged file; fetch the chunk again
+			s.setState(i, absent)
 		}
 	}
 	d.stats.cached.Store(d.resident.Load())
