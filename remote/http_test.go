@@ -2,6 +2,7 @@ package remote_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -22,6 +23,7 @@ import (
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/internal/disktest"
+	"github.com/diskserve/diskserve/internal/newimage"
 	"github.com/diskserve/diskserve/remote"
 	"github.com/diskserve/diskserve/remote/cache"
 )
@@ -262,5 +264,51 @@ func TestRedirectAndRefusedHEAD(t *testing.T) {
 	}
 	if info := diskserve.Describe(d); info.Filename != s.URL+"/new.img" {
 		t.Errorf("described as %q", info.Filename)
+	}
+}
+
+// TestFormatsOverHTTP converts one content into every format diskserve
+// writes, serves the directory over HTTP, and reads each image by URL
+// through the opener: formats parse a remote container as a file, and a
+// composite finds its components relative to its URL.
+func TestFormatsOverHTTP(t *testing.T) {
+	data := content(6 << 20)
+	copy(data[2<<20:], make([]byte, 1<<20))
+	dir := t.TempDir()
+	src := disktest.NewMemory(data, true)
+	images := map[string]string{
+		"qcow2":          "",
+		"zstd":           "frame_size=256K",
+		"android-sparse": "",
+		"composite":      "components=3",
+	}
+	for name, opts := range images {
+		f, err := diskserve.LookupFormat(format.All(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o, err := diskserve.ParseCreateOptions([]string{opts})
+		if opts == "" {
+			o, err = diskserve.ParseCreateOptions(nil)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := newimage.Convert(context.Background(), src, filepath.Join(dir, "disk."+name), newimage.Target{Format: f, Options: o, Compress: name == "qcow2"}, nil); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	s := serve(t, http.FileServer(http.Dir(dir)))
+	for name := range images {
+		t.Run(name, func(t *testing.T) {
+			d := openURL(t, s.URL+"/disk."+name, config(t), diskserve.Options{})
+			if got := diskserve.Describe(d).Format; got != name {
+				t.Errorf("detected as %s", got)
+			}
+			got := make([]byte, len(data))
+			if err := diskserve.ReadFullAt(d, got, 0); err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("read: %v", err)
+			}
+		})
 	}
 }

@@ -176,6 +176,14 @@ func TestRemoteS3(t *testing.T) {
 	}
 	mustRun(t, "cache", "verify", "--cache-dir", cache)
 
+	// A presigned URL, which refuses HEAD, works as a plain URL and never
+	// shows its signature.
+	presigned := s3.Presign(t, "golden", "base.raw")
+	info2 := mustRun(t, "info", "--cache-dir", cache, presigned)
+	if !strings.Contains(info2, "virtual size: 64 MiB") || strings.Contains(info2, "Signature") {
+		t.Errorf("info of a presigned URL:\n%s", info2)
+	}
+
 	// Credentials from a profile of the shared credentials file, and a
 	// wrong secret refused without the secret in the message.
 	creds := filepath.Join(dir, "credentials")
@@ -191,7 +199,7 @@ func TestRemoteS3(t *testing.T) {
 	if _, errOut, code := run(t, nil, "info", "--cache-dir", cache, url); code != 1 || !strings.Contains(errOut, "403") || strings.Contains(errOut, "not-the-secret-42") {
 		t.Errorf("a wrong secret: exit %d\n%s", code, errOut)
 	}
-	if pruned := mustRun(t, "cache", "prune", "--all", "--cache-dir", cache); strings.Count(pruned, "removed") != 2 {
+	if pruned := mustRun(t, "cache", "prune", "--all", "--cache-dir", cache); strings.Count(pruned, "removed") != 3 { // the qcow2, the raw object, and the raw object by presigned URL
 		t.Errorf("cache prune:\n%s", pruned)
 	}
 }

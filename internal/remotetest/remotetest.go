@@ -273,3 +273,18 @@ http {
 	}
 	return exec.Command("nginx", "-p", dir, "-c", path, "-e", filepath.Join(dir, "error.log")), nil
 }
+
+// Presign returns a presigned GET URL of bucket/key, valid for an hour.
+func (s *S3) Presign(t testing.TB, bucket, key string) string {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, s.URL+"/"+bucket+"/"+key+"?X-Amz-Expires=3600", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := aws.Credentials{AccessKeyID: AccessKey, SecretAccessKey: SecretKey}
+	u, _, err := v4.NewSigner().PresignHTTP(context.Background(), creds, req, "UNSIGNED-PAYLOAD", "s3", Region, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
