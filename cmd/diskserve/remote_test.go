@@ -55,13 +55,20 @@ func serveAt(t *testing.T, dir string, args ...string) (string, *server) {
 	return sock, s
 }
 
-// readExport reads the whole default export at sock.
-func readExport(t *testing.T, sock string, size int) []byte {
+// dial connects to the default export at sock.
+func dial(t *testing.T, sock string) *nbd.Client {
 	t.Helper()
 	c, err := nbd.Dial("unix", sock, "")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c
+}
+
+// readExport reads the whole default export at sock.
+func readExport(t *testing.T, sock string, size int) []byte {
+	t.Helper()
+	c := dial(t, sock)
 	defer c.Close()
 	got := make([]byte, size)
 	for off := 0; off < size; off += 1 << 20 {
@@ -208,10 +215,7 @@ func TestRemoteS3(t *testing.T) {
 // sock, and into want.
 func writeExport(t *testing.T, sock string, want []byte, off, n int) {
 	t.Helper()
-	c, err := nbd.Dial("unix", sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dial(t, sock)
 	defer c.Close()
 	p := make([]byte, n)
 	rand.NewChaCha8([32]byte{byte(off)}).Read(p)
@@ -379,10 +383,7 @@ func TestRemoteReplaced(t *testing.T) {
 	s3.Put(t, "golden", "disk.raw", old)
 	remotetest.Env(t, s3.URL)
 	sock, _ := serveAt(t, dir, "-r", "--cache-dir", filepath.Join(dir, "cache"), "s3://golden/disk.raw")
-	c, err := nbd.Dial("unix", sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dial(t, sock)
 	defer c.Close()
 	p := make([]byte, 64<<10)
 	if _, err := c.ReadAt(p, 0); err != nil || !bytes.Equal(p, old[:len(p)]) {
@@ -610,10 +611,7 @@ func TestRemoteMemoryBounded(t *testing.T) {
 	defer s.Close()
 	cache := filepath.Join(dir, "cache")
 	sock, srv := serveAt(t, dir, "-r", "--cache-dir", cache, "--cache-size", "256M", s.URL+"/big.img")
-	c, err := nbd.Dial("unix", sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dial(t, sock)
 	defer c.Close()
 	p := make([]byte, 4<<20)
 	var peakDisk int64
