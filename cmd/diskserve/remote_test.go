@@ -547,11 +547,29 @@ func TestRemoteFleet(t *testing.T) {
 	for _, s := range servers {
 		s.stop(t, syscall.SIGTERM)
 	}
+	before := make([][][2]int64, hosts)
+	for i, p := range proxies {
+		before[i] = p.Ranges()
+	}
 	start()
 	runAll(socks)
+	// Restarted, a host fetches nothing it had. Readahead, which depends
+	// on timing, may go on past a sequential run into chunks the first
+	// run did not fetch, and never the trace touches: at most one window.
 	for i, p := range proxies {
-		if again := p.Bytes.Load() - fetched[i]; again != 0 {
-			t.Errorf("host %d fetched %d bytes again after a restart", i, again)
+		more := p.Bytes.Load() - fetched[i]
+		for _, r := range p.Ranges()[len(before[i]):] {
+			for _, b := range before[i] {
+				if r[0] <= b[1] && b[0] <= r[1] {
+					t.Errorf("host %d fetched bytes %d-%d again after a restart", i, max(r[0], b[0]), min(r[1], b[1]))
+				}
+			}
+		}
+		if more > 8<<20 {
+			t.Errorf("host %d fetched %d bytes after a restart", i, more)
+		}
+		if more > 0 {
+			t.Logf("host %d: readahead fetched %d bytes more after the restart, none fetched before", i, more)
 		}
 	}
 	for _, s := range servers {

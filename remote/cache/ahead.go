@@ -66,7 +66,7 @@ func (d *Disk) fetchAhead(first, end int64) bool {
 		return false
 	}
 	d.mu.Lock()
-	if _, busy := d.inflight[first]; busy || d.ctx.Err() != nil {
+	if _, busy := d.inflight[first]; busy || d.demand.Err() != nil {
 		d.mu.Unlock()
 		d.sem.Release(1)
 		return true
@@ -78,7 +78,7 @@ func (d *Disk) fetchAhead(first, end int64) bool {
 	go func() {
 		defer d.bg.Done()
 		defer d.sem.Release(1)
-		d.fetchRun(d.ctx, first, end)
+		d.fetchRun(d.demand, first, end)
 	}()
 	return true
 }

@@ -117,9 +117,9 @@ type Disk struct {
 	temp    bool // the directory goes at Close: the object had no validator
 	stats   *Stats
 	sem     *semaphore.Weighted // GETs in flight
-	ctx     context.Context     // ends at Close, for readahead and prefetch
+	ctx     context.Context     // ends at Close, for prefetch
 	cancel  context.CancelFunc
-	demand  context.Context // ends closeGrace after Close, for fetches readers started
+	demand  context.Context // ends closeGrace after Close, for fetches readers started (readahead too)
 	stopDem context.CancelFunc
 	bg      sync.WaitGroup // fetches and the prefetcher
 	wake    chan struct{}  // asks the committer for an early commit
@@ -295,14 +295,15 @@ func (d *Disk) Chunks() int64 { return d.n }
 // Dir returns the object's cache directory.
 func (d *Disk) Dir() string { return d.s.dir }
 
-// closeGrace is how long Close lets the GETs that readers started go on:
-// a reader that got its bytes early leaves the rest of its chunk coming,
-// and cutting that off would only make the next run fetch it again.
+// closeGrace is how long Close lets the GETs that readers started go on
+// (their own and readahead): a reader that got its bytes early leaves the
+// rest of its chunk coming, and cutting that off would only make the next
+// run fetch it again.
 const closeGrace = 5 * time.Second
 
-// Close stops readahead and prefetch at once, lets the fetches readers
-// started finish (for closeGrace at most), commits what was fetched and
-// releases the cache and the source.
+// Close stops prefetch at once, lets the fetches readers started finish
+// (for closeGrace at most), commits what was fetched and releases the
+// cache and the source.
 func (d *Disk) Close() error {
 	wakeWaiters := func() {
 		d.mu.Lock()
