@@ -9,7 +9,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/binary"
 	"flag"
 	"fmt"
@@ -18,7 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/diskserve/diskserve/bench/internal/fio"
@@ -98,21 +96,8 @@ func peak(bin, dir, image string, runtime time.Duration) string {
 	sock := filepath.Join(dir, "nbd.sock")
 	os.Remove(sock)
 	cmd := exec.Command(bin, "serve", "-r", "--listen", "unix:"+sock, image)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		log.Fatal(err)
-	}
-	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-	}()
-	uri := "nbd+unix:///?socket=" + sock
-	for deadline := time.Now().Add(20 * time.Second); exec.Command("nbdinfo", "--size", uri).Run() != nil; time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			log.Fatalf("diskserve serve %s did not start: %s", image, stderr.String())
-		}
-	}
+	uri, stop := fio.StartNBD("diskserve serve "+image, cmd, sock)
+	defer stop()
 	job := fio.Job{Name: "16 readers", Args: []string{"--rw=randread", "--bs=4k", "--iodepth=1", "--numjobs=16"}, Unit: "IOPS"}
 	size := int64(1 << 30)
 	if out, err := exec.Command("nbdinfo", "--size", uri).Output(); err == nil {

@@ -576,8 +576,7 @@ func (d *Disk) store(i int64, b []byte) (uint32, error) {
 	off := i * d.chunk
 	if allZero(b) {
 		// The file may hold bytes of a fetch cut short by a crash.
-		err := unix.Fallocate(int(d.s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(len(b)))
-		return zero, err
+		return zero, d.s.punch(off, int64(len(b)))
 	}
 	return present, d.s.writeChunk(b, off)
 }
@@ -713,7 +712,7 @@ func (d *Disk) evict() {
 		}
 		if d.s.state(i)&kindMask == present {
 			d.s.setState(i, absent) // before the hole: readers see the change
-			unix.Fallocate(int(d.s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, i*d.chunk, d.chunkLen(i))
+			d.s.punch(i*d.chunk, d.chunkLen(i))
 			resident -= d.chunkLen(i)
 			d.stats.evictions.Add(1)
 		}

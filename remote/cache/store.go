@@ -335,6 +335,11 @@ func (s *store) writeChunk(b []byte, off int64) error {
 	return err
 }
 
+// punch makes [off, off+n) of the data file a hole.
+func (s *store) punch(off, n int64) error {
+	return unix.Fallocate(int(s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
 // alignedBuffer returns n bytes aligned for O_DIRECT.
 func alignedBuffer(n int64) []byte {
 	b := make([]byte, n+directAlign)

@@ -168,7 +168,7 @@ func Warm(path string) {
 }
 
 // StartNBD starts cmd, a server of an NBD export on the Unix socket sock,
-// and waits until nbdinfo can reach the export. It returns the export's
+// and waits (20 s at most) until nbdinfo can reach the export. It returns the export's
 // URI and a function that stops the server (SIGINT, then SIGKILL after
 // 10 s). A server that does not start ends the benchmark.
 func StartNBD(name string, cmd *exec.Cmd, sock string) (uri string, stop func()) {
@@ -189,7 +189,7 @@ func StartNBD(name string, cmd *exec.Cmd, sock string) (uri string, stop func())
 		}
 	}
 	uri = "nbd+unix:///?socket=" + sock
-	for deadline := time.Now().Add(10 * time.Second); exec.Command("nbdinfo", "--size", uri).Run() != nil; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(20 * time.Second); exec.Command("nbdinfo", "--size", uri).Run() != nil; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			stop()
 			log.Fatalf("%s did not start: %s", name, stderr.String())
