@@ -144,35 +144,44 @@ func main() {
 			}
 		}
 	}
-	fmt.Println("| job | diskserve | nbdkit-curl | qemu-nbd-curl | diskserve / better peer |")
-	fmt.Println("|---|---|---|---|---|")
+	header, rule := "| job |", "|---|"
+	for _, p := range ps {
+		header, rule = header+" "+p.name+" |", rule+"---|"
+	}
+	fmt.Println(header + " first / better other |")
+	fmt.Println(rule + "---|")
 	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
 		for _, job := range jobs {
 			name := fmt.Sprintf("%s, %v latency", job, lat)
-			var vs []float64
-			for _, p := range ps {
-				vs = append(vs, fio.Median(results[key{name, p.name}]))
-			}
 			if len(results[key{name, ps[0].name}]) == 0 {
 				continue
 			}
-			if len(vs) < 3 {
-				fmt.Printf("| %s | %.1f |\n", name, vs[0])
+			fmt.Printf("| %s |", name)
+			var vs []float64
+			for _, p := range ps {
+				vs = append(vs, fio.Median(results[key{name, p.name}]))
+				fmt.Printf(" %.1f |", vs[len(vs)-1])
+			}
+			if len(vs) < 2 {
+				fmt.Println(" |")
 				continue
 			}
-			ratio := vs[0] / max(vs[1], vs[2])
+			ratio := vs[0] / slices.Max(vs[1:])
 			if strings.HasSuffix(job, "(s)") { // a time: the better peer's over ours
-				ratio = min(vs[1], vs[2]) / vs[0]
+				ratio = slices.Min(vs[1:]) / vs[0]
 			}
-			fmt.Printf("| %s | %.1f | %.1f | %.1f | %.2f |\n", name, vs[0], vs[1], vs[2], ratio)
+			fmt.Printf(" %.2f |\n", ratio)
 		}
 	}
 	distinct := traceChunks(trace)
-	fmt.Println("\n| bytes fetched (MiB) | diskserve | nbdkit-curl | qemu-nbd-curl |")
-	fmt.Println("|---|---|---|---|")
+	fmt.Println("\n" + strings.Replace(header, "job", "bytes fetched (MiB)", 1))
+	fmt.Println(rule)
 	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
 		for _, job := range jobs {
 			name := fmt.Sprintf("%s, %v latency", job, lat)
+			if len(fetched[key{name, ps[0].name}]) == 0 {
+				continue
+			}
 			fmt.Printf("| %s |", name)
 			for _, p := range ps {
 				fmt.Printf(" %.0f |", fio.Median(fetched[key{name, p.name}])/(1<<20))

@@ -17,8 +17,9 @@ type readahead struct {
 	max   int64
 }
 
-// reorder is how far behind the stream a read may land and still count
-// as part of it: clients keep several requests in flight.
+// reorder is how far behind or ahead of the stream a read may land and
+// still count as part of it: clients keep several requests in flight, and
+// they arrive in any order.
 const reorder = 8
 
 // readahead notes a read of chunks [first, last] and starts fetches ahead
@@ -27,25 +28,36 @@ func (d *Disk) readahead(first, last int64) {
 	ra := &d.ra
 	ra.mu.Lock()
 	switch {
-	case first <= ra.last+1 && last > ra.last: // a step forward
-		ra.steps += last - ra.last
-		ra.last = last
-	case first+reorder >= ra.last && last <= ra.last: // within the stream
-		ra.mu.Unlock()
-		return
-	default:
+	case first > ra.last+reorder || last+reorder < ra.last: // elsewhere
 		ra.last, ra.steps, ra.ahead = last, 0, last+1
 		ra.mu.Unlock()
 		return
+	case last <= ra.last: // within the stream
+		ra.mu.Unlock()
+		return
 	}
+	// A step forward, perhaps past a read still on its way: it counts
+	// the chunks it read, not those it jumped.
+	ra.steps += min(last-ra.last, last-first+1)
+	ra.last = last
 	window := min(ra.steps/2, ra.max)
 	from := max(ra.ahead, ra.last+1)
 	to := min(ra.last+1+window, d.n)
+	if to-from < min(window, d.maxRun) && to < d.n {
+		// Ask in runs as long as one GET takes: a GET costs a round
+		// trip, whatever its length.
+		ra.mu.Unlock()
+		return
+	}
 	ra.ahead = max(ra.ahead, to)
 	ra.mu.Unlock()
 	for from < to {
 		end := min(to, from+d.maxRun)
 		if !d.fetchAhead(from, end) {
+			// No GET slot was free: the next step asks again from here.
+			ra.mu.Lock()
+			ra.ahead = min(ra.ahead, from)
+			ra.mu.Unlock()
 			return
 		}
 		from = end

@@ -249,7 +249,8 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		pinned:   make([]atomic.Uint64, (n+63)/64),
 	}
 	d.drained = sync.NewCond(&d.mu)
-	d.ra.max = max(1, 2*cfg.MaxFetch/chunk)
+	d.ra.max = max(1, 4*cfg.MaxFetch/chunk)
+	d.ra.last = -reorder - 2 // no stream yet: the first read starts one
 	for i := range n {
 		switch s.state(i) & kindMask {
 		case present:

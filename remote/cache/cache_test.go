@@ -308,6 +308,26 @@ func TestReadahead(t *testing.T) {
 	}
 }
 
+// TestReadaheadOutOfOrder reads chunks in swapped pairs, as a client
+// with several requests in flight delivers them: still one stream, read
+// ahead in long GETs.
+func TestReadaheadOutOfOrder(t *testing.T) {
+	src := newSource(256*chunk, 13)
+	d := open(t, src, cache.Config{Dir: t.TempDir(), MaxFetch: 4 * chunk})
+	defer d.Close()
+	p := make([]byte, chunk)
+	for i := int64(0); i < 256; i++ {
+		off := (i ^ 1) * chunk
+		if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, src.data[off:off+chunk]) {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+	}
+	s := d.Stats().Snapshot()
+	if s.Readahead == 0 || src.fetches.Load() > 256/2 {
+		t.Errorf("%d readahead fetches, %d fetches for 256 chunks", s.Readahead, src.fetches.Load())
+	}
+}
+
 // TestPrefetch fills the whole cache in the background.
 func TestPrefetch(t *testing.T) {
 	src := newSource(100*chunk+1, 11)
