@@ -1,5 +1,7 @@
 package diskserve
 
+import "unsafe"
+
 // A HostMapper stores guest data verbatim in host files, so that an I/O
 // engine can move the bytes of a read or write itself (with io_uring) while
 // the format keeps its metadata. Raw images map everything; a composite maps
@@ -35,6 +37,19 @@ type HostRange struct {
 	// fallocate on FD at the same offsets, so an engine may issue those
 	// itself too.
 	Whole bool
+	// MemAlign, when not 0, says that FD is open with O_DIRECT: the I/O's
+	// buffer must start at a multiple of MemAlign in memory ([HostRange.Admits]).
+	// Its offset and length are aligned, or MapHost would not map them.
+	MemAlign int
+}
+
+// Direct reports whether r's file is open with O_DIRECT: its data is not
+// in the page cache.
+func (r HostRange) Direct() bool { return r.MemAlign != 0 }
+
+// Admits reports whether an I/O through r may use buf as it is.
+func (r HostRange) Admits(buf []byte) bool {
+	return r.MemAlign == 0 || uintptr(unsafe.Pointer(unsafe.SliceData(buf)))%uintptr(r.MemAlign) == 0
 }
 
 // MapHost returns d's [HostMapper] mapping of [off, off+n) for a read or,

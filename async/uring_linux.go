@@ -200,7 +200,7 @@ func (e *UringEngine) start(r *Request) bool {
 			return false
 		}
 		hr, ok := diskserve.MapHost(e.d, r.Off, int64(len(r.Buf)), write)
-		if !ok {
+		if !ok || !hr.Admits(r.Buf) {
 			return false
 		}
 		s = sqe{opcode: opRead, fd: int32(hr.FD), off: uint64(hr.Off),

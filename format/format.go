@@ -47,14 +47,20 @@ func Options(opts diskserve.Options) diskserve.Options {
 // user's cache directory), a local file or block device for any other
 // name ([raw.OpenFile]). It is [FileOpener] of the default configuration.
 func OpenFile(name string, readOnly bool) (diskserve.DiskFile, error) {
-	return FileOpener(remote.Config{})(name, readOnly)
+	return FileOpener(remote.Config{}, diskserve.CacheWriteback)(name, readOnly)
 }
 
 // FileOpener returns an [diskserve.Options.OpenFile] that opens URLs as
-// cfg says ([remote.Config.Open]) and local names with [raw.OpenFile].
-func FileOpener(cfg remote.Config) func(name string, readOnly bool) (diskserve.DiskFile, error) {
+// cfg says ([remote.Config.Open]) and local names with [raw.OpenFile], or
+// [raw.OpenFileDirect] when the cache mode bypasses the page cache. (A
+// remote image's block cache keeps its own ways: it writes fetched chunks
+// with O_DIRECT whatever the mode.)
+func FileOpener(cfg remote.Config, cache diskserve.CacheMode) func(name string, readOnly bool) (diskserve.DiskFile, error) {
 	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
 		if !remote.IsURL(name) {
+			if cache.Direct() {
+				return raw.OpenFileDirect(name, readOnly)
+			}
 			return raw.OpenFile(name, readOnly)
 		}
 		if !readOnly {

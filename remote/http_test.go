@@ -69,7 +69,7 @@ func config(t *testing.T) remote.Config {
 func openURL(t *testing.T, url string, cfg remote.Config, opts diskserve.Options) diskserve.DiskFile {
 	t.Helper()
 	opts.ReadOnly = true
-	opts.OpenFile = format.FileOpener(cfg)
+	opts.OpenFile = format.FileOpener(cfg, diskserve.CacheWriteback)
 	d, err := format.Open(url, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -94,7 +94,7 @@ func TestRawOverHTTP(t *testing.T) {
 	cfg := config(t)
 	d := openURL(t, s.URL+"/disk.img", cfg, diskserve.Options{Format: "raw"})
 	disktest.Check(t, d, data)
-	opts := diskserve.Options{Format: "raw", OpenFile: format.FileOpener(cfg)}
+	opts := diskserve.Options{Format: "raw", OpenFile: format.FileOpener(cfg, diskserve.CacheWriteback)}
 	if _, err := format.Open(s.URL+"/disk.img", opts); !errors.Is(err, diskserve.ErrReadOnly) {
 		t.Errorf("a read-write open of a URL: %v", err)
 	}
@@ -217,7 +217,7 @@ func TestCredentialsStayOut(t *testing.T) {
 	}))
 	u := strings.Replace(s.URL, "http://", "http://user:hunter2@", 1)
 	cfg := config(t)
-	_, err := format.Open(u+"/denied?X-Amz-Signature=SECRET", diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(cfg)})
+	_, err := format.Open(u+"/denied?X-Amz-Signature=SECRET", diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(cfg, diskserve.CacheWriteback)})
 	if err == nil || strings.Contains(err.Error(), "SECRET") || strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("open of a refused URL: %v", err)
 	}

@@ -113,7 +113,7 @@ afterwards. Progress is shown on a terminal.`,
 				if err != nil {
 					return err
 				}
-				src, err := format.Open(args[0], diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(rc)})
+				src, err := format.Open(args[0], diskserve.Options{ReadOnly: true, OpenFile: format.FileOpener(rc, diskserve.CacheWriteback)})
 				if err != nil {
 					return err
 				}

@@ -45,7 +45,7 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 				return err
 			}
 			open := func(p, fmtName string) (diskserve.DiskFile, error) {
-				return format.Open(p, diskserve.Options{Format: fmtName, ReadOnly: true, OpenFile: format.FileOpener(rc)})
+				return format.Open(p, diskserve.Options{Format: fmtName, ReadOnly: true, OpenFile: format.FileOpener(rc, diskserve.CacheWriteback)})
 			}
 			f, err := diskserve.LookupFormat(format.All(), fmtName)
 			if err != nil {

@@ -23,6 +23,7 @@ const (
 	withSnapshotL                      // --snapshot NAME, also as -l (qemu-img convert's)
 	withConfine                        // --confine DIR
 	withAIO                            // --aio ENGINE
+	withCache                          // --cache MODE
 )
 
 // openFlags are the flags with which a command opens its images, declared
@@ -34,7 +35,10 @@ type openFlags struct {
 	snapshot string
 	confine  string
 	aio      aioFlag
+	cache    string
 	remote   remoteFlags
+
+	cacheMode diskserve.CacheMode // --cache, parsed by options
 }
 
 // register declares -f, --verify and the flags of has on fs. what names
@@ -57,6 +61,9 @@ func (f *openFlags) register(fs *pflag.FlagSet, has openFlag, what string) {
 	if has&withAIO != 0 {
 		f.aio.register(fs)
 	}
+	if has&withCache != 0 {
+		fs.StringVar(&f.cache, "cache", string(diskserve.CacheWriteback), "cache mode, as qemu's: writeback (host page cache; writes durable on flush), none (O_DIRECT, bypassing it), writethrough (each write durable before its reply), directsync (both), unsafe (flushes ignored: for scratch disks)")
+	}
 	f.remote.register(fs, has&withConfine != 0)
 }
 
@@ -74,7 +81,13 @@ func (f *openFlags) options(readOnly bool, log *slog.Logger) (diskserve.Options,
 	if err != nil {
 		return opts, err
 	}
-	opts.OpenFile = format.FileOpener(rc)
+	if f.cacheMode, err = diskserve.ParseCacheMode(f.cache); err != nil {
+		return opts, fmt.Errorf("--cache: %w", err)
+	}
+	if f.cacheMode == diskserve.CacheUnsafe && log != nil {
+		log.Warn("--cache=unsafe: flush requests are ignored, so a host crash or power loss can lose writes or corrupt the image")
+	}
+	opts.OpenFile = format.FileOpener(rc, f.cacheMode)
 	switch {
 	case f.confine != "":
 		if opts.ResolvePath, err = diskserve.Confine(f.confine, f.remote.allowURLs...); err != nil {

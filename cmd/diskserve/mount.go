@@ -19,7 +19,7 @@ import (
 func newMountCommand() *cobra.Command {
 	var f openFlags
 	cmd := &cobra.Command{
-		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] IMAGE MOUNTPOINT",
+		Use:   "mount [-f FORMAT] [-r] [--aio=ENGINE] [--cache=MODE] IMAGE MOUNTPOINT",
 		Short: "Show an image's content as a file, through FUSE",
 		Long: `mount serves the guest-visible bytes of IMAGE as a file until it is
 interrupted (SIGINT or SIGTERM), then unmounts, flushes the image and exits.
@@ -40,7 +40,7 @@ and served until the last open file is closed.`,
 			if err != nil {
 				return err
 			}
-			if d, err = f.aio.wrap(d, log); err != nil {
+			if d, err = f.aio.wrap(diskserve.WithCache(d, f.cacheMode), log); err != nil {
 				return err
 			}
 			defer d.Close()
@@ -67,6 +67,6 @@ and served until the last open file is closed.`,
 			return nil
 		},
 	}
-	f.register(cmd.Flags(), withReadOnly|withSnapshot|withConfine|withAIO, "IMAGE")
+	f.register(cmd.Flags(), withReadOnly|withSnapshot|withConfine|withAIO|withCache, "IMAGE")
 	return cmd
 }

@@ -69,7 +69,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 		RunE: func(cmd *cobra.Command, args []string) error { return runServe(&f, args) },
 	}
 	fl := cmd.Flags()
-	f.open.register(fl, withReadOnly|withSnapshot|withConfine|withAIO, "each IMAGE")
+	f.open.register(fl, withReadOnly|withSnapshot|withConfine|withAIO|withCache, "each IMAGE")
 	fl.StringArrayVarP(&f.listen, "listen", "l", nil, "address to listen on: HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
 	fl.StringVarP(&f.exportName, "export-name", "x", "", "also export a single IMAGE under this name")
 	fl.StringVarP(&f.description, "description", "D", "", "export description shown to clients")
@@ -210,7 +210,11 @@ func (f *serveFlags) openExport(name, path string, opts diskserve.Options, log *
 	if f.metrics != nil {
 		live := control.NewLive(d, opts)
 		f.lives = append(f.lives, control.Export{Name: name, Live: live})
-		d = f.metrics.Metered(name, live)
+		d = live
+	}
+	d = diskserve.WithCache(d, f.open.cacheMode) // above a live overlay, which it must cover too
+	if f.metrics != nil {
+		d = f.metrics.Metered(name, d)
 	}
 	return f.open.aio.wrap(d, log)
 }

@@ -21,7 +21,7 @@ func (t *transmission) serveCached(r *request) bool {
 		return false
 	}
 	hr, ok := diskserve.MapHost(t.disk, off, n, false)
-	if !ok {
+	if !ok || hr.Direct() {
 		return false
 	}
 	buf := r.buffer(int(n))

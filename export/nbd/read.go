@@ -84,7 +84,7 @@ func (t *transmission) fromPageCache(r *request, off, n int64) bool {
 		return false
 	}
 	hr, ok := diskserve.MapHost(t.disk, off, n, false)
-	if !ok || !pageCached(hr.FD, hr.Off, n) {
+	if !ok || hr.Direct() || !pageCached(hr.FD, hr.Off, n) {
 		return false
 	}
 	r.file = hostSpan{fd: hr.FD, off: hr.Off, n: n}

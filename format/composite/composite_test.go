@@ -14,6 +14,7 @@ import (
 	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/testtool"
+	"github.com/diskserve/diskserve/remote"
 )
 
 // TestSpecVector decodes crosvm's encoding of a header, a 1 MiB
@@ -140,6 +141,24 @@ func TestConformance(t *testing.T) {
 			disktest.Check(t, d, want)
 		})
 	}
+}
+
+// TestConformanceDirect runs the conformance suite on a writable
+// composite whose components are opened with O_DIRECT: they start at file
+// offset 100 and end at sizes of no alignment, so most of its I/O takes the
+// unaligned direct path.
+func TestConformanceDirect(t *testing.T) {
+	sizes := []int64{1 << 20, 12345, 3<<20 + 1, 4096}
+	dir := t.TempDir()
+	want := writeParts(t, dir, sizes)
+	path := filepath.Join(dir, "disk.composite")
+	writeSpec(t, path, layout(sizes, func(int) bool { return true }))
+	d, err := format.Open(path, diskserve.Options{OpenFile: format.FileOpener(remote.Config{}, diskserve.CacheNone)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	disktest.CheckWith(t, d, want, disktest.Options{ByteReads: 8 << 10})
 }
 
 // TestMixedComponents puts a qcow2 component beside raw ones, one of them

@@ -26,10 +26,19 @@
 // into a shared mapping of it where the pages they cover are in the page
 // cache, and single pwrite calls otherwise. Resize must not race
 // with I/O at the offsets it removes.
+//
+// # Direct I/O
+//
+// [OpenFileDirect] opens the file with O_DIRECT, bypassing the page cache
+// (the cache modes none and directsync). Requests of any offset and length
+// still work: unaligned ones go through a bounce buffer, and partial
+// blocks are read, modified and written back, excluding the other writes
+// of those blocks meanwhile.
 package raw
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
 	"sync/atomic"
 
@@ -55,7 +64,8 @@ type Disk struct {
 	blockDev bool
 	readOnly bool
 	size     atomic.Int64
-	mapping  *writeMapping // nil for block devices and read-only disks
+	mapping  *writeMapping // nil for block devices, read-only and direct disks
+	dio      *directIO     // with O_DIRECT
 }
 
 var (
@@ -85,7 +95,15 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, eof
 	}
-	n, err := d.f.ReadAt(p, off)
+	var (
+		n   int
+		err error
+	)
+	if d.dio != nil {
+		n, err = d.dio.readAt(p, off)
+	} else {
+		n, err = d.f.ReadAt(p, off)
+	}
 	if err == nil {
 		err = eof
 	}
@@ -97,18 +115,52 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
 		return 0, fmt.Errorf("write: %w", err)
 	}
+	if d.dio != nil {
+		return d.writeDirect(p, off)
+	}
 	if d.mapping.write(p, off) {
 		return len(p), nil
 	}
 	return d.f.WriteAt(p, off)
 }
 
+// writeDirect writes p at off with O_DIRECT, except for a partial last
+// block (see [directIO]).
+func (d *Disk) writeDirect(p []byte, off int64) (int, error) {
+	end := off + int64(len(p))
+	tail := d.dio.down(d.size.Load())
+	if off < tail {
+		if err := d.dio.writeAt(p[:min(end, tail)-off], off); err != nil {
+			return 0, &fs.PathError{Op: "write", Path: d.path, Err: err}
+		}
+	}
+	if end <= tail {
+		return len(p), nil
+	}
+	from := max(off, tail)
+	if _, err := d.dio.writeTail(p[from-off:], from); err != nil {
+		return int(from - off), err
+	}
+	return len(p), nil
+}
+
 // MapHost maps the range onto the file itself. It maps no write that
 // WriteAt would store into cached pages, which is cheaper than any pwrite
 // an engine could issue.
+//
+// With O_DIRECT it maps aligned reads only: writes must come through
+// WriteAt, which orders them against its read-modify-writes.
 func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil || write && d.mapping.storable(off, n) {
 		return diskserve.HostRange{}, false
+	}
+	if d.dio != nil {
+		if write || off%d.dio.align != 0 || n%d.dio.align != 0 {
+			return diskserve.HostRange{}, false
+		}
+		// Not Whole: an engine's own fallocate would not be ordered
+		// against read-modify-writes either.
+		return diskserve.HostRange{FD: d.fd, Off: off, MemAlign: int(d.dio.memAlign)}, true
 	}
 	return diskserve.HostRange{FD: d.fd, Off: off, Whole: true}, true
 }
@@ -116,6 +168,9 @@ func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 // Close closes the file, releasing its lock.
 func (d *Disk) Close() error {
 	d.mapping.unmap() // the mapping holds the file, and so the lock, open
+	if d.dio != nil {
+		d.dio.close()
+	}
 	return d.f.Close()
 }
 

@@ -17,6 +17,17 @@ import (
 // special files before opening them, so that a FIFO cannot block the open.
 // Its signature is that of [diskserve.Options.OpenFile].
 func OpenFile(path string, readOnly bool) (diskserve.DiskFile, error) {
+	return openFile(path, readOnly, false)
+}
+
+// OpenFileDirect is [OpenFile] with O_DIRECT: the disk's reads and writes
+// bypass the host's page cache. It fails on a file system that does not
+// support direct I/O.
+func OpenFileDirect(path string, readOnly bool) (diskserve.DiskFile, error) {
+	return openFile(path, readOnly, true)
+}
+
+func openFile(path string, readOnly, direct bool) (diskserve.DiskFile, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: path, Err: errors.Unwrap(err)}
@@ -28,14 +39,26 @@ func OpenFile(path string, readOnly bool) (diskserve.DiskFile, error) {
 	if readOnly {
 		flag = os.O_RDONLY
 	}
+	if direct {
+		flag |= unix.O_DIRECT
+	}
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
+		if direct && errors.Is(err, unix.EINVAL) {
+			err = &fs.PathError{Op: "open", Path: path, Err: errNoDirect}
+		}
 		return nil, err
 	}
 	d, err := newDisk(f, path, readOnly)
 	if err != nil {
 		f.Close()
 		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	if direct {
+		if d.dio, err = openDirect(f, d.blockDev); err != nil {
+			d.Close()
+			return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+		}
 	}
 	return d, nil
 }
@@ -90,10 +113,17 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 		}
 	}
 	d.size.Store(size)
-	if !readOnly && !d.blockDev {
+	if !readOnly && !d.blockDev && !isDirect(d.fd) {
 		d.mapping = mapForWrites(d.fd)
 	}
 	return d, nil
+}
+
+// isDirect reports whether fd was opened with O_DIRECT: a shared mapping
+// of it would not be coherent with its writes.
+func isDirect(fd int) bool {
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	return err == nil && fl&unix.O_DIRECT != 0
 }
 
 // Flush calls fdatasync.

@@ -22,7 +22,26 @@ import (
 // Resizer, possibly a different size); it does not close d.
 func Check(t *testing.T, d diskserve.DiskFile, want []byte) {
 	t.Helper()
-	c := &checker{d: d, want: bytes.Clone(want), rnd: rand.New(rand.NewPCG(1, 2))}
+	CheckWith(t, d, want, Options{})
+}
+
+// Options adjust [CheckWith] to a disk.
+type Options struct {
+	// ByteReads is the length of the two windows, at the start and at
+	// the end of the disk, that iotest.TestReader reads in pieces down to
+	// single bytes; 0 means 64 KiB. Disks on which every read is a device
+	// I/O (O_DIRECT) take 8 KiB, which still covers every offset within a
+	// 4 KiB block and a boundary between two.
+	ByteReads int64
+}
+
+// CheckWith is [Check] with options.
+func CheckWith(t *testing.T, d diskserve.DiskFile, want []byte, o Options) {
+	t.Helper()
+	if o.ByteReads == 0 {
+		o.ByteReads = 64 << 10
+	}
+	c := &checker{d: d, want: bytes.Clone(want), rnd: rand.New(rand.NewPCG(1, 2)), window: o.ByteReads}
 	t.Run("Size", c.size)
 	t.Run("ReadAll", c.readAll)
 	t.Run("ReadAt", c.readAt)
@@ -44,9 +63,10 @@ func Check(t *testing.T, d diskserve.DiskFile, want []byte) {
 }
 
 type checker struct {
-	d    diskserve.DiskFile
-	want []byte // what d holds
-	rnd  *rand.Rand
+	d      diskserve.DiskFile
+	want   []byte // what d holds
+	rnd    *rand.Rand
+	window int64 // Options.ByteReads
 }
 
 func (c *checker) size(t *testing.T) {
@@ -56,20 +76,26 @@ func (c *checker) size(t *testing.T) {
 }
 
 // readAll compares the whole disk with want in large reads, and runs
-// iotest.TestReader (which reads in small pieces, and slowly under -race)
-// over a window at the start and one that ends at the end of the disk.
+// iotest.TestReader (which reads in small pieces, and slowly under -race
+// or with O_DIRECT) over a window at the start and one that ends at the
+// end of the disk.
 func (c *checker) readAll(t *testing.T) {
+	c.compareAll(t)
+	size := int64(len(c.want))
+	for _, off := range []int64{0, max(0, size-c.window)} {
+		n := min(c.window, size-off)
+		if err := iotest.TestReader(io.NewSectionReader(c.d, off, n), c.want[off:off+n]); err != nil {
+			t.Fatalf("window [%d, %d): %v", off, off+n, err)
+		}
+	}
+}
+
+// compareAll compares the whole disk with want in large reads.
+func (c *checker) compareAll(t *testing.T) {
 	size := int64(len(c.want))
 	p := make([]byte, 1<<20)
 	for off := int64(0); off < size; off += int64(len(p)) {
 		c.checkReadInto(t, p, off, min(int64(len(p)), size-off))
-	}
-	const window = 64 << 10
-	for _, off := range []int64{0, max(0, size-window)} {
-		n := min(window, size-off)
-		if err := iotest.TestReader(io.NewSectionReader(c.d, off, n), c.want[off:off+n]); err != nil {
-			t.Fatalf("window [%d, %d): %v", off, off+n, err)
-		}
 	}
 }
 
@@ -264,7 +290,7 @@ func (c *checker) readOnly(t *testing.T) {
 			t.Errorf("PunchHole method on a read-only disk: %v, want ErrReadOnly", err)
 		}
 	}
-	c.readAll(t)
+	c.compareAll(t)
 }
 
 func (c *checker) flusher(t *testing.T) {
@@ -303,7 +329,7 @@ func (c *checker) writeAt(t *testing.T) {
 	size := int64(len(c.want))
 	c.write(t, c.randBytes(min(size, 4097)), size-min(size, 4097)) // ends exactly at the end
 	c.write(t, c.randBytes(1), 0)
-	c.readAll(t)
+	c.compareAll(t)
 	if err := diskserve.Flush(c.d); err != nil {
 		t.Fatalf("Flush: %v", err)
 	}
@@ -326,7 +352,7 @@ func (c *checker) writeOutOfRange(t *testing.T) {
 	if got := c.d.Size(); got != size {
 		t.Fatalf("Size() = %d after refused writes, want %d", got, size)
 	}
-	c.readAll(t) // nothing was written
+	c.compareAll(t) // nothing was written
 }
 
 // concurrentWrites writes interleaved stripes from several goroutines while
@@ -368,7 +394,7 @@ func (c *checker) concurrentWrites(t *testing.T) {
 		}
 	})
 	wg.Wait()
-	c.readAll(t)
+	c.compareAll(t)
 }
 
 // zeroCases are ranges to zero: unaligned, sector-aligned and cluster-sized.
