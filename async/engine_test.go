@@ -23,6 +23,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/composite"
+	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/testtool"
@@ -140,6 +141,28 @@ func TestConformance(t *testing.T) {
 					v := NewDisk(eng.new(t, d), d)
 					defer v.Close()
 					disktest.Check(t, v, want)
+				})
+			}
+		})
+	}
+}
+
+// TestConformanceDirect runs the conformance suite through each engine on
+// images whose files are open with O_DIRECT: io_uring takes the reads whose
+// offset, length and buffer are aligned, the disk the others.
+func TestConformanceDirect(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			paths, want := images(t)
+			for _, f := range []string{"raw", "composite"} {
+				t.Run(f, func(t *testing.T) {
+					d, err := format.Open(paths[f], diskserve.Options{OpenFile: raw.OpenFileDirect})
+					if err != nil {
+						t.Fatal(err)
+					}
+					v := NewDisk(eng.new(t, d), d)
+					defer v.Close()
+					disktest.CheckWith(t, v, want, disktest.Options{ByteReads: 8 << 10})
 				})
 			}
 		})
