@@ -15,7 +15,8 @@ import "unsafe"
 // to cached pages with a memory copy). The range lies inside [0, Size). A
 // mapping for writing also does what the format's WriteAt does before it
 // writes (a composite marks the component dirty for its next Flush). A
-// mapping is valid for one I/O, issued before the next Resize or Close.
+// mapping is valid for one I/O, issued before the next Resize or Close,
+// after which the caller calls [HostRange.Done].
 //
 // A request served through a mapping bypasses every wrapper above the
 // mapped disk. Wrappers therefore do not forward MapHost unless they
@@ -41,6 +42,18 @@ type HostRange struct {
 	// buffer must start at a multiple of MemAlign in memory ([HostRange.Admits]).
 	// Its offset and length are aligned, or MapHost would not map them.
 	MemAlign int
+	// Release, when not nil, holds back the disk's conflicting work until
+	// it is called (a direct write excludes the read-modify-writes of its
+	// blocks): whoever was given the mapping calls it through [HostRange.Done]
+	// once the I/O is over, or given up.
+	Release func()
+}
+
+// Done says that the I/O through r is over, or given up.
+func (r HostRange) Done() {
+	if r.Release != nil {
+		r.Release()
+	}
 }
 
 // Direct reports whether r's file is open with O_DIRECT: its data is not

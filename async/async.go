@@ -73,6 +73,7 @@ type Request struct {
 
 	waiting bool          // Do waits on wake instead of a Done call
 	wake    chan struct{} // made once per Request, so reuse allocates nothing
+	mapped  diskserve.HostRange
 }
 
 // complete reports r's completion to whoever waits for it.
@@ -128,12 +129,14 @@ type Mode string
 
 // The modes.
 const (
-	// Auto uses the engine the benchmarks found faster: the pool, for
-	// every disk (BenchmarkEngine and the bench/ harnesses; see
-	// docs/performance.md). With data in the page cache a pread on the
-	// request's own goroutine costs less than a ring round trip, and the
-	// kernel runs buffered ext4 writes submitted to a ring on its io-wq
-	// workers, one file at a time.
+	// Auto uses the engine the benchmarks found faster (BenchmarkEngine
+	// and the bench/ harnesses; see docs/performance.md). For a disk whose
+	// host files are open with O_DIRECT that is io_uring: every request
+	// waits for the device, and the ring keeps them in flight without a
+	// thread blocked in each. For every other disk it is the pool: with
+	// data in the page cache a pread on the request's own goroutine costs
+	// less than a ring round trip, and the kernel runs buffered ext4
+	// writes submitted to a ring on its io-wq workers, one file at a time.
 	Auto Mode = "auto"
 	// Uring moves the data of host-mapped ranges with io_uring, or, where
 	// the kernel refuses io_uring, falls back to the pool and logs why
@@ -168,7 +171,12 @@ type Options struct {
 // New returns the engine that opts.Mode asks for, on d.
 func New(d diskserve.DiskFile, opts Options) (Engine, error) {
 	switch opts.Mode {
-	case Auto, Pool, "":
+	case Auto, "":
+		if direct(d) && uringSupported() == nil {
+			return NewUring(d, opts.Workers)
+		}
+		return NewPool(d, opts.Workers), nil
+	case Pool:
 		return NewPool(d, opts.Workers), nil
 	case Uring:
 		if err := uringSupported(); err != nil {
@@ -184,6 +192,14 @@ func New(d diskserve.DiskFile, opts Options) (Engine, error) {
 		return NewUring(d, opts.Workers)
 	}
 	return nil, fmt.Errorf("unknown I/O engine %q", opts.Mode)
+}
+
+// direct reports whether d maps its data onto host files open with
+// O_DIRECT: whether its first block does.
+func direct(d diskserve.DiskFile) bool {
+	r, ok := diskserve.MapHost(d, 0, min(d.Size(), 4096), false)
+	r.Done()
+	return ok && r.Direct()
 }
 
 // exec runs r synchronously on d.

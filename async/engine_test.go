@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -166,6 +167,107 @@ func TestConformanceDirect(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// TestDirectRingWritesAndReadModifyWrites has io_uring write whole
+// blocks of an O_DIRECT disk while the disk reads, modifies and writes back
+// blocks for unaligned writes beside them, into the same blocks: neither
+// may undo the other.
+func TestDirectRingWritesAndReadModifyWrites(t *testing.T) {
+	if err := uringSupported(); err != nil {
+		t.Skip(err)
+	}
+	const blocks, block = 32, 4096
+	path := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(path, make([]byte, blocks*block), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := raw.OpenFileDirect(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewUring(d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := NewDisk(e, d)
+	defer v.Close()
+	// Each block's first 64 bytes take unaligned writes, and then the
+	// whole block is rewritten aligned, over and over; the last writer
+	// of each leaves a known pattern.
+	var wg sync.WaitGroup
+	for b := range int64(blocks) {
+		wg.Go(func() {
+			whole := alignedBlock(block)
+			for r := range 20 {
+				for i := range whole {
+					whole[i] = byte(r)
+				}
+				if _, err := v.WriteAt(whole, b*block); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+		wg.Go(func() {
+			for r := range 20 {
+				p := bytes.Repeat([]byte{byte(100 + r)}, 7)
+				if _, err := v.WriteAt(p, b*block+int64(r%8)*8+1); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	got := make([]byte, blocks*block)
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for b := range blocks {
+		blk := got[b*block : (b+1)*block]
+		// Bytes past the unaligned writers' reach hold the last aligned
+		// write's byte, 19, whatever the order.
+		for i := 128; i < block; i++ {
+			if blk[i] != 19 {
+				t.Fatalf("block %d byte %d is %d, want 19: a read-modify-write undid an aligned write", b, i, blk[i])
+			}
+		}
+	}
+}
+
+// alignedBlock returns n bytes at an address that is a multiple of 4096.
+func alignedBlock(n int) []byte {
+	b := make([]byte, n+4096)
+	skip := (4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%4096)) % 4096
+	return b[skip : skip+n]
+}
+
+// TestAutoPerCacheMode: auto picks io_uring for a disk open with O_DIRECT
+// and the pool for one in the page cache.
+func TestAutoPerCacheMode(t *testing.T) {
+	if err := uringSupported(); err != nil {
+		t.Skip(err)
+	}
+	paths, _ := images(t)
+	for _, tc := range []struct {
+		open func(string, bool) (diskserve.DiskFile, error)
+		want string
+	}{{raw.OpenFile, "pool"}, {raw.OpenFileDirect, "uring"}} {
+		d, err := tc.open(paths["raw"], false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := New(d, Options{Mode: Auto})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Name() != tc.want {
+			t.Errorf("auto chose %s, want %s", e.Name(), tc.want)
+		}
+		e.Close()
+		d.Close()
 	}
 }
 

@@ -200,9 +200,14 @@ func (e *UringEngine) start(r *Request) bool {
 			return false
 		}
 		hr, ok := diskserve.MapHost(e.d, r.Off, int64(len(r.Buf)), write)
-		if !ok || !hr.Admits(r.Buf) {
+		if !ok {
 			return false
 		}
+		if !hr.Admits(r.Buf) {
+			hr.Done()
+			return false
+		}
+		r.mapped = hr
 		s = sqe{opcode: opRead, fd: int32(hr.FD), off: uint64(hr.Off),
 			addr: uint64(uintptr(unsafe.Pointer(unsafe.SliceData(r.Buf)))), len: uint32(len(r.Buf))}
 		if write {
@@ -236,6 +241,8 @@ func (e *UringEngine) start(r *Request) bool {
 // the disk's own methods, which hold the fallbacks.
 func (e *UringEngine) finish(r *Request, res int32) {
 	defer e.inflight.Done()
+	r.mapped.Done() // before a fallback, which the disk may order after it
+	r.mapped = diskserve.HostRange{}
 	if res < 0 {
 		errno := syscall.Errno(-res)
 		if (r.Op == OpWriteZeroes || r.Op == OpPunchHole) && (errno == unix.EOPNOTSUPP || errno == unix.EINVAL) {

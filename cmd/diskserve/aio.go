@@ -13,7 +13,7 @@ import (
 type aioFlag struct{ mode string }
 
 func (f *aioFlag) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.mode, "aio", string(async.Auto), "I/O engine: auto (the faster by measurement: pool), uring (io_uring; the pool where the kernel refuses it) or pool")
+	fs.StringVar(&f.mode, "aio", string(async.Auto), "I/O engine: auto (the faster by measurement: io_uring for images open with O_DIRECT, --cache=none or directsync, else the pool), uring (io_uring; the pool where the kernel refuses it) or pool")
 }
 
 // wrap serves d through the engine the flag asks for; closing the result

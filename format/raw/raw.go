@@ -148,19 +148,24 @@ func (d *Disk) writeDirect(p []byte, off int64) (int, error) {
 // WriteAt would store into cached pages, which is cheaper than any pwrite
 // an engine could issue.
 //
-// With O_DIRECT it maps aligned reads only: writes must come through
-// WriteAt, which orders them against its read-modify-writes.
+// With O_DIRECT it maps aligned ranges only, and a write mapping keeps
+// WriteAt's read-modify-writes off its blocks until it is released.
 func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 	if write && d.readOnly || diskserve.CheckRange(d.size.Load(), off, n) != nil || write && d.mapping.storable(off, n) {
 		return diskserve.HostRange{}, false
 	}
 	if d.dio != nil {
-		if write || off%d.dio.align != 0 || n%d.dio.align != 0 {
+		if off%d.dio.align != 0 || n%d.dio.align != 0 {
 			return diskserve.HostRange{}, false
 		}
 		// Not Whole: an engine's own fallocate would not be ordered
-		// against read-modify-writes either.
-		return diskserve.HostRange{FD: d.fd, Off: off, MemAlign: int(d.dio.memAlign)}, true
+		// against read-modify-writes.
+		r := diskserve.HostRange{FD: d.fd, Off: off, MemAlign: int(d.dio.memAlign)}
+		if write {
+			s := d.dio.begin(off, off+n, false)
+			r.Release = func() { d.dio.end(s) }
+		}
+		return r, true
 	}
 	return diskserve.HostRange{FD: d.fd, Off: off, Whole: true}, true
 }
