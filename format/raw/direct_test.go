@@ -26,6 +26,19 @@ func openDirect(t *testing.T, path string, readOnly bool) diskserve.DiskFile {
 	return d
 }
 
+// emptyFile makes a file of size bytes, all a hole.
+func emptyFile(t *testing.T, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 // TestConformanceDirect runs the conformance suite with O_DIRECT on a file
 // whose size is not a multiple of any block size: its last partial block
 // takes the buffered path.
@@ -41,13 +54,7 @@ func TestConformanceDirect(t *testing.T) {
 // compares each with a model.
 func TestDirectModel(t *testing.T) {
 	const size = 8<<20 + 1234
-	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, size); err != nil {
-		t.Fatal(err)
-	}
+	path := emptyFile(t, size)
 	d := openDirect(t, path, false)
 	model := make([]byte, size)
 	rnd := rand.New(rand.NewPCG(5, 6))
@@ -158,13 +165,7 @@ func firstDiff(a, b []byte) int {
 // disk and finds none of its pages in the page cache.
 func TestDirectBypassesPageCache(t *testing.T) {
 	const size = 4 << 20
-	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, size); err != nil {
-		t.Fatal(err)
-	}
+	path := emptyFile(t, size)
 	d := openDirect(t, path, false)
 	p := bytes.Repeat([]byte{7}, 1<<20)
 	for off := int64(0); off < size; off += int64(len(p)) {
