@@ -82,7 +82,18 @@ func (x *directIO) writeTail(p []byte, off int64) (int, error) {
 	if x.bufferedErr != nil {
 		return 0, x.bufferedErr
 	}
-	return x.buffered.WriteAt(p, off)
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pwrite(int(x.buffered.Fd()), p[done:], off+int64(done))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
 }
 
 func (x *directIO) close() {
@@ -244,8 +255,9 @@ func (x *directIO) end(s *span) {
 	close(s.done)
 }
 
-// exclusive runs fn, a change of [off, off+n) that the kernel does not
-// order against direct writes (fallocate), as a read-modify-write.
+// exclusive runs fn, a change of [off, off+n) that may zero parts of
+// blocks (fallocate), as a read-modify-write: no write of those blocks
+// runs meanwhile, so none writes back what fn changed.
 func (x *directIO) exclusive(off, n int64, fn func() error) error {
 	s := x.begin(x.down(off), x.up(off+n), true)
 	defer x.end(s)

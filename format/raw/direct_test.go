@@ -97,7 +97,8 @@ func TestDirectModel(t *testing.T) {
 }
 
 // TestDirectSharedBlocks has writers change neighbouring bytes of the same
-// blocks at once, each its own few bytes, with aligned writes of other
+// blocks at once, each its own few bytes, some by zeroing them every other
+// round (fallocate, the last round included), with aligned writes of other
 // blocks among them: a read-modify-write that did not exclude the others
 // would write back stale bytes over a neighbour's.
 func TestDirectSharedBlocks(t *testing.T) {
@@ -119,12 +120,22 @@ func TestDirectSharedBlocks(t *testing.T) {
 				}
 				// Writer g owns bytes [k*writers*stride + g*stride, +stride)
 				// of the first half; the second half takes aligned writes.
+				zero := g%2 == 1 && r%2 == 1
 				for k := int64(0); k < size/2/(writers*stride); k++ {
 					off := k*writers*stride + int64(g)*stride
-					if _, err := d.WriteAt(p, off); err != nil {
+					var err error
+					if zero {
+						err = diskserve.WriteZeroes(d, off, stride, 0)
+					} else {
+						_, err = d.WriteAt(p, off)
+					}
+					if err != nil {
 						t.Error(err)
 						return
 					}
+				}
+				if zero {
+					clear(p)
 				}
 				q := make([]byte, 4096)
 				for i := range q {

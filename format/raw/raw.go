@@ -38,6 +38,7 @@ package raw
 
 import (
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"sync/atomic"
@@ -100,7 +101,9 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 		err error
 	)
 	if d.dio != nil {
-		n, err = d.dio.readAt(p, off)
+		if n, err = d.dio.readAt(p, off); err != nil && err != io.EOF {
+			err = &fs.PathError{Op: "read", Path: d.path, Err: err}
+		}
 	} else {
 		n, err = d.f.ReadAt(p, off)
 	}
@@ -138,8 +141,8 @@ func (d *Disk) writeDirect(p []byte, off int64) (int, error) {
 		return len(p), nil
 	}
 	from := max(off, tail)
-	if _, err := d.dio.writeTail(p[from-off:], from); err != nil {
-		return int(from - off), err
+	if n, err := d.dio.writeTail(p[from-off:], from); err != nil {
+		return int(from-off) + n, &fs.PathError{Op: "write", Path: d.path, Err: err}
 	}
 	return len(p), nil
 }

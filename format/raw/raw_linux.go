@@ -172,7 +172,12 @@ func (d *Disk) PunchHole(off, n int64) error {
 // refuse ranges not aligned to their logical block size with EINVAL; the
 // range was checked before, so EINVAL means the same there.
 func (d *Disk) fallocate(op string, mode uint32, off, n int64) error {
-	err := unix.Fallocate(d.fd, mode, off, n)
+	var err error
+	if d.dio != nil {
+		err = d.dio.exclusive(off, n, func() error { return unix.Fallocate(d.fd, mode, off, n) })
+	} else {
+		err = unix.Fallocate(d.fd, mode, off, n)
+	}
 	switch {
 	case err == nil:
 		return nil
