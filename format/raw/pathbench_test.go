@@ -1,0 +1,80 @@
+package raw
+
+import (
+	"math/rand/v2"
+	"os"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// settledFile returns a 1 GiB file of zeroes in the page cache, clean,
+// written in 1 MiB pieces in order (large folios) or, settled, in 4 KiB
+// pieces in random order (single-page folios).
+func settledFile(b *testing.B, settled bool) *os.File {
+	b.Helper()
+	const size = 1 << 30
+	f, err := os.Create(b.TempDir() + "/bench.raw")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	piece := 1 << 20
+	if settled {
+		piece = 4096
+	}
+	order := make([]int, size/piece)
+	for i := range order {
+		order[i] = i
+	}
+	if settled {
+		rand.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
+	}
+	buf := make([]byte, piece)
+	for _, i := range order {
+		if _, err := f.WriteAt(buf, int64(i*piece)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	return f
+}
+
+// BenchmarkWritePaths writes 4 KiB at random offsets of a fresh and of a
+// settled page-cached file, by store and by pwrite, from 16 goroutines.
+// Run it with a fixed count (-benchtime 200000x): most writes then touch a
+// page for the first time since the file was made, as a server's writes
+// do (see docs/performance.md).
+func BenchmarkWritePaths(b *testing.B) {
+	for _, state := range []string{"fresh", "settled"} {
+		for _, way := range []string{"store", "pwrite"} {
+			b.Run(state+"/"+way, func(b *testing.B) {
+				f := settledFile(b, state == "settled")
+				m := mapForWrites(int(f.Fd()))
+				defer m.unmap()
+				b.SetParallelism(8)
+				b.ResetTimer()
+				b.RunParallel(func(pb *testing.PB) {
+					p := make([]byte, 4096)
+					rnd := rand.New(rand.NewPCG(rand.Uint64(), 1))
+					for pb.Next() {
+						off := rnd.Int64N(1<<30/4096) * 4096
+						var err error
+						if way == "store" {
+							if !m.write(p, off) {
+								err = unix.EFAULT
+							}
+						} else {
+							_, err = f.WriteAt(p, off)
+						}
+						if err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			})
+		}
+	}
+}
