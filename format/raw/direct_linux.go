@@ -68,6 +68,10 @@ func openDirect(f *os.File, blockDev bool) (*directIO, error) {
 	default: // the kernel does not say: the largest alignment in use
 		x.align, x.memAlign = 4096, 4096
 	}
+	x.memAlign = max(x.memAlign, 1)
+	if x.memAlign > 4096 || x.align <= 0 {
+		return nil, fmt.Errorf("direct I/O alignment of %d bytes in memory, %d in the file: not supported", x.memAlign, x.align)
+	}
 	return x, nil
 }
 
@@ -127,7 +131,7 @@ func bounce(n int64) ([]byte, func()) {
 }
 
 // alignedBuffer returns n bytes at an address that is a multiple of 4096,
-// which is every direct-I/O memory alignment.
+// the largest memory alignment openDirect accepts.
 func alignedBuffer(n int) []byte {
 	b := make([]byte, n+4096)
 	skip := (4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%4096)) % 4096
