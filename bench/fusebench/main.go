@@ -3,10 +3,11 @@
 // run on one machine, and prints a Markdown table of each figure and
 // diskserve's ratio to each peer.
 //
-// Every peer exposes the same page-cached raw image as a regular file (the
-// mountpoint is a file, the mode all three share), and fio runs against that
-// file with O_DIRECT, so that the kernel's page cache of the FUSE file does
-// not stand in for the server: 1M sequential and 4k random reads and writes,
+// Every peer exposes the same raw image as a regular file (the mountpoint
+// is a file, the mode all three share), put into the state -state names
+// before each run (fresh by default; see fio.State), and fio runs against
+// that file with O_DIRECT, so that the kernel's page cache of the FUSE file
+// does not stand in for the server: 1M sequential and 4k random reads and writes,
 // each with psync at queue depth 1 and with io_uring at depth 16. The same
 // jobs on a copy of the image file, read and written with O_DIRECT on the
 // machine's own disk, give the baseline.
@@ -14,6 +15,7 @@
 // Run it from the module root as root (it builds ./cmd/diskserve):
 //
 //	go run ./bench/fusebench -runtime 5s -rounds 3
+//	go run ./bench/fusebench -state settled
 //
 // Machines are shared and noisy: compare the ratios of one run, not
 // absolute figures across runs.
@@ -101,7 +103,12 @@ func main() {
 	runtime := flag.Duration("runtime", 5*time.Second, "time per fio job")
 	size := flag.Int64("size", 1<<30, "size of the image in bytes")
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
+	stateFlag := flag.String("state", "fresh", "the served image's state before each run: fresh (written sequentially just before), settled (rewritten in 4k pieces in random order) or cold (out of the page cache)")
 	flag.Parse()
+	state, err := fio.ParseState(*stateFlag)
+	if err != nil || state == fio.Direct {
+		log.Fatalf("-state %s: want fresh, settled or cold", *stateFlag)
+	}
 	log.SetFlags(0)
 	dir, bin := fio.Setup("fusebench")
 	defer os.RemoveAll(dir)
@@ -116,6 +123,7 @@ func main() {
 		log.Fatal(err)
 	}
 	ps := peers(bin)
+	image := fio.NewImage(img, state)
 
 	// Peers take turns within each job and round, so that a change in the
 	// machine's load hits them alike; each figure is the median of the
@@ -129,7 +137,7 @@ func main() {
 				if p.mount == nil {
 					v = fio.Run(j, fileTarget(plain), *runtime, *size)
 				} else {
-					fio.Warm(img)
+					image.Prepare(state)
 					stop := p.mount(img, mnt, dir)
 					waitFor(p.name, func() bool {
 						fi, err := os.Stat(mnt)
@@ -146,7 +154,7 @@ func main() {
 			}
 		}
 	}
-	printTable(os.Stdout, results, ps, *runtime, *rounds)
+	printTable(os.Stdout, results, ps, state, *runtime, *rounds)
 }
 
 // start starts cmd, which gets SIGTERM if the benchmark dies first, so that
@@ -185,8 +193,8 @@ func waitFor(what string, ready func() bool) {
 // fileTarget is fio's target for file, read and written with O_DIRECT.
 func fileTarget(file string) []string { return []string{"--filename=" + file, "--direct=1"} }
 
-func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runtime time.Duration, rounds int) {
-	fmt.Fprint(w, "| job (O_DIRECT) |")
+func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, state fio.State, runtime time.Duration, rounds int) {
+	fmt.Fprintf(w, "| job (O_DIRECT, %s) |", state)
 	for _, p := range ps {
 		fmt.Fprintf(w, " %s |", p.name)
 	}
@@ -205,5 +213,5 @@ func printTable(w io.Writer, r map[string]map[string][]float64, ps []peer, runti
 		}
 		fmt.Fprintln(w)
 	}
-	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job on the mounted file of a page-cached raw image. Ratios above 1 favour diskserve.\n", rounds, runtime)
+	fmt.Fprintf(w, "\nMedians of %d rounds; fio: %v per job on the mounted file of a raw image put into the %s state before each run. Ratios above 1 favour diskserve.\n", rounds, runtime, state)
 }
