@@ -17,7 +17,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -26,6 +25,7 @@ import (
 	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/zstd"
+	"github.com/diskserve/diskserve/internal/aligned"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
@@ -199,7 +199,7 @@ func TestDirectRingWritesAndReadModifyWrites(t *testing.T) {
 	var wg sync.WaitGroup
 	for b := range int64(blocks) {
 		wg.Go(func() {
-			whole := alignedBlock(block)
+			whole := aligned.Bytes(block)
 			for r := range 20 {
 				for i := range whole {
 					whole[i] = byte(r)
@@ -235,13 +235,6 @@ func TestDirectRingWritesAndReadModifyWrites(t *testing.T) {
 			}
 		}
 	}
-}
-
-// alignedBlock returns n bytes at an address that is a multiple of 4096.
-func alignedBlock(n int) []byte {
-	b := make([]byte, n+4096)
-	skip := (4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%4096)) % 4096
-	return b[skip : skip+n]
 }
 
 // TestAutoPerCacheMode: auto picks io_uring for a disk open with O_DIRECT

@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/diskserve/diskserve/internal/aligned"
 )
 
 // directIO does the I/O of a raw disk whose file is open with O_DIRECT
@@ -69,7 +71,7 @@ func openDirect(f *os.File, blockDev bool) (*directIO, error) {
 		x.align, x.memAlign = 4096, 4096
 	}
 	x.memAlign = max(x.memAlign, 1)
-	if x.memAlign > 4096 || x.align <= 0 {
+	if x.memAlign > aligned.Align || x.align <= 0 {
 		return nil, fmt.Errorf("direct I/O alignment of %d bytes in memory, %d in the file: not supported", x.memAlign, x.align)
 	}
 	return x, nil
@@ -118,24 +120,16 @@ func (x *directIO) aligned(p []byte, off int64) bool {
 // allocate their own.
 const bounceSize = 256 << 10
 
-var bounces = sync.Pool{New: func() any { b := alignedBuffer(bounceSize); return &b }}
+var bounces = sync.Pool{New: func() any { b := aligned.Bytes(bounceSize); return &b }}
 
 // bounce returns an aligned buffer of n bytes and the function that
 // gives it back.
 func bounce(n int64) ([]byte, func()) {
 	if n > bounceSize {
-		return alignedBuffer(int(n)), func() {}
+		return aligned.Bytes(int(n)), func() {}
 	}
 	b := bounces.Get().(*[]byte)
 	return (*b)[:n], func() { bounces.Put(b) }
-}
-
-// alignedBuffer returns n bytes at an address that is a multiple of 4096,
-// the largest memory alignment openDirect accepts.
-func alignedBuffer(n int) []byte {
-	b := make([]byte, n+4096)
-	skip := (4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%4096)) % 4096
-	return b[skip : skip+n : skip+n]
 }
 
 // readAt reads p at off, which the caller clipped to the disk.

@@ -20,6 +20,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/internal/aligned"
 )
 
 // A Pattern is an access pattern: which operation, how large, where.
@@ -169,7 +170,7 @@ func measure(ctx context.Context, d target, size int64, p Pattern, qd int, runti
 	start := time.Now()
 	for w := range qd {
 		wg.Go(func() {
-			buf := alignedBuffer(p.BlockSize)
+			buf := aligned.Bytes(int(p.BlockSize))
 			rand.NewChaCha8([32]byte{byte(w)}).Read(buf)
 			rnd := rand.New(rand.NewPCG(uint64(w), 1))
 			var mine []time.Duration

@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"unsafe"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
@@ -145,12 +144,4 @@ func mount(c Config, path, openAs string, readOnly bool) (target, int64, string,
 	}
 	detach := func() error { return errors.Join(f.Close(), stop()) }
 	return f, st.Size(), strings.Fields(engine)[0], detach, nil
-}
-
-// alignedBuffer returns n bytes aligned for O_DIRECT.
-func alignedBuffer(n int64) []byte {
-	const align = 4096
-	b := make([]byte, n+align)
-	skip := (align - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%align)) % align
-	return b[skip : int64(skip)+n : int64(skip)+n]
 }

@@ -34,6 +34,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/aligned"
 )
 
 // A Source is a remote object: read-only bytes fetched by range.
@@ -463,7 +464,7 @@ func (d *Disk) claim(first, end int64) int64 {
 	}
 	// A buffer of its own, not pooled: its chunks stay in the fetches
 	// until commit, and the GC frees it once none refers to it.
-	buf := alignedBuffer(min(i*d.chunk, d.size) - first*d.chunk)
+	buf := aligned.Bytes(int(min(i*d.chunk, d.size) - first*d.chunk))
 	st := &stream{}
 	st.cond.L = &st.mu
 	for j := first; j < i; j++ {

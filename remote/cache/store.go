@@ -13,6 +13,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/diskserve/diskserve/internal/aligned"
 	"golang.org/x/sys/unix"
 )
 
@@ -321,7 +322,7 @@ func syncDir(dir string) error {
 
 // directAlign is the alignment of O_DIRECT writes: of buffers, offsets and
 // lengths.
-const directAlign = 4096
+const directAlign = aligned.Align
 
 // writeChunk writes b at off: with O_DIRECT where the file system takes
 // it and b is a whole number of aligned blocks, else through the page
@@ -338,11 +339,4 @@ func (s *store) writeChunk(b []byte, off int64) error {
 // punch makes [off, off+n) of the data file a hole.
 func (s *store) punch(off, n int64) error {
 	return unix.Fallocate(int(s.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-}
-
-// alignedBuffer returns n bytes aligned for O_DIRECT.
-func alignedBuffer(n int64) []byte {
-	b := make([]byte, n+directAlign)
-	skip := int((directAlign - uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign) % directAlign)
-	return b[skip : skip+int(n) : skip+int(n)]
 }
