@@ -54,17 +54,13 @@ func openFile(path string, readOnly, direct bool) (diskserve.DiskFile, error) {
 		f.Close()
 		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
 	}
-	if direct {
-		if d.dio, err = openDirect(f, d.blockDev); err != nil {
-			d.Close()
-			return nil, &fs.PathError{Op: "open", Path: path, Err: err}
-		}
-	}
 	return d, nil
 }
 
 // FromFile returns the open file f as a raw disk (a *[Disk]) called path
-// in errors, and takes its lock. The disk owns f: its Close closes it.
+// in errors, and takes its lock; a file opened with O_DIRECT gets the
+// direct path, as from [OpenFileDirect]. The disk owns f: its Close closes
+// it.
 func FromFile(f *os.File, path string, readOnly bool) (diskserve.DiskFile, error) {
 	d, err := newDisk(f, path, readOnly)
 	if err != nil {
@@ -113,14 +109,18 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 		}
 	}
 	d.size.Store(size)
-	if !readOnly && !d.blockDev && !isDirect(d.fd) {
+	switch {
+	case isDirect(d.fd): // a shared mapping would not be coherent with its writes
+		if d.dio, err = openDirect(f, d.blockDev); err != nil {
+			return nil, err
+		}
+	case !readOnly && !d.blockDev:
 		d.mapping = mapForWrites(d.fd)
 	}
 	return d, nil
 }
 
-// isDirect reports whether fd was opened with O_DIRECT: a shared mapping
-// of it would not be coherent with its writes.
+// isDirect reports whether fd was opened with O_DIRECT.
 func isDirect(fd int) bool {
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	return err == nil && fl&unix.O_DIRECT != 0
