@@ -276,21 +276,18 @@ func TestFormatsOverHTTP(t *testing.T) {
 	copy(data[2<<20:], make([]byte, 1<<20))
 	dir := t.TempDir()
 	src := disktest.NewMemory(data, true)
-	images := map[string]string{
-		"qcow2":          "",
-		"zstd":           "frame_size=256K",
-		"android-sparse": "",
-		"composite":      "components=3",
+	images := map[string][]string{
+		"qcow2":          nil,
+		"zstd":           {"frame_size=256K"},
+		"android-sparse": nil,
+		"composite":      {"components=3"},
 	}
 	for name, opts := range images {
 		f, err := diskserve.LookupFormat(format.All(), name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		o, err := diskserve.ParseCreateOptions([]string{opts})
-		if opts == "" {
-			o, err = diskserve.ParseCreateOptions(nil)
-		}
+		o, err := diskserve.ParseCreateOptions(opts)
 		if err != nil {
 			t.Fatal(err)
 		}

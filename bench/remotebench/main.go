@@ -150,45 +150,43 @@ func main() {
 	}
 	fmt.Println(header + " first / better other |")
 	fmt.Println(rule + "---|")
-	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
-		for _, job := range jobs {
-			name := fmt.Sprintf("%s, %v latency", job, lat)
-			if len(results[key{name, ps[0].name}]) == 0 {
-				continue
+	// rows calls row with each job's name, per latency, that m has figures of.
+	rows := func(m map[key][]float64, row func(job, name string)) {
+		for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
+			for _, job := range jobs {
+				if name := fmt.Sprintf("%s, %v latency", job, lat); len(m[key{name, ps[0].name}]) > 0 {
+					row(job, name)
+				}
 			}
-			fmt.Printf("| %s |", name)
-			var vs []float64
-			for _, p := range ps {
-				vs = append(vs, fio.Median(results[key{name, p.name}]))
-				fmt.Printf(" %.1f |", vs[len(vs)-1])
-			}
-			if len(vs) < 2 {
-				fmt.Println(" |")
-				continue
-			}
-			ratio := vs[0] / slices.Max(vs[1:])
-			if strings.HasSuffix(job, "(s)") { // a time: the better peer's over ours
-				ratio = slices.Min(vs[1:]) / vs[0]
-			}
-			fmt.Printf(" %.2f |\n", ratio)
 		}
 	}
+	rows(results, func(job, name string) {
+		fmt.Printf("| %s |", name)
+		var vs []float64
+		for _, p := range ps {
+			vs = append(vs, fio.Median(results[key{name, p.name}]))
+			fmt.Printf(" %.1f |", vs[len(vs)-1])
+		}
+		if len(vs) < 2 {
+			fmt.Println(" |")
+			return
+		}
+		ratio := vs[0] / slices.Max(vs[1:])
+		if strings.HasSuffix(job, "(s)") { // a time: the better peer's over ours
+			ratio = slices.Min(vs[1:]) / vs[0]
+		}
+		fmt.Printf(" %.2f |\n", ratio)
+	})
 	distinct := traceChunks(trace)
 	fmt.Println("\n" + strings.Replace(header, "job", "bytes fetched (MiB)", 1))
 	fmt.Println(rule)
-	for _, lat := range []time.Duration{0, 5 * time.Millisecond} {
-		for _, job := range jobs {
-			name := fmt.Sprintf("%s, %v latency", job, lat)
-			if len(fetched[key{name, ps[0].name}]) == 0 {
-				continue
-			}
-			fmt.Printf("| %s |", name)
-			for _, p := range ps {
-				fmt.Printf(" %.0f |", fio.Median(fetched[key{name, p.name}])/(1<<20))
-			}
-			fmt.Println()
+	rows(fetched, func(_, name string) {
+		fmt.Printf("| %s |", name)
+		for _, p := range ps {
+			fmt.Printf(" %.0f |", fio.Median(fetched[key{name, p.name}])/(1<<20))
 		}
-	}
+		fmt.Println()
+	})
 	fmt.Printf("\nThe boot trace reads %d MiB touching %d MiB of 1 MiB chunks.\n", traceBytes(trace)>>20, distinct>>20)
 	if ps[0].name == "diskserve" {
 		warmAndRestart(bin, url, img, dir, proxy, *runtime)
