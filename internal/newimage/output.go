@@ -17,7 +17,8 @@ import (
 // An output is the set of files of a new image, written where nobody sees
 // them until commit puts them in place: unnamed files (O_TMPFILE) where
 // the file system has them (ext4, xfs, btrfs, tmpfs), so that a process
-// killed at any moment leaves nothing behind; elsewhere files under
+// killed at any moment leaves nothing behind (but for the instant of
+// replacing an existing file, see commit); elsewhere files under
 // temporary names, which the next run against the same destination
 // removes (see removeStale).
 type output struct {
@@ -82,10 +83,20 @@ func (o *output) commit() error {
 		of := o.files[i]
 		dst := filepath.Join(o.dir, of.name)
 		if of.tmp == "" {
-			// linkat cannot replace a name: link the file to a
-			// temporary name, then rename that over dst.
-			of.tmp = tempName(o.dir, of.name, i)
+			// An unnamed file is linked straight to a free name, which
+			// leaves nothing to clean up at any moment. linkat cannot
+			// replace a name: over an existing file, it is linked to a
+			// temporary name and renamed over dst, and a kill between
+			// the two leaves that name for the next run to remove.
 			proc := "/proc/self/fd/" + strconv.Itoa(int(of.f.Fd()))
+			err := unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, dst, unix.AT_SYMLINK_FOLLOW)
+			if err == nil {
+				continue
+			}
+			if !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("link %s: %w", dst, err)
+			}
+			of.tmp = tempName(o.dir, of.name, i)
 			if err := unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, of.tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
 				of.tmp = ""
 				return fmt.Errorf("link %s: %w", dst, err)
