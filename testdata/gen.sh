@@ -43,6 +43,13 @@ qemu-img snapshot -c first qcow2/tiny-snap.qcow2
 qemu-io -f qcow2 -c 'write -P 0xe5 2048 8192' -c 'write -z 40960 4096' qcow2/tiny-snap.qcow2 >/dev/null
 qemu-img snapshot -c second qcow2/tiny-snap.qcow2
 qemu-io -f qcow2 -c 'write -P 0xf6 0 1024' qcow2/tiny-snap.qcow2 >/dev/null
+# Persistent dirty bitmaps: one enabled, dirtied by writes after it was
+# added, and one disabled.
+qemu-img create -q -f qcow2 -o cluster_size=4096 qcow2/tiny-bitmaps.qcow2 64K
+qemu-io -f qcow2 "${writes[@]}" qcow2/tiny-bitmaps.qcow2 >/dev/null
+qemu-img bitmap --add -g 4096 qcow2/tiny-bitmaps.qcow2 b0
+qemu-img bitmap --add --disable qcow2/tiny-bitmaps.qcow2 b1
+qemu-io -f qcow2 -c 'write -P 0xe7 8192 4096' -c 'write -z 45056 8192' qcow2/tiny-bitmaps.qcow2 >/dev/null
 for img in qcow2/*.qcow2; do
 	qemu-img convert -f qcow2 -O raw "$img" "$img.raw"
 	sha256sum "$img.raw" | cut -d' ' -f1 > "$img.sha256"

@@ -204,14 +204,7 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	}
 	if len(info.Specific) > 0 {
 		p("Format specific information:")
-		keys := make([]string, 0, len(info.Specific))
-		for k := range info.Specific {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			p("    %s: %v", k, info.Specific[k])
-		}
+		writeSpecific(w, info.Specific, indent+"    ")
 	}
 	if info.Backing != nil {
 		p("Backing image:")
@@ -220,5 +213,32 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	for i, c := range info.Children {
 		p("Component %d:", i)
 		writeInfo(w, c, indent+"    ")
+	}
+}
+
+// writeSpecific prints format-specific facts, a key per line, lists and
+// maps nested as qemu-img info nests them ("[0]:" for the first element).
+func writeSpecific(w io.Writer, m map[string]any, indent string) {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		switch v := m[k].(type) {
+		case []map[string]any:
+			fmt.Fprintf(w, "%s%s:\n", indent, k)
+			for i, e := range v {
+				fmt.Fprintf(w, "%s    [%d]:\n", indent, i)
+				writeSpecific(w, e, indent+"        ")
+			}
+		case []string:
+			fmt.Fprintf(w, "%s%s:\n", indent, k)
+			for i, e := range v {
+				fmt.Fprintf(w, "%s    [%d]: %s\n", indent, i, e)
+			}
+		default:
+			fmt.Fprintf(w, "%s%s: %v\n", indent, k, v)
+		}
 	}
 }

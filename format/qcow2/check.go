@@ -14,8 +14,9 @@ const maxCheckClusters = 1 << 26
 var _ diskserve.Checker = (*Disk)(nil)
 
 // Check counts the references to every host cluster (header, L1 tables,
-// refcount table and blocks, snapshot table, L2 tables, data and compressed
-// clusters, for the active layer and every snapshot) and compares them with
+// refcount table and blocks, snapshot table, bitmap directory, tables and
+// data, L2 tables, data and compressed clusters, for the active layer and
+// every snapshot) and compares them with
 // the refcounts, as qemu-img check does: a refcount below the references is
 // a corruption, one above them a leak. It also checks the COPIED flags of
 // the active layer. Repairs set the refcounts to the references: leaks with
@@ -54,9 +55,6 @@ func (d *Disk) checkLocked(repair diskserve.Repair) (diskserve.CheckReport, erro
 	if repair != diskserve.RepairNone && !d.writable() {
 		return r, fmt.Errorf("check: repairs need the image open read-write: %w", diskserve.ErrReadOnly)
 	}
-	if d.h.AutoclearFeatures&1 != 0 {
-		return r, unsupported(88, "checking images with persistent dirty bitmaps is not supported")
-	}
 	w := d.w
 	if w == nil {
 		rt, err := readTable(d.c, d.h.RefcountTableOffset, uint32(int64(d.h.RefcountTableClusters)*d.cs/8))
@@ -80,6 +78,9 @@ func (d *Disk) checkLocked(repair diskserve.Repair) (diskserve.CheckReport, erro
 	}
 	if d.h.NbSnapshots > 0 {
 		c.ref(int64(d.h.SnapshotsOffset), d.snapBytes, "snapshot table")
+	}
+	if err := c.refBitmaps(); err != nil {
+		return r, err
 	}
 	if err := c.walkL1(d.l1, true); err != nil {
 		return r, err
@@ -136,6 +137,33 @@ func (c *checker) refAligned(off int64, what string) bool {
 	}
 	c.ref(off, c.d.cs, what)
 	return true
+}
+
+// refBitmaps counts the references of the bitmap directory and of each
+// bitmap's table and data clusters, and checks the table entries.
+func (c *checker) refBitmaps() error {
+	d := c.d
+	if len(d.bitmaps) == 0 {
+		return nil
+	}
+	c.ref(int64(d.h.Bitmaps.DirOffset), int64(d.h.Bitmaps.DirSize), "bitmap directory")
+	for _, b := range d.bitmaps {
+		c.ref(int64(b.TableOffset), int64(b.TableSize)*8, fmt.Sprintf("table of bitmap %q", b.Name))
+		table, err := readTable(d.c, b.TableOffset, b.TableSize)
+		if err != nil {
+			return fmt.Errorf("read the table of bitmap %q: %w", b.Name, err)
+		}
+		for i, e := range table {
+			off := int64(e & offsetMask)
+			switch {
+			case e&^(offsetMask|1) != 0 || off != 0 && e&1 != 0:
+				c.corruption("bitmap %q: table entry %d is %#x, with reserved bits set", b.Name, i, e)
+			case off != 0:
+				c.refAligned(off, fmt.Sprintf("data cluster %d of bitmap %q", i, b.Name))
+			}
+		}
+	}
+	return nil
 }
 
 // walkL1 counts the references of one L1 table's L2 tables and clusters.

@@ -84,6 +84,7 @@ type header struct {
 
 	BackingFile   string
 	BackingFormat string
+	Bitmaps       *bitmapsExt         // the bitmaps extension; nil if there is none
 	FeatureNames  map[[2]uint8]string // (type, bit) -> name, from the feature name table
 }
 
@@ -216,6 +217,11 @@ func (h *header) parseExtensions(b []byte) error {
 		switch typ {
 		case extBackingFormat:
 			h.BackingFormat = string(d)
+		case extBitmaps:
+			if len(d) < 24 {
+				return corrupt(off, "bitmaps extension of %d bytes, need 24", len(d))
+			}
+			h.Bitmaps = &bitmapsExt{Count: be.Uint32(d), Reserved: be.Uint32(d[4:]), DirSize: be.Uint64(d[8:]), DirOffset: be.Uint64(d[16:])}
 		case extFeatureNames:
 			h.FeatureNames = map[[2]uint8]string{}
 			for i := 0; i+48 <= len(d); i += 48 {

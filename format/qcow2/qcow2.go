@@ -88,8 +88,10 @@ type Disk struct {
 	clust     *clusterCache // decompressed clusters
 	backing   diskserve.DiskFile
 	snaps     []snapshot
-	snapBytes int64   // length of the snapshot table
-	w         *writer // the state of writing; nil when the image is open read-only
+	snapBytes int64     // length of the snapshot table
+	w         *writer   // the state of writing; nil when the image is open read-only
+	bitmaps   []*bitmap // the persistent dirty bitmaps (see bitmap.go)
+	tracked   []*bitmap // those of them that writes set; fixed at open
 
 	// mu guards the metadata: the header's mutable fields, the L1 table,
 	// the metadata cache and the writer's state. Data is read and written
@@ -147,6 +149,9 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	}
 	d.pinMetadata()
 	if d.snaps, d.snapBytes, err = readSnapshots(c, h); err != nil {
+		return nil, err
+	}
+	if d.bitmaps, err = readBitmaps(c, h, fileSize); err != nil {
 		return nil, err
 	}
 	if name := oc.Snapshot(); name != "" {
@@ -210,12 +215,18 @@ func (d *Disk) ReadOnly() bool { return !d.writable() }
 // writable reports whether the image is open for writing.
 func (d *Disk) writable() bool { return d.w != nil }
 
-// Close flushes a writable image and closes the backing chain and the
-// image file.
+// Close flushes a writable image, stores the bitmaps it keeps, and closes
+// the backing chain and the image file.
 func (d *Disk) Close() error {
 	var errs []error
 	if d.writable() {
-		errs = append(errs, d.Flush())
+		d.mu.Lock()
+		err := d.flushLocked()
+		if err == nil {
+			err = d.storeBitmaps()
+		}
+		d.mu.Unlock()
+		errs = append(errs, err)
 	}
 	if d.backing != nil {
 		errs = append(errs, d.backing.Close())
@@ -548,6 +559,9 @@ func (d *Disk) Describe(info *diskserve.Info) {
 		info.Specific["lazy-refcounts"] = h.CompatibleFeatures&compatLazyRefcounts != 0
 		info.Specific["corrupt"] = h.IncompatibleFeatures&incompatCorrupt != 0
 		info.Specific["extended-l2"] = d.h.extendedL2()
+		if bms := d.bitmapInfo(); len(bms) > 0 {
+			info.Specific["bitmaps"] = bms
+		}
 	}
 	for _, s := range d.snaps {
 		info.Snapshots = append(info.Snapshots, s.info())

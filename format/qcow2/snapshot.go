@@ -286,6 +286,9 @@ func (d *Disk) ApplySnapshot(name string) error {
 		return err
 	}
 	defer d.mu.Unlock()
+	if h.Size != d.h.Size && len(d.bitmaps) > 0 {
+		return unsupported(-1, "apply snapshot %q: its disk size, %d bytes, is not the image's, %d, and the image's persistent dirty bitmaps keep the disk's size", name, h.Size, d.h.Size)
+	}
 	if h.Size != d.h.Size && d.h.Version < 3 {
 		return unsupported(60, "apply snapshot %q: its disk size, %d bytes, is not the image's, %d, and a version 2 image with snapshots keeps its size (as in qemu)", name, h.Size, d.h.Size)
 	}
@@ -311,6 +314,7 @@ func (d *Disk) ApplySnapshot(name string) error {
 	if err := diskserve.Flush(d.c); err != nil {
 		return err
 	}
+	d.markDirty(0, int64(h.Size)) // every byte may read differently now
 	old, oldOff := d.l1, int64(d.h.L1TableOffset)
 	d.l1, d.h.Size, d.h.L1Size, d.h.L1TableOffset = l1, h.Size, uint32(len(l1)), uint64(l1Off)
 	// 3. The old active layer's references go.

@@ -62,17 +62,22 @@ func newWriter(d *Disk, fileSize int64) (*writer, error) {
 		perBlock: d.cs * 8 / (1 << h.RefcountOrder),
 		end:      (fileSize + d.cs - 1) &^ (d.cs - 1),
 	}
-	// Unknown autoclear bits must be cleared before the first write, and
-	// the known ones (bitmaps) describe data this writer does not keep.
-	if h.AutoclearFeatures != 0 {
-		var zero [8]byte
-		if _, err := d.c.WriteAt(zero[:], 88); err != nil {
+	// Autoclear bits must be cleared before the first write, but for the
+	// bitmaps bit while the bitmaps are kept (see bitmap.go).
+	keep := h.AutoclearFeatures & autoclearBitmaps
+	if h.AutoclearFeatures != keep {
+		var b [8]byte
+		be.PutUint64(b[:], keep)
+		if _, err := d.c.WriteAt(b[:], 88); err != nil {
 			return nil, fmt.Errorf("clear autoclear features: %w", err)
 		}
 		if err := diskserve.Flush(d.c); err != nil {
 			return nil, err
 		}
-		h.AutoclearFeatures = 0
+		h.AutoclearFeatures = keep
+	}
+	if err := d.trackBitmaps(); err != nil {
+		return nil, err
 	}
 	return w, nil
 }
@@ -186,6 +191,7 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
 		return 0, fmt.Errorf("write: %w", err)
 	}
+	d.markDirty(off, int64(len(p)))
 	for done := 0; done < len(p); {
 		pos := off + int64(done)
 		n := min(int(d.cs-pos&(d.cs-1)), len(p)-done)
@@ -271,6 +277,7 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 	if err := diskserve.CheckWrite(d, off, n); err != nil {
 		return fmt.Errorf("write zeroes: %w", err)
 	}
+	d.markDirty(off, n)
 	end := off + n
 	wholeStart := (off + d.cs - 1) &^ (d.cs - 1)
 	wholeEnd := end &^ (d.cs - 1)
@@ -456,6 +463,8 @@ func (d *Disk) Resize(size int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	switch {
+	case len(d.bitmaps) > 0:
+		return unsupported(-1, "resize: the image has persistent dirty bitmaps, which keep the disk's size; remove them first (qemu-img bitmap --remove)")
 	case d.h.Version < 3 && len(d.snaps) > 0:
 		return unsupported(60, "resize: a version 2 image with internal snapshots keeps its size (its snapshots need not record theirs; qemu refuses it too)")
 	case size < int64(d.h.Size):
