@@ -24,6 +24,7 @@ const (
 	CanCheck                                    // Checker
 	CanSnapshot                                 // Snapshotter
 	CanWriteCompressed                          // CompressedWriter
+	CanKeepBitmaps                              // BitmapKeeper
 	CanMapHost                                  // HostMapper
 )
 
@@ -51,6 +52,7 @@ var capabilityList = []capability{
 	{CanCheck, "Checker", is[Checker], true},
 	{CanSnapshot, "Snapshotter", is[Snapshotter], true},
 	{CanWriteCompressed, "CompressedWriter", is[CompressedWriter], true},
+	{CanKeepBitmaps, "BitmapKeeper", is[BitmapKeeper], true},
 	{CanMapHost, "HostMapper", is[HostMapper], false},
 }
 

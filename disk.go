@@ -48,6 +48,8 @@ import (
 //     [DeleteSnapshot]: without it there are no internal snapshots.
 //   - [CompressedWriter], used by [WriteCompressed]: without it data is
 //     not stored compressed.
+//   - [BitmapKeeper], used by [FindDirtyBitmap]: without it there are no
+//     dirty bitmaps.
 //   - [HostMapper], used by [MapHost]: without it engines and exporters
 //     move every byte through ReadAt and WriteAt.
 //
@@ -137,6 +139,11 @@ const (
 
 	// ExtentZero marks a range that reads as zeroes (NBD_STATE_ZERO).
 	ExtentZero ExtentFlags = 1 << 1
+
+	// ExtentDirty marks, in the extents of a [DirtyBitmap], a range
+	// written while the bitmap was enabled (the flag of NBD's
+	// qemu:dirty-bitmap contexts).
+	ExtentDirty ExtentFlags = 1 << 0
 )
 
 // An Extent is a range of the virtual disk with one allocation state.
@@ -197,6 +204,31 @@ type Snapshotter interface {
 	CreateSnapshot(name string) (Snapshot, error)
 	ApplySnapshot(name string) error
 	DeleteSnapshot(name string) error
+}
+
+// A BitmapKeeper keeps persistent dirty bitmaps: named records of the
+// parts of the disk written while each was enabled, which backup tools
+// read to copy only what changed (qcow2 keeps them).
+//
+// DirtyBitmap returns the bitmap called name, for reading. It fails if
+// the disk has no such bitmap or cannot vouch for it (one that a writer
+// left marked in use, by crashing, is inconsistent). If the bitmap is
+// enabled and the disk open for writing, what it reports includes the
+// writes made through the disk after the call. If a disk does not
+// implement BitmapKeeper, [FindDirtyBitmap] fails with an error wrapping
+// [errors.ErrUnsupported].
+type BitmapKeeper interface {
+	DirtyBitmap(name string) (DirtyBitmap, error)
+}
+
+// A DirtyBitmap is one bitmap of a [BitmapKeeper].
+type DirtyBitmap interface {
+	// Granularity is the number of bytes one bit of the bitmap covers.
+	Granularity() int64
+	// DirtyExtents appends to dst the extents of [off, off+n) of the
+	// disk, in order and covering it, those with a bit set flagged
+	// [ExtentDirty]. The range lies inside the disk.
+	DirtyExtents(dst []Extent, off, n int64) []Extent
 }
 
 // A Wrapper is a disk that serves requests by passing them to another disk

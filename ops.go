@@ -155,6 +155,16 @@ func DeleteSnapshot(d DiskFile, name string) error {
 	return s.DeleteSnapshot(name)
 }
 
+// FindDirtyBitmap returns the dirty bitmap called name that d's
+// [BitmapKeeper] keeps.
+func FindDirtyBitmap(d DiskFile, name string) (DirtyBitmap, error) {
+	k, ok := d.(BitmapKeeper)
+	if !ok {
+		return nil, fmt.Errorf("bitmap %q: the disk keeps no dirty bitmaps: %w", name, errors.ErrUnsupported)
+	}
+	return k.DirtyBitmap(name)
+}
+
 // snapshotter returns d's Snapshotter, or the error the snapshot functions
 // return for a disk that has none or is read-only.
 func snapshotter(d DiskFile, op string) (Snapshotter, error) {

@@ -31,6 +31,7 @@ var (
 	_ Checker          = Passthrough{}
 	_ Snapshotter      = Passthrough{}
 	_ CompressedWriter = Passthrough{}
+	_ BitmapKeeper     = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -94,6 +95,9 @@ func (p Passthrough) Check(repair Repair) (CheckReport, error) { return Check(p.
 
 // CreateSnapshot creates a snapshot of D.
 func (p Passthrough) CreateSnapshot(name string) (Snapshot, error) { return CreateSnapshot(p.D, name) }
+
+// DirtyBitmap returns a dirty bitmap of D.
+func (p Passthrough) DirtyBitmap(name string) (DirtyBitmap, error) { return FindDirtyBitmap(p.D, name) }
 
 // ApplySnapshot applies a snapshot of D.
 func (p Passthrough) ApplySnapshot(name string) error { return ApplySnapshot(p.D, name) }

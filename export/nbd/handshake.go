@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/diskserve/diskserve"
@@ -40,8 +42,8 @@ type handshake struct {
 
 	noZeroes   bool
 	structured bool
-	metaExport string // the export base:allocation was selected for
-	metaBase   bool
+	metaExport string   // the export the metadata contexts were selected for
+	metaNames  []string // the contexts selected, in the order of their IDs
 }
 
 func (h *handshake) run() (*transmission, error) {
@@ -262,7 +264,7 @@ func (h *handshake) info(opt uint32, data []byte) (*transmission, bool, error) {
 func (h *handshake) metaContext(opt uint32, data []byte) error {
 	set := opt == optSetMetaContext
 	if set {
-		h.metaExport, h.metaBase = "", false // replaced even if this fails
+		h.metaExport, h.metaNames = "", nil // replaced even if this fails
 	}
 	name, rest, ok := parseName(data)
 	if !ok || len(rest) < 4 {
@@ -273,16 +275,14 @@ func (h *handshake) metaContext(opt uint32, data []byte) error {
 	if nq > maxMetaQueries {
 		return h.replyErr(opt, repErrTooBig, fmt.Sprintf("more than %d queries", maxMetaQueries))
 	}
-	var base bool
+	var queries []string
 	for range nq {
 		q, r, ok := parseName(rest)
 		if !ok {
 			return h.replyErr(opt, repErrInvalid, "malformed meta context query")
 		}
 		rest = r
-		if q == contextBaseAllocation || (!set && q == "base:") {
-			base = true
-		}
+		queries = append(queries, q)
 	}
 	switch {
 	case len(rest) != 0:
@@ -292,28 +292,54 @@ func (h *handshake) metaContext(opt uint32, data []byte) error {
 	case h.s.export(name) == nil:
 		return h.replyErr(opt, repErrUnknown, fmt.Sprintf("no export named %.64q", name))
 	}
-	if !set && nq == 0 {
-		base = true // an empty list asks for every context
+	var chosen []string
+	for _, c := range contexts(h.s.export(name)) {
+		if !set && nq == 0 || slices.ContainsFunc(queries, func(q string) bool { return matches(q, c, set) }) {
+			chosen = append(chosen, c)
+		}
 	}
-	if base {
+	if set {
+		h.metaExport, h.metaNames = name, chosen
+	}
+	for i, c := range chosen {
 		var id uint32 // "SHOULD be 0" in a list
 		if set {
-			id = contextIDBase
-			h.metaExport, h.metaBase = name, true
+			id = uint32(i + 1)
 		}
-		b := make([]byte, 4, 4+len(contextBaseAllocation))
+		b := make([]byte, 4, 4+len(c))
 		be.PutUint32(b, id)
-		if err := h.reply(opt, repMetaContext, append(b, contextBaseAllocation...)); err != nil {
+		if err := h.reply(opt, repMetaContext, append(b, c...)); err != nil {
 			return err
 		}
 	}
 	return h.reply(opt, repAck, nil)
 }
 
+// contexts lists the metadata contexts of export e: base:allocation, and
+// a qemu:dirty-bitmap context for each of its bitmaps.
+func contexts(e *Export) []string {
+	cs := []string{contextBaseAllocation}
+	for _, b := range e.Bitmaps {
+		cs = append(cs, contextDirtyBitmap+b)
+	}
+	return cs
+}
+
+// matches reports whether query q selects context c. Listing, a namespace
+// ("base:", "qemu:") or a leaf prefix ending in ':' ("qemu:dirty-bitmap:")
+// selects every context in it; setting takes exact names only.
+func matches(q, c string, set bool) bool {
+	return q == c || !set && strings.HasSuffix(q, ":") && strings.HasPrefix(c, q)
+}
+
 // start returns the transmission phase for export e with what has been
 // negotiated so far.
 func (h *handshake) start(e *Export) *transmission {
-	return newTransmission(h.s, e, h.c, h.log.With("export", e.Name), h.structured, h.metaBase && h.metaExport == e.Name)
+	var meta []string
+	if h.metaExport == e.Name {
+		meta = h.metaNames
+	}
+	return newTransmission(h.s, e, h.c, h.log.With("export", e.Name), h.structured, meta)
 }
 
 // exportFlags returns the transmission flags for d: exactly what the

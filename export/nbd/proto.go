@@ -143,6 +143,7 @@ const (
 	// maxReadChunks caps the chunks of one structured READ reply; past it
 	// the rest of the range goes as one data chunk.
 	maxReadChunks = 32
+	maxBitmaps    = 8 // per export: a BLOCK_STATUS reply holds a chunk for each, and base:allocation's
 
 	// sparseReadMin is the smallest READ for which holes are looked up
 	// and sent as OFFSET_HOLE chunks; for smaller reads the lookup costs
@@ -153,5 +154,5 @@ const (
 // The one metadata context served.
 const (
 	contextBaseAllocation = "base:allocation"
-	contextIDBase         = 1
+	contextDirtyBitmap    = "qemu:dirty-bitmap:" // and the bitmap's name
 )

@@ -110,7 +110,7 @@ func (t *transmission) bufferCost(r *request) int64 {
 	case cmdRead, cmdWrite:
 		return int64(r.length)
 	case cmdBlockStatus:
-		return 4 + 8*maxDescriptors
+		return int64(len(t.meta)) * statusBytes
 	case cmdCache:
 		return cacheStep
 	}

@@ -49,6 +49,10 @@ type Export struct {
 	Name        string // "" is the default export
 	Description string // shown by nbdinfo --list; optional
 	Disk        diskserve.DiskFile
+	// Bitmaps names dirty bitmaps of Disk ([diskserve.BitmapKeeper]) that
+	// clients may read with BLOCK_STATUS, each as the metadata context
+	// qemu:dirty-bitmap:NAME (as qemu-nbd -B offers them).
+	Bitmaps []string
 }
 
 // TLSMode says whether clients must use TLS.
@@ -105,6 +109,13 @@ func NewServer(exports []Export, opts Options) (*Server, error) {
 			return nil, fmt.Errorf("nbd: export %q: name or description longer than %d bytes", e.Name, maxStringLen)
 		case e.Disk == nil:
 			return nil, fmt.Errorf("nbd: export %q has no disk", e.Name)
+		case len(e.Bitmaps) > maxBitmaps:
+			return nil, fmt.Errorf("nbd: export %q: more than %d bitmaps", e.Name, maxBitmaps)
+		}
+		for _, b := range e.Bitmaps {
+			if _, err := diskserve.FindDirtyBitmap(e.Disk, b); err != nil {
+				return nil, fmt.Errorf("nbd: export %q: %w", e.Name, err)
+			}
 		}
 		seen[e.Name] = true
 	}

@@ -59,7 +59,7 @@ type transmission struct {
 	log        *slog.Logger
 	flags      uint16 // transmission flags sent to the client
 	structured bool   // structured replies negotiated
-	blockStat  bool   // base:allocation selected for this export
+	meta       []metaContext // the metadata contexts selected, by ID - 1
 
 	budget   *semaphore.Weighted // bytes of buffers in flight
 	free     chan *request       // request objects not in use
@@ -85,7 +85,7 @@ type transmission struct {
 	bufs  net.Buffers
 }
 
-func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structured, blockStat bool) *transmission {
+func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structured bool, meta []string) *transmission {
 	t := &transmission{
 		s:          s,
 		exp:        e,
@@ -95,7 +95,7 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 		log:        log,
 		flags:      exportFlags(e.Disk, structured),
 		structured: structured,
-		blockStat:  blockStat,
+		meta:       selectContexts(e, meta),
 		budget:     semaphore.NewWeighted(bytesPerConn),
 		free:       make(chan *request, requestsPerConn),
 		work:       make(chan *request, requestsPerConn),
@@ -129,7 +129,7 @@ func (t *transmission) serve() {
 		// would turn off.
 		uc.SetWriteBuffer(unixSendBuffer)
 	}
-	t.log.Info("client attached", "structured", t.structured, "block-status", t.blockStat)
+	t.log.Info("client attached", "structured", t.structured, "block-status", len(t.meta) > 0)
 	var workers, writer sync.WaitGroup
 	for range workersPerConn {
 		workers.Go(func() {

@@ -33,7 +33,7 @@ func (t *transmission) validate(r *request) (uint32, string) {
 		return errPerm, "the export is read-only"
 	case r.typ == cmdTrim && t.flags&tflagSendTrim == 0:
 		return errInval, "TRIM was not advertised"
-	case r.typ == cmdBlockStatus && !t.blockStat:
+	case r.typ == cmdBlockStatus && len(t.meta) == 0:
 		return errInval, "no metadata context was negotiated for this export"
 	case r.typ == cmdBlockStatus && r.length == 0:
 		return errInval, "BLOCK_STATUS of length 0"

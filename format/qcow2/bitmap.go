@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 
 	"github.com/diskserve/diskserve"
@@ -408,4 +409,79 @@ func (d *Disk) bitmapInfo() []map[string]any {
 		list = append(list, map[string]any{"flags": flags, "name": b.Name, "granularity": int64(1) << b.GranBits})
 	}
 	return list
+}
+
+var _ diskserve.BitmapKeeper = (*Disk)(nil)
+
+// DirtyBitmap returns the bitmap called name. A bitmap the image keeps is
+// returned live; any other is read from the image on first use, unless it
+// is in use (inconsistent) or has extra data this package does not know.
+func (d *Disk) DirtyBitmap(name string) (diskserve.DirtyBitmap, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, b := range d.bitmaps {
+		if b.Name != name {
+			continue
+		}
+		switch {
+		case b.bits != nil:
+			return b, nil
+		case b.Flags&bitmapInUse != 0:
+			return nil, fmt.Errorf("%s: bitmap %q is inconsistent: a writer did not close the image (qemu-img bitmap --clear or --remove it)", d.path, name)
+		case !b.usable():
+			return nil, fmt.Errorf("%s: bitmap %q has extra data diskserve does not know: %w", d.path, name, diskserve.ErrUnsupported)
+		}
+		if err := d.loadBitmap(b); err != nil {
+			return nil, err
+		}
+		return b, nil
+	}
+	have := "none"
+	if len(d.bitmaps) > 0 {
+		names := make([]string, len(d.bitmaps))
+		for i, b := range d.bitmaps {
+			names[i] = fmt.Sprintf("%q", b.Name)
+		}
+		have = strings.Join(names, ", ")
+	}
+	return nil, fmt.Errorf("%s: no bitmap named %q (the image has %s)", d.path, name, have)
+}
+
+// Granularity returns the bytes one bit covers.
+func (b *bitmap) Granularity() int64 { return 1 << b.GranBits }
+
+// DirtyExtents appends the runs of set and clear bits over [off, off+n).
+func (b *bitmap) DirtyExtents(dst []diskserve.Extent, off, n int64) []diskserve.Extent {
+	end := off + n
+	for pos := off; pos < end; {
+		i := pos >> b.GranBits
+		dirty := b.bit(i)
+		last := (end - 1) >> b.GranBits
+		j := i + 1
+		for j <= last {
+			if j%64 == 0 && j+63 <= last {
+				if w := b.bits[j/64].Load(); dirty && w == ^uint64(0) || !dirty && w == 0 {
+					j += 64
+					continue
+				}
+			}
+			if b.bit(j) != dirty {
+				break
+			}
+			j++
+		}
+		next := min(j<<b.GranBits, end)
+		var f diskserve.ExtentFlags
+		if dirty {
+			f = diskserve.ExtentDirty
+		}
+		dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: pos, Len: next - pos, Flags: f})
+		pos = next
+	}
+	return dst
+}
+
+// bit reports whether bit i is set.
+func (b *bitmap) bit(i int64) bool {
+	return i < b.nbits && b.bits[i/64].Load()&(1<<(i%64)) != 0
 }

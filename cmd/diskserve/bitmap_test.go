@@ -1,0 +1,118 @@
+package main
+
+import (
+	"encoding/json"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+// dirtyMap returns the ranges that nbdinfo --map reads as dirty in the
+// qemu:dirty-bitmap context of bitmap name at uri.
+func dirtyMap(t *testing.T, uri, name string) []testtool.Range {
+	t.Helper()
+	out := testtool.Run(t, "nbdinfo", "--map=qemu:dirty-bitmap:"+name, uri)
+	var dirty []testtool.Range
+	for line := range strings.Lines(string(out)) {
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			t.Fatalf("nbdinfo --map line %q", line)
+		}
+		off, _ := strconv.ParseInt(f[0], 10, 64)
+		n, _ := strconv.ParseInt(f[1], 10, 64)
+		if f[2] == "1" {
+			dirty = testtool.AddRange(dirty, off, n)
+		}
+	}
+	return dirty
+}
+
+// bitmapFlags returns the flags qemu-img info lists for bitmap name.
+func bitmapFlags(t *testing.T, img, name string) []string {
+	t.Helper()
+	out := testtool.Run(t, "qemu-img", "info", "-U", "--output=json", img)
+	var info struct {
+		Specific struct {
+			Data struct {
+				Bitmaps []struct {
+					Name  string
+					Flags []string
+				}
+			}
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range info.Specific.Data.Bitmaps {
+		if b.Name == name {
+			return b.Flags
+		}
+	}
+	t.Fatalf("qemu-img info lists no bitmap %q:\n%s", name, out)
+	return nil
+}
+
+// TestServeDirtyBitmap is libvirt's incremental backup flow: qemu-img adds
+// a bitmap; diskserve serves the image read-write with -B; qemu-io writes
+// (across a granule boundary), zeroes and discards over NBD; nbdinfo reads
+// exactly those clusters as dirty, before and (through qemu-nbd -B) after
+// a SIGTERM; what qemu then writes and merges, diskserve reads. After a
+// SIGKILL qemu takes the bitmap for inconsistent, and so does diskserve.
+func TestServeDirtyBitmap(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vm.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
+	testtool.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
+	sock, s := serveAt(t, dir, "-B", "b0", img)
+	uri := "nbd+unix:///?socket=" + sock
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 1114012 4096", "-c", "write -z 8M 128k", "-c", "discard 16M 64k", uri)
+	r := func(start, end int64) testtool.Range { return testtool.Range{Start: start, End: end} }
+	want := []testtool.Range{r(1<<20, 1<<20+128<<10), r(8<<20, 8<<20+128<<10), r(16<<20, 16<<20+64<<10)}
+	if got := dirtyMap(t, uri, "b0"); !slices.Equal(got, want) {
+		t.Errorf("while served: dirty %v, want %v", got, want)
+	}
+	if code := s.stop(t, syscall.SIGTERM); code != 0 {
+		t.Fatalf("serve exited %d:\n%s", code, s.stderr)
+	}
+	if flags := bitmapFlags(t, img, "b0"); !slices.Equal(flags, []string{"auto"}) {
+		t.Errorf("after SIGTERM, qemu-img info lists flags %v, want [auto]", flags)
+	}
+	qsock := filepath.Join(dir, "qemu.sock")
+	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", "b0", "-k", qsock, img).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-nbd: %v\n%s", err, out)
+	}
+	if got := dirtyMap(t, "nbd+unix:///?socket="+qsock, "b0"); !slices.Equal(got, want) {
+		t.Errorf("qemu-nbd -B after SIGTERM: dirty %v, want %v", got, want)
+	}
+
+	// What qemu writes, and a bitmap it merges, diskserve reads as qemu
+	// does.
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write 40M 4k", img)
+	testtool.Run(t, "qemu-img", "bitmap", "--add", "--disable", img, "b1")
+	testtool.Run(t, "qemu-img", "bitmap", "--merge", "b0", img, "b1")
+	want = append(want, r(40<<20, 40<<20+64<<10))
+	sock, s = serveAt(t, dir, "-r", "-B", "b0", "-B", "b1", img)
+	for _, b := range []string{"b0", "b1"} {
+		if got := dirtyMap(t, "nbd+unix:///?socket="+sock, b); !slices.Equal(got, want) {
+			t.Errorf("bitmap %s after qemu's write and merge: dirty %v, want %v", b, got, want)
+		}
+	}
+	s.stop(t, syscall.SIGTERM)
+
+	sock, s = serveAt(t, dir, "-B", "b0", img)
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write 32M 4k", "nbd+unix:///?socket="+sock)
+	s.stop(t, syscall.SIGKILL)
+	if flags := bitmapFlags(t, img, "b0"); !slices.Contains(flags, "in-use") {
+		t.Errorf("after SIGKILL, qemu-img info lists flags %v, want in-use", flags)
+	}
+	if _, _, code := run(t, nil, "serve", "-B", "b0", "--listen", "unix:"+sock, img); code == 0 {
+		t.Errorf("serve -B of a bitmap left in use by a crash did not fail")
+	}
+}
