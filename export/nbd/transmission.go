@@ -57,8 +57,8 @@ type transmission struct {
 	size       int64
 	c          net.Conn
 	log        *slog.Logger
-	flags      uint16 // transmission flags sent to the client
-	structured bool   // structured replies negotiated
+	flags      uint16        // transmission flags sent to the client
+	structured bool          // structured replies negotiated
 	meta       []metaContext // the metadata contexts selected, by ID - 1
 
 	budget   *semaphore.Weighted // bytes of buffers in flight
