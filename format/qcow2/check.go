@@ -3,6 +3,7 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/diskserve/diskserve"
 )
@@ -266,5 +267,41 @@ func (c *checker) compare(repair diskserve.Repair) error {
 			}
 		}
 	}
+	return nil
+}
+
+// repairDirty rebuilds the refcounts of an image that a writer with lazy
+// refcounts left dirty (its refcounts may lag behind its tables), as qemu
+// does when it opens such an image for writing, then clears the dirty bit.
+// What it repaired is logged.
+func (d *Disk) repairDirty(log *slog.Logger) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	r, err := d.checkLocked(diskserve.RepairAll)
+	if err != nil {
+		return fmt.Errorf("rebuild the refcounts of a dirty image: %w", err)
+	}
+	if err := d.flushLocked(); err != nil {
+		return err
+	}
+	after, err := d.checkLocked(diskserve.RepairNone)
+	if err != nil {
+		return fmt.Errorf("rebuild the refcounts of a dirty image: %w", err)
+	}
+	if after.Corruptions > 0 {
+		return corrupt(72, "the image is dirty and rebuilding its refcounts left %d errors (%s): repair it with qemu-img check -r all, or open it read-only", after.Corruptions, after.Messages[0])
+	}
+	features := d.h.IncompatibleFeatures &^ incompatDirty
+	var b [8]byte
+	be.PutUint64(b[:], features)
+	if _, err := d.c.WriteAt(b[:], 72); err != nil {
+		return fmt.Errorf("clear the dirty bit: %w", err)
+	}
+	if err := diskserve.Flush(d.c); err != nil {
+		return err
+	}
+	d.h.IncompatibleFeatures = features
+	log.Warn("the image was not closed cleanly (lazy refcounts): its refcounts were rebuilt",
+		"image", d.path, "corruptions-fixed", r.Corruptions, "leaks-fixed", r.Leaks)
 	return nil
 }

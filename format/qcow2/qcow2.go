@@ -36,8 +36,10 @@
 //
 //   - Encryption (AES and LUKS), external data files, and unknown
 //     incompatible features are refused with an error naming them.
-//   - Writing images with extended L2 entries, and dirty (lazy-refcount)
-//     or corrupt images: they open read-only only.
+//   - Writing images with extended L2 entries, and corrupt images: they
+//     open read-only only. (A dirty image, left so by a writer with lazy
+//     refcounts, opens for writing after its refcounts are rebuilt, as in
+//     qemu; see repairDirty.)
 //   - Resizing a version 2 image that has internal snapshots, as in qemu:
 //     version 2 snapshots need not record their disk size.
 //   - A backing file whose format the image does not record: probing it
@@ -162,6 +164,11 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	if !oc.ReadOnly() {
 		if d.w, err = newWriter(d, fileSize); err != nil {
 			return nil, err
+		}
+		if h.IncompatibleFeatures&incompatDirty != 0 {
+			if err := d.repairDirty(oc.Logger()); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if h.BackingFile != "" {

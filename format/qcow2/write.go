@@ -47,8 +47,6 @@ func newWriter(d *Disk, fileSize int64) (*writer, error) {
 	switch {
 	case h.IncompatibleFeatures&incompatCorrupt != 0:
 		return nil, corrupt(72, "the image is marked corrupt: repair it with qemu-img check -r all, or open it read-only")
-	case h.IncompatibleFeatures&incompatDirty != 0:
-		return nil, unsupported(72, "the image is dirty (lazy refcounts) and writing it needs a refcount rebuild: run qemu-img check -r all, or open it read-only")
 	case h.extendedL2():
 		return nil, unsupported(72, "writing images with extended L2 entries is not supported yet: open it read-only")
 	}
