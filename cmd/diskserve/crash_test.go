@@ -31,6 +31,14 @@ func TestCrashConsistency(t *testing.T) {
 		mustRun(t, "create", "-f", "qcow2", "-o", "cluster_size=4096", img, "64M")
 		crashLoop(t, dir, []string{"-f", "qcow2", img}, []string{img})
 	})
+	t.Run("qcow2-extended-l2-overlay", func(t *testing.T) {
+		dir := t.TempDir()
+		base, img := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "crash.qcow2")
+		mustRun(t, "create", "-f", "qcow2", base, "64M")
+		testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 64M", base)
+		mustRun(t, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32768", "-b", base, "-F", "qcow2", img)
+		crashLoop(t, dir, []string{"-f", "qcow2", img}, []string{img})
+	})
 	t.Run("composite-over-qcow2", func(t *testing.T) {
 		dir := t.TempDir()
 		a, b := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")

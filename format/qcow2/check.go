@@ -190,6 +190,12 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 		}
 		for j := int64(0); j < d.cs; j += step {
 			e := be.Uint64(t.data[j:])
+			if step == 16 {
+				guest := (int64(i)*d.l2n + j/16) << d.bits
+				if err := d.checkSubclusters(e, be.Uint64(t.data[j+8:]), guest); err != nil {
+					c.corruption("%v", err)
+				}
+			}
 			switch host := int64(e & offsetMask); {
 			case e&entryCompressed != 0:
 				off, n := d.compressedRange(e)

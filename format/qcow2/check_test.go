@@ -107,3 +107,27 @@ func TestCheckRepairNeedsWritable(t *testing.T) {
 		t.Fatalf("check of a golden image: %+v, %v", r, err)
 	}
 }
+
+// TestCheckSubclusterBitmaps breaks the subcluster bitmap of an extended
+// L2 entry (a subcluster both allocated and zero) and expects check to
+// report it, as qemu-img check does.
+func TestCheckSubclusterBitmaps(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "ext.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, "1M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4k", img)
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2 := binary.BigEndian.Uint64(b[binary.BigEndian.Uint64(b[40:]):]) & 0x00ff_ffff_ffff_fe00
+	bm := binary.BigEndian.Uint64(b[l2+8:])
+	binary.BigEndian.PutUint64(b[l2+8:], bm|bm<<32) // allocated and zero
+	if err := os.WriteFile(img, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := openFile(t, img)
+	r, err := diskserve.Check(d, diskserve.RepairNone)
+	if err != nil || r.Corruptions == 0 {
+		t.Fatalf("check of a bitmap with subclusters both allocated and zero: %+v, %v", r, err)
+	}
+}

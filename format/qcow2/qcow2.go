@@ -5,9 +5,10 @@
 //
 //   - Versions 2 and 3; cluster sizes from 512 B to 2 MiB; refcount widths
 //     from 1 to 64 bits.
-//   - Header extensions: the backing file format (0xE2792ACA) and the
-//     feature name table, which names unknown feature bits in errors;
-//     others are skipped, and left as they are when writing.
+//   - Header extensions: the backing file format (0xE2792ACA), the
+//     feature name table, which names unknown feature bits in errors, and
+//     the bitmaps (0x23852875); others are skipped, and left as they are
+//     when writing.
 //   - The zero flag, plain and allocated: such clusters read as zeroes,
 //     never as backing data or as what the host cluster holds. Write
 //     zeroes and punch hole set it (or unallocate, where no backing file
@@ -15,7 +16,14 @@
 //   - Compressed clusters, zlib (raw deflate) and zstd, with pooled
 //     decoders and a small cache of decompressed clusters. A write into a
 //     compressed cluster copies it to a new one and frees the old sectors.
-//   - Extended L2 entries (32 subclusters per cluster), for reading.
+//   - Extended L2 entries (32 subclusters per cluster), read and written:
+//     writes allocate, copy on write and zero at subcluster granularity
+//     (see subcluster.go).
+//   - Persistent dirty bitmaps: listed, checked, read for NBD's
+//     qemu:dirty-bitmap contexts, and the enabled ones kept up to date by
+//     every write (see bitmap.go).
+//   - Dirty images (lazy refcounts): opened for writing, their refcounts
+//     are rebuilt first, as in qemu.
 //   - Backing files, opened through the opener with the format the image
 //     records, relative names taken relative to the image's directory;
 //     reads past the end of a shorter backing file return zeroes, and
@@ -36,10 +44,8 @@
 //
 //   - Encryption (AES and LUKS), external data files, and unknown
 //     incompatible features are refused with an error naming them.
-//   - Writing images with extended L2 entries, and corrupt images: they
-//     open read-only only. (A dirty image, left so by a writer with lazy
-//     refcounts, opens for writing after its refcounts are rebuilt, as in
-//     qemu; see repairDirty.)
+//   - Writing images marked corrupt: they open read-only only.
+//   - Resizing an image that has persistent dirty bitmaps.
 //   - Resizing a version 2 image that has internal snapshots, as in qemu:
 //     version 2 snapshots need not record their disk size.
 //   - A backing file whose format the image does not record: probing it

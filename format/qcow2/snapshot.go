@@ -415,12 +415,12 @@ func (d *Disk) l2Table(l1 []uint64, i int) (*metaTable, error) {
 func (d *Disk) shareTree(l1 []uint64) error {
 	return d.eachL2(l1, func(i int, t *metaTable) error {
 		for j := int64(0); j < d.l2n; j++ {
-			e := be.Uint64(t.data[j*8:])
+			e := be.Uint64(t.data[d.entryOff(j):])
 			if err := d.forEachCluster(e, d.addRef); err != nil {
 				return err
 			}
 			if e&entryCopied != 0 {
-				be.PutUint64(t.data[j*8:], e&^entryCopied)
+				be.PutUint64(t.data[d.entryOff(j):], e&^entryCopied)
 				d.meta.markDirty(t)
 			}
 		}
@@ -459,7 +459,7 @@ func (d *Disk) eachL2(l1 []uint64, fn func(i int, t *metaTable) error) error {
 func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
 	err := d.eachL2(l1, func(_ int, t *metaTable) error {
 		for j := int64(0); j < d.l2n; j++ {
-			d.free(be.Uint64(t.data[j*8:]))
+			d.free(be.Uint64(t.data[d.entryOff(j):]))
 		}
 		d.w.pendingFree = append(d.w.pendingFree, t.off)
 		return nil
@@ -501,7 +501,7 @@ func (d *Disk) restoreCopied() error {
 // Preconditions: d.mu is held; the image is writable.
 func (d *Disk) recomputeCopied(t *metaTable) error {
 	for j := int64(0); j < d.l2n; j++ {
-		e := be.Uint64(t.data[j*8:])
+		e := be.Uint64(t.data[d.entryOff(j):])
 		host := int64(e & offsetMask)
 		if e&entryCompressed != 0 || host == 0 {
 			continue
@@ -515,7 +515,7 @@ func (d *Disk) recomputeCopied(t *metaTable) error {
 			next |= entryCopied
 		}
 		if next != e {
-			be.PutUint64(t.data[j*8:], next)
+			be.PutUint64(t.data[d.entryOff(j):], next)
 			d.meta.markDirty(t)
 		}
 	}

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 
 	"github.com/diskserve/diskserve"
@@ -47,8 +48,6 @@ func newWriter(d *Disk, fileSize int64) (*writer, error) {
 	switch {
 	case h.IncompatibleFeatures&incompatCorrupt != 0:
 		return nil, corrupt(72, "the image is marked corrupt: repair it with qemu-img check -r all, or open it read-only")
-	case h.extendedL2():
-		return nil, unsupported(72, "writing images with extended L2 entries is not supported yet: open it read-only")
 	}
 	rt, err := readTable(d.c, h.RefcountTableOffset, uint32(int64(h.RefcountTableClusters)*d.cs/8))
 	if err != nil {
@@ -177,11 +176,6 @@ func (d *Disk) copyL2(l1i int64, t *metaTable) (*metaTable, error) {
 	return c, nil
 }
 
-func (d *Disk) setEntry(t *metaTable, ci int64, e uint64) {
-	be.PutUint64(t.data[(ci%d.l2n)*8:], e)
-	d.meta.markDirty(t)
-}
-
 // WriteAt writes p at off. Writes into clusters the image owns alone go
 // straight to them; the rest allocate, copying what the cluster held before
 // (from this image, its compressed data or the backing file).
@@ -212,12 +206,15 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.h.extendedL2() {
+		return d.prepareWriteSub(pos, p)
+	}
 	ci, in := pos>>d.bits, pos&(d.cs-1)
 	t, err := d.l2ForWrite(ci)
 	if err != nil {
 		return 0, err
 	}
-	e := be.Uint64(t.data[(ci%d.l2n)*8:])
+	e, _ := d.entryIn(t, ci)
 	host := int64(e & offsetMask)
 	zero := e&entryCompressed == 0 && e&entryZero != 0 && d.h.Version >= 3 // bit 0 of a compressed entry is part of its offset
 	owned := e&entryCompressed == 0 && host != 0 && e&entryCopied != 0
@@ -252,7 +249,7 @@ func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 		if _, err := d.c.WriteAt(buf, host); err != nil {
 			return 0, err
 		}
-		d.setEntry(t, ci, uint64(host)|entryCopied)
+		d.setEntry(t, ci, uint64(host)|entryCopied, 0)
 		return -1, nil
 	}
 	newHost, err := d.alloc(1)
@@ -262,7 +259,7 @@ func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 	if _, err := d.c.WriteAt(buf, newHost); err != nil {
 		return 0, err
 	}
-	d.setEntry(t, ci, uint64(newHost)|entryCopied)
+	d.setEntry(t, ci, uint64(newHost)|entryCopied, 0)
 	d.free(e)
 	return -1, d.flushIfFull()
 }
@@ -277,10 +274,14 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 	}
 	d.markDirty(off, n)
 	end := off + n
-	wholeStart := (off + d.cs - 1) &^ (d.cs - 1)
-	wholeEnd := end &^ (d.cs - 1)
+	unit := d.cs // what an L2 entry zeroes: a cluster, or a subcluster
+	if d.h.extendedL2() {
+		unit /= subclusters
+	}
+	wholeStart := (off + unit - 1) &^ (unit - 1)
+	wholeEnd := end &^ (unit - 1)
 	if end == d.Size() {
-		wholeEnd = (end + d.cs - 1) &^ (d.cs - 1) // the disk's last cluster may be partial
+		wholeEnd = (end + unit - 1) &^ (unit - 1) // the disk's last unit may be partial
 	}
 	// Without the zero flag (version 2), clusters over a backing file can
 	// only be zeroed by writing.
@@ -294,10 +295,18 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 	if err := diskserve.WriteZeroBytes(d, off, wholeStart-off); err != nil {
 		return err
 	}
-	for c := wholeStart; c < wholeEnd; c += d.cs {
-		if err := d.zeroCluster(c>>d.bits, flags&diskserve.ZeroMayUnmap != 0); err != nil {
+	for c := wholeStart; c < wholeEnd; {
+		ci := c >> d.bits
+		stop := min(wholeEnd, (ci+1)<<d.bits)
+		subs := subRange((c-ci<<d.bits)/unit, (stop-1-ci<<d.bits)/unit)
+		err := d.zeroCluster(ci, subs, flags&diskserve.ZeroMayUnmap != 0)
+		if errors.Is(err, errPartlyCompressed) {
+			err = diskserve.WriteZeroBytes(d, c, min(stop, end)-c)
+		}
+		if err != nil {
 			return err
 		}
+		c = stop
 	}
 	return diskserve.WriteZeroBytes(d, wholeEnd, max(0, end-wholeEnd))
 }
@@ -308,19 +317,23 @@ func (d *Disk) PunchHole(off, n int64) error {
 	return d.WriteZeroesAt(off, n, diskserve.ZeroMayUnmap)
 }
 
-// zeroCluster makes guest cluster ci read as zeroes through its L2 entry.
-func (d *Disk) zeroCluster(ci int64, unmap bool) error {
+// zeroCluster makes guest cluster ci read as zeroes through its L2 entry;
+// with extended L2 entries, its subclusters subs only.
+func (d *Disk) zeroCluster(ci int64, subs uint32, unmap bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	l1i := ci / d.l2n
 	if d.l1[l1i]&offsetMask == 0 && d.backing == nil {
 		return nil // unallocated with nothing behind it: zeroes already
 	}
+	if d.h.extendedL2() {
+		return d.zeroSubclusters(ci, subs, unmap)
+	}
 	t, err := d.l2ForWrite(ci)
 	if err != nil {
 		return err
 	}
-	e := be.Uint64(t.data[(ci%d.l2n)*8:])
+	e, _ := d.entryIn(t, ci)
 	host := int64(e & offsetMask)
 	var next uint64
 	switch {
@@ -332,7 +345,7 @@ func (d *Disk) zeroCluster(ci int64, unmap bool) error {
 	if next == e {
 		return nil
 	}
-	d.setEntry(t, ci, next)
+	d.setEntry(t, ci, next, 0)
 	if next&offsetMask == 0 {
 		d.free(e)
 	}

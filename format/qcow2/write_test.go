@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/diskserve/diskserve"
@@ -145,6 +146,24 @@ func TestInteropWriteWorkload(t *testing.T) {
 			rawBase(t, dir)
 			return create(t, dir, "8M", "-b", "base.raw", "-F", "raw")
 		}},
+		{"extended L2", func(t *testing.T, dir string) string { return create(t, dir, "16M", "-o", "extended_l2=on") }},
+		{"extended L2, 16 KiB clusters", func(t *testing.T, dir string) string {
+			return create(t, dir, "16M", "-o", "extended_l2=on,cluster_size=16384")
+		}},
+		{"extended L2 overlay over raw", func(t *testing.T, dir string) string {
+			rawBase(t, dir)
+			return create(t, dir, "9M", "-b", "base.raw", "-F", "raw", "-o", "extended_l2=on")
+		}},
+		{"extended L2, compressed", func(t *testing.T, dir string) string {
+			img := filepath.Join(dir, "img.qcow2")
+			testtool.Run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on", rawBase(t, dir), img)
+			return img
+		}},
+		{"extended L2 overlay over an extended L2 qcow2", func(t *testing.T, dir string) string {
+			mid := filepath.Join(dir, "mid.qcow2")
+			testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=32768", rawBase(t, dir), mid)
+			return create(t, dir, "12M", "-b", "mid.qcow2", "-F", "qcow2", "-o", "extended_l2=on")
+		}},
 		{"overlay over a shorter qcow2, version 2", func(t *testing.T, dir string) string {
 			mid := filepath.Join(dir, "mid.qcow2")
 			testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", rawBase(t, dir), mid)
@@ -272,16 +291,25 @@ func TestInteropResize(t *testing.T) {
 	}
 }
 
-// TestWriteRefusals opens for writing an image this writer leaves alone.
+// TestWriteRefusals opens for writing an image this writer leaves alone:
+// one marked corrupt.
 func TestWriteRefusals(t *testing.T) {
-	ext := filepath.Join(t.TempDir(), "ext.qcow2")
-	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", ext, "1M")
+	img := filepath.Join(t.TempDir(), "corrupt.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{2}, 79) // the corrupt bit of the incompatible features
+	f.Close()
 	opts := options()
 	opts.ReadOnly = false
-	_, err := diskserve.Open(ext, opts)
-	if !errors.Is(err, diskserve.ErrUnsupported) || !strings.Contains(err.Error(), "extended L2") || !strings.Contains(err.Error(), "read-only") {
-		t.Errorf("read-write open of %s: %v", filepath.Base(ext), err)
+	_, err = diskserve.Open(img, opts)
+	if err == nil || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), "read-only") {
+		t.Errorf("read-write open of an image marked corrupt: %v", err)
 	}
+	d := openFile(t, img)
+	d.Close()
 }
 
 // TestDirtyImageRepairedOnOpen crashes qemu (qemu-io's abort) while it
@@ -328,5 +356,71 @@ func TestDirtyImageRepairedOnOpen(t *testing.T) {
 	defer d.Close()
 	if got := readAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("the repaired image does not read as both writers wrote it")
+	}
+}
+
+// countingFile counts the bytes read from a file.
+type countingFile struct {
+	diskserve.DiskFile
+	read atomic.Int64
+}
+
+func (c *countingFile) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.DiskFile.ReadAt(p, off)
+	c.read.Add(int64(n))
+	return n, err
+}
+
+// TestSubclusterCopyOnWrite writes 4 KiB, aligned and not, into an
+// extended-L2 overlay of 64 KiB clusters (2 KiB subclusters): an aligned
+// write reads nothing from the backing file, an unaligned one reads at most
+// its two edge subclusters, and the image reads as the model, also to
+// qemu, with qemu-img check clean.
+func TestSubclusterCopyOnWrite(t *testing.T) {
+	dir := t.TempDir()
+	rawBase(t, dir)
+	img := create(t, dir, "8M", "-b", "base.raw", "-F", "raw", "-o", "extended_l2=on")
+	want := qemuRaw(t, img)
+	var base *countingFile
+	opts := options()
+	opts.ReadOnly = false
+	opts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
+		f, err := raw.OpenFile(path, readOnly)
+		if err == nil && filepath.Base(path) == "base.raw" {
+			base = &countingFile{DiskFile: f}
+			return base, nil
+		}
+		return f, err
+	}
+	d, err := diskserve.Open(img, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		off     int64
+		maxRead int64
+	}{
+		{1 << 20, 0},                // whole subclusters
+		{2<<20 + 1000, 2 * 2048},    // partial edges at both ends
+		{3<<20 + 2048, 0},           // aligned to a subcluster
+		{4<<20 + 65536 - 2048, 0},   // across a cluster boundary, aligned
+		{5<<20 + 65536 - 100, 4096}, // across a cluster boundary, an edge in each
+	} {
+		before := base.read.Load()
+		p := bytes.Repeat([]byte{0xee}, 4096)
+		if _, err := d.WriteAt(p, tc.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[tc.off:], p)
+		if got := base.read.Load() - before; got > tc.maxRead {
+			t.Errorf("4 KiB write at %#x read %d bytes of the backing file, want at most %d", tc.off, got, tc.maxRead)
+		}
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, img)
+	if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+		t.Fatal("qemu reads the overlay differently from the model")
 	}
 }

@@ -63,7 +63,7 @@ func (d *Disk) WriteCompressed(p []byte, off int64) error {
 	if err != nil {
 		return err
 	}
-	old := be.Uint64(t.data[(ci%d.l2n)*8:])
+	old, _ := d.entryIn(t, ci)
 	host, err := d.allocCompressed(int64(len(blob)))
 	if err != nil {
 		return err
@@ -73,7 +73,7 @@ func (d *Disk) WriteCompressed(p []byte, off int64) error {
 	}
 	sectors := (host&511 + int64(len(blob)) + 511) / 512
 	shift := 62 - (d.bits - 8)
-	d.setEntry(t, ci, entryCompressed|uint64(sectors-1)<<shift|uint64(host))
+	d.setEntry(t, ci, entryCompressed|uint64(sectors-1)<<shift|uint64(host), 0)
 	d.free(old)
 	return d.flushIfFull()
 }
