@@ -109,6 +109,9 @@ type Disk struct {
 	l1    []uint64
 	meta  *metaCache
 	loads singleflight.Group // L2 tables being read outside mu, by offset
+	// inflight holds the guest clusters whose copy-on-write runs outside
+	// mu; each channel is closed when it is over (see prepareWrite).
+	inflight map[int64]chan struct{}
 }
 
 var (
@@ -143,14 +146,15 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		return nil, err
 	}
 	d := &Disk{
-		c:     c,
-		path:  oc.Path(),
-		h:     h,
-		cs:    h.clusterSize(),
-		bits:  uint(h.ClusterBits),
-		l2n:   h.l2Entries(),
-		meta:  newMetaCache(h.clusterSize()),
-		clust: newClusterCache(h.clusterSize()),
+		c:        c,
+		path:     oc.Path(),
+		h:        h,
+		cs:       h.clusterSize(),
+		bits:     uint(h.ClusterBits),
+		l2n:      h.l2Entries(),
+		meta:     newMetaCache(h.clusterSize()),
+		inflight: map[int64]chan struct{}{},
+		clust:    newClusterCache(h.clusterSize()),
 	}
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
 		return nil, fmt.Errorf("read L1 table: %w", err)

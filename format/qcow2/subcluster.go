@@ -75,24 +75,29 @@ func (d *Disk) checkSubclusters(e, bm uint64, pos int64) error {
 	return nil
 }
 
-// prepareWriteSub is prepareWrite for an image with extended L2 entries:
-// it returns where to write p, at pos inside one cluster, or -1 if it wrote
-// p itself. Only the subclusters p touches become allocated; of those, the
-// ones p covers in part are first filled with what they read as before.
+// planWriteSub is planWrite for an image with extended L2 entries: only
+// the subclusters p touches become allocated, and of those not allocated
+// yet, the parts p does not cover are filled with what they read as
+// before (zeroes or the backing file).
 //
 // Preconditions: d.mu is held.
-func (d *Disk) prepareWriteSub(pos int64, p []byte) (int64, error) {
+func (d *Disk) planWriteSub(pos int64, p []byte) (int64, *cow, error) {
 	ci, in := pos>>d.bits, pos&(d.cs-1)
 	t, err := d.l2ForWrite(ci)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	e, bm := d.entryIn(t, ci)
 	if err := d.checkSubclusters(e, bm, pos); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	if e&entryCompressed != 0 {
-		return -1, d.rewriteCompressed(t, ci, e, in, p)
+		c := d.planRewriteCompressed(e, in, p)
+		c.old, c.bm = e, allSubs
+		if err := d.allocCow(c); err != nil {
+			return 0, nil, err
+		}
+		return -1, c, nil
 	}
 	sub := d.cs / subclusters
 	first, last := in/sub, (in+int64(len(p))-1)/sub
@@ -101,68 +106,77 @@ func (d *Disk) prepareWriteSub(pos int64, p []byte) (int64, error) {
 	host := int64(e & offsetMask)
 	owned := host != 0 && e&entryCopied != 0
 	if owned && alloc&touched == touched {
-		return host + in, nil
+		return host + in, nil, nil
 	}
-	// The subclusters touched, with p over what they read as before: the
-	// edges p covers in part are read first.
-	start, end := first*sub, (last+1)*sub
-	span := p
-	if in != start || in+int64(len(p)) != end {
-		span = make([]byte, end-start)
-		var edges []int64
-		if in != start {
-			edges = append(edges, first)
+	c := &cow{old: e, host: host, entry: e, bm: uint64(alloc|touched) | uint64(zero&^touched)<<32}
+	var shared uint32 // allocated subclusters to copy from a cluster a snapshot shares
+	if !owned {
+		shared = alloc &^ touched
+		if host == 0 {
+			shared = 0
 		}
-		if in+int64(len(p)) != end && (last != first || in == start) {
-			edges = append(edges, last)
+		if err := d.allocCow(c); err != nil {
+			return 0, nil, err
 		}
-		for _, s := range edges {
-			if err := d.readSubcluster(span[(s-first)*sub:(s-first+1)*sub], ci, s, host, alloc, zero); err != nil {
-				return 0, err
-			}
-		}
-		copy(span[in-start:], p)
 	}
-	if owned {
-		if _, err := d.c.WriteAt(span, host+start); err != nil {
-			return 0, err
-		}
-		d.setEntry(t, ci, e, uint64(alloc|touched)|uint64(zero&^touched)<<32)
-		return -1, nil
-	}
-	newHost, err := d.alloc(1)
-	if err != nil {
-		return 0, err
-	}
-	if host != 0 {
-		// A cluster a snapshot shares: the new one takes a copy of the
-		// allocated subclusters p leaves alone.
+	guest, size := ci<<d.bits, int64(d.h.Size)
+	c.work = func() error {
 		for s := range int64(subclusters) {
-			if alloc&^touched&(1<<s) == 0 {
+			if shared&(1<<s) == 0 {
 				continue
 			}
 			buf := make([]byte, sub)
 			if err := d.readHost(buf, host+s*sub); err != nil {
-				return 0, err
+				return err
 			}
-			if _, err := d.c.WriteAt(buf, newHost+s*sub); err != nil {
-				return 0, err
+			if _, err := d.c.WriteAt(buf, c.host+s*sub); err != nil {
+				return err
 			}
 		}
+		// The rest of the edge subclusters p covers in part, unless
+		// they are allocated in c.host already (then their other bytes
+		// stay: a concurrent write may be putting its own there).
+		fill := func(s, from, to int64) error {
+			if from == to || owned && alloc&(1<<s) != 0 {
+				return nil
+			}
+			buf := make([]byte, sub)
+			if err := d.readSubcluster(buf, guest, size, s, host, alloc, zero); err != nil {
+				return err
+			}
+			_, err := d.c.WriteAt(buf[from-s*sub:to-s*sub], c.host+from)
+			return err
+		}
+		if err := fill(first, first*sub, in); err != nil {
+			return err
+		}
+		if err := fill(last, in+int64(len(p)), (last+1)*sub); err != nil {
+			return err
+		}
+		_, err := d.c.WriteAt(p, c.host+in)
+		return err
 	}
-	if _, err := d.c.WriteAt(span, newHost+start); err != nil {
-		return 0, err
-	}
-	d.setEntry(t, ci, uint64(newHost)|entryCopied, uint64(alloc|touched)|uint64(zero&^touched)<<32)
-	d.free(e)
-	return -1, d.flushIfFull()
+	return -1, c, nil
 }
 
-// readSubcluster reads what subcluster s of guest cluster ci reads as
-// now: from host if allocated, zeroes if zero, else the backing file.
+// allocCow gives copy-on-write c a new host cluster, which its entry
+// points to.
 //
 // Preconditions: d.mu is held.
-func (d *Disk) readSubcluster(buf []byte, ci, s, host int64, alloc, zero uint32) error {
+func (d *Disk) allocCow(c *cow) error {
+	host, err := d.alloc(1)
+	if err != nil {
+		return err
+	}
+	c.host, c.fresh = host, true
+	c.entry = uint64(host) | entryCopied
+	return nil
+}
+
+// readSubcluster reads what subcluster s of the guest cluster at guest
+// (of a disk of size bytes) reads as: from host if allocated, zeroes if
+// zero, else the backing file.
+func (d *Disk) readSubcluster(buf []byte, guest, size, s, host int64, alloc, zero uint32) error {
 	sub := int64(len(buf))
 	switch {
 	case alloc&(1<<s) != 0:
@@ -171,31 +185,25 @@ func (d *Disk) readSubcluster(buf []byte, ci, s, host int64, alloc, zero uint32)
 		clear(buf)
 		return nil
 	}
-	guest := ci<<d.bits + s*sub
-	return d.readBacking(buf[:max(0, min(sub, int64(d.h.Size)-guest))], guest)
+	at := guest + s*sub
+	return d.readBacking(buf[:max(0, min(sub, size-at))], at)
 }
 
-// rewriteCompressed writes p at in into compressed guest cluster ci,
-// whose L2 entry in t is e: into a new cluster holding all of it,
-// allocated whole.
-//
-// Preconditions: d.mu is held.
-func (d *Disk) rewriteCompressed(t *metaTable, ci int64, e uint64, in int64, p []byte) error {
-	buf := make([]byte, d.cs)
-	if err := d.readCompressed(buf, e, 0); err != nil {
+// planRewriteCompressed returns the work of writing p at in into the
+// compressed cluster of L2 entry e: the whole cluster, decompressed with p
+// over it, goes into c.host, a new cluster.
+func (d *Disk) planRewriteCompressed(e uint64, in int64, p []byte) *cow {
+	c := &cow{}
+	c.work = func() error {
+		buf := make([]byte, d.cs)
+		if err := d.readCompressed(buf, e, 0); err != nil {
+			return err
+		}
+		copy(buf[in:], p)
+		_, err := d.c.WriteAt(buf, c.host)
 		return err
 	}
-	copy(buf[in:], p)
-	newHost, err := d.alloc(1)
-	if err != nil {
-		return err
-	}
-	if _, err := d.c.WriteAt(buf, newHost); err != nil {
-		return err
-	}
-	d.setEntry(t, ci, uint64(newHost)|entryCopied, allSubs)
-	d.free(e)
-	return d.flushIfFull()
+	return c
 }
 
 // zeroSubclusters makes the subclusters subs of guest cluster ci read as

@@ -202,66 +202,132 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // prepareWrite handles a write of p at pos, inside one cluster. It returns
-// the host offset to write p to, or -1 if it wrote p itself.
+// the host offset to write p to, or -1 if it wrote p itself: then the write
+// allocated, and copied what the cluster read as before around p. That
+// copy-on-write is planned under d.mu, carried out without it, and its L2
+// entry set under d.mu again; meanwhile the cluster is in flight, and
+// writes and zeroes of it wait (see lockIdle), while reads still see the
+// old entry.
 func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
+	ci := pos >> d.bits
+	d.lockIdle(ci)
+	var host int64
+	var c *cow
+	var err error
+	if d.h.extendedL2() {
+		host, c, err = d.planWriteSub(pos, p)
+	} else {
+		host, c, err = d.planWrite(pos, p)
+	}
+	if err != nil || c == nil {
+		d.mu.Unlock()
+		return host, err
+	}
+	done := make(chan struct{})
+	d.inflight[ci] = done
+	d.mu.Unlock()
+
+	err = c.work()
+
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.h.extendedL2() {
-		return d.prepareWriteSub(pos, p)
+	delete(d.inflight, ci)
+	close(done)
+	if err != nil {
+		if c.fresh {
+			d.w.pendingFree = append(d.w.pendingFree, c.host) // back to refcount 0
+		}
+		return 0, err
 	}
-	ci, in := pos>>d.bits, pos&(d.cs-1)
 	t, err := d.l2ForWrite(ci)
 	if err != nil {
 		return 0, err
+	}
+	d.setEntry(t, ci, c.entry, c.bm)
+	if c.fresh {
+		d.free(c.old)
+	}
+	return -1, d.flushIfFull()
+}
+
+// A cow is a copy-on-write of one guest cluster, planned by planWrite or
+// planWriteSub.
+type cow struct {
+	work      func() error // reads what the cluster held and writes the new data; without d.mu
+	host      int64        // the host cluster written
+	fresh     bool         // host was allocated for this write; old is freed once the entry is set
+	old       uint64       // the L2 entry it replaces
+	entry, bm uint64       // the L2 entry, and subcluster bitmap, it sets
+}
+
+// lockIdle locks d.mu once no copy-on-write of guest cluster ci is in
+// flight.
+func (d *Disk) lockIdle(ci int64) {
+	for {
+		d.mu.Lock()
+		done, busy := d.inflight[ci]
+		if !busy {
+			return
+		}
+		d.mu.Unlock()
+		<-done
+	}
+}
+
+// planWrite plans a write of p at pos, inside one cluster of an image with
+// plain L2 entries: it returns where to write p if the image owns the
+// cluster, or else the copy-on-write that writes the whole cluster.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) planWrite(pos int64, p []byte) (int64, *cow, error) {
+	ci, in := pos>>d.bits, pos&(d.cs-1)
+	t, err := d.l2ForWrite(ci)
+	if err != nil {
+		return 0, nil, err
 	}
 	e, _ := d.entryIn(t, ci)
 	host := int64(e & offsetMask)
 	zero := e&entryCompressed == 0 && e&entryZero != 0 && d.h.Version >= 3 // bit 0 of a compressed entry is part of its offset
 	owned := e&entryCompressed == 0 && host != 0 && e&entryCopied != 0
 	if owned && host%d.cs != 0 {
-		return 0, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", e, pos)
+		return 0, nil, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", e, pos)
 	}
 	if owned && !zero {
-		return host + in, nil
+		return host + in, nil, nil
 	}
-	// Build the whole cluster: what it read as before, with p over it.
-	buf := p
-	if int64(len(p)) < d.cs {
-		buf = make([]byte, d.cs)
-		switch {
-		case zero:
-		case e&entryCompressed != 0:
-			if err := d.readCompressed(buf, e, 0); err != nil {
-				return 0, err
-			}
-		case host != 0:
-			if err := d.readHost(buf, host); err != nil {
-				return 0, err
-			}
-		default:
-			if err := d.readBacking(buf[:min(d.cs, int64(d.h.Size)-ci<<d.bits)], ci<<d.bits); err != nil {
-				return 0, err
-			}
+	c := &cow{old: e, host: host}
+	if !owned { // an allocated zero cluster keeps its cluster, and drops the flag
+		if c.host, err = d.alloc(1); err != nil {
+			return 0, nil, err
 		}
-		copy(buf[in:], p)
+		c.fresh = true
 	}
-	if owned { // an allocated zero cluster: keep the cluster, drop the flag
-		if _, err := d.c.WriteAt(buf, host); err != nil {
-			return 0, err
+	c.entry = uint64(c.host) | entryCopied
+	guest, size := ci<<d.bits, int64(d.h.Size)
+	c.work = func() error {
+		// The whole cluster: what it read as before, with p over it.
+		buf := p
+		if int64(len(p)) < d.cs {
+			buf = make([]byte, d.cs)
+			var err error
+			switch {
+			case zero:
+			case e&entryCompressed != 0:
+				err = d.readCompressed(buf, e, 0)
+			case host != 0:
+				err = d.readHost(buf, host)
+			default:
+				err = d.readBacking(buf[:min(d.cs, size-guest)], guest)
+			}
+			if err != nil {
+				return err
+			}
+			copy(buf[in:], p)
 		}
-		d.setEntry(t, ci, uint64(host)|entryCopied, 0)
-		return -1, nil
+		_, err := d.c.WriteAt(buf, c.host)
+		return err
 	}
-	newHost, err := d.alloc(1)
-	if err != nil {
-		return 0, err
-	}
-	if _, err := d.c.WriteAt(buf, newHost); err != nil {
-		return 0, err
-	}
-	d.setEntry(t, ci, uint64(newHost)|entryCopied, 0)
-	d.free(e)
-	return -1, d.flushIfFull()
+	return -1, c, nil
 }
 
 // WriteZeroesAt makes [off, off+n) read as zeroes: whole clusters by their
@@ -320,7 +386,7 @@ func (d *Disk) PunchHole(off, n int64) error {
 // zeroCluster makes guest cluster ci read as zeroes through its L2 entry;
 // with extended L2 entries, its subclusters subs only.
 func (d *Disk) zeroCluster(ci int64, subs uint32, unmap bool) error {
-	d.mu.Lock()
+	d.lockIdle(ci)
 	defer d.mu.Unlock()
 	l1i := ci / d.l2n
 	if d.l1[l1i]&offsetMask == 0 && d.backing == nil {

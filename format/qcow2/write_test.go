@@ -10,8 +10,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
@@ -422,5 +424,104 @@ func TestSubclusterCopyOnWrite(t *testing.T) {
 	qemuCheck(t, img)
 	if got := qemuRaw(t, img); !bytes.Equal(got, want) {
 		t.Fatal("qemu reads the overlay differently from the model")
+	}
+}
+
+// barrierFile holds every read until n reads are in progress at once, or
+// gives up after a while and reports it: the reads of a writer that held
+// the image's lock across its copy-on-write could never all be in
+// progress at once.
+type barrierFile struct {
+	diskserve.DiskFile
+	n       int64
+	waiting atomic.Int64
+	all     chan struct{}
+	once    sync.Once
+	missed  atomic.Bool
+}
+
+func (b *barrierFile) ReadAt(p []byte, off int64) (int, error) {
+	if b.waiting.Add(1) == b.n {
+		b.once.Do(func() { close(b.all) })
+	}
+	select {
+	case <-b.all:
+	case <-time.After(5 * time.Second):
+		b.missed.Store(true)
+	}
+	return b.DiskFile.ReadAt(p, off)
+}
+
+// TestParallelCopyOnWrite writes 16 clusters of an overlay at once, each
+// in part, so that each copies the rest of its cluster from the backing
+// file: the 16 backing reads run at the same time (no lock is held across
+// them). Then 16 writers fill disjoint pieces of one cluster at once. The
+// overlay reads as the model, and checks clean. Plain and extended L2.
+func TestParallelCopyOnWrite(t *testing.T) {
+	for _, ext := range []bool{false, true} {
+		t.Run(fmt.Sprintf("extended_l2=%v", ext), func(t *testing.T) {
+			dir := t.TempDir()
+			rawBase(t, dir)
+			opt := "extended_l2=off"
+			if ext {
+				opt = "extended_l2=on"
+			}
+			img := create(t, dir, "8M", "-b", "base.raw", "-F", "raw", "-o", opt)
+			want := qemuRaw(t, img)
+			var base *barrierFile
+			opts := options()
+			opts.ReadOnly = false
+			opts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
+				f, err := raw.OpenFile(path, readOnly)
+				if err == nil && filepath.Base(path) == "base.raw" {
+					base = &barrierFile{DiskFile: f, n: 16, all: make(chan struct{})}
+					return base, nil
+				}
+				return f, err
+			}
+			d, err := diskserve.Open(img, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wg sync.WaitGroup
+			for i := range int64(16) {
+				off := i<<16 + 1000 // a partial write: the rest comes from the backing file
+				p := bytes.Repeat([]byte{byte(0x80 + i)}, 3000)
+				copy(want[off:], p)
+				wg.Go(func() {
+					if _, err := d.WriteAt(p, off); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if base.missed.Load() {
+				t.Error("the 16 copy-on-write reads of the backing file did not run at the same time")
+			}
+			for i := range int64(16) {
+				off := 2<<20 + 1000 + i*4000 // 16 disjoint pieces of one cluster
+				p := bytes.Repeat([]byte{byte(0x40 + i)}, 4000)
+				copy(want[off:], p)
+				wg.Go(func() {
+					if _, err := d.WriteAt(p, off); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
+				t.Fatalf("check: %v %q", err, r.Messages)
+			}
+			if got := readAll(t, d); !bytes.Equal(got, want) {
+				t.Error("the overlay does not read as the model")
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuCheck(t, img)
+			if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+				t.Error("qemu does not read the overlay as the model")
+			}
+		})
 	}
 }

@@ -56,9 +56,9 @@ func (d *Disk) WriteCompressed(p []byte, off int64) error {
 		_, err := d.WriteAt(p, off)
 		return err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	ci := off >> d.bits
+	d.lockIdle(ci)
+	defer d.mu.Unlock()
 	t, err := d.l2ForWrite(ci)
 	if err != nil {
 		return err
