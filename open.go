@@ -111,6 +111,12 @@ type Options struct {
 	// reading the whole image; an image that fails does not open.
 	Verify bool
 
+	// MetadataCache bounds the memory each image keeps of its format's
+	// metadata tables (qcow2's L2 tables and refcount blocks, as qemu's
+	// l2-cache-size and refcount-cache-size together); 0 means the
+	// format's default.
+	MetadataCache int64
+
 	// Logger receives warnings about the images opened. nil discards them.
 	Logger *slog.Logger
 }
@@ -215,6 +221,9 @@ func (oc *OpenContext) Snapshot() string {
 // Verify reports whether checksums should be verified at open
 // ([Options.Verify]).
 func (oc *OpenContext) Verify() bool { return oc.opts.Verify }
+
+// MetadataCache returns [Options.MetadataCache].
+func (oc *OpenContext) MetadataCache() int64 { return oc.opts.MetadataCache }
 
 // Logger returns the logger for warnings about the image.
 func (oc *OpenContext) Logger() *slog.Logger { return oc.opts.Logger }

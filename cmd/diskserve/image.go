@@ -36,6 +36,7 @@ type openFlags struct {
 	confine  string
 	aio      aioFlag
 	cache    string
+	metaSize string
 	remote   remoteFlags
 
 	cacheMode diskserve.CacheMode // --cache, parsed by options
@@ -64,6 +65,7 @@ func (f *openFlags) register(fs *pflag.FlagSet, has openFlag, what string) {
 	if has&withCache != 0 {
 		fs.StringVar(&f.cache, "cache", string(diskserve.CacheWriteback), "cache mode, as qemu's: writeback (host page cache; writes durable on flush), none (O_DIRECT, bypassing it), writethrough (each write durable before its reply), directsync (both), unsafe (flushes ignored: for scratch disks)")
 	}
+	fs.StringVar(&f.metaSize, "metadata-cache", "0", "memory for the metadata tables of each image (qcow2 L2 tables and refcount blocks, as qemu's l2-cache-size); 0: the format's default (16M for qcow2)")
 	f.remote.register(fs, has&withConfine != 0)
 }
 
@@ -80,6 +82,9 @@ func (f *openFlags) options(readOnly bool, log *slog.Logger) (diskserve.Options,
 	rc, err := f.remote.config(log)
 	if err != nil {
 		return opts, err
+	}
+	if opts.MetadataCache, err = diskserve.ParseSize(f.metaSize); err != nil || opts.MetadataCache < 0 {
+		return opts, fmt.Errorf("--metadata-cache %q: a size such as 64M is needed", f.metaSize)
 	}
 	if f.cacheMode, err = diskserve.ParseCacheMode(f.cache); err != nil {
 		return opts, fmt.Errorf("--cache: %w", err)

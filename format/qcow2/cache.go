@@ -2,11 +2,16 @@ package qcow2
 
 import "container/list"
 
-// metaCacheBytes bounds the memory of cached metadata clusters (L2 tables
-// and refcount blocks): 32 MiB holds 512 L2 tables of 64 KiB, which map
-// 256 GiB of guest space at the default cluster size.
+// defaultMetaCache bounds the memory of cached metadata clusters (L2
+// tables and refcount blocks) unless [diskserve.Options.MetadataCache]
+// says otherwise: 16 MiB holds 256 L2 tables of 64 KiB, which map 128 GiB
+// of guest space at the default cluster size. qemu's default is 32 MiB,
+// but a miss costs a read of one table from the image file, which is
+// cheaper than the memory: serving a 1 TiB sparse image, 16 MiB took as
+// many random reads as 32 MiB and a third less memory
+// (docs/performance.md).
 const (
-	metaCacheBytes     = 32 << 20
+	defaultMetaCache   = 16 << 20
 	metaCacheMinTables = 16
 )
 
@@ -16,6 +21,7 @@ const (
 //
 // Preconditions: Disk.mu is held for every method.
 type metaCache struct {
+	slab   *tableSlab
 	max    int
 	byOff  map[int64]*list.Element // of *metaTable
 	recent list.List               // front: most recently used
@@ -28,6 +34,7 @@ type metaTable struct {
 	kind  tableKind
 	data  []byte
 	dirty bool
+	held  int // holds by walks that look up other tables as they go (see hold)
 }
 
 type tableKind uint8
@@ -37,8 +44,25 @@ const (
 	kindRefblock
 )
 
-func newMetaCache(clusterSize int64) *metaCache {
-	return &metaCache{max: max(metaCacheMinTables, int(metaCacheBytes/clusterSize)), byOff: map[int64]*list.Element{}}
+// newMetaCache returns a cache of bytes of tables of clusterSize (the
+// default size if bytes is 0).
+func newMetaCache(clusterSize, bytes int64) *metaCache {
+	if bytes <= 0 {
+		bytes = defaultMetaCache
+	}
+	n := int(max(metaCacheMinTables, min(bytes/clusterSize, 1<<30)))
+	return &metaCache{slab: newTableSlab(n, clusterSize), max: n, byOff: map[int64]*list.Element{}}
+}
+
+// buffer returns a table's worth of memory, zeroed, to put a table in. It
+// may be called without Disk.mu.
+func (c *metaCache) buffer() []byte { return c.slab.get() }
+
+// close releases the cache's memory; no table may be used after it.
+func (c *metaCache) close() {
+	c.byOff = nil
+	c.recent.Init()
+	c.slab.close()
 }
 
 // get returns the table at off, loading it with load on a miss.
@@ -74,13 +98,22 @@ func (c *metaCache) add(off int64, kind tableKind, data []byte, dirty bool) *met
 	}
 	for e := c.recent.Back(); c.recent.Len() > c.max && e != nil; {
 		prev := e.Prev()
-		if !e.Value.(*metaTable).dirty {
+		if t := e.Value.(*metaTable); !t.dirty && t.held == 0 {
 			c.recent.Remove(e)
-			delete(c.byOff, e.Value.(*metaTable).off)
+			delete(c.byOff, t.off)
+			c.slab.put(t.data) // no one holds an evicted table: every use is under Disk.mu, and it was least recent
 		}
 		e = prev
 	}
 	return t
+}
+
+// hold keeps t from being evicted until the returned function is called:
+// for a walk over t's entries that looks up refcount blocks as it goes,
+// which could otherwise push t out and its memory to another table.
+func (c *metaCache) hold(t *metaTable) (release func()) {
+	t.held++
+	return func() { t.held-- }
 }
 
 func (c *metaCache) markDirty(t *metaTable) {

@@ -184,6 +184,7 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 		if err != nil {
 			return err
 		}
+		release := d.meta.hold(t)
 		step := int64(8)
 		if d.h.extendedL2() {
 			step = 16
@@ -215,6 +216,7 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 				}
 			}
 		}
+		release()
 	}
 	return nil
 }

@@ -120,7 +120,7 @@ var (
 	_ diskserve.Describer    = (*Disk)(nil)
 )
 
-func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, error) {
+func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (_ diskserve.DiskFile, err error) {
 	fileSize := c.Size()
 	// The cluster size comes from the header; read enough to know it,
 	// then the whole first cluster, which holds the extensions and the
@@ -152,10 +152,15 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		cs:       h.clusterSize(),
 		bits:     uint(h.ClusterBits),
 		l2n:      h.l2Entries(),
-		meta:     newMetaCache(h.clusterSize()),
+		meta:     newMetaCache(h.clusterSize(), oc.MetadataCache()),
 		inflight: map[int64]chan struct{}{},
 		clust:    newClusterCache(h.clusterSize()),
 	}
+	defer func() {
+		if err != nil {
+			d.meta.close()
+		}
+	}()
 	if d.l1, err = readTable(c, h.L1TableOffset, h.L1Size); err != nil {
 		return nil, fmt.Errorf("read L1 table: %w", err)
 	}
@@ -248,6 +253,9 @@ func (d *Disk) Close() error {
 	if d.backing != nil {
 		errs = append(errs, d.backing.Close())
 	}
+	d.mu.Lock()
+	d.meta.close()
+	d.mu.Unlock()
 	return errors.Join(append(errs, d.c.Close())...)
 }
 
@@ -347,7 +355,7 @@ func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
 // loadTable reads the metadata cluster (an L2 table or a refcount block)
 // at off.
 func (d *Disk) loadTable(off int64) ([]byte, error) {
-	t := make([]byte, d.cs)
+	t := d.meta.buffer()
 	if err := diskserve.ReadFullAt(d.c, t, off); err != nil {
 		return nil, fmt.Errorf("read metadata cluster at %#x: %w", off, err)
 	}
@@ -374,16 +382,22 @@ func (d *Disk) cacheL2(off int64) error {
 	}
 	gen := d.meta.gen
 	d.mu.Unlock()
-	t, err, _ := d.loads.Do(strconv.FormatInt(l2off, 10), func() (any, error) { return d.loadTable(l2off) })
-	if err != nil {
-		return err
-	}
-	d.mu.Lock()
-	if d.meta.gen == gen && !d.meta.has(l2off) && l1i < int64(len(d.l1)) && int64(d.l1[l1i]&offsetMask) == l2off {
-		d.meta.add(l2off, kindL2, t.([]byte), false)
-	}
-	d.mu.Unlock()
-	return nil
+	// The goroutine that reads the table caches it; the others wait for
+	// it, and never hold the buffer, which the cache recycles once it
+	// evicts the table.
+	_, err, _ := d.loads.Do(strconv.FormatInt(l2off, 10), func() (any, error) {
+		t, err := d.loadTable(l2off)
+		if err != nil {
+			return nil, err
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.meta.gen == gen && !d.meta.has(l2off) && l1i < int64(len(d.l1)) && int64(d.l1[l1i]&offsetMask) == l2off {
+			d.meta.add(l2off, kindL2, t, false)
+		}
+		return nil, nil
+	})
+	return err
 }
 
 // lockedMapAt is mapAt for callers that do not hold d.mu.

@@ -53,7 +53,7 @@ func (d *Disk) setRefcount(host int64, v uint64) error {
 		// A new block, placed at the end of the file; its own cluster is
 		// counted like any other, possibly in itself.
 		rb := d.reserve(1)
-		t = d.meta.add(rb, kindRefblock, make([]byte, d.cs), true)
+		t = d.meta.add(rb, kindRefblock, d.meta.buffer(), true)
 		w.rt[bi] = uint64(rb)
 		w.rtDirty = true
 		if err := d.setRefcount(rb, 1); err != nil {

@@ -444,7 +444,10 @@ func (d *Disk) eachL2(l1 []uint64, fn func(i int, t *metaTable) error) error {
 		if t == nil {
 			continue
 		}
-		if err := fn(i, t); err != nil {
+		release := d.meta.hold(t)
+		err = fn(i, t)
+		release()
+		if err != nil {
 			return err
 		}
 	}

@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 
@@ -143,7 +142,7 @@ func (d *Disk) l2ForWrite(ci int64) (*metaTable, error) {
 		}
 		d.l1[l1i] = uint64(off) | entryCopied
 		d.w.l1Dirty = true
-		return d.meta.add(off, kindL2, make([]byte, d.cs), true), nil
+		return d.meta.add(off, kindL2, d.meta.buffer(), true), nil
 	}
 	if l2off%d.cs != 0 {
 		return nil, corrupt(int64(d.h.L1TableOffset)+l1i*8, "L2 table offset %#x not cluster aligned", l2off)
@@ -166,7 +165,9 @@ func (d *Disk) copyL2(l1i int64, t *metaTable) (*metaTable, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := d.meta.add(off, kindL2, bytes.Clone(t.data), true)
+	data := d.meta.buffer()
+	copy(data, t.data)
+	c := d.meta.add(off, kindL2, data, true)
 	if err := d.recomputeCopied(c); err != nil {
 		return nil, err
 	}
