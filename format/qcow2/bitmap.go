@@ -52,6 +52,7 @@ type bitmapsExt struct {
 	Reserved  uint32
 	DirSize   uint64
 	DirOffset uint64
+	At        int64 // where its data lies in the file
 }
 
 // A bitmap is one entry of the bitmap directory, with, for a bitmap the
@@ -63,7 +64,9 @@ type bitmap struct {
 	TableOffset uint64
 	TableSize   uint32
 	ExtraSize   uint32
-	entry       int64 // where its directory entry lies in the file
+	extra       []byte // kept as it is
+	entry       int64  // where its directory entry lies in the file
+	keep        bool   // stored on Close: tracked, or changed by an edit
 
 	bits  []atomic.Uint64 // bit i covers guest bytes [i<<GranBits, (i+1)<<GranBits)
 	nbits int64
@@ -116,6 +119,7 @@ func parseBitmapDir(dir []byte, h *header, fileSize int64) ([]*bitmap, error) {
 			return nil, corrupt(at, "bitmap directory entry %d (%d bytes) runs past the directory", i, size)
 		}
 		b.Name = string(e[24+int64(b.ExtraSize) : body])
+		b.extra = e[24 : 24+int64(b.ExtraSize)]
 		switch {
 		case nameSize == 0 || nameSize > maxBitmapName:
 			return nil, corrupt(at+18, "bitmap name of %d bytes, outside 1..%d", nameSize, maxBitmapName)
@@ -199,6 +203,7 @@ func (d *Disk) trackBitmaps() error {
 		if err := d.loadBitmap(b); err != nil {
 			return err
 		}
+		b.keep = true
 		d.tracked = append(d.tracked, b)
 	}
 	for _, b := range d.tracked {
@@ -278,14 +283,19 @@ func (d *Disk) markDirty(off, n int64) {
 		return
 	}
 	for _, b := range d.tracked {
-		first := off >> b.GranBits
-		last := min((off+n-1)>>b.GranBits, b.nbits-1)
-		for w := first / 64; w <= last/64; w++ {
-			lo, hi := max(first, w*64)-w*64, min(last, w*64+63)-w*64
-			mask := (^uint64(0) >> (63 - (hi - lo))) << lo
-			if b.bits[w].Load()&mask != mask {
-				b.bits[w].Or(mask)
-			}
+		b.set(off, n)
+	}
+}
+
+// set sets the bits of the guest range [off, off+n), n > 0.
+func (b *bitmap) set(off, n int64) {
+	first := off >> b.GranBits
+	last := min((off+n-1)>>b.GranBits, b.nbits-1)
+	for w := first / 64; w <= last/64; w++ {
+		lo, hi := max(first, w*64)-w*64, min(last, w*64+63)-w*64
+		mask := (^uint64(0) >> (63 - (hi - lo))) << lo
+		if b.bits[w].Load()&mask != mask {
+			b.bits[w].Or(mask)
 		}
 	}
 }
@@ -309,8 +319,30 @@ func (d *Disk) writeBitmapFlags(b *bitmap) error {
 //
 // Preconditions: d.mu is held; no write is in flight.
 func (d *Disk) storeBitmaps() error {
-	if len(d.tracked) == 0 {
+	var kept []*bitmap
+	for _, b := range d.bitmaps {
+		if b.keep {
+			kept = append(kept, b)
+		}
+	}
+	if len(kept) == 0 {
 		return nil
+	}
+	// A bitmap changed by an edit is marked in use before its data is.
+	var marked bool
+	for _, b := range kept {
+		if b.Flags&bitmapInUse == 0 {
+			b.Flags |= bitmapInUse
+			if err := d.writeBitmapFlags(b); err != nil {
+				return err
+			}
+			marked = true
+		}
+	}
+	if marked {
+		if err := diskserve.Flush(d.c); err != nil {
+			return err
+		}
 	}
 	type write struct {
 		b  *bitmap
@@ -319,7 +351,7 @@ func (d *Disk) storeBitmaps() error {
 	var writes []write
 	changed := map[*bitmap]bool{}
 	buf := make([]byte, d.cs)
-	for _, b := range d.tracked {
+	for _, b := range kept {
 		for ci := range bitmapClusters(b.nbits, d.cs) {
 			e := b.table[ci]
 			if e&offsetMask != 0 {
@@ -361,7 +393,8 @@ func (d *Disk) storeBitmaps() error {
 		return err
 	}
 	var errs []error
-	for _, b := range d.tracked {
+	for _, b := range kept {
+		b.keep = false
 		b.Flags &^= bitmapInUse
 		errs = append(errs, d.writeBitmapFlags(b))
 	}

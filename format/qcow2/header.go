@@ -221,7 +221,7 @@ func (h *header) parseExtensions(b []byte) error {
 			if len(d) < 24 {
 				return corrupt(off, "bitmaps extension of %d bytes, need 24", len(d))
 			}
-			h.Bitmaps = &bitmapsExt{Count: be.Uint32(d), Reserved: be.Uint32(d[4:]), DirSize: be.Uint64(d[8:]), DirOffset: be.Uint64(d[16:])}
+			h.Bitmaps = &bitmapsExt{Count: be.Uint32(d), Reserved: be.Uint32(d[4:]), DirSize: be.Uint64(d[8:]), DirOffset: be.Uint64(d[16:]), At: data}
 		case extFeatureNames:
 			h.FeatureNames = map[[2]uint8]string{}
 			for i := 0; i+48 <= len(d); i += 48 {
