@@ -217,8 +217,19 @@ type Snapshotter interface {
 // writes made through the disk after the call. If a disk does not
 // implement BitmapKeeper, [FindDirtyBitmap] fails with an error wrapping
 // [errors.ErrUnsupported].
+//
+// Bitmaps lists the disk's bitmaps, usable or not.
 type BitmapKeeper interface {
 	DirtyBitmap(name string) (DirtyBitmap, error)
+	Bitmaps() []BitmapInfo
+}
+
+// A BitmapInfo describes one bitmap of a [BitmapKeeper].
+type BitmapInfo struct {
+	Name        string
+	Granularity int64
+	Enabled     bool // it records writes
+	InUse       bool // a writer has the image open, or did not close it (then it is inconsistent)
 }
 
 // A DirtyBitmap is one bitmap of a [BitmapKeeper].

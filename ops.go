@@ -165,6 +165,15 @@ func FindDirtyBitmap(d DiskFile, name string) (DirtyBitmap, error) {
 	return k.DirtyBitmap(name)
 }
 
+// ListBitmaps lists the dirty bitmaps d's [BitmapKeeper] keeps; none if
+// d has no BitmapKeeper.
+func ListBitmaps(d DiskFile) []BitmapInfo {
+	if k, ok := d.(BitmapKeeper); ok {
+		return k.Bitmaps()
+	}
+	return nil
+}
+
 // snapshotter returns d's Snapshotter, or the error the snapshot functions
 // return for a disk that has none or is read-only.
 func snapshotter(d DiskFile, op string) (Snapshotter, error) {

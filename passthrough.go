@@ -99,6 +99,9 @@ func (p Passthrough) CreateSnapshot(name string) (Snapshot, error) { return Crea
 // DirtyBitmap returns a dirty bitmap of D.
 func (p Passthrough) DirtyBitmap(name string) (DirtyBitmap, error) { return FindDirtyBitmap(p.D, name) }
 
+// Bitmaps lists the dirty bitmaps of D.
+func (p Passthrough) Bitmaps() []BitmapInfo { return ListBitmaps(p.D) }
+
 // ApplySnapshot applies a snapshot of D.
 func (p Passthrough) ApplySnapshot(name string) error { return ApplySnapshot(p.D, name) }
 

@@ -185,3 +185,29 @@ func TestBitmapCommand(t *testing.T) {
 		t.Errorf("removing a bitmap that is not there: exit %d, %s", code, stderr)
 	}
 }
+
+// TestConvertBitmaps copies an image with two bitmaps, one qemu dirtied,
+// with convert --bitmaps: qemu reads the copy's bitmaps as the original's.
+func TestConvertBitmaps(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src.qcow2"), filepath.Join(dir, "dst.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "32M")
+	testtool.Run(t, "qemu-img", "bitmap", "--add", src, "b0")
+	testtool.Run(t, "qemu-img", "bitmap", "--add", "--disable", "-g", "8192", src, "b1")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x33 3M 100k", src)
+	mustRun(t, "convert", "--bitmaps", "-O", "qcow2", src, dst)
+	testtool.Run(t, "qemu-img", "check", dst)
+	if f0, f1 := bitmapFlags(t, dst, "b0"), bitmapFlags(t, dst, "b1"); !slices.Equal(f0, []string{"auto"}) || len(f1) != 0 {
+		t.Errorf("the copy's bitmaps have flags %v and %v", f0, f1)
+	}
+	sock := filepath.Join(dir, "q.sock")
+	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", "b0", "-k", sock, dst).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-nbd: %v\n%s", err, out)
+	}
+	if got, want := dirtyMap(t, "nbd+unix:///?socket="+sock, "b0"), []testtool.Range{{Start: 3 << 20, End: 3<<20 + 128<<10}}; !slices.Equal(got, want) {
+		t.Errorf("the copy's b0: dirty %v, want %v", got, want)
+	}
+	if _, stderr, code := run(t, nil, "convert", "--bitmaps", "-O", "raw", src, filepath.Join(dir, "out.raw")); code == 0 || !strings.Contains(stderr, "bitmaps") {
+		t.Errorf("convert --bitmaps to raw: exit %d, %s", code, stderr)
+	}
+}

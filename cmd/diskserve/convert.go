@@ -22,6 +22,7 @@ func newConvertCommand() *cobra.Command {
 		dstFmt       string
 		options      []string
 		compress     bool
+		bitmaps      bool
 		showProgress bool
 	)
 	cmd := &cobra.Command{
@@ -71,7 +72,7 @@ cost a decompression. -p shows a progress bar on a terminal.`,
 				defer bar.Finish()
 				progress = func(n int64) { bar.Add64(n) }
 			}
-			return newimage.Convert(ctx, d, args[1], newimage.Target{Format: f, Options: opts, Compress: compress}, progress)
+			return newimage.Convert(ctx, d, args[1], newimage.Target{Format: f, Options: opts, Compress: compress, Bitmaps: bitmaps}, progress)
 		},
 	}
 	fl := cmd.Flags()
@@ -80,6 +81,7 @@ cost a decompression. -p shows a progress bar on a terminal.`,
 	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
 	fl.BoolVarP(&compress, "compress", "c", false, "store the data compressed (qcow2: zlib, or zstd with -o compression_type=zstd)")
 	fl.BoolVarP(&showProgress, "progress", "p", false, "show a progress bar")
+	fl.BoolVar(&bitmaps, "bitmaps", false, "copy SRC's persistent dirty bitmaps (qcow2 to qcow2), as qemu-img convert --bitmaps")
 	return cmd
 }
 

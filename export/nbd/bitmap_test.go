@@ -20,6 +20,10 @@ func (d bitmapDisk) DirtyBitmap(name string) (diskserve.DirtyBitmap, error) {
 	return fixedBitmap{}, nil
 }
 
+func (d bitmapDisk) Bitmaps() []diskserve.BitmapInfo {
+	return []diskserve.BitmapInfo{{Name: "b0", Granularity: 4096, Enabled: true}}
+}
+
 type fixedBitmap struct{}
 
 func (fixedBitmap) Granularity() int64 { return 4096 }

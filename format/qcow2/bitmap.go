@@ -480,6 +480,18 @@ func (d *Disk) DirtyBitmap(name string) (diskserve.DirtyBitmap, error) {
 	return nil, fmt.Errorf("%s: no bitmap named %q (the image has %s)", d.path, name, have)
 }
 
+// Bitmaps lists the image's bitmaps.
+func (d *Disk) Bitmaps() []diskserve.BitmapInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var list []diskserve.BitmapInfo
+	for _, b := range d.bitmaps {
+		list = append(list, diskserve.BitmapInfo{Name: b.Name, Granularity: 1 << b.GranBits,
+			Enabled: b.Flags&bitmapAuto != 0, InUse: b.Flags&bitmapInUse != 0})
+	}
+	return list
+}
+
 // Granularity returns the bytes one bit covers.
 func (b *bitmap) Granularity() int64 { return 1 << b.GranBits }
 

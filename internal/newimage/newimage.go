@@ -91,6 +91,7 @@ type Target struct {
 	Format   diskserve.Format
 	Options  diskserve.CreateOptions
 	Compress bool // store data compressed; the format must declare it can
+	Bitmaps  bool // copy the source's persistent dirty bitmaps; the format must keep them
 
 	// Open holds what opening the new image needs: the formats and the
 	// file opener (package format's when left empty). Formats
@@ -108,6 +109,9 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	}
 	if t.Compress && !c.Compressed {
 		return fmt.Errorf("convert to %s: %s images cannot store data compressed", dst, t.Format.Name)
+	}
+	if t.Bitmaps && c.Write != nil && len(diskserve.ListBitmaps(src)) > 0 {
+		return fmt.Errorf("convert to %s: --bitmaps: the %s format keeps no dirty bitmaps", dst, t.Format.Name)
 	}
 	if err := t.Options.Check(t.Format.Name, c); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
@@ -151,10 +155,47 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 		return err
 	}
 	err = Copy(ctx, d, src, t.Compress, progress)
+	if err == nil && t.Bitmaps {
+		err = copyBitmaps(d, src)
+	}
 	if err == nil {
 		err = diskserve.Flush(d)
 	}
 	return errors.Join(err, d.Close())
+}
+
+// bitmapWriter is what a format offers to make persistent dirty bitmaps
+// (qcow2 does).
+type bitmapWriter interface {
+	AddBitmap(name string, granularity int64, enabled bool) error
+	MergeBitmap(name string, src diskserve.DirtyBitmap) error
+}
+
+// copyBitmaps gives d a copy of every dirty bitmap of src, with its name,
+// granularity, state and bits. A bitmap that src cannot vouch for (left in
+// use by a crash) fails the copy, as in qemu-img convert --bitmaps.
+func copyBitmaps(d, src diskserve.DiskFile) error {
+	bms := diskserve.ListBitmaps(src)
+	if len(bms) == 0 {
+		return nil
+	}
+	w, ok := d.(bitmapWriter)
+	if !ok {
+		return fmt.Errorf("--bitmaps: the %s format keeps no dirty bitmaps", diskserve.Describe(d).Format)
+	}
+	for _, bi := range bms {
+		b, err := diskserve.FindDirtyBitmap(src, bi.Name)
+		if err != nil {
+			return fmt.Errorf("--bitmaps: %w", err)
+		}
+		if err := w.AddBitmap(bi.Name, bi.Granularity, bi.Enabled); err != nil {
+			return err
+		}
+		if err := w.MergeBitmap(bi.Name, b); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // SyncDir makes a directory's entries durable.
