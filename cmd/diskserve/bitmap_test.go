@@ -1,11 +1,9 @@
 package main
 
 import (
-	"encoding/json"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,50 +11,25 @@ import (
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// dirtyMap returns the ranges that nbdinfo --map reads as dirty in the
-// qemu:dirty-bitmap context of bitmap name at uri.
-func dirtyMap(t *testing.T, uri, name string) []testtool.Range {
-	t.Helper()
-	out := testtool.Run(t, "nbdinfo", "--map=qemu:dirty-bitmap:"+name, uri)
-	var dirty []testtool.Range
-	for line := range strings.Lines(string(out)) {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			t.Fatalf("nbdinfo --map line %q", line)
-		}
-		off, _ := strconv.ParseInt(f[0], 10, 64)
-		n, _ := strconv.ParseInt(f[1], 10, 64)
-		if f[2] == "1" {
-			dirty = testtool.AddRange(dirty, off, n)
-		}
-	}
-	return dirty
-}
-
 // bitmapFlags returns the flags qemu-img info lists for bitmap name.
 func bitmapFlags(t *testing.T, img, name string) []string {
 	t.Helper()
-	out := testtool.Run(t, "qemu-img", "info", "-U", "--output=json", img)
-	var info struct {
-		Specific struct {
-			Data struct {
-				Bitmaps []struct {
-					Name  string
-					Flags []string
-				}
-			}
-		} `json:"format-specific"`
+	flags, ok := testtool.BitmapFlags(t, img)[name]
+	if !ok {
+		t.Fatalf("qemu-img info lists no bitmap %q", name)
 	}
-	if err := json.Unmarshal(out, &info); err != nil {
+	return flags
+}
+
+// qemuDirty returns the ranges qemu-nbd -B reads as dirty in bitmap name
+// of img.
+func qemuDirty(t *testing.T, img, name string) []testtool.Range {
+	t.Helper()
+	r, err := testtool.QemuDirtyRanges(t, img, name)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range info.Specific.Data.Bitmaps {
-		if b.Name == name {
-			return b.Flags
-		}
-	}
-	t.Fatalf("qemu-img info lists no bitmap %q:\n%s", name, out)
-	return nil
+	return r
 }
 
 // TestServeDirtyBitmap is libvirt's incremental backup flow: qemu-img adds
@@ -75,7 +48,7 @@ func TestServeDirtyBitmap(t *testing.T) {
 	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 1114012 4096", "-c", "write -z 8M 128k", "-c", "discard 16M 64k", uri)
 	r := func(start, end int64) testtool.Range { return testtool.Range{Start: start, End: end} }
 	want := []testtool.Range{r(1<<20, 1<<20+128<<10), r(8<<20, 8<<20+128<<10), r(16<<20, 16<<20+64<<10)}
-	if got := dirtyMap(t, uri, "b0"); !slices.Equal(got, want) {
+	if got := testtool.DirtyRanges(t, uri, "b0"); !slices.Equal(got, want) {
 		t.Errorf("while served: dirty %v, want %v", got, want)
 	}
 	if code := s.stop(t, syscall.SIGTERM); code != 0 {
@@ -84,11 +57,7 @@ func TestServeDirtyBitmap(t *testing.T) {
 	if flags := bitmapFlags(t, img, "b0"); !slices.Equal(flags, []string{"auto"}) {
 		t.Errorf("after SIGTERM, qemu-img info lists flags %v, want [auto]", flags)
 	}
-	qsock := filepath.Join(dir, "qemu.sock")
-	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", "b0", "-k", qsock, img).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-nbd: %v\n%s", err, out)
-	}
-	if got := dirtyMap(t, "nbd+unix:///?socket="+qsock, "b0"); !slices.Equal(got, want) {
+	if got := qemuDirty(t, img, "b0"); !slices.Equal(got, want) {
 		t.Errorf("qemu-nbd -B after SIGTERM: dirty %v, want %v", got, want)
 	}
 
@@ -100,7 +69,7 @@ func TestServeDirtyBitmap(t *testing.T) {
 	want = append(want, r(40<<20, 40<<20+64<<10))
 	sock, s = serveAt(t, dir, "-r", "-B", "b0", "-B", "b1", img)
 	for _, b := range []string{"b0", "b1"} {
-		if got := dirtyMap(t, "nbd+unix:///?socket="+sock, b); !slices.Equal(got, want) {
+		if got := testtool.DirtyRanges(t, "nbd+unix:///?socket="+sock, b); !slices.Equal(got, want) {
 			t.Errorf("bitmap %s after qemu's write and merge: dirty %v, want %v", b, got, want)
 		}
 	}
@@ -128,14 +97,6 @@ func TestBitmapCommand(t *testing.T) {
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", base, "64M")
 	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64M", base)
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img)
-	qemuDirty := func(name string) []testtool.Range {
-		t.Helper()
-		sock := filepath.Join(dir, "q.sock")
-		if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", name, "-k", sock, img).CombinedOutput(); err != nil {
-			t.Fatalf("qemu-nbd -B %s: %v\n%s", name, err, out)
-		}
-		return dirtyMap(t, "nbd+unix:///?socket="+sock, name)
-	}
 	check := func(step string) {
 		t.Helper()
 		if out, err := exec.Command(testtool.Need(t, "qemu-img"), "check", img).CombinedOutput(); err != nil {
@@ -154,18 +115,18 @@ func TestBitmapCommand(t *testing.T) {
 		t.Errorf("b1 flags %v, want none", f)
 	}
 	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 4k", img) // qemu records it in b0
-	if got := qemuDirty("b0"); !slices.Equal(got, []testtool.Range{r(1<<20, 1<<20+64<<10)}) {
+	if got := qemuDirty(t, img, "b0"); !slices.Equal(got, []testtool.Range{r(1<<20, 1<<20+64<<10)}) {
 		t.Errorf("b0 after qemu's write: %v", got)
 	}
 	mustRun(t, "bitmap", "--merge", "b0", img, "b1")
 	check("--merge")
-	if got := qemuDirty("b1"); !slices.Equal(got, []testtool.Range{r(1<<20, 1<<20+64<<10)}) {
+	if got := qemuDirty(t, img, "b1"); !slices.Equal(got, []testtool.Range{r(1<<20, 1<<20+64<<10)}) {
 		t.Errorf("b1 after merging b0 into it: %v", got)
 	}
 	mustRun(t, "bitmap", "--clear", "--disable", img, "b0")
 	mustRun(t, "bitmap", "--enable", img, "b1")
 	check("--clear, --enable, --disable")
-	if got := qemuDirty("b0"); len(got) != 0 {
+	if got := qemuDirty(t, img, "b0"); len(got) != 0 {
 		t.Errorf("b0 after --clear: %v", got)
 	}
 	if f0, f1 := bitmapFlags(t, img, "b0"), bitmapFlags(t, img, "b1"); len(f0) != 0 || !slices.Equal(f1, []string{"auto"}) {
@@ -200,11 +161,7 @@ func TestConvertBitmaps(t *testing.T) {
 	if f0, f1 := bitmapFlags(t, dst, "b0"), bitmapFlags(t, dst, "b1"); !slices.Equal(f0, []string{"auto"}) || len(f1) != 0 {
 		t.Errorf("the copy's bitmaps have flags %v and %v", f0, f1)
 	}
-	sock := filepath.Join(dir, "q.sock")
-	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", "b0", "-k", sock, dst).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-nbd: %v\n%s", err, out)
-	}
-	if got, want := dirtyMap(t, "nbd+unix:///?socket="+sock, "b0"), []testtool.Range{{Start: 3 << 20, End: 3<<20 + 128<<10}}; !slices.Equal(got, want) {
+	if got, want := qemuDirty(t, dst, "b0"), []testtool.Range{{Start: 3 << 20, End: 3<<20 + 128<<10}}; !slices.Equal(got, want) {
 		t.Errorf("the copy's b0: dirty %v, want %v", got, want)
 	}
 	if _, stderr, code := run(t, nil, "convert", "--bitmaps", "-O", "raw", src, filepath.Join(dir, "out.raw")); code == 0 || !strings.Contains(stderr, "bitmaps") {

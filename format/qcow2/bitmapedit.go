@@ -249,22 +249,6 @@ func (d *Disk) writeBitmapDir(bms []*bitmap) error {
 	return d.flushLocked()
 }
 
-// setAutoclear writes the autoclear features.
-//
-// Preconditions: d.mu is held; the image is writable.
-func (d *Disk) setAutoclear(v uint64) error {
-	var b [8]byte
-	be.PutUint64(b[:], v)
-	if _, err := d.c.WriteAt(b[:], 88); err != nil {
-		return fmt.Errorf("write the autoclear features: %w", err)
-	}
-	if err := diskserve.Flush(d.c); err != nil {
-		return err
-	}
-	d.h.AutoclearFeatures = v
-	return nil
-}
-
 // writeBitmapsExt points the header at a new bitmap directory, and sets
 // the autoclear bit that says it is consistent. An extension already in
 // the header is overwritten in place; otherwise the header's extensions

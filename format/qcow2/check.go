@@ -299,16 +299,9 @@ func (d *Disk) repairDirty(log *slog.Logger) error {
 	if after.Corruptions > 0 {
 		return corrupt(72, "the image is dirty and rebuilding its refcounts left %d errors (%s): repair it with qemu-img check -r all, or open it read-only", after.Corruptions, after.Messages[0])
 	}
-	features := d.h.IncompatibleFeatures &^ incompatDirty
-	var b [8]byte
-	be.PutUint64(b[:], features)
-	if _, err := d.c.WriteAt(b[:], 72); err != nil {
-		return fmt.Errorf("clear the dirty bit: %w", err)
-	}
-	if err := diskserve.Flush(d.c); err != nil {
+	if err := d.setFeatures(&d.h.IncompatibleFeatures, 72, d.h.IncompatibleFeatures&^incompatDirty); err != nil {
 		return err
 	}
-	d.h.IncompatibleFeatures = features
 	log.Warn("the image was not closed cleanly (lazy refcounts): its refcounts were rebuilt",
 		"image", d.path, "corruptions-fixed", r.Corruptions, "leaks-fixed", r.Leaks)
 	return nil

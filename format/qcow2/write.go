@@ -60,22 +60,37 @@ func newWriter(d *Disk, fileSize int64) (*writer, error) {
 	}
 	// Autoclear bits must be cleared before the first write, but for the
 	// bitmaps bit while the bitmaps are kept (see bitmap.go).
-	keep := h.AutoclearFeatures & autoclearBitmaps
-	if h.AutoclearFeatures != keep {
-		var b [8]byte
-		be.PutUint64(b[:], keep)
-		if _, err := d.c.WriteAt(b[:], 88); err != nil {
-			return nil, fmt.Errorf("clear autoclear features: %w", err)
-		}
-		if err := diskserve.Flush(d.c); err != nil {
+	if keep := h.AutoclearFeatures & autoclearBitmaps; h.AutoclearFeatures != keep {
+		if err := d.setAutoclear(keep); err != nil {
 			return nil, err
 		}
-		h.AutoclearFeatures = keep
 	}
 	if err := d.trackBitmaps(); err != nil {
 		return nil, err
 	}
 	return w, nil
+}
+
+// setAutoclear writes the autoclear features.
+//
+// Preconditions: d.mu is held; the image is writable.
+func (d *Disk) setAutoclear(v uint64) error {
+	return d.setFeatures(&d.h.AutoclearFeatures, 88, v)
+}
+
+// setFeatures writes v, durably, as the feature bits at header offset at,
+// and then into *field, the header's copy of them.
+func (d *Disk) setFeatures(field *uint64, at int64, v uint64) error {
+	var b [8]byte
+	be.PutUint64(b[:], v)
+	if _, err := d.c.WriteAt(b[:], at); err != nil {
+		return fmt.Errorf("write the feature bits at header offset %d: %w", at, err)
+	}
+	if err := diskserve.Flush(d.c); err != nil {
+		return err
+	}
+	*field = v
+	return nil
 }
 
 // reserve takes n clusters at the end of the file, growing the file to
