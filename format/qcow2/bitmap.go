@@ -226,6 +226,9 @@ func (d *Disk) loadBitmap(b *bitmap) error {
 	if err != nil {
 		return fmt.Errorf("read the table of bitmap %q: %w", b.Name, err)
 	}
+	if int64(len(table)) < need {
+		return corrupt(int64(b.TableOffset), "bitmap %q has a table of %d entries; the disk size needs %d", b.Name, len(table), need)
+	}
 	b.table, b.nbits = table, nbits
 	b.bits = make([]atomic.Uint64, (nbits+63)/64)
 	dataBytes := (nbits + 7) / 8
@@ -311,11 +314,11 @@ func (d *Disk) writeBitmapFlags(b *bitmap) error {
 }
 
 // storeBitmaps writes the bitmaps the image keeps back into it and clears
-// their in_use flags: clusters for data that was all zeroes (or all ones)
-// before and is not all zeroes now are allocated, and their refcounts made durable, before anything refers
-// to them; the data and tables are durable before in_use is cleared. The
-// tables keep their places; data clusters are rewritten in place, which is
-// safe while in_use is set.
+// their in_use flags. Clusters for data that was all zeroes (or all ones)
+// before and is not all zeroes now are allocated, and their refcounts made
+// durable, before anything refers to them; the data and tables are durable
+// before in_use is cleared. The tables keep their places; data clusters
+// are rewritten in place, which is safe while in_use is set.
 //
 // Preconditions: d.mu is held; no write is in flight.
 func (d *Disk) storeBitmaps() error {
