@@ -19,6 +19,7 @@ const (
 	CanWriteZeroes                              // ZeroWriter
 	CanPunchHole                                // HolePuncher
 	CanMapExtents                               // ExtentMapper
+	CanMapDepths                                // DepthMapper
 	CanResize                                   // Resizer
 	CanDescribe                                 // Describer
 	CanCheck                                    // Checker
@@ -47,6 +48,7 @@ var capabilityList = []capability{
 	{CanWriteZeroes, "ZeroWriter", is[ZeroWriter], true},
 	{CanPunchHole, "HolePuncher", is[HolePuncher], true},
 	{CanMapExtents, "ExtentMapper", is[ExtentMapper], true},
+	{CanMapDepths, "DepthMapper", is[DepthMapper], true},
 	{CanResize, "Resizer", is[Resizer], true},
 	{CanDescribe, "Describer", is[Describer], true},
 	{CanCheck, "Checker", is[Checker], true},

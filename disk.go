@@ -41,6 +41,8 @@ import (
 //   - [ZeroWriter], used by [WriteZeroes]: without it zeroes are written.
 //   - [HolePuncher], used by [PunchHole]: without it the range is zeroed.
 //   - [ExtentMapper], used by [Extents]: without it all is data.
+//   - [DepthMapper], used by [AllocationDepths]: without it all is the
+//     disk's own.
 //   - [Resizer], used by [Resize]: without it the size is fixed.
 //   - [Describer], used by [Describe]: without it only size and mode.
 //   - [Checker], used by [Check]: without it nothing can be checked.
@@ -162,6 +164,20 @@ type Extent struct {
 // not implement ExtentMapper, [Extents] reports the whole range as data.
 type ExtentMapper interface {
 	AppendExtents(dst []Extent, off, n int64) ([]Extent, error)
+}
+
+// A DepthMapper knows which layer of a backing chain holds each part of
+// the disk (NBD's qemu:allocation-depth context).
+//
+// AppendDepths appends to dst extents that cover exactly [off, off+n), as
+// AppendExtents does, whose Flags field holds not flags but a depth: 1
+// where this image holds the range (data or zeroes it records), 2 where
+// its backing file does, and so on down the chain, 0 where no layer does
+// (it reads as zeroes). If a disk does not implement DepthMapper,
+// [AllocationDepths] reports the whole range at depth 1: a disk without
+// layers holds all of itself.
+type DepthMapper interface {
+	AppendDepths(dst []Extent, off, n int64) ([]Extent, error)
 }
 
 // A Resizer can change the virtual size of the disk.

@@ -165,6 +165,21 @@ func FindDirtyBitmap(d DiskFile, name string) (DirtyBitmap, error) {
 	return k.DirtyBitmap(name)
 }
 
+// AllocationDepths appends to dst the extents of [off, off+n) of d with
+// the depth of the layer holding each in Flags, from d's [DepthMapper].
+func AllocationDepths(d DiskFile, dst []Extent, off, n int64) ([]Extent, error) {
+	if err := CheckRange(d.Size(), off, n); err != nil {
+		return dst, fmt.Errorf("allocation depths: %w", err)
+	}
+	if n == 0 {
+		return dst, nil
+	}
+	if m, ok := d.(DepthMapper); ok {
+		return m.AppendDepths(dst, off, n)
+	}
+	return append(dst, Extent{Off: off, Len: n, Flags: 1}), nil
+}
+
 // ListBitmaps lists the dirty bitmaps d's [BitmapKeeper] keeps; none if
 // d has no BitmapKeeper.
 func ListBitmaps(d DiskFile) []BitmapInfo {

@@ -32,6 +32,7 @@ var (
 	_ Snapshotter      = Passthrough{}
 	_ CompressedWriter = Passthrough{}
 	_ BitmapKeeper     = Passthrough{}
+	_ DepthMapper      = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -98,6 +99,11 @@ func (p Passthrough) CreateSnapshot(name string) (Snapshot, error) { return Crea
 
 // DirtyBitmap returns a dirty bitmap of D.
 func (p Passthrough) DirtyBitmap(name string) (DirtyBitmap, error) { return FindDirtyBitmap(p.D, name) }
+
+// AppendDepths reports D's allocation depths.
+func (p Passthrough) AppendDepths(dst []Extent, off, n int64) ([]Extent, error) {
+	return AllocationDepths(p.D, dst, off, n)
+}
 
 // Bitmaps lists the dirty bitmaps of D.
 func (p Passthrough) Bitmaps() []BitmapInfo { return ListBitmaps(p.D) }

@@ -168,3 +168,32 @@ func TestConvertBitmaps(t *testing.T) {
 		t.Errorf("convert --bitmaps to raw: exit %d, %s", code, stderr)
 	}
 }
+
+// TestServeAllocationDepth serves the top of a three-layer chain (raw base,
+// qcow2 middle, qcow2 top, each written somewhere, the top zeroing some of
+// the base) with -A, and reads qemu:allocation-depth as qemu-nbd -A
+// reports it for the same image.
+func TestServeAllocationDepth(t *testing.T) {
+	dir := t.TempDir()
+	base, mid, top := filepath.Join(dir, "base.raw"), filepath.Join(dir, "mid.qcow2"), filepath.Join(dir, "top.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", base, "24M")
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write 0 4M", base)
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", mid, "32M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write 2M 4M", "-c", "write 20M 8M", mid)
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top, "40M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write 1M 64k", "-c", "write -z 3M 1M", "-c", "write 30M 4M", top)
+
+	qsock := filepath.Join(dir, "q.sock")
+	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-A", "-k", qsock, top).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-nbd -A: %v\n%s", err, out)
+	}
+	want := testtool.ContextMap(t, "nbd+unix:///?socket="+qsock, "qemu:allocation-depth")
+	sock, _ := serveAt(t, dir, "-r", "-A", top)
+	got := testtool.ContextMap(t, "nbd+unix:///?socket="+sock, "qemu:allocation-depth")
+	if !slices.Equal(got, want) {
+		t.Errorf("qemu:allocation-depth:\n got %v\nwant %v (qemu-nbd -A)", got, want)
+	}
+	if len(want) < 5 {
+		t.Errorf("qemu-nbd reports only %v: the chain is not layered as the test means", want)
+	}
+}

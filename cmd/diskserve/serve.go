@@ -42,6 +42,7 @@ type serveFlags struct {
 	control     string
 	overlayDir  string
 	bitmaps     []string
+	depth       bool
 
 	metrics *control.Metrics // with --control
 	lives   []control.Export // with --control
@@ -81,6 +82,7 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every refused request")
 	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live overlays, /metrics) on unix:PATH")
 	fl.StringArrayVarP(&f.bitmaps, "bitmap", "B", nil, "offer the image's dirty bitmap NAME as the NBD metadata context qemu:dirty-bitmap:NAME, for incremental backup (repeatable; as qemu-nbd -B; every export must have it)")
+	fl.BoolVarP(&f.depth, "allocation-depth", "A", false, "offer the NBD metadata context qemu:allocation-depth: which layer of the backing chain holds each range (as qemu-nbd -A)")
 	fl.StringVar(&f.overlayDir, "overlay", "", "serve each image writable through a qcow2 overlay in DIR (NAME-overlay.qcow2, made on first use and kept), leaving the image itself unchanged: for remote golden images")
 	return cmd
 }
@@ -161,9 +163,9 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		if err != nil {
 			return nil, err
 		}
-		exports := []nbd.Export{{Name: "", Description: f.description, Disk: d, Bitmaps: f.bitmaps}}
+		exports := []nbd.Export{{Name: "", Description: f.description, Disk: d, Bitmaps: f.bitmaps, AllocationDepth: f.depth}}
 		if f.exportName != "" {
-			exports = append(exports, nbd.Export{Name: f.exportName, Description: f.description, Disk: d, Bitmaps: f.bitmaps})
+			exports = append(exports, nbd.Export{Name: f.exportName, Description: f.description, Disk: d, Bitmaps: f.bitmaps, AllocationDepth: f.depth})
 		}
 		return exports, nil
 	}
@@ -180,7 +182,7 @@ func (f *serveFlags) openExports(args []string, log *slog.Logger) ([]nbd.Export,
 		if err != nil {
 			return exports, err
 		}
-		exports = append(exports, nbd.Export{Name: name, Description: f.description, Disk: d, Bitmaps: f.bitmaps})
+		exports = append(exports, nbd.Export{Name: name, Description: f.description, Disk: d, Bitmaps: f.bitmaps, AllocationDepth: f.depth})
 	}
 	return exports, nil
 }

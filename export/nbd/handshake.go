@@ -315,10 +315,14 @@ func (h *handshake) metaContext(opt uint32, data []byte) error {
 	return h.reply(opt, repAck, nil)
 }
 
-// contexts lists the metadata contexts of export e: base:allocation, and
-// a qemu:dirty-bitmap context for each of its bitmaps.
+// contexts lists the metadata contexts of export e: base:allocation,
+// qemu:allocation-depth if it offers it, and a qemu:dirty-bitmap context
+// for each of its bitmaps.
 func contexts(e *Export) []string {
 	cs := []string{contextBaseAllocation}
+	if e.AllocationDepth {
+		cs = append(cs, contextDepth)
+	}
 	for _, b := range e.Bitmaps {
 		cs = append(cs, contextDirtyBitmap+b)
 	}

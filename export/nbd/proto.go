@@ -155,4 +155,5 @@ const (
 const (
 	contextBaseAllocation = "base:allocation"
 	contextDirtyBitmap    = "qemu:dirty-bitmap:" // and the bitmap's name
+	contextDepth          = "qemu:allocation-depth"
 )

@@ -53,6 +53,10 @@ type Export struct {
 	// clients may read with BLOCK_STATUS, each as the metadata context
 	// qemu:dirty-bitmap:NAME (as qemu-nbd -B offers them).
 	Bitmaps []string
+	// AllocationDepth offers the metadata context qemu:allocation-depth:
+	// which layer of the disk's backing chain holds each range
+	// ([diskserve.AllocationDepths]), as qemu-nbd -A does.
+	AllocationDepth bool
 }
 
 // TLSMode says whether clients must use TLS.

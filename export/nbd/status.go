@@ -79,12 +79,17 @@ func (t *transmission) contextExtents(r *request, m metaContext) ([]diskserve.Ex
 	get := func(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 		return diskserve.Extents(t.disk, dst, off, n)
 	}
-	if m.bitmap != nil {
+	switch {
+	case m.bitmap != nil:
 		get = func(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 			return m.bitmap.DirtyExtents(dst, off, n), nil
 		}
-	} else if m.err != nil {
+	case m.err != nil:
 		return nil, m.err
+	case m.name == contextDepth:
+		get = func(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+			return diskserve.AllocationDepths(t.disk, dst, off, n)
+		}
 	}
 	off := int64(r.off)
 	end := off + int64(r.length)

@@ -493,6 +493,57 @@ func (d *Disk) readBacking(p []byte, off int64) error {
 	return nil
 }
 
+// AppendDepths reports depth 1 where the L2 tables map a range (data,
+// compressed or zero), and elsewhere the backing file's depths, one
+// deeper; past the backing file's end, the backing file's own depth (it
+// reads as zeroes there, as qemu reports it); 0 without a backing file.
+func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	end := off + n
+	var below []diskserve.Extent
+	for pos := off; pos < end; {
+		var m mapping
+		if span := d.l2n << d.bits; d.l2Unallocated(pos) {
+			// An unallocated L2 table leaves its whole span to the
+			// backing file.
+			m = mapping{kind: kindBacking, n: (pos/span+1)*span - pos}
+		} else {
+			var err error
+			if m, err = d.lockedMapAt(pos); err != nil {
+				return dst, err
+			}
+		}
+		m.n = min(m.n, end-pos)
+		if m.kind != kindBacking {
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: pos, Len: m.n, Flags: 1})
+			pos += m.n
+			continue
+		}
+		var held int64 // by the backing file, within its size
+		if d.backing != nil {
+			held = max(0, min(d.backing.Size()-pos, m.n))
+			if held > 0 {
+				var err error
+				if below, err = diskserve.AllocationDepths(d.backing, below[:0], pos, held); err != nil {
+					return dst, err
+				}
+				for _, e := range below {
+					if e.Flags != 0 {
+						e.Flags++
+					}
+					dst = diskserve.AppendExtent(dst, e)
+				}
+			}
+			if held < m.n {
+				dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: pos + held, Len: m.n - held, Flags: 2})
+			}
+		} else {
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: pos, Len: m.n})
+		}
+		pos += m.n
+	}
+	return dst, nil
+}
+
 // AppendExtents reports data, zeroes and unallocated ranges from the L2
 // tables; unallocated ranges take the backing file's extents.
 func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {

@@ -70,3 +70,30 @@ func QemuDirtyRanges(t testing.TB, img, name string) ([]Range, error) {
 	}
 	return DirtyRanges(t, "nbd+unix:///?socket="+sock, name), nil
 }
+
+// A MapEntry is one extent of an NBD metadata context: a range and its
+// value.
+type MapEntry struct{ Start, End, Value int64 }
+
+// ContextMap returns what nbdinfo --map reads of metadata context ctx of
+// the export at uri, neighbours with the same value merged.
+func ContextMap(t testing.TB, uri, ctx string) []MapEntry {
+	t.Helper()
+	out := Run(t, "nbdinfo", "--map="+ctx, uri)
+	var m []MapEntry
+	for line := range strings.Lines(string(out)) {
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			t.Fatalf("nbdinfo --map line %q", line)
+		}
+		off, _ := strconv.ParseInt(f[0], 10, 64)
+		n, _ := strconv.ParseInt(f[1], 10, 64)
+		v, _ := strconv.ParseInt(f[2], 10, 64)
+		if k := len(m); k > 0 && m[k-1].End == off && m[k-1].Value == v {
+			m[k-1].End += n
+			continue
+		}
+		m = append(m, MapEntry{off, off + n, v})
+	}
+	return m
+}
