@@ -114,6 +114,28 @@ func (l *Live) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 	return p.AppendExtents(dst, off, n)
 }
 
+// AppendDepths reports the current disk's allocation depths.
+func (l *Live) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	p, release := l.current()
+	defer release()
+	return p.AppendDepths(dst, off, n)
+}
+
+// DirtyBitmap returns a dirty bitmap of the current disk. It stays the
+// bitmap of that disk after an overlay or a commit replaces it.
+func (l *Live) DirtyBitmap(name string) (diskserve.DirtyBitmap, error) {
+	p, release := l.current()
+	defer release()
+	return p.DirtyBitmap(name)
+}
+
+// Bitmaps lists the dirty bitmaps of the current disk.
+func (l *Live) Bitmaps() []diskserve.BitmapInfo {
+	p, release := l.current()
+	defer release()
+	return p.Bitmaps()
+}
+
 // Describe describes the current disk and its chain.
 func (l *Live) Describe(info *diskserve.Info) {
 	p, release := l.current()
