@@ -369,3 +369,71 @@ func TestSlowL2DoesNotStallReads(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSlowL2DoesNotStallWrites is TestSlowL2DoesNotStallReads for a write:
+// while a write waits for its L2 table, reads and writes through a cached
+// table go on.
+func TestSlowL2DoesNotStallWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "two-tables.qcow2")
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20, ClusterSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.WriteAt(bytes.Repeat([]byte{1}, 8192), 0)
+	w.WriteAt(bytes.Repeat([]byte{2}, 8192), 6<<20)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1 := binary.BigEndian.Uint64(b[40:])
+	g := &gatedFile{DiskFile: disktest.NewMemory(b, false), off: int64(binary.BigEndian.Uint64(b[l1+3*8:]) & 0x00ff_ffff_ffff_fe00), gate: make(chan struct{})}
+	opts := memOptions("img", b)
+	opts.ReadOnly = false
+	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
+	d, err := diskserve.Open("img", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	p := make([]byte, 4096)
+	if _, err := d.ReadAt(p, 0); err != nil || p[0] != 1 { // caches the first table
+		t.Fatal(err)
+	}
+	stalled := make(chan error, 1)
+	go func() {
+		_, err := d.WriteAt(bytes.Repeat([]byte{3}, 4096), 6<<20)
+		stalled <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // the stalled write waits for its table
+	done := make(chan error, 1)
+	go func() {
+		if _, err := d.WriteAt(bytes.Repeat([]byte{4}, 4096), 4096); err != nil {
+			done <- err
+			return
+		}
+		_, err := d.ReadAt(p, 4096)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil || p[0] != 4 {
+			t.Fatalf("write and read through a cached table: %v, read %d", err, p[0])
+		}
+	case <-time.After(5 * time.Second):
+		close(g.gate) // so that the test can end
+		t.Fatal("a write through a cached table waited for another table's slow read")
+	}
+	close(g.gate)
+	if err := <-stalled; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.ReadAt(p, 6<<20); err != nil || p[0] != 3 {
+		t.Fatalf("the stalled write: %v, read %d", err, p[0])
+	}
+}

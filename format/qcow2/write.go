@@ -226,7 +226,9 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 // old entry.
 func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 	ci := pos >> d.bits
-	d.lockIdle(ci)
+	if err := d.lockWithL2(ci); err != nil {
+		return 0, err
+	}
 	var host int64
 	var c *cow
 	var err error
@@ -274,6 +276,23 @@ type cow struct {
 	fresh     bool         // host was allocated for this write; old is freed once the entry is set
 	old       uint64       // the L2 entry it replaces
 	entry, bm uint64       // the L2 entry, and subcluster bitmap, it sets
+}
+
+// lockWithL2 locks d.mu as lockIdle does, with the L2 table of guest
+// cluster ci in the cache: a table that is not is read first, without
+// d.mu, so that a slow image file does not stall every other request.
+func (d *Disk) lockWithL2(ci int64) error {
+	d.lockIdle(ci)
+	l2off := int64(d.l1[ci/d.l2n] & offsetMask)
+	if l2off == 0 || d.meta.has(l2off) {
+		return nil
+	}
+	d.mu.Unlock()
+	if err := d.cacheL2(ci << d.bits); err != nil {
+		return err
+	}
+	d.lockIdle(ci)
+	return nil
 }
 
 // lockIdle locks d.mu once no copy-on-write of guest cluster ci is in
@@ -402,7 +421,9 @@ func (d *Disk) PunchHole(off, n int64) error {
 // zeroCluster makes guest cluster ci read as zeroes through its L2 entry;
 // with extended L2 entries, its subclusters subs only.
 func (d *Disk) zeroCluster(ci int64, subs uint32, unmap bool) error {
-	d.lockIdle(ci)
+	if err := d.lockWithL2(ci); err != nil {
+		return err
+	}
 	defer d.mu.Unlock()
 	l1i := ci / d.l2n
 	if d.l1[l1i]&offsetMask == 0 && d.backing == nil {
