@@ -247,6 +247,9 @@ func (d *Disk) Close() error {
 		if err == nil {
 			err = d.storeBitmaps()
 		}
+		if err == nil {
+			err = d.trimFile()
+		}
 		d.mu.Unlock()
 		errs = append(errs, err)
 	}

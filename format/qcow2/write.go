@@ -117,17 +117,39 @@ func (d *Disk) alloc(n int64) (int64, error) {
 	return off, d.growFile()
 }
 
-// growFile makes the image file as long as everything reserved in it.
+// growStep is how far ahead growFile grows the image file.
+const growStep = 1 << 20
+
+// growFile makes the image file at least as long as everything reserved
+// in it.
 //
 // Preconditions: d.mu is held.
 func (d *Disk) growFile() error {
 	if d.w.end <= d.c.Size() {
 		return nil
 	}
-	if err := diskserve.Resize(d.c, d.w.end); err != nil {
+	// Ahead, in steps: a truncate per allocated cluster was a tenth of
+	// the CPU of small allocating writes, under d.mu. Close trims the
+	// file back to what is allocated.
+	step := max(d.cs, growStep)
+	if err := diskserve.Resize(d.c, (d.w.end+step-1)/step*step); err != nil {
 		return fmt.Errorf("grow the image file: %w", err)
 	}
 	return nil
+}
+
+// trimFile cuts the file back to what is allocated in it, undoing
+// growFile's steps ahead.
+//
+// Preconditions: d.mu is held; the image is writable.
+func (d *Disk) trimFile() error {
+	if d.c.Size() <= d.w.end {
+		return nil
+	}
+	if err := diskserve.Resize(d.c, d.w.end); err != nil {
+		return fmt.Errorf("trim the image file: %w", err)
+	}
+	return diskserve.Flush(d.c)
 }
 
 // free unreferences the host clusters that an L2 entry being replaced
