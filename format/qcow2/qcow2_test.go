@@ -437,3 +437,79 @@ func TestSlowL2DoesNotStallWrites(t *testing.T) {
 		t.Fatalf("the stalled write: %v, read %d", err, p[0])
 	}
 }
+
+// syncGatedFile holds every Flush until its gate opens, as a slow device
+// would.
+type syncGatedFile struct {
+	diskserve.Passthrough
+	gate    chan struct{}
+	waiting chan struct{} // closed when a Flush starts waiting
+	once    sync.Once
+}
+
+func (g *syncGatedFile) Flush() error {
+	g.once.Do(func() { close(g.waiting) })
+	<-g.gate
+	return diskserve.Flush(g.D)
+}
+
+// TestSlowSyncDoesNotStall flushes an image whose metadata is clean while
+// the sync hangs: reads and writes of allocated clusters go on meanwhile.
+func TestSlowSyncDoesNotStall(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img.qcow2")
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	var g *syncGatedFile
+	opts := options()
+	opts.ReadOnly = false
+	opts.OpenFile = func(p string, readOnly bool) (diskserve.DiskFile, error) {
+		f, err := raw.OpenFile(p, readOnly)
+		if err != nil {
+			return nil, err
+		}
+		g = &syncGatedFile{Passthrough: diskserve.Passthrough{D: f}, gate: make(chan struct{}), waiting: make(chan struct{})}
+		return g, nil
+	}
+	d, err := diskserve.Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{7}, 4096)
+	if _, err := d.WriteAt(p, 0); err != nil { // allocates: metadata to flush
+		t.Fatal(err)
+	}
+	close(g.gate)
+	if err := diskserve.Flush(d); err != nil {
+		t.Fatal(err)
+	}
+	g.gate, g.waiting, g.once = make(chan struct{}), make(chan struct{}), sync.Once{}
+	flushed := make(chan error, 1)
+	go func() { flushed <- diskserve.Flush(d) }()
+	<-g.waiting
+	done := make(chan error, 1)
+	go func() {
+		if _, err := d.WriteAt(p, 4096); err != nil {
+			done <- err
+			return
+		}
+		_, err := d.ReadAt(p, 0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		close(g.gate)
+		t.Fatal("a read and a write of an allocated cluster waited for another request's sync")
+	}
+	close(g.gate)
+	if err := <-flushed; err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
