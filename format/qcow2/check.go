@@ -303,6 +303,6 @@ func (d *Disk) repairDirty(log *slog.Logger) error {
 		return err
 	}
 	log.Warn("the image was not closed cleanly (lazy refcounts): its refcounts were rebuilt",
-		"image", d.path, "corruptions-fixed", r.Corruptions, "leaks-fixed", r.Leaks)
+		"image", d.path, "corruptions-fixed", r.CorruptionsFixed, "leaks-fixed", r.LeaksFixed)
 	return nil
 }

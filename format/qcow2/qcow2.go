@@ -158,6 +158,9 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (_ diskserve.DiskFile
 	}
 	defer func() {
 		if err != nil {
+			if d.backing != nil {
+				d.backing.Close()
+			}
 			d.meta.close()
 		}
 	}()
@@ -176,6 +179,16 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (_ diskserve.DiskFile
 			return nil, err
 		}
 	}
+	if h.BackingFile != "" {
+		if h.BackingFormat == "" {
+			return nil, unsupported(-1, "backing file %q has no recorded format: record it with qemu-img rebase -u -b %q -F FORMAT", h.BackingFile, h.BackingFile)
+		}
+		if d.backing, err = oc.OpenChild(h.BackingFile, h.BackingFormat, true); err != nil {
+			return nil, fmt.Errorf("backing file: %w", err)
+		}
+	}
+	// Last, as it changes the image (bitmaps marked in use, a dirty
+	// image repaired): an open that fails leaves the image as it was.
 	if !oc.ReadOnly() {
 		if d.w, err = newWriter(d, fileSize); err != nil {
 			return nil, err
@@ -184,14 +197,6 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (_ diskserve.DiskFile
 			if err := d.repairDirty(oc.Logger()); err != nil {
 				return nil, err
 			}
-		}
-	}
-	if h.BackingFile != "" {
-		if h.BackingFormat == "" {
-			return nil, unsupported(-1, "backing file %q has no recorded format: record it with qemu-img rebase -u -b %q -F FORMAT", h.BackingFile, h.BackingFile)
-		}
-		if d.backing, err = oc.OpenChild(h.BackingFile, h.BackingFormat, true); err != nil {
-			return nil, fmt.Errorf("backing file: %w", err)
 		}
 	}
 	return d, nil
