@@ -73,6 +73,20 @@ func TestServeDirtyBitmap(t *testing.T) {
 			t.Errorf("bitmap %s after qemu's write and merge: dirty %v, want %v", b, got, want)
 		}
 	}
+	// qemu's own NBD client, as backup tools drive it (x-dirty-bitmap
+	// selects base:allocation and the bitmap together), maps diskserve's
+	// export as it maps qemu-nbd's.
+	xmap := func(sock string) string {
+		return string(testtool.Run(t, "qemu-img", "map", "--output=json", "--image-opts",
+			"driver=nbd,server.type=unix,server.path="+sock+",x-dirty-bitmap=qemu:dirty-bitmap:b1"))
+	}
+	qsock := filepath.Join(dir, "qemu.sock")
+	if out, err := exec.Command(testtool.Need(t, "qemu-nbd"), "--fork", "-r", "-f", "qcow2", "-B", "b1", "-k", qsock, img).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-nbd: %v\n%s", err, out)
+	}
+	if got, want := xmap(sock), xmap(qsock); got != want {
+		t.Errorf("qemu-img map with x-dirty-bitmap of diskserve's export:\n%s\nof qemu-nbd's:\n%s", got, want)
+	}
 	s.stop(t, syscall.SIGTERM)
 
 	sock, s = serveAt(t, dir, "-B", "b0", img)
