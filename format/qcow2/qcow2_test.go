@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -512,4 +513,79 @@ func TestSlowSyncDoesNotStall(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestParallelColdL2Reads reads 16 clusters mapped by 16 L2 tables that
+// are not cached yet, at once: the 16 table reads run at the same time
+// (the barrier holds each until all 16 are in progress), where reads under
+// the image's lock would come one after another.
+func TestParallelColdL2Reads(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "tables.qcow2")
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 32 << 20, ClusterSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range int64(16) { // 4 KiB clusters: one L2 table maps 2 MiB
+		w.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), i<<21)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1 := binary.BigEndian.Uint64(b[40:])
+	tables := map[int64]bool{}
+	for i := range 16 {
+		tables[int64(binary.BigEndian.Uint64(b[l1+uint64(i)*8:])&0x00ff_ffff_ffff_fe00)] = true
+	}
+	f := &tableBarrier{DiskFile: disktest.NewMemory(b, true), tables: tables, all: make(chan struct{})}
+	opts := memOptions("img", b)
+	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return f, nil }
+	d, err := diskserve.Open("img", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var wg sync.WaitGroup
+	for i := range int64(16) {
+		wg.Go(func() {
+			p := make([]byte, 4096)
+			if _, err := d.ReadAt(p, i<<21); err != nil || p[0] != byte(i+1) {
+				t.Errorf("read of table %d: %v, %d", i, err, p[0])
+			}
+		})
+	}
+	wg.Wait()
+	if f.missed.Load() {
+		t.Error("the 16 L2 table reads did not run at the same time")
+	}
+}
+
+// tableBarrier holds the reads of the L2 tables at tables until all of
+// them are in progress, or gives up after a while and says so.
+type tableBarrier struct {
+	diskserve.DiskFile
+	tables  map[int64]bool
+	waiting atomic.Int64
+	all     chan struct{}
+	missed  atomic.Bool
+}
+
+func (f *tableBarrier) ReadAt(p []byte, off int64) (int, error) {
+	if f.tables[off] {
+		if f.waiting.Add(1) == int64(len(f.tables)) {
+			close(f.all)
+		}
+		select {
+		case <-f.all:
+		case <-time.After(3 * time.Second):
+			f.missed.Store(true)
+		}
+	}
+	return f.DiskFile.ReadAt(p, off)
 }
