@@ -307,21 +307,24 @@ func (g *gatedFile) ReadAt(p []byte, off int64) (int, error) {
 	return g.DiskFile.ReadAt(p, off)
 }
 
-// TestSlowL2DoesNotStallReads makes the read of one L2 table hang, as a
-// cold fetch of a remote image may: reads through other, cached tables go
-// on meanwhile, and the stalled read completes once the table arrives.
-func TestSlowL2DoesNotStallReads(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "two-tables.qcow2")
-	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20, ClusterSize: 4096}); err != nil {
+// imageWithTables returns the bytes of a qcow2 image of size bytes in
+// 4 KiB clusters (one L2 table maps 2 MiB), with 8 KiB of the byte k+1
+// written at the k-th offset of offs.
+func imageWithTables(t *testing.T, size int64, offs ...int64) []byte {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "tables.qcow2")
+	if err := qcow2.Create(path, qcow2.CreateOptions{Size: size, ClusterSize: 4096}); err != nil {
 		t.Fatal(err)
 	}
 	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// 4 KiB clusters: one L2 table maps 2 MiB.
-	w.WriteAt(bytes.Repeat([]byte{1}, 8192), 0)
-	w.WriteAt(bytes.Repeat([]byte{2}, 8192), 6<<20)
+	for k, off := range offs {
+		if _, err := w.WriteAt(bytes.Repeat([]byte{byte(k + 1)}, 8192), off); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -329,8 +332,21 @@ func TestSlowL2DoesNotStallReads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l1 := binary.BigEndian.Uint64(b[40:])
-	g := &gatedFile{DiskFile: disktest.NewMemory(b, true), off: int64(binary.BigEndian.Uint64(b[l1+3*8:]) & 0x00ff_ffff_ffff_fe00), gate: make(chan struct{})}
+	return b
+}
+
+// l2Offset returns where the L2 table of L1 entry i of image b lies.
+func l2Offset(b []byte, i int) int64 {
+	l1 := int64(binary.BigEndian.Uint64(b[40:]))
+	return int64(binary.BigEndian.Uint64(b[l1+int64(i)*8:]) & 0x00ff_ffff_ffff_fe00)
+}
+
+// TestSlowL2DoesNotStallReads makes the read of one L2 table hang, as a
+// cold fetch of a remote image may: reads through other, cached tables go
+// on meanwhile, and the stalled read completes once the table arrives.
+func TestSlowL2DoesNotStallReads(t *testing.T) {
+	b := imageWithTables(t, 8<<20, 0, 6<<20)
+	g := &gatedFile{DiskFile: disktest.NewMemory(b, true), off: l2Offset(b, 3), gate: make(chan struct{})}
 	opts := memOptions("img", b)
 	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
 	d, err := diskserve.Open("img", opts)
@@ -375,25 +391,8 @@ func TestSlowL2DoesNotStallReads(t *testing.T) {
 // while a write waits for its L2 table, reads and writes through a cached
 // table go on.
 func TestSlowL2DoesNotStallWrites(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "two-tables.qcow2")
-	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20, ClusterSize: 4096}); err != nil {
-		t.Fatal(err)
-	}
-	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.WriteAt(bytes.Repeat([]byte{1}, 8192), 0)
-	w.WriteAt(bytes.Repeat([]byte{2}, 8192), 6<<20)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l1 := binary.BigEndian.Uint64(b[40:])
-	g := &gatedFile{DiskFile: disktest.NewMemory(b, false), off: int64(binary.BigEndian.Uint64(b[l1+3*8:]) & 0x00ff_ffff_ffff_fe00), gate: make(chan struct{})}
+	b := imageWithTables(t, 8<<20, 0, 6<<20)
+	g := &gatedFile{DiskFile: disktest.NewMemory(b, false), off: l2Offset(b, 3), gate: make(chan struct{})}
 	opts := memOptions("img", b)
 	opts.ReadOnly = false
 	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
@@ -520,28 +519,14 @@ func TestSlowSyncDoesNotStall(t *testing.T) {
 // (the barrier holds each until all 16 are in progress), where reads under
 // the image's lock would come one after another.
 func TestParallelColdL2Reads(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "tables.qcow2")
-	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 32 << 20, ClusterSize: 4096}); err != nil {
-		t.Fatal(err)
+	var offs []int64
+	for i := range int64(16) {
+		offs = append(offs, i<<21) // one cluster in each table's span
 	}
-	w, err := diskserve.Open(path, diskserve.Options{Formats: []diskserve.Format{qcow2.Format}, OpenFile: raw.OpenFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range int64(16) { // 4 KiB clusters: one L2 table maps 2 MiB
-		w.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), i<<21)
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l1 := binary.BigEndian.Uint64(b[40:])
+	b := imageWithTables(t, 32<<20, offs...)
 	tables := map[int64]bool{}
 	for i := range 16 {
-		tables[int64(binary.BigEndian.Uint64(b[l1+uint64(i)*8:])&0x00ff_ffff_ffff_fe00)] = true
+		tables[l2Offset(b, i)] = true
 	}
 	f := &tableBarrier{DiskFile: disktest.NewMemory(b, true), tables: tables, all: make(chan struct{})}
 	opts := memOptions("img", b)

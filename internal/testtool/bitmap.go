@@ -39,17 +39,10 @@ func BitmapFlags(t testing.TB, img string) map[string][]string {
 // qemu:dirty-bitmap context of bitmap name of the export at uri.
 func DirtyRanges(t testing.TB, uri, name string) []Range {
 	t.Helper()
-	out := Run(t, "nbdinfo", "--map=qemu:dirty-bitmap:"+name, uri)
 	var dirty []Range
-	for line := range strings.Lines(string(out)) {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			t.Fatalf("nbdinfo --map line %q", line)
-		}
-		off, _ := strconv.ParseInt(f[0], 10, 64)
-		n, _ := strconv.ParseInt(f[1], 10, 64)
-		if f[2] == "1" {
-			dirty = AddRange(dirty, off, n)
+	for _, e := range ContextMap(t, uri, "qemu:dirty-bitmap:"+name) {
+		if e.Value == 1 {
+			dirty = append(dirty, Range{e.Start, e.End})
 		}
 	}
 	return dirty
