@@ -200,7 +200,7 @@ func (d *Disk) trackBitmaps() error {
 		if mem > maxBitmapMemory {
 			return unsupported(b.entry, "the enabled bitmaps take more than %d bytes of memory: open the image read-only", maxBitmapMemory)
 		}
-		if err := d.loadBitmap(b); err != nil {
+		if err := d.loadBitmap(b, d.h.Size); err != nil {
 			return err
 		}
 		b.keep = true
@@ -218,9 +218,10 @@ func (d *Disk) trackBitmaps() error {
 	return nil
 }
 
-// loadBitmap reads the table and the data of b.
-func (d *Disk) loadBitmap(b *bitmap) error {
-	nbits := bitmapBits(d.h.Size, b.GranBits)
+// loadBitmap reads the table and the data of b, a bitmap of a disk of
+// size bytes.
+func (d *Disk) loadBitmap(b *bitmap, size uint64) error {
+	nbits := bitmapBits(size, b.GranBits)
 	need := bitmapClusters(nbits, d.cs)
 	table, err := readTable(d.c, b.TableOffset, b.TableSize)
 	if err != nil {
@@ -388,7 +389,7 @@ func (d *Disk) storeBitmaps() error {
 		}
 	}
 	for b := range changed {
-		if err := d.writeEntries(b.table, int64(b.TableOffset)); err != nil {
+		if err := writeEntries(d.c, b.table, int64(b.TableOffset)); err != nil {
 			return fmt.Errorf("write the table of bitmap %q: %w", b.Name, err)
 		}
 	}
@@ -467,8 +468,16 @@ func (d *Disk) DirtyBitmap(name string) (diskserve.DirtyBitmap, error) {
 		case !b.usable():
 			return nil, fmt.Errorf("%s: bitmap %q has extra data diskserve does not know: %w", d.path, name, diskserve.ErrUnsupported)
 		}
-		if err := d.loadBitmap(b); err != nil {
+		// Read without d.mu, into a copy: an edit may load it meanwhile.
+		read, size := *b, d.h.Size
+		d.mu.Unlock()
+		err := d.loadBitmap(&read, size)
+		d.mu.Lock()
+		if err != nil {
 			return nil, err
+		}
+		if b.bits == nil && b.TableOffset == read.TableOffset {
+			b.table, b.nbits, b.bits = read.table, read.nbits, read.bits
 		}
 		return b, nil
 	}

@@ -24,8 +24,8 @@ func (d *Disk) AddBitmap(name string, granularity int64, enabled bool) error {
 	if !d.writable() {
 		return fmt.Errorf("add bitmap: %w", diskserve.ErrReadOnly)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	if granularity == 0 {
 		granularity = max(d.cs, 1<<minBitmapGranBits)
 	}
@@ -60,7 +60,7 @@ func (d *Disk) AddBitmap(name string, granularity int64, enabled bool) error {
 	if err := d.flushLocked(); err != nil { // the table's refcounts
 		return err
 	}
-	if err := d.writeEntries(b.table, off); err != nil {
+	if err := writeEntries(d.c, b.table, off); err != nil {
 		return fmt.Errorf("write the table of bitmap %q: %w", name, err)
 	}
 	return d.writeBitmapDir(append(slices.Clone(d.bitmaps), b))
@@ -68,8 +68,8 @@ func (d *Disk) AddBitmap(name string, granularity int64, enabled bool) error {
 
 // RemoveBitmap removes the bitmap called name and frees its clusters.
 func (d *Disk) RemoveBitmap(name string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	b, err := d.editedBitmap("remove", name, false)
 	if err != nil {
 		return err
@@ -97,8 +97,8 @@ func (d *Disk) RemoveBitmap(name string) error {
 
 // ClearBitmap clears every bit of the bitmap called name.
 func (d *Disk) ClearBitmap(name string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	b, err := d.editedBitmap("clear", name, true)
 	if err != nil {
 		return err
@@ -112,8 +112,8 @@ func (d *Disk) ClearBitmap(name string) error {
 // EnableBitmap sets whether the bitmap called name records writes (its
 // auto flag), from the next open on.
 func (d *Disk) EnableBitmap(name string, enabled bool) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	b, err := d.editedBitmap("enable or disable", name, false)
 	if err != nil {
 		return err
@@ -135,8 +135,8 @@ func (d *Disk) EnableBitmap(name string, enabled bool) error {
 // MergeBitmap sets in the bitmap called name every bit that src, a bitmap
 // of a disk of the same size, has set.
 func (d *Disk) MergeBitmap(name string, src diskserve.DirtyBitmap) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	b, err := d.editedBitmap("merge into", name, true)
 	if err != nil {
 		return err
@@ -182,7 +182,7 @@ func (d *Disk) editedBitmap(op, name string, bitsToo bool) (*bitmap, error) {
 		return nil, fmt.Errorf("%s bitmap %q: it is inconsistent (in use by a writer that did not close the image) or has extra data diskserve does not know: remove it", op, name)
 	}
 	if b.bits == nil {
-		if err := d.loadBitmap(b); err != nil {
+		if err := d.loadBitmap(b, d.h.Size); err != nil {
 			return nil, err
 		}
 	}

@@ -26,7 +26,10 @@ type metaCache struct {
 	byOff  map[int64]*list.Element // of *metaTable
 	recent list.List               // front: most recently used
 	dirty  int
-	gen    uint64 // changes whenever a table changes or is written back
+	// writebacks counts the tables counted clean to be written back: a
+	// table read from the file without Disk.mu is current only if it did
+	// not change (see Disk.cacheTable).
+	writebacks uint64
 }
 
 type metaTable struct {
@@ -34,7 +37,7 @@ type metaTable struct {
 	kind  tableKind
 	data  []byte
 	dirty bool
-	held  int // holds by walks that look up other tables as they go (see hold)
+	held  int // holds by walks and by flushes writing a copy of it (see hold)
 }
 
 type tableKind uint8
@@ -117,18 +120,17 @@ func (c *metaCache) hold(t *metaTable) (release func()) {
 }
 
 func (c *metaCache) markDirty(t *metaTable) {
-	c.gen++
 	if !t.dirty {
 		t.dirty = true
 		c.dirty++
 	}
 }
 
-// dirtyTables returns the dirty tables of a kind, for Flush to write.
-func (c *metaCache) dirtyTables(kind tableKind) []*metaTable {
+// dirtyTables returns the dirty tables, for a flush to write.
+func (c *metaCache) dirtyTables() []*metaTable {
 	var ts []*metaTable
 	for e := c.recent.Front(); e != nil; e = e.Next() {
-		if t := e.Value.(*metaTable); t.dirty && t.kind == kind {
+		if t := e.Value.(*metaTable); t.dirty {
 			ts = append(ts, t)
 		}
 	}
@@ -136,7 +138,7 @@ func (c *metaCache) dirtyTables(kind tableKind) []*metaTable {
 }
 
 func (c *metaCache) markClean(t *metaTable) {
-	c.gen++
+	c.writebacks++
 	if t.dirty {
 		t.dirty = false
 		c.dirty--

@@ -25,8 +25,8 @@ var _ diskserve.Checker = (*Disk)(nil)
 // the image is checked again, and what that finds is what remains (the
 // Fixed counts are the difference).
 func (d *Disk) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	if d.writable() {
 		// Clusters freed since the last flush still have their refcount
 		// until the flush; they are not leaks.
@@ -283,8 +283,8 @@ func (c *checker) compare(repair diskserve.Repair) error {
 // does when it opens such an image for writing, then clears the dirty bit.
 // What it repaired is logged.
 func (d *Disk) repairDirty(log *slog.Logger) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	r, err := d.checkLocked(diskserve.RepairAll)
 	if err != nil {
 		return fmt.Errorf("rebuild the refcounts of a dirty image: %w", err)

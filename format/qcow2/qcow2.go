@@ -56,17 +56,23 @@
 //
 // # Concurrency
 //
-// Every method may be called concurrently. Metadata (the L1 table, the
-// cache of L2 tables and refcount blocks, the allocator) is behind one
-// mutex; data is read and written outside it. Clusters are never reused
-// while the image is open, so a write that races with a discard of the same
-// cluster cannot land in a cluster given to someone else.
+// Every method may be called concurrently. Metadata in memory (the L1
+// table, the cache of L2 tables and refcount blocks, the allocator) is
+// behind one mutex, which no file I/O of reads, writes and flushes holds:
+// tables are read into the cache without it (cacheTable), copy-on-write
+// runs without it with its cluster marked in flight (prepareWrite), and a
+// flush writes copies of the dirty tables without it (flush.go). Only
+// changes to the image's structure hold it across their I/O: snapshots,
+// bitmap edits, check, resize, close. Clusters are never reused while the
+// image is open, so a write that races with a discard of the same cluster
+// cannot land in a cluster given to someone else.
 package qcow2
 
 import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"sync"
 
@@ -112,6 +118,9 @@ type Disk struct {
 	// inflight holds the guest clusters whose copy-on-write runs outside
 	// mu; each channel is closed when it is over (see prepareWrite).
 	inflight map[int64]chan struct{}
+	// flushMu is held by a flush from start to end, and by changes that
+	// flush with mu held (see flush.go); it is taken before mu.
+	flushMu sync.Mutex
 }
 
 var (
@@ -247,7 +256,7 @@ func (d *Disk) writable() bool { return d.w != nil }
 func (d *Disk) Close() error {
 	var errs []error
 	if d.writable() {
-		d.mu.Lock()
+		d.lockAll()
 		err := d.flushLocked()
 		if err == nil {
 			err = d.storeBitmaps()
@@ -255,7 +264,7 @@ func (d *Disk) Close() error {
 		if err == nil {
 			err = d.trimFile()
 		}
-		d.mu.Unlock()
+		d.unlockAll()
 		errs = append(errs, err)
 	}
 	if d.backing != nil {
@@ -365,17 +374,14 @@ func (d *Disk) l2Entry(ci int64) (entry, bitmap uint64, err error) {
 func (d *Disk) loadTable(off int64) ([]byte, error) {
 	t := d.meta.buffer()
 	if err := diskserve.ReadFullAt(d.c, t, off); err != nil {
+		d.meta.slab.put(t)
 		return nil, fmt.Errorf("read metadata cluster at %#x: %w", off, err)
 	}
 	return t, nil
 }
 
 // cacheL2 brings the L2 table that maps guest offset off into the
-// metadata cache, reading it without holding d.mu: a slow image file (a
-// remote image, a cold disk) then stalls only the reads that need this
-// table, not every request. Concurrent misses of one table share one
-// read. A table that changed while it was read (a writer modified or
-// wrote back a table) is not cached; mapAt then reads it under the lock.
+// metadata cache, reading it without holding d.mu (see cacheTable).
 func (d *Disk) cacheL2(off int64) error {
 	d.mu.Lock()
 	l1i := off >> d.bits / d.l2n
@@ -384,28 +390,86 @@ func (d *Disk) cacheL2(off int64) error {
 		return nil
 	}
 	l2off := int64(d.l1[l1i] & offsetMask)
-	if l2off == 0 || l2off%d.cs != 0 || d.meta.has(l2off) {
+	if l2off == 0 || l2off%d.cs != 0 {
 		d.mu.Unlock()
 		return nil // nothing to read, or mapAt reports the corruption
 	}
-	gen := d.meta.gen
+	return d.cacheTable(l2off, kindL2, func() bool {
+		return l1i < int64(len(d.l1)) && int64(d.l1[l1i]&offsetMask) == l2off
+	})
+}
+
+// cacheTable brings the metadata cluster at off into the cache, reading
+// it without holding d.mu: a slow image file (a remote image, a cold disk)
+// then stalls only the requests that need this table, not every request.
+// Concurrent misses of one table share one read. The table is cached only
+// if current still holds and no table was written back while it was read
+// (the read may have seen a write half done); else the next lookup reads
+// it under the lock.
+//
+// Preconditions: d.mu is held; cacheTable releases it.
+func (d *Disk) cacheTable(off int64, kind tableKind, current func() bool) error {
+	if d.meta.has(off) {
+		d.mu.Unlock()
+		return nil
+	}
+	writebacks := d.meta.writebacks
 	d.mu.Unlock()
 	// The goroutine that reads the table caches it; the others wait for
 	// it, and never hold the buffer, which the cache recycles once it
 	// evicts the table.
-	_, err, _ := d.loads.Do(strconv.FormatInt(l2off, 10), func() (any, error) {
-		t, err := d.loadTable(l2off)
+	_, err, _ := d.loads.Do(strconv.FormatInt(off, 10), func() (any, error) {
+		t, err := d.loadTable(off)
 		if err != nil {
 			return nil, err
 		}
 		d.mu.Lock()
 		defer d.mu.Unlock()
-		if d.meta.gen == gen && !d.meta.has(l2off) && l1i < int64(len(d.l1)) && int64(d.l1[l1i]&offsetMask) == l2off {
-			d.meta.add(l2off, kindL2, t, false)
+		if d.meta.writebacks == writebacks && !d.meta.has(off) && current() {
+			d.meta.add(off, kind, t, false)
+		} else {
+			d.meta.slab.put(t)
 		}
 		return nil, nil
 	})
 	return err
+}
+
+// cacheRefblocks brings the refcount blocks that count the host clusters
+// hosts into the cache, reading them without holding d.mu.
+//
+// Preconditions: d.mu is not held; the image is writable.
+func (d *Disk) cacheRefblocks(hosts []int64) error {
+	d.mu.Lock()
+	offs := d.refblocks(hosts, nil)
+	d.mu.Unlock()
+	for _, off := range offs {
+		d.mu.Lock()
+		if err := d.cacheTable(off, kindRefblock, func() bool { return true }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// refblocks appends to dst the offsets of the refcount blocks that count
+// hosts and are not in the cache, each once.
+//
+// Preconditions: d.mu is held; the image is writable.
+func (d *Disk) refblocks(hosts []int64, dst []int64) []int64 {
+	w := d.w
+	first := len(dst)
+	for _, host := range hosts {
+		bi := host >> d.bits / w.perBlock
+		if bi >= int64(len(w.rt)) {
+			continue
+		}
+		off := int64(w.rt[bi] & refTableMask)
+		if off != 0 && off%d.cs == 0 && !d.meta.has(off) && !slices.Contains(dst[first:], off) {
+			dst = append(dst, off)
+		}
+	}
+	return dst
 }
 
 // lockedMapAt is mapAt for callers that do not hold d.mu.

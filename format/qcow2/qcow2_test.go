@@ -295,7 +295,7 @@ func (g *growable) Resize(size int64) error {
 
 // gatedFile is an image file whose reads of one range wait for a gate.
 type gatedFile struct {
-	diskserve.DiskFile
+	diskserve.Passthrough
 	off  int64
 	gate chan struct{}
 }
@@ -304,7 +304,7 @@ func (g *gatedFile) ReadAt(p []byte, off int64) (int, error) {
 	if off <= g.off && g.off < off+int64(len(p)) {
 		<-g.gate
 	}
-	return g.DiskFile.ReadAt(p, off)
+	return g.D.ReadAt(p, off)
 }
 
 // imageWithTables returns the bytes of a qcow2 image of size bytes in
@@ -346,7 +346,7 @@ func l2Offset(b []byte, i int) int64 {
 // on meanwhile, and the stalled read completes once the table arrives.
 func TestSlowL2DoesNotStallReads(t *testing.T) {
 	b := imageWithTables(t, 8<<20, 0, 6<<20)
-	g := &gatedFile{DiskFile: disktest.NewMemory(b, true), off: l2Offset(b, 3), gate: make(chan struct{})}
+	g := &gatedFile{Passthrough: diskserve.Passthrough{D: disktest.NewMemory(b, true)}, off: l2Offset(b, 3), gate: make(chan struct{})}
 	opts := memOptions("img", b)
 	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
 	d, err := diskserve.Open("img", opts)
@@ -387,54 +387,68 @@ func TestSlowL2DoesNotStallReads(t *testing.T) {
 	}
 }
 
-// TestSlowL2DoesNotStallWrites is TestSlowL2DoesNotStallReads for a write:
-// while a write waits for its L2 table, reads and writes through a cached
-// table go on.
+// TestSlowL2DoesNotStallWrites is TestSlowL2DoesNotStallReads for a write
+// that allocates: while it waits for its L2 table, or for the refcount
+// block that counts the cluster it allocates, reads and writes through a
+// cached table go on.
 func TestSlowL2DoesNotStallWrites(t *testing.T) {
 	b := imageWithTables(t, 8<<20, 0, 6<<20)
-	g := &gatedFile{DiskFile: disktest.NewMemory(b, false), off: l2Offset(b, 3), gate: make(chan struct{})}
-	opts := memOptions("img", b)
-	opts.ReadOnly = false
-	opts.OpenFile = func(string, bool) (diskserve.DiskFile, error) { return g, nil }
-	d, err := diskserve.Open("img", opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	p := make([]byte, 4096)
-	if _, err := d.ReadAt(p, 0); err != nil || p[0] != 1 { // caches the first table
-		t.Fatal(err)
-	}
-	stalled := make(chan error, 1)
-	go func() {
-		_, err := d.WriteAt(bytes.Repeat([]byte{3}, 4096), 6<<20)
-		stalled <- err
-	}()
-	time.Sleep(20 * time.Millisecond) // the stalled write waits for its table
-	done := make(chan error, 1)
-	go func() {
-		if _, err := d.WriteAt(bytes.Repeat([]byte{4}, 4096), 4096); err != nil {
-			done <- err
-			return
-		}
-		_, err := d.ReadAt(p, 4096)
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err != nil || p[0] != 4 {
-			t.Fatalf("write and read through a cached table: %v, read %d", err, p[0])
-		}
-	case <-time.After(5 * time.Second):
-		close(g.gate) // so that the test can end
-		t.Fatal("a write through a cached table waited for another table's slow read")
-	}
-	close(g.gate)
-	if err := <-stalled; err != nil {
-		t.Fatal(err)
-	}
-	if _, err := d.ReadAt(p, 6<<20); err != nil || p[0] != 3 {
-		t.Fatalf("the stalled write: %v, read %d", err, p[0])
+	refblock := int64(binary.BigEndian.Uint64(b[binary.BigEndian.Uint64(b[48:]):]))
+	for name, slow := range map[string]int64{"L2 table": l2Offset(b, 3), "refcount block": refblock} {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "img.qcow2")
+			if err := os.WriteFile(path, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			g := &gatedFile{off: slow, gate: make(chan struct{})}
+			opts := options()
+			opts.ReadOnly = false
+			opts.OpenFile = func(p string, readOnly bool) (diskserve.DiskFile, error) {
+				f, err := raw.OpenFile(p, readOnly)
+				g.D = f
+				return g, err
+			}
+			d, err := diskserve.Open(path, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			p := make([]byte, 4096)
+			if _, err := d.ReadAt(p, 0); err != nil || p[0] != 1 { // caches the first table
+				t.Fatal(err)
+			}
+			stalled := make(chan error, 1)
+			go func() {
+				_, err := d.WriteAt(bytes.Repeat([]byte{3}, 4096), 6<<20+64<<10)
+				stalled <- err
+			}()
+			time.Sleep(20 * time.Millisecond) // the stalled write waits for its table
+			done := make(chan error, 1)
+			go func() {
+				if _, err := d.WriteAt(bytes.Repeat([]byte{4}, 4096), 4096); err != nil {
+					done <- err
+					return
+				}
+				_, err := d.ReadAt(p, 4096)
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if err != nil || p[0] != 4 {
+					t.Fatalf("write and read through a cached table: %v, read %d", err, p[0])
+				}
+			case <-time.After(5 * time.Second):
+				close(g.gate) // so that the test can end
+				t.Fatalf("a write through a cached table waited for a slow read of the %s", name)
+			}
+			close(g.gate)
+			if err := <-stalled; err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d.ReadAt(p, 6<<20+64<<10); err != nil || p[0] != 3 {
+				t.Fatalf("the stalled write: %v, read %d", err, p[0])
+			}
+		})
 	}
 }
 
@@ -453,64 +467,94 @@ func (g *syncGatedFile) Flush() error {
 	return diskserve.Flush(g.D)
 }
 
-// TestSlowSyncDoesNotStall flushes an image whose metadata is clean while
-// the sync hangs: reads and writes of allocated clusters go on meanwhile.
+// TestSlowSyncDoesNotStall flushes an image while its syncs hang, once
+// with its metadata clean and once with a table and a refcount block to
+// write: reads and writes of allocated clusters, and a write that
+// allocates, go on meanwhile, and what they did is in the image once the
+// flush is over.
 func TestSlowSyncDoesNotStall(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "img.qcow2")
-	if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	var g *syncGatedFile
-	opts := options()
-	opts.ReadOnly = false
-	opts.OpenFile = func(p string, readOnly bool) (diskserve.DiskFile, error) {
-		f, err := raw.OpenFile(p, readOnly)
-		if err != nil {
-			return nil, err
-		}
-		g = &syncGatedFile{Passthrough: diskserve.Passthrough{D: f}, gate: make(chan struct{}), waiting: make(chan struct{})}
-		return g, nil
-	}
-	d, err := diskserve.Open(path, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := bytes.Repeat([]byte{7}, 4096)
-	if _, err := d.WriteAt(p, 0); err != nil { // allocates: metadata to flush
-		t.Fatal(err)
-	}
-	close(g.gate)
-	if err := diskserve.Flush(d); err != nil {
-		t.Fatal(err)
-	}
-	g.gate, g.waiting, g.once = make(chan struct{}), make(chan struct{}), sync.Once{}
-	flushed := make(chan error, 1)
-	go func() { flushed <- diskserve.Flush(d) }()
-	<-g.waiting
-	done := make(chan error, 1)
-	go func() {
-		if _, err := d.WriteAt(p, 4096); err != nil {
-			done <- err
-			return
-		}
-		_, err := d.ReadAt(p, 0)
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		close(g.gate)
-		t.Fatal("a read and a write of an allocated cluster waited for another request's sync")
-	}
-	close(g.gate)
-	if err := <-flushed; err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Close(); err != nil {
-		t.Fatal(err)
+	for _, metadata := range []string{"clean", "dirty"} {
+		t.Run(metadata, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "img.qcow2")
+			if err := qcow2.Create(path, qcow2.CreateOptions{Size: 8 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			var g *syncGatedFile
+			opts := options()
+			opts.ReadOnly = false
+			opts.OpenFile = func(p string, readOnly bool) (diskserve.DiskFile, error) {
+				f, err := raw.OpenFile(p, readOnly)
+				if err != nil {
+					return nil, err
+				}
+				g = &syncGatedFile{Passthrough: diskserve.Passthrough{D: f}, gate: make(chan struct{}), waiting: make(chan struct{})}
+				return g, nil
+			}
+			d, err := diskserve.Open(path, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fill := func(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+			if _, err := d.WriteAt(fill(1), 0); err != nil { // allocates: metadata to flush
+				t.Fatal(err)
+			}
+			close(g.gate)
+			if metadata == "clean" {
+				if err := diskserve.Flush(d); err != nil {
+					t.Fatal(err)
+				}
+			}
+			g.gate, g.waiting, g.once = make(chan struct{}), make(chan struct{}), sync.Once{}
+			flushed := make(chan error, 1)
+			go func() { flushed <- diskserve.Flush(d) }()
+			<-g.waiting
+			done := make(chan error, 1)
+			go func() {
+				done <- func() error {
+					if _, err := d.WriteAt(fill(2), 4096); err != nil {
+						return err
+					}
+					if _, err := d.WriteAt(fill(3), 4<<20); err != nil {
+						return err
+					}
+					p := make([]byte, 4096)
+					if _, err := d.ReadAt(p, 4<<20); err != nil || p[0] != 3 {
+						return fmt.Errorf("read back %d: %v", p[0], err)
+					}
+					return nil
+				}()
+			}()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(5 * time.Second):
+				close(g.gate)
+				t.Fatal("reads and writes waited for another request's flush")
+			}
+			close(g.gate)
+			if err := <-flushed; err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			ro, err := diskserve.Open(path, options())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ro.Close()
+			if r, err := diskserve.Check(ro, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
+				t.Fatalf("check: %+v, %v", r, err)
+			}
+			for off, want := range map[int64]byte{0: 1, 4096: 2, 4 << 20: 3} {
+				p := make([]byte, 4096)
+				if _, err := ro.ReadAt(p, off); err != nil || !bytes.Equal(p, fill(want)) {
+					t.Fatalf("at %d: read %d, want %d (%v)", off, p[0], want, err)
+				}
+			}
+		})
 	}
 }
 

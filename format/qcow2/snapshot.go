@@ -181,8 +181,8 @@ func (d *Disk) CreateSnapshot(name string) (diskserve.Snapshot, error) {
 	if err := d.checkSnapshotWrite("create snapshot"); err != nil {
 		return diskserve.Snapshot{}, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	switch {
 	case name == "":
 		return diskserve.Snapshot{}, fmt.Errorf("create snapshot: the name is empty")
@@ -256,14 +256,14 @@ func (s snapshot) encode() []byte {
 	return b
 }
 
-// beginSnapshotChange checks that op may change the snapshots, takes d.mu,
+// beginSnapshotChange checks that op may change the snapshots, takes lockAll,
 // looks snapshot name up and flushes. Unless it fails, the caller holds
-// d.mu and unlocks it.
+// the locks and calls unlockAll.
 func (d *Disk) beginSnapshotChange(op, name string) (int, *header, []uint64, error) {
 	if err := d.checkSnapshotWrite(op); err != nil {
 		return 0, nil, nil, err
 	}
-	d.mu.Lock()
+	d.lockAll()
 	i, h, l1, err := d.lookupSnapshot(name, d.c.Size())
 	if err != nil {
 		err = fmt.Errorf("%s: %w", op, err)
@@ -271,7 +271,7 @@ func (d *Disk) beginSnapshotChange(op, name string) (int, *header, []uint64, err
 		err = d.flushLocked()
 	}
 	if err != nil {
-		d.mu.Unlock()
+		d.unlockAll()
 		return 0, nil, nil, err
 	}
 	return i, h, l1, nil
@@ -285,7 +285,7 @@ func (d *Disk) ApplySnapshot(name string) error {
 	if err != nil {
 		return err
 	}
-	defer d.mu.Unlock()
+	defer d.unlockAll()
 	if h.Size != d.h.Size && len(d.bitmaps) > 0 {
 		return unsupported(-1, "apply snapshot %q: its disk size, %d bytes, is not the image's, %d, and the image's persistent dirty bitmaps keep the disk's size", name, h.Size, d.h.Size)
 	}
@@ -331,7 +331,7 @@ func (d *Disk) DeleteSnapshot(name string) error {
 	if err != nil {
 		return err
 	}
-	defer d.mu.Unlock()
+	defer d.unlockAll()
 	s := d.snaps[i]
 	// 1. The table without the entry; then nothing refers to the
 	// snapshot's L1 table on disk, and its references go.
@@ -545,7 +545,7 @@ func (d *Disk) writeNewL1(l1 []uint64) (int64, error) {
 	for i, e := range l1 {
 		plain[i] = e &^ entryCopied
 	}
-	if err := d.writeEntries(plain, off); err != nil {
+	if err := writeEntries(d.c, plain, off); err != nil {
 		return 0, fmt.Errorf("write L1 table: %w", err)
 	}
 	return off, diskserve.Flush(d.c)

@@ -2,10 +2,12 @@ package qcow2_test
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/diskserve/diskserve"
@@ -13,9 +15,11 @@ import (
 )
 
 // recordingFile is an image file in memory that records the writes,
-// resizes and flushes it sees while recording is on.
+// resizes and flushes it sees while recording is on, in the order they
+// complete.
 type recordingFile struct {
 	*growable
+	mu        sync.Mutex
 	recording bool
 	ops       []fileOp
 }
@@ -29,6 +33,8 @@ type fileOp struct {
 }
 
 func (f *recordingFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	if f.recording {
 		f.ops = append(f.ops, fileOp{off: off, data: bytes.Clone(p)})
 	}
@@ -36,6 +42,8 @@ func (f *recordingFile) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (f *recordingFile) Resize(size int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	if f.recording {
 		f.ops = append(f.ops, fileOp{size: size})
 	}
@@ -43,17 +51,20 @@ func (f *recordingFile) Resize(size int64) error {
 }
 
 func (f *recordingFile) Flush() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	if f.recording {
 		f.ops = append(f.ops, fileOp{flush: true})
 	}
 	return nil
 }
 
-// crashStates returns file contents a crash during ops could leave on
-// base: every epoch between flushes before the crash complete, and of the
-// epoch the crash cut, each prefix and some random subsets (the storage
-// may reorder writes between flushes).
-func crashStates(base []byte, ops []fileOp, rnd *rand.Rand) [][]byte {
+// crashStates calls fn with each file content a crash during ops could
+// leave on base, until fn fails: every epoch between flushes before the
+// crash complete, and of the epoch the crash cut, each prefix and some
+// random subsets (the storage may reorder writes between flushes). fn may
+// not keep the content.
+func crashStates(base []byte, ops []fileOp, rnd *rand.Rand, fn func(state []byte) error) error {
 	apply := func(b []byte, op fileOp) []byte {
 		switch {
 		case op.flush:
@@ -70,36 +81,40 @@ func crashStates(base []byte, ops []fileOp, rnd *rand.Rand) [][]byte {
 		}
 		return b
 	}
-	var states [][]byte
 	durable := bytes.Clone(base)
+	var b []byte
 	for start := 0; start <= len(ops); {
 		end := start
 		for end < len(ops) && !ops[end].flush {
 			end++
 		}
 		epoch := ops[start:end]
+		b = append(b[:0], durable...)
 		for n := range len(epoch) + 1 {
-			b := bytes.Clone(durable)
-			for _, op := range epoch[:n] {
-				b = apply(b, op)
+			if n > 0 {
+				b = apply(b, epoch[n-1])
 			}
-			states = append(states, b)
+			if err := fn(b); err != nil {
+				return err
+			}
 		}
 		for range 6 {
-			b := bytes.Clone(durable)
+			b = append(b[:0], durable...)
 			for _, op := range epoch {
 				if op.data == nil || rnd.IntN(2) == 0 {
 					b = apply(b, op)
 				}
 			}
-			states = append(states, b)
+			if err := fn(b); err != nil {
+				return err
+			}
 		}
 		for _, op := range epoch {
 			durable = apply(durable, op)
 		}
 		start = end + 1
 	}
-	return states
+	return nil
 }
 
 // TestSnapshotCrashStates runs each snapshot operation on an image whose
@@ -162,40 +177,47 @@ func TestSnapshotCrashStates(t *testing.T) {
 				after = models["a"]
 			}
 
-			states := crashStates(base, file.ops, rand.New(rand.NewPCG(3, 4)))
-			for i, st := range states {
+			states := 0
+			err = crashStates(base, file.ops, rand.New(rand.NewPCG(3, 4)), func(st []byte) error {
+				i := states
+				states++
 				ro := memOptions("img", st)
 				c, err := diskserve.Open("img", ro)
 				if err != nil {
-					t.Fatalf("state %d of %d: does not open: %v", i, len(states), err)
+					return fmt.Errorf("state %d: does not open: %w", i, err)
 				}
+				defer c.Close()
 				r, err := diskserve.Check(c, diskserve.RepairNone)
 				if err != nil {
-					t.Fatalf("state %d: check: %v", i, err)
+					return fmt.Errorf("state %d: check: %w", i, err)
 				}
 				for _, m := range r.Messages {
 					if !strings.HasPrefix(m, "Leaked cluster") && !strings.HasPrefix(m, "ERROR OFLAG_COPIED") {
-						t.Fatalf("state %d of %d: %s", i, len(states), m)
+						return fmt.Errorf("state %d: %s", i, m)
 					}
 				}
 				got := make([]byte, size)
 				if err := diskserve.ReadFullAt(c, got, 0); err != nil || !bytes.Equal(got, before) && !bytes.Equal(got, after) {
-					t.Fatalf("state %d: the active layer reads neither as before nor as after (%v)", i, err)
+					return fmt.Errorf("state %d: the active layer reads neither as before nor as after (%v)", i, err)
 				}
 				for _, s := range diskserve.Describe(c).Snapshots {
 					ro.Snapshot = s.ID
 					sd, err := diskserve.Open("img", ro)
 					if err != nil {
-						t.Fatalf("state %d: snapshot %s: %v", i, s.Name, err)
+						return fmt.Errorf("state %d: snapshot %s: %w", i, s.Name, err)
 					}
-					if err := diskserve.ReadFullAt(sd, got, 0); err != nil || !bytes.Equal(got, models[s.Name]) {
-						t.Fatalf("state %d: snapshot %s does not read as taken (%v)", i, s.Name, err)
-					}
+					err = diskserve.ReadFullAt(sd, got, 0)
 					sd.Close()
+					if err != nil || !bytes.Equal(got, models[s.Name]) {
+						return fmt.Errorf("state %d: snapshot %s does not read as taken (%v)", i, s.Name, err)
+					}
 				}
-				c.Close()
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
-			t.Logf("%d file operations, %d crash states", len(file.ops), len(states))
+			t.Logf("%d file operations, %d crash states", len(file.ops), states)
 		})
 	}
 }

@@ -243,5 +243,5 @@ func (d *Disk) zeroSubclusters(ci int64, subs uint32, unmap bool) error {
 	if next&offsetMask == 0 && host != 0 || compressed && next != e {
 		d.free(e)
 	}
-	return d.flushIfFull()
+	return nil
 }

@@ -233,6 +233,8 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 			if _, err := d.c.WriteAt(p[done:done+n], host); err != nil {
 				return done, err
 			}
+		} else if err := d.flushIfFull(); err != nil {
+			return done + n, err
 		}
 		done += n
 	}
@@ -287,7 +289,7 @@ func (d *Disk) prepareWrite(pos int64, p []byte) (int64, error) {
 	if c.fresh {
 		d.free(c.old)
 	}
-	return -1, d.flushIfFull()
+	return -1, nil
 }
 
 // A cow is a copy-on-write of one guest cluster, planned by planWrite or
@@ -300,21 +302,80 @@ type cow struct {
 	entry, bm uint64       // the L2 entry, and subcluster bitmap, it sets
 }
 
-// lockWithL2 locks d.mu as lockIdle does, with the L2 table of guest
-// cluster ci in the cache: a table that is not is read first, without
-// d.mu, so that a slow image file does not stall every other request.
+// lockWithL2 locks d.mu as lockIdle does, with the metadata a write of
+// guest cluster ci reads in the cache: its L2 table, the refcount blocks
+// that count the next clusters allocated, and those that count the
+// clusters of a table a snapshot shares (which the write copies). What is
+// missing is read first, without d.mu, so that a slow image file does not
+// stall every other request; should it be evicted again before the write
+// gets to it, the write reads it under the lock.
 func (d *Disk) lockWithL2(ci int64) error {
-	d.lockIdle(ci)
-	l2off := int64(d.l1[ci/d.l2n] & offsetMask)
-	if l2off == 0 || d.meta.has(l2off) {
+	for try := 0; ; try++ {
+		d.lockIdle(ci)
+		l1i := ci / d.l2n
+		l2off := int64(d.l1[l1i] & offsetMask)
+		var missing []int64
+		if l2off != 0 && l2off%d.cs == 0 && !d.meta.has(l2off) {
+			missing = append(missing, l2off)
+		} else if d.mayAllocate(ci) {
+			// An allocation takes at most a data cluster, an L2 table and
+			// a refcount block.
+			next := [2]int64{d.w.end, d.w.end + 2*d.cs}
+			missing = d.refblocks(next[:], missing)
+			if l2off != 0 && d.l1[l1i]&entryCopied == 0 {
+				missing = d.refblocks(d.tableHosts(l2off), missing)
+			}
+		}
+		if len(missing) == 0 || try == 2 {
+			return nil
+		}
+		for i, off := range missing {
+			if i > 0 {
+				d.mu.Lock()
+			}
+			var err error
+			if off == l2off {
+				err = d.cacheTable(off, kindL2, func() bool { return int64(d.l1[l1i]&offsetMask) == l2off })
+			} else {
+				err = d.cacheTable(off, kindRefblock, func() bool { return true })
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// mayAllocate reports whether a write of guest cluster ci may allocate:
+// unless the image alone owns its L2 table and its data cluster.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) mayAllocate(ci int64) bool {
+	l1e := d.l1[ci/d.l2n]
+	if l1e&entryCopied == 0 || !d.meta.has(int64(l1e&offsetMask)) {
+		return true
+	}
+	e, _, err := d.l2Entry(ci)
+	return err != nil || e&entryCopied == 0 || e&entryCompressed != 0 || e&offsetMask == 0
+}
+
+// tableHosts returns the host clusters that the L2 table at off refers
+// to, uncompressed, if the table is cached.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) tableHosts(off int64) []int64 {
+	if !d.meta.has(off) || off%d.cs != 0 {
 		return nil
 	}
-	d.mu.Unlock()
-	if err := d.cacheL2(ci << d.bits); err != nil {
-		return err
+	t, _ := d.meta.get(off, kindL2, nil)
+	var hosts []int64
+	for j := range d.l2n {
+		e := be.Uint64(t.data[d.entryOff(j):])
+		if host := int64(e & offsetMask); e&entryCompressed == 0 && host != 0 {
+			hosts = append(hosts, host)
+		}
 	}
-	d.lockIdle(ci)
-	return nil
+	return hosts
 }
 
 // lockIdle locks d.mu once no copy-on-write of guest cluster ci is in
@@ -426,6 +487,9 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 		if errors.Is(err, errPartlyCompressed) {
 			err = diskserve.WriteZeroBytes(d, c, min(stop, end)-c)
 		}
+		if err == nil {
+			err = d.flushIfFull()
+		}
 		if err != nil {
 			return err
 		}
@@ -474,127 +538,7 @@ func (d *Disk) zeroCluster(ci int64, subs uint32, unmap bool) error {
 	if next&offsetMask == 0 {
 		d.free(e)
 	}
-	return d.flushIfFull()
-}
-
-// flushIfFull flushes when the dirty metadata outgrows the cache.
-//
-// Preconditions: d.mu is held.
-func (d *Disk) flushIfFull() error {
-	if d.meta.dirty > d.meta.max {
-		return d.flushLocked()
-	}
 	return nil
-}
-
-// Flush makes every completed write durable, metadata in crash-safe order.
-// When no metadata changed since the last flush (writes into clusters
-// already allocated), it is a sync of the image file, which runs without
-// d.mu: a slow sync stalls no reader or writer.
-func (d *Disk) Flush() error {
-	if !d.writable() {
-		return nil
-	}
-	d.mu.Lock()
-	if w := d.w; d.meta.dirty == 0 && !w.rtDirty && !w.l1Dirty && len(w.pendingFree) == 0 {
-		d.mu.Unlock()
-		return diskserve.Flush(d.c)
-	}
-	defer d.mu.Unlock()
-	return d.flushLocked()
-}
-
-// Preconditions: d.mu is held; the image is writable.
-func (d *Disk) flushLocked() error {
-	w := d.w
-	// 1. Refcount increments, with the data written so far.
-	if err := d.writeTables(kindRefblock); err != nil {
-		return err
-	}
-	if err := diskserve.Flush(d.c); err != nil {
-		return err
-	}
-	// 2. The refcount table, and the header where the table moved.
-	if w.rtDirty {
-		if err := d.writeEntries(w.rt, int64(d.h.RefcountTableOffset)); err != nil {
-			return fmt.Errorf("write refcount table: %w", err)
-		}
-		if w.rtMoved {
-			var b [12]byte
-			be.PutUint64(b[0:], d.h.RefcountTableOffset)
-			be.PutUint32(b[8:], d.h.RefcountTableClusters)
-			if _, err := d.c.WriteAt(b[:], 48); err != nil {
-				return fmt.Errorf("write header: %w", err)
-			}
-		}
-		if err := diskserve.Flush(d.c); err != nil {
-			return err
-		}
-		w.rtDirty, w.rtMoved = false, false
-	}
-	// 3. L2 tables, then the L1 entries that point to them.
-	if err := d.writeTables(kindL2); err != nil {
-		return err
-	}
-	if w.l1Dirty {
-		if err := diskserve.Flush(d.c); err != nil {
-			return err
-		}
-		if err := d.writeEntries(d.l1, int64(d.h.L1TableOffset)); err != nil {
-			return fmt.Errorf("write L1 table: %w", err)
-		}
-		w.l1Dirty = false
-	}
-	if err := diskserve.Flush(d.c); err != nil {
-		return err
-	}
-	// 4. Nothing refers to the freed clusters on disk any more: count
-	// them down, and give the space of those now unused back.
-	if len(w.pendingFree) == 0 {
-		return nil
-	}
-	freed := w.pendingFree
-	w.pendingFree = nil
-	for _, host := range freed {
-		rc, err := d.refcount(host)
-		if err != nil {
-			return err
-		}
-		if rc == 0 {
-			return corrupt(-1, "freeing host cluster %#x, whose refcount is already 0", host)
-		}
-		if err := d.setRefcount(host, rc-1); err != nil {
-			return err
-		}
-		if rc == 1 {
-			_ = diskserve.PunchHole(d.c, host, min(d.cs, d.c.Size()-host)) // only space; nothing reads it
-		}
-	}
-	if err := d.writeTables(kindRefblock); err != nil {
-		return err
-	}
-	return diskserve.Flush(d.c)
-}
-
-// writeTables writes the dirty cached tables of a kind.
-func (d *Disk) writeTables(kind tableKind) error {
-	for _, t := range d.meta.dirtyTables(kind) {
-		if _, err := d.c.WriteAt(t.data, t.off); err != nil {
-			return fmt.Errorf("write metadata cluster at %#x: %w", t.off, err)
-		}
-		d.meta.markClean(t)
-	}
-	return nil
-}
-
-// writeEntries writes a table of 64-bit entries at off.
-func (d *Disk) writeEntries(t []uint64, off int64) error {
-	b := make([]byte, len(t)*8)
-	for i, e := range t {
-		be.PutUint64(b[i*8:], e)
-	}
-	_, err := d.c.WriteAt(b, off)
-	return err
 }
 
 // Resize grows the virtual size, moving the L1 table to a larger place
@@ -603,8 +547,8 @@ func (d *Disk) Resize(size int64) error {
 	if !d.writable() {
 		return fmt.Errorf("resize: %w", diskserve.ErrReadOnly)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lockAll()
+	defer d.unlockAll()
 	switch {
 	case len(d.bitmaps) > 0:
 		return unsupported(-1, "resize: the image has persistent dirty bitmaps, which keep the disk's size; remove them first (qemu-img bitmap --remove)")
@@ -630,7 +574,7 @@ func (d *Disk) Resize(size int64) error {
 		}
 		l1 := make([]uint64, need)
 		copy(l1, d.l1)
-		if err := d.writeEntries(l1, off); err != nil {
+		if err := writeEntries(d.c, l1, off); err != nil {
 			return err
 		}
 		if err := diskserve.Flush(d.c); err != nil {

@@ -56,25 +56,39 @@ func (d *Disk) WriteCompressed(p []byte, off int64) error {
 		_, err := d.WriteAt(p, off)
 		return err
 	}
+	// The blob goes to the file without d.mu, as a copy-on-write does
+	// (see prepareWrite).
 	ci := off >> d.bits
-	d.lockIdle(ci)
-	defer d.mu.Unlock()
-	t, err := d.l2ForWrite(ci)
-	if err != nil {
+	if err := d.lockWithL2(ci); err != nil {
 		return err
 	}
-	old, _ := d.entryIn(t, ci)
 	host, err := d.allocCompressed(int64(len(blob)))
 	if err != nil {
+		d.mu.Unlock()
 		return err
 	}
-	if _, err := d.c.WriteAt(blob, host); err != nil {
+	done := make(chan struct{})
+	d.inflight[ci] = done
+	d.mu.Unlock()
+	_, err = d.c.WriteAt(blob, host)
+	d.mu.Lock()
+	delete(d.inflight, ci)
+	close(done)
+	var t *metaTable
+	if err == nil {
+		t, err = d.l2ForWrite(ci)
+	}
+	if err == nil {
+		old, _ := d.entryIn(t, ci)
+		sectors := (host&511 + int64(len(blob)) + 511) / 512
+		shift := 62 - (d.bits - 8)
+		d.setEntry(t, ci, entryCompressed|uint64(sectors-1)<<shift|uint64(host), 0)
+		d.free(old)
+	}
+	d.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	sectors := (host&511 + int64(len(blob)) + 511) / 512
-	shift := 62 - (d.bits - 8)
-	d.setEntry(t, ci, entryCompressed|uint64(sectors-1)<<shift|uint64(host), 0)
-	d.free(old)
 	return d.flushIfFull()
 }
 
