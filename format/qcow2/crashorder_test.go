@@ -39,7 +39,7 @@ func TestCrashStatesUnderConcurrentFlushes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	model := make([]byte, size) // each writer owns a quarter of it
+	model := make([]byte, size)    // each writer owns a quarter of it
 	kick := make(chan struct{}, 1) // a write is done: flush
 	var writers sync.WaitGroup
 	errs := make(chan error, 5)
