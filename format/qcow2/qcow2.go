@@ -385,12 +385,8 @@ func (d *Disk) loadTable(off int64) ([]byte, error) {
 func (d *Disk) cacheL2(off int64) error {
 	d.mu.Lock()
 	l1i := off >> d.bits / d.l2n
-	if l1i >= int64(len(d.l1)) {
-		d.mu.Unlock()
-		return nil
-	}
-	l2off := int64(d.l1[l1i] & offsetMask)
-	if l2off == 0 || l2off%d.cs != 0 {
+	l2off := d.missingL2(l1i)
+	if l2off == 0 {
 		d.mu.Unlock()
 		return nil // nothing to read, or mapAt reports the corruption
 	}
@@ -473,13 +469,35 @@ func (d *Disk) refblocks(hosts []int64, dst []int64) []int64 {
 }
 
 // lockedMapAt is mapAt for callers that do not hold d.mu.
+// The table it needs is read without d.mu; should that read be discarded
+// (see cacheTable), it is tried again before mapAt reads it under the lock.
 func (d *Disk) lockedMapAt(off int64) (mapping, error) {
-	if err := d.cacheL2(off); err != nil {
-		return mapping{}, err
+	for try := 0; ; try++ {
+		if err := d.cacheL2(off); err != nil {
+			return mapping{}, err
+		}
+		d.mu.Lock()
+		if try == 2 || d.missingL2(off>>d.bits/d.l2n) == 0 {
+			defer d.mu.Unlock()
+			return d.mapAt(off)
+		}
+		d.mu.Unlock()
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.mapAt(off)
+}
+
+// missingL2 returns the offset of the L2 table of L1 entry l1i if it is to
+// be read into the cache, or else 0.
+//
+// Preconditions: d.mu is held.
+func (d *Disk) missingL2(l1i int64) int64 {
+	if l1i >= int64(len(d.l1)) {
+		return 0
+	}
+	off := int64(d.l1[l1i] & offsetMask)
+	if off == 0 || off%d.cs != 0 || d.meta.has(off) {
+		return 0
+	}
+	return off
 }
 
 // ReadAt reads the guest bytes at off. Host ranges that follow each other

@@ -315,7 +315,7 @@ func (d *Disk) lockWithL2(ci int64) error {
 		l1i := ci / d.l2n
 		l2off := int64(d.l1[l1i] & offsetMask)
 		var missing []int64
-		if l2off != 0 && l2off%d.cs == 0 && !d.meta.has(l2off) {
+		if d.missingL2(l1i) != 0 {
 			missing = append(missing, l2off)
 		} else if d.mayAllocate(ci) {
 			// An allocation takes at most a data cluster, an L2 table and
