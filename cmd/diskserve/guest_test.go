@@ -61,6 +61,13 @@ func guestDir(t *testing.T) string {
 // initramfs packs busybox, the modules and guestInit into a gzipped cpio
 // archive.
 func initramfs(t *testing.T, kernelDir string) string {
+	return initramfsWith(t, kernelDir, guestInit)
+}
+
+// initramfsWith packs busybox, the modules, init as /init and the host's
+// programs progs (with the shared libraries they need) into a gzipped
+// cpio archive.
+func initramfsWith(t *testing.T, kernelDir, init string, progs ...string) string {
 	t.Helper()
 	root := filepath.Join(t.TempDir(), "root")
 	for _, d := range []string{"bin", "proc", "sys", "dev", "modules"} {
@@ -69,8 +76,13 @@ func initramfs(t *testing.T, kernelDir string) string {
 	testtool.Need(t, "busybox")
 	testtool.Run(t, "cp", "/bin/busybox", filepath.Join(root, "bin", "busybox"))
 	testtool.Run(t, "sh", "-c", `cp "$0"/modules/*.ko "$1"/modules/`, kernelDir, root)
-	if err := os.WriteFile(filepath.Join(root, "init"), []byte(guestInit), 0o755); err != nil {
+	if err := os.WriteFile(filepath.Join(root, "init"), []byte(init), 0o755); err != nil {
 		t.Fatal(err)
+	}
+	for _, p := range progs {
+		path := testtool.Need(t, p)
+		// The program and every library ldd names, at their own paths.
+		testtool.Run(t, "sh", "-c", `for f in "$0" $(ldd "$0" | grep -o '/[^ ]*'); do mkdir -p "$1/$(dirname "$f")" && cp -L "$f" "$1/$f"; done`, path, root)
 	}
 	out := filepath.Join(t.TempDir(), "initrd.gz")
 	testtool.Need(t, "cpio")

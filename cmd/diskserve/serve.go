@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -43,6 +44,9 @@ type serveFlags struct {
 	overlayDir  string
 	bitmaps     []string
 	depth       bool
+	vhostUser   string
+	queues      int
+	serial      string
 
 	metrics *control.Metrics // with --control
 	lives   []control.Export // with --control
@@ -66,7 +70,17 @@ nbd+unix:///NAME?socket=PATH), nbdinfo, nbdcopy, nbdfuse, fio, nbd-client.
 
 Listeners: --listen HOST:PORT (TCP) or --listen unix:PATH, as often as
 needed; the default is 127.0.0.1:10809. Under systemd socket activation
-(LISTEN_FDS) the passed sockets are used instead.`,
+(LISTEN_FDS) the passed sockets are used instead.
+
+With --vhost-user-blk PATH the image is also a vhost-user-blk device: a
+VMM attaches it from the socket PATH, one at a time, and a VMM that
+reconnects (qemu's -chardev socket,reconnect=1) finds the device where it
+left it, requests in flight included. NBD is then served only on the
+--listen addresses given. For qemu:
+
+  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
+  -chardev socket,id=c0,path=PATH,reconnect=1
+  -device vhost-user-blk-pci,chardev=c0,num-queues=N`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return runServe(&f, args) },
 	}
@@ -83,6 +97,9 @@ needed; the default is 127.0.0.1:10809. Under systemd socket activation
 	fl.StringVar(&f.control, "control", "", "serve the control API (exports, live overlays, /metrics) on unix:PATH")
 	fl.StringArrayVarP(&f.bitmaps, "bitmap", "B", nil, "offer the image's dirty bitmap NAME as the NBD metadata context qemu:dirty-bitmap:NAME, for incremental backup (repeatable; as qemu-nbd -B; every export must have it)")
 	fl.BoolVarP(&f.depth, "allocation-depth", "A", false, "offer the NBD metadata context qemu:allocation-depth: which layer of the backing chain holds each range (as qemu-nbd -A)")
+	fl.StringVar(&f.vhostUser, "vhost-user-blk", "", "also serve the image as a vhost-user-blk device on the Unix socket PATH (one VMM at a time)")
+	fl.IntVar(&f.queues, "queues", min(runtime.NumCPU(), 16), "with --vhost-user-blk: the most queues a VMM may use")
+	fl.StringVar(&f.serial, "serial", "", "with --vhost-user-blk: the disk's serial number (at most 20 bytes), which the guest reads")
 	fl.StringVar(&f.overlayDir, "overlay", "", "serve each image writable through a qcow2 overlay in DIR (NAME-overlay.qcow2, made on first use and kept), leaving the image itself unchanged: for remote golden images")
 	return cmd
 }
@@ -128,10 +145,21 @@ func runServe(f *serveFlags, args []string) error {
 	if err != nil {
 		return err
 	}
+	errc := make(chan error, len(listeners)+1)
+	if f.vhostUser != "" {
+		vs, err := f.serveVhostUser(exports, log, errc)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			vs.Shutdown(ctx)
+		}()
+	}
 	for _, e := range exports {
 		log.Info("export", "name", e.Name, "size", e.Disk.Size(), "read-only", e.Disk.ReadOnly(), "engine", engineName(e.Disk))
 	}
-	errc := make(chan error, len(listeners))
 	for _, l := range listeners {
 		log.Info("listening", "addr", l.Addr().Network()+":"+l.Addr().String())
 		go func() { errc <- srv.Serve(l) }()
@@ -308,7 +336,7 @@ func (f *serveFlags) listeners() ([]net.Listener, error) {
 		return ls, err
 	}
 	addrs := f.listen
-	if len(addrs) == 0 {
+	if len(addrs) == 0 && f.vhostUser == "" {
 		addrs = []string{"127.0.0.1:10809"}
 	}
 	var ls []net.Listener

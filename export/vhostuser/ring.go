@@ -1,0 +1,200 @@
+package vhostuser
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// swapMemory changes the memory table with change, with every running
+// queue stopped around it (their requests in flight complete first, so
+// that no I/O touches memory being unmapped), then started again.
+func (ss *session) swapMemory(change func() error) error {
+	var stopped []int
+	for i, v := range ss.vrings {
+		if v.q != nil {
+			ss.stop(v)
+			stopped = append(stopped, i)
+		}
+	}
+	err := change()
+	for _, i := range stopped {
+		if serr := ss.start(i); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	return err
+}
+
+// start starts ring i once it has everything it needs (size, addresses,
+// kick, enabled), unless it runs already.
+func (ss *session) start(i int) error {
+	v := ss.vrings[i]
+	if v.q != nil || v.kick < 0 || !v.enabled || !v.addrSet || v.num == 0 {
+		return nil
+	}
+	q := &Queue{
+		Index:     i,
+		mem:       ss.mem,
+		size:      v.num,
+		eventIdx:  ss.features&FeatureEventIdx != 0,
+		indirect:  ss.features&FeatureIndirectDesc != 0,
+		lastAvail: v.base,
+		call:      v.call,
+	}
+	descN, availN, usedN := ringBytes(v.num)
+	var err error
+	if q.desc, err = ss.mem.user(v.desc, descN); err != nil {
+		return fmt.Errorf("ring %d: descriptor table: %w", i, err)
+	}
+	if q.avail, err = ss.mem.user(v.avail, availN); err != nil {
+		return fmt.Errorf("ring %d: avail ring: %w", i, err)
+	}
+	if q.used, err = ss.mem.user(v.used, usedN); err != nil {
+		return fmt.Errorf("ring %d: used ring: %w", i, err)
+	}
+	if v.avail%2 != 0 || v.used%4 != 0 || v.desc%16 != 0 {
+		return fmt.Errorf("ring %d: misaligned (descriptors at %#x, avail at %#x, used at %#x)", i, v.desc, v.avail, v.used)
+	}
+	q.usedIdx = load16(q.used, 2)
+	q.signalled = q.usedIdx
+	var resubmit []uint16
+	if ss.inflight != nil {
+		if q.inflight, err = ss.inflight.queue(i, v.num); err != nil {
+			return err
+		}
+		resubmit = q.inflight.recover(q.usedIdx)
+		q.lastAvail = q.usedIdx + uint16(len(resubmit))
+		if len(resubmit) > 0 {
+			ss.log.Info("vhost-user: finishing requests a previous back-end left in flight", "queue", i, "requests", len(resubmit))
+		}
+	}
+	kick, err := unix.Dup(v.kick)
+	if err != nil {
+		return fmt.Errorf("ring %d: %w", i, err)
+	}
+	if err := unix.SetNonblock(kick, true); err != nil {
+		unix.Close(kick)
+		return fmt.Errorf("ring %d: %w", i, err)
+	}
+	v.kickFile = os.NewFile(uintptr(kick), fmt.Sprintf("kick-%d", i))
+	v.q = q
+	v.running = make(chan struct{})
+	go ss.run(q, v.kickFile, v.running, resubmit)
+	return nil
+}
+
+// stop stops ring v's queue, if it runs: its goroutine ends, its requests
+// in flight complete, and the next chain to take becomes its base.
+func (ss *session) stop(v *vring) {
+	if v.q == nil {
+		return
+	}
+	v.kickFile.Close()
+	<-v.running
+	v.q.pending.Wait()
+	v.base = v.q.lastAvail
+	v.q, v.kickFile = nil, nil
+}
+
+// run serves queue q: it takes every chain available and hands it to the
+// device, then waits for a kick. It ends when kick is closed, or when the
+// driver breaks the rules (which ends the session).
+func (ss *session) run(q *Queue, kick *os.File, done chan struct{}, resubmit []uint16) {
+	defer close(done)
+	for _, head := range resubmit {
+		c := &Chain{}
+		if err := q.readChain(c, head); err != nil {
+			ss.fail(err)
+			return
+		}
+		q.pending.Add(1)
+		ss.dev.Handle(q, c)
+	}
+	var buf [8]byte
+	for {
+		for {
+			c := &Chain{}
+			ok, err := q.Pop(c)
+			if err != nil {
+				ss.fail(err)
+				return
+			}
+			if ok {
+				ss.dev.Handle(q, c)
+				continue
+			}
+			if !q.wantKicks() {
+				break
+			}
+		}
+		if _, err := kick.Read(buf[:]); err != nil {
+			return
+		}
+	}
+}
+
+func (ss *session) getConfig(m *message) (*message, error) {
+	if len(m.payload) < 12 {
+		return nil, errShort
+	}
+	off, size := binary.LittleEndian.Uint32(m.payload), binary.LittleEndian.Uint32(m.payload[4:])
+	cfg := ss.dev.Config()
+	if uint64(off)+uint64(size) > uint64(len(cfg)) || size > 256 {
+		// An empty payload says the request failed.
+		return &message{}, fmt.Errorf("config bytes %d+%d of %d", off, size, len(cfg))
+	}
+	p := append([]byte(nil), m.payload[:12]...)
+	return &message{payload: append(p, cfg[off:off+size]...)}, nil
+}
+
+// The inflight description: mmap size, mmap offset, queues, queue size.
+func (ss *session) getInflight(m *message) (*message, error) {
+	if len(m.payload) < 20 {
+		return nil, errShort
+	}
+	queues := binary.LittleEndian.Uint16(m.payload[16:])
+	queueSize := binary.LittleEndian.Uint16(m.payload[18:])
+	if int(queues) > len(ss.vrings) {
+		return nil, fmt.Errorf("inflight region for %d queues; the device has %d", queues, len(ss.vrings))
+	}
+	r, fd, err := newInflightRegion(queues, queueSize)
+	if err != nil {
+		return nil, err
+	}
+	ss.inflight.close()
+	ss.inflight = r
+	p := binary.LittleEndian.AppendUint64(nil, uint64(len(r.data)))
+	p = binary.LittleEndian.AppendUint64(p, 0)
+	p = binary.LittleEndian.AppendUint16(p, queues)
+	p = binary.LittleEndian.AppendUint16(p, queueSize)
+	p = append(p, 0, 0, 0, 0) // the C struct's padding: qemu wants 24 bytes
+	return &message{payload: p, fds: []int{fd}}, nil
+}
+
+func (ss *session) setInflight(m *message) error {
+	if len(m.payload) < 20 {
+		return errShort
+	}
+	fd := m.takeFD()
+	if fd < 0 {
+		return fmt.Errorf("SET_INFLIGHT_FD with %d descriptors, want 1", len(m.fds))
+	}
+	defer unix.Close(fd)
+	size := binary.LittleEndian.Uint64(m.payload)
+	offset := binary.LittleEndian.Uint64(m.payload[8:])
+	queues := binary.LittleEndian.Uint16(m.payload[16:])
+	queueSize := binary.LittleEndian.Uint16(m.payload[18:])
+	if int(queues) > len(ss.vrings) {
+		return fmt.Errorf("inflight region for %d queues; the device has %d", queues, len(ss.vrings))
+	}
+	r, err := mapInflight(fd, size, offset, queues, queueSize)
+	if err != nil {
+		return err
+	}
+	ss.inflight.close()
+	ss.inflight = r
+	return nil
+}
