@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -150,4 +151,97 @@ func field(console, name string) string {
 		return ""
 	}
 	return m[1]
+}
+
+// reconnectGuestInit is /init of the reconnect test's guest: a loop of
+// file writes, each synced and summed, then a check of every file read
+// back from the disk.
+const reconnectGuestInit = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+	insmod /modules/$m.ko
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mkdir -p /mnt
+if mount -t ext4 /dev/vda /mnt; then
+	i=0
+	while [ $i -lt 24 ]; do
+		dd if=/dev/urandom of=/mnt/f$i bs=64k count=16 2>/dev/null && sync && sha256sum /mnt/f$i >> /sums || echo GUEST-FAILED
+		echo "GUEST-WROTE $i"
+		i=$((i+1))
+	done
+	echo 3 > /proc/sys/vm/drop_caches
+	sha256sum -c /sums >/dev/null && echo GUEST-VERIFIED
+	umount /mnt && echo GUEST-DONE
+fi
+poweroff -f
+`
+
+// TestVhostUserBlkReconnect runs a guest that writes and syncs files in a
+// loop while diskserve is killed (SIGKILL) and, later, stopped (SIGTERM)
+// and started again on the same socket each time: qemu reconnects, the
+// requests in flight are finished from the inflight region, the loop sees
+// no error, and every file reads back as written.
+func TestVhostUserBlkReconnect(t *testing.T) {
+	kernelDir := guestDir(t)
+	qemu := testtool.Need(t, "qemu-system-x86_64")
+	initrd := initramfsWith(t, kernelDir, reconnectGuestInit)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.qcow2")
+	raw := filepath.Join(dir, "disk.raw")
+	testtool.Run(t, "mkfs.ext4", "-q", "-F", raw, "64M")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
+	sock := filepath.Join(dir, "vhost.sock")
+	serve := func() *server {
+		return startDaemon(t, exec.Command(diskserveBin, "serve", "--vhost-user-blk", sock, "--queues", "2", img), "msg=vhost-user-blk")
+	}
+	srv := serve()
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	guest := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "256", "-smp", "2", "-nographic", "-no-reboot",
+		"-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
+		"-chardev", "socket,id=c0,path="+sock+",reconnect=1",
+		"-device", "vhost-user-blk-pci,chardev=c0,num-queues=2",
+		"-kernel", filepath.Join(kernelDir, "vmlinuz"), "-initrd", initrd,
+		"-append", "console=ttyS0 quiet panic=-1")
+	out, err := guest.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest.Stderr = guest.Stdout
+	if err := guest.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var console strings.Builder
+	var logs []string
+	restarts := map[string]os.Signal{"GUEST-WROTE 4": syscall.SIGKILL, "GUEST-WROTE 12": syscall.SIGTERM}
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		line := sc.Text()
+		console.WriteString(line + "\n")
+		for mark, sig := range restarts {
+			if strings.Contains(line, mark) {
+				srv.cmd.Process.Signal(sig)
+				<-srv.done
+				srv.done <- nil
+				logs = append(logs, srv.stderr.String())
+				srv = serve()
+			}
+		}
+	}
+	err = guest.Wait()
+	c := console.String()
+	if err != nil || !strings.Contains(c, "GUEST-VERIFIED") || !strings.Contains(c, "GUEST-DONE") || strings.Contains(c, "GUEST-FAILED") || strings.Contains(c, "I/O error") {
+		t.Fatalf("guest: %v\nconsole:\n%s\nserver logs:\n%s\n%s", err, c, strings.Join(logs, "\n"), srv.stderr)
+	}
+	if code := srv.stop(t, syscall.SIGTERM); code != 0 {
+		t.Fatalf("diskserve exit status %d:\n%s", code, srv.stderr)
+	}
+	testtool.Run(t, "qemu-img", "check", img)
+	testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, raw)
+	testtool.Run(t, "e2fsck", "-fn", raw)
 }

@@ -151,6 +151,7 @@ type vring struct {
 }
 
 func (s *Server) serveConn(c *net.UnixConn) error {
+	defer c.Close()
 	ss := &session{dev: s.dev, log: s.log, conn: c, mem: &Memory{}}
 	for range s.dev.Queues() {
 		ss.vrings = append(ss.vrings, &vring{kick: -1, call: -1, errFD: -1})
