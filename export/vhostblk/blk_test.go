@@ -433,3 +433,86 @@ func TestStopWithRequestsInFlight(t *testing.T) {
 		t.Fatalf("the read in flight did not complete into the used ring (%d used, status %d)", len(u), c.Mem[c.buf+64])
 	}
 }
+
+// stuckDisk holds every write at offset 0 until released, then fails
+// it: a back-end that dies with that write in flight.
+type stuckDisk struct {
+	diskserve.Passthrough
+	started chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (s *stuckDisk) WriteAt(p []byte, off int64) (int, error) {
+	if off != 0 {
+		return s.D.WriteAt(p, off)
+	}
+	s.once.Do(func() { close(s.started) })
+	<-s.release
+	return 0, io.ErrClosedPipe
+}
+
+// TestInflightFinishedByNextBackend takes two writes into a back-end
+// whose disk finishes the second and never the first (as if it were
+// killed with the first in flight), then connects the same memory and
+// inflight region to a new back-end, as a VMM does when its back-end
+// restarts: the new back-end finishes the first write, does not repeat
+// the second (the used ring holds each once), and serves the chains made
+// available after.
+func TestInflightFinishedByNextBackend(t *testing.T) {
+	disk := newLockedDisk(make([]byte, 1<<20))
+	stuck := &stuckDisk{Passthrough: diskserve.Passthrough{D: disk}, started: make(chan struct{}), release: make(chan struct{})}
+	first := backend(t, stuck, vhostblk.Options{})
+	c := connect(t, first, true)
+	t.Cleanup(func() { close(stuck.release) })
+	heads := map[uint16]int{}
+	write := func(slot uint64, sector uint64, seed byte) {
+		hdr, data := c.buf+slot*8192, c.buf+slot*8192+4096
+		c.header(hdr, typeOut, sector)
+		copy(c.Mem[data:], pattern(2048, seed))
+		c.Mem[hdr+64] = 0xff
+		h, err := c.q.Add(vhostfront.Seg{Addr: hdr, Len: 16}, vhostfront.Seg{Addr: data, Len: 2048}, vhostfront.Seg{Addr: hdr + 64, Len: 1, Write: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		heads[h] = int(slot)
+	}
+	reap := func(used []vhostfront.Used, n int) []vhostfront.Used {
+		for deadline := time.Now().Add(10 * time.Second); len(used) < n && time.Now().Before(deadline); c.q.WaitCall(100 * time.Millisecond) {
+			used = c.q.Reap(used)
+		}
+		return used
+	}
+	write(0, 0, 1)
+	write(1, 8, 2)
+	c.q.KickNow()
+	<-stuck.started
+	used := reap(nil, 1)
+	if len(used) != 1 || heads[used[0].Head] != 1 {
+		t.Fatalf("the first back-end returned %v, want the second write only", used)
+	}
+
+	second := backend(t, disk, vhostblk.Options{})
+	if err := c.Reconnect(second, []*vhostfront.Queue{c.q}); err != nil {
+		t.Fatal(err)
+	}
+	used = reap(used, 2)
+	time.Sleep(50 * time.Millisecond) // a repeat of the second write would show now
+	used = c.q.Reap(used)
+	if len(used) != 2 || heads[used[1].Head] != 0 {
+		t.Fatalf("after the restart the used ring holds %v, want the second write, then the first", used)
+	}
+	for slot, seed := range []byte{1, 2} {
+		if st := c.Mem[c.buf+uint64(slot)*8192+64]; st != statusOK {
+			t.Errorf("write %d: status %d", slot, st)
+		}
+		if !bytes.Equal(disk.bytes(slot*4096, 2048), pattern(2048, seed)) {
+			t.Errorf("write %d is not on the disk", slot)
+		}
+	}
+	write(2, 16, 3)
+	c.q.KickNow()
+	if used = reap(used, 3); len(used) != 3 || !bytes.Equal(disk.bytes(16*512, 2048), pattern(2048, 3)) {
+		t.Fatal("a write after the reconnection was not served")
+	}
+}

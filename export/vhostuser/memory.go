@@ -41,6 +41,15 @@ func mapRegion(fd int, guest, size, user, offset uint64) (*region, error) {
 	case offset+size > math.MaxInt:
 		return nil, fmt.Errorf("memory region at guest address %#x: %d bytes at offset %d are too many", guest, size, offset)
 	}
+	// A mapping past the end of its file faults when touched (SIGBUS),
+	// which would bring the whole process down.
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("memory region at guest address %#x: %w", guest, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && offset+size > uint64(st.Size) {
+		return nil, fmt.Errorf("memory region at guest address %#x: %d bytes at offset %d of a file of %d", guest, size, offset, st.Size)
+	}
 	// mmap needs a page-aligned offset, which the region's need not be.
 	skip := offset % uint64(unix.Getpagesize())
 	mapped, err := unix.Mmap(fd, int64(offset-skip), int(skip+size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)

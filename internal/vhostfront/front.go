@@ -68,6 +68,11 @@ type Frontend struct {
 	// Mem is guest memory: guest physical address 0 is Mem[0].
 	Mem []byte
 	top uint64 // the next free byte of Mem for Alloc
+
+	inflightFD   int    // from GET_INFLIGHT_FD, kept for a reconnection
+	inflightDesc []byte // its description
+	features     uint64
+	protocol     uint64
 }
 
 // Dial connects to the back-end at path with memBytes of guest memory.
@@ -92,7 +97,7 @@ func Dial(path string, memBytes int) (*Frontend, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	return &Frontend{conn: c, memfd: fd, Mem: mem, top: 4096}, nil
+	return &Frontend{conn: c, memfd: fd, Mem: mem, top: 4096, inflightFD: -1}, nil
 }
 
 // Close disconnects and frees the memory.
@@ -100,6 +105,9 @@ func (f *Frontend) Close() error {
 	err := f.conn.Close()
 	unix.Munmap(f.Mem)
 	unix.Close(f.memfd)
+	if f.inflightFD >= 0 {
+		unix.Close(f.inflightFD)
+	}
 	return err
 }
 
@@ -275,16 +283,8 @@ func (f *Frontend) Setup(queues int, size uint16, eventIdx, inflight bool) (int,
 	if !inflight {
 		proto &^= ProtocolInflight
 	}
-	if err := f.Send(ReqSetProtocolFeatures, false, U64(proto)); err != nil {
-		return -1, nil, err
-	}
-	if err := f.Ack(ReqSetOwner, nil); err != nil {
-		return -1, nil, err
-	}
-	if err := f.Ack(ReqSetFeatures, U64(features)); err != nil {
-		return -1, nil, err
-	}
-	if err := f.Ack(ReqSetMemTable, f.MemTable(), f.memfd); err != nil {
+	f.features, f.protocol = features, proto
+	if err := f.negotiate(); err != nil {
 		return -1, nil, err
 	}
 	infl := -1
@@ -305,6 +305,7 @@ func (f *Frontend) Setup(queues int, size uint16, eventIdx, inflight bool) (int,
 			return -1, nil, fmt.Errorf("GET_INFLIGHT_FD: %d descriptors, %d bytes", len(fds), len(reply))
 		}
 		infl = fds[0]
+		f.inflightFD, f.inflightDesc = infl, reply
 		if err := f.Ack(ReqSetInflightFD, reply, infl); err != nil {
 			return -1, nil, err
 		}
@@ -318,6 +319,51 @@ func (f *Frontend) Setup(queues int, size uint16, eventIdx, inflight bool) (int,
 		qs = append(qs, q)
 	}
 	return infl, qs, nil
+}
+
+// negotiate sets the protocol features, the owner, the features and the
+// memory table.
+func (f *Frontend) negotiate() error {
+	if err := f.Send(ReqSetProtocolFeatures, false, U64(f.protocol)); err != nil {
+		return err
+	}
+	if err := f.Ack(ReqSetOwner, nil); err != nil {
+		return err
+	}
+	if err := f.Ack(ReqSetFeatures, U64(f.features)); err != nil {
+		return err
+	}
+	return f.Ack(ReqSetMemTable, f.MemTable(), f.memfd)
+}
+
+// Reconnect connects to a back-end at path as a VMM does after its
+// back-end restarted: the same memory, the inflight region of the first
+// session, and the rings of qs where they are, each started at the used
+// index (the last the front-end knows).
+func (f *Frontend) Reconnect(path string, qs []*Queue) error {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return err
+	}
+	f.conn.Close()
+	f.conn = c
+	if err := f.negotiate(); err != nil {
+		return err
+	}
+	if f.inflightFD >= 0 {
+		if err := f.Ack(ReqSetInflightFD, f.inflightDesc, f.inflightFD); err != nil {
+			return err
+		}
+	}
+	for _, q := range qs {
+		q.mu.Lock()
+		base := loadIdx(f.Mem[q.Used+2:])
+		q.mu.Unlock()
+		if err := q.start(base); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // StartQueue lays ring i out in guest memory and starts it at base.
@@ -339,6 +385,12 @@ func (f *Frontend) StartQueue(i int, size uint16, base uint16) (*Queue, error) {
 	if q.Call, err = unix.Eventfd(0, unix.EFD_CLOEXEC); err != nil {
 		return nil, err
 	}
+	return q, q.start(base)
+}
+
+// start sends the ring's setup, starting it at base.
+func (q *Queue) start(base uint16) error {
+	f, i, size := q.f, q.Index, q.Size
 	addr := binary.LittleEndian.AppendUint32(nil, uint32(i))
 	addr = binary.LittleEndian.AppendUint32(addr, 0)
 	addr = binary.LittleEndian.AppendUint64(addr, UserBase+q.Desc)
@@ -364,10 +416,10 @@ func (f *Frontend) StartQueue(i int, size uint16, base uint16) (*Queue, error) {
 			err = f.Ack(step.req, step.payload)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("queue %d: %w", i, err)
+			return fmt.Errorf("queue %d: %w", i, err)
 		}
 	}
-	return q, nil
+	return nil
 }
 
 // A Seg is one buffer of a chain: a guest address, a length, and whether
