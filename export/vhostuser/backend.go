@@ -146,7 +146,7 @@ type vring struct {
 	kick, call, errFD int
 	enabled           bool
 	q                 *Queue
-	kickFile          *os.File
+	kicks             *kickWaiter
 	running           chan struct{} // closed when the queue's goroutine ends
 }
 

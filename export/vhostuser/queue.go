@@ -73,6 +73,14 @@ func word(b []byte, off int) (*uint32, uint) {
 	return (*uint32)(unsafe.Add(p, -lead)), uint(lead) * 8
 }
 
+// fenceWord is what fence operates on.
+var fenceWord atomic.Uint32
+
+// fence orders every memory access before it before every access after
+// it (a locked instruction on amd64, a load-acquire store-release pair on
+// arm64).
+func fence() { fenceWord.Add(0) }
+
 // load16 reads the little-endian 16-bit value at b[off] atomically, with
 // acquire order.
 func load16(b []byte, off int) uint16 {
@@ -83,12 +91,14 @@ func load16(b []byte, off int) uint16 {
 	return uint16(atomic.LoadUint32(w) >> shift)
 }
 
-// store16 writes v at b[off] atomically, with release order, leaving the
-// other half of the aligned word that holds it as it is.
+// store16 writes v at b[off] atomically, leaving the other half of the
+// aligned word that holds it as it is, and then fences: a load after it
+// (the driver's index or event field) is not ordered before it.
 func store16(b []byte, off int, v uint16) {
 	w, shift := word(b, off)
 	if w == nil {
 		binary.LittleEndian.PutUint16(b[off:], v)
+		fence()
 		return
 	}
 	for {
@@ -219,9 +229,8 @@ func (q *Queue) notifyLocked() {
 	if q.call < 0 {
 		return
 	}
-	// The store of the used index above is a full barrier (a locked
-	// instruction), so the driver's event field read here is no older
-	// than it.
+	// The store of the used index above fences, so the driver's event
+	// field read here is no older than it.
 	if q.eventIdx {
 		event := load16(q.avail, 4+2*int(q.size))
 		old := q.signalled

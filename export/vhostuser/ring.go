@@ -3,7 +3,6 @@ package vhostuser
 import (
 	"encoding/binary"
 	"fmt"
-	"os"
 
 	"golang.org/x/sys/unix"
 )
@@ -71,19 +70,67 @@ func (ss *session) start(i int) error {
 			ss.log.Info("vhost-user: finishing requests a previous back-end left in flight", "queue", i, "requests", len(resubmit))
 		}
 	}
-	kick, err := unix.Dup(v.kick)
+	w, err := newKickWaiter(v.kick)
 	if err != nil {
 		return fmt.Errorf("ring %d: %w", i, err)
 	}
-	if err := unix.SetNonblock(kick, true); err != nil {
-		unix.Close(kick)
-		return fmt.Errorf("ring %d: %w", i, err)
-	}
-	v.kickFile = os.NewFile(uintptr(kick), fmt.Sprintf("kick-%d", i))
+	v.kicks = w
 	v.q = q
 	v.running = make(chan struct{})
-	go ss.run(q, v.kickFile, v.running, resubmit)
+	go ss.run(q, w, v.running, resubmit)
 	return nil
+}
+
+// A kickWaiter waits for a ring's kicks, or for its stop, in poll(2) on
+// the kick eventfd and one of its own, which stop signals: the VMM's
+// descriptor is neither closed nor made non-blocking under it.
+type kickWaiter struct {
+	kick  int // a duplicate of the ring's kick eventfd
+	wake  int // an eventfd of ours that stop signals
+	fds   []unix.PollFd
+	count [8]byte
+}
+
+func newKickWaiter(kick int) (*kickWaiter, error) {
+	k, err := unix.Dup(kick)
+	if err != nil {
+		return nil, err
+	}
+	w, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(k)
+		return nil, err
+	}
+	return &kickWaiter{kick: k, wake: w, fds: []unix.PollFd{{Fd: int32(k), Events: unix.POLLIN}, {Fd: int32(w), Events: unix.POLLIN}}}, nil
+}
+
+// wait waits for a kick and consumes it; it reports false once stop is
+// called.
+func (w *kickWaiter) wait() bool {
+	for {
+		w.fds[0].Revents, w.fds[1].Revents = 0, 0
+		_, err := unix.Poll(w.fds, -1)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil || w.fds[1].Revents != 0:
+			return false
+		case w.fds[0].Revents&unix.POLLIN != 0:
+			unix.Read(w.kick, w.count[:]) // the count: kicks since the last read, one wake
+			return true
+		case w.fds[0].Revents != 0: // the kick eventfd failed
+			return false
+		}
+	}
+}
+
+// stop makes wait return false, now or at its next call.
+func (w *kickWaiter) stop() { signal(w.wake) }
+
+// close releases the descriptors; wait must have returned.
+func (w *kickWaiter) close() {
+	unix.Close(w.kick)
+	unix.Close(w.wake)
 }
 
 // stop stops ring v's queue, if it runs: its goroutine ends, its requests
@@ -92,17 +139,18 @@ func (ss *session) stop(v *vring) {
 	if v.q == nil {
 		return
 	}
-	v.kickFile.Close()
+	v.kicks.stop()
 	<-v.running
+	v.kicks.close()
 	v.q.pending.Wait()
 	v.base = v.q.lastAvail
-	v.q, v.kickFile = nil, nil
+	v.q, v.kicks = nil, nil
 }
 
 // run serves queue q: it takes every chain available and hands it to the
 // device, then waits for a kick. It ends when kick is closed, or when the
 // driver breaks the rules (which ends the session).
-func (ss *session) run(q *Queue, kick *os.File, done chan struct{}, resubmit []uint16) {
+func (ss *session) run(q *Queue, kicks *kickWaiter, done chan struct{}, resubmit []uint16) {
 	defer close(done)
 	for _, head := range resubmit {
 		c := &Chain{}
@@ -113,7 +161,6 @@ func (ss *session) run(q *Queue, kick *os.File, done chan struct{}, resubmit []u
 		q.pending.Add(1)
 		ss.dev.Handle(q, c)
 	}
-	var buf [8]byte
 	for {
 		for {
 			c := &Chain{}
@@ -130,7 +177,7 @@ func (ss *session) run(q *Queue, kick *os.File, done chan struct{}, resubmit []u
 				break
 			}
 		}
-		if _, err := kick.Read(buf[:]); err != nil {
+		if !kicks.wait() {
 			return
 		}
 	}

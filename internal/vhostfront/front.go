@@ -474,6 +474,30 @@ func (q *Queue) Publish(head uint16) {
 	storeIdx(m[q.Avail+2:], q.nextAvail)
 }
 
+// KickIfWanted signals the kick eventfd if the device asked to be told of the
+// entries made available since the index was old (EVENT_IDX), or always
+// without EVENT_IDX. It reports whether it kicked.
+func (q *Queue) KickIfWanted(old uint16, eventIdx bool) bool {
+	m := q.f.Mem
+	if eventIdx {
+		event := loadIdx(m[q.Used+4+8*uint64(q.Size):])
+		if uint16(q.nextAvail-event-1) >= uint16(q.nextAvail-old) {
+			return false
+		}
+	} else if loadIdx(m[q.Used:])&1 != 0 { // VRING_USED_F_NO_NOTIFY
+		return false
+	}
+	q.KickNow()
+	return true
+}
+
+// AvailIdx returns the index of the next entry to make available.
+func (q *Queue) AvailIdx() uint16 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.nextAvail
+}
+
 // KickNow signals the kick eventfd.
 func (q *Queue) KickNow() {
 	var one [8]byte
@@ -493,32 +517,44 @@ func (q *Queue) Reap(dst []Used) []Used {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	m := q.f.Mem
-	idx := loadIdx(m[q.Used+2:])
-	for ; q.lastUsed != idx; q.lastUsed++ {
-		e := m[q.Used+4+8*uint64(q.lastUsed%q.Size):]
-		u := Used{Head: uint16(binary.LittleEndian.Uint32(e)), Len: binary.LittleEndian.Uint32(e[4:])}
-		dst = append(dst, u)
-		for h := u.Head; ; {
-			q.free = append(q.free, h)
-			d := m[q.Desc+16*uint64(h):]
-			if binary.LittleEndian.Uint16(d[12:])&DescNext == 0 {
-				break
+	for {
+		idx := loadIdx(m[q.Used+2:])
+		for ; q.lastUsed != idx; q.lastUsed++ {
+			e := m[q.Used+4+8*uint64(q.lastUsed%q.Size):]
+			u := Used{Head: uint16(binary.LittleEndian.Uint32(e)), Len: binary.LittleEndian.Uint32(e[4:])}
+			dst = append(dst, u)
+			for h := u.Head; ; {
+				q.free = append(q.free, h)
+				d := m[q.Desc+16*uint64(h):]
+				if binary.LittleEndian.Uint16(d[12:])&DescNext == 0 {
+					break
+				}
+				h = binary.LittleEndian.Uint16(d[14:])
 			}
-			h = binary.LittleEndian.Uint16(d[14:])
+		}
+		// Ask to be called at the next completion, then look again: one
+		// that came before the request would not call.
+		storeIdx(m[q.Avail+4+2*uint64(q.Size):], q.lastUsed)
+		if loadIdx(m[q.Used+2:]) == q.lastUsed {
+			return dst
 		}
 	}
-	// Ask to be called at the next completion.
-	storeIdx(m[q.Avail+4+2*uint64(q.Size):], q.lastUsed)
-	return dst
 }
 
 // WaitCall waits up to timeout for the call eventfd, and reports whether
 // it was signalled.
 func (q *Queue) WaitCall(timeout time.Duration) bool {
 	fds := []unix.PollFd{{Fd: int32(q.Call), Events: unix.POLLIN}}
-	n, _ := unix.Poll(fds, int(timeout.Milliseconds()))
-	if n <= 0 {
-		return false
+	end := time.Now().Add(timeout)
+	for {
+		n, err := unix.Poll(fds, int(max(0, time.Until(end).Milliseconds())))
+		if err == unix.EINTR { // the Go runtime's preemption signals
+			continue
+		}
+		if n <= 0 {
+			return false
+		}
+		break
 	}
 	var b [8]byte
 	unix.Read(q.Call, b[:])
