@@ -168,12 +168,13 @@ type request struct {
 	left    atomic.Int32 // engine requests still running
 	failed  atomic.Bool
 	flush   bool // a write that the driver's write-through mode makes durable before completion
+	inline  bool // run on the queue's goroutine (see vhostuser.Chain.Alone)
 	reqs    []async.Request
 }
 
 // Handle starts the request of chain c.
 func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
-	r := &request{d: d, q: q, head: c.Head}
+	r := &request{d: d, q: q, head: c.Head, inline: c.Alone}
 	st, in := lastByte(c.In)
 	if st == nil {
 		// Nowhere to put the status: a broken driver. Return the chain
@@ -280,13 +281,21 @@ func (r *request) zero(typ uint32, out [][]byte) {
 	r.submit(reqs)
 }
 
-// submit starts reqs, finishing r once every one is done.
+// submit starts reqs, finishing r once every one is done: at once on this
+// goroutine for a request alone in its queue, else through the engine's
+// completions.
 func (r *request) submit(reqs []async.Request) {
 	r.reqs = reqs
 	r.left.Store(int32(len(reqs)))
 	for i := range r.reqs {
-		r.reqs[i].Done = r.done
-		r.d.engine.Submit(&r.reqs[i])
+		req := &r.reqs[i]
+		req.Done = r.done
+		if r.inline {
+			r.d.engine.Do(req)
+			r.done(req)
+		} else {
+			r.d.engine.Submit(req)
+		}
 	}
 }
 

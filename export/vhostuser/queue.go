@@ -54,6 +54,10 @@ type Chain struct {
 	Head uint16
 	Out  [][]byte
 	In   [][]byte
+	// Alone says that no other chain was available when this one was
+	// taken: the device may serve it on the queue's goroutine, saving the
+	// hand-offs to and from another one, with nothing waiting behind it.
+	Alone bool
 }
 
 func (c *Chain) reset() {

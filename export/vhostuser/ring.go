@@ -170,6 +170,7 @@ func (ss *session) run(q *Queue, kicks *kickWaiter, done chan struct{}, resubmit
 				return
 			}
 			if ok {
+				c.Alone = q.availIdx() == q.lastAvail
 				ss.dev.Handle(q, c)
 				continue
 			}
