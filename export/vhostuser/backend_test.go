@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -245,4 +246,71 @@ func FuzzChain(f *testing.F) {
 			q.pending.Done()
 		}
 	})
+}
+
+// TestMemorySlots adds guest memory with ADD_MEM_REG (as a VMM that
+// hot-plugs memory does) in two regions, serves a chain whose buffer lies
+// in the second, removes that region with REM_MEM_REG, and finds a chain
+// into it refused.
+func TestMemorySlots(t *testing.T) {
+	path, _ := listen(t)
+	f, err := vhostfront.Dial(path, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Send(reqSetProtocolFeatures, false, vhostfront.U64(protoReplyAck|protoConfigureMemSlot)); err != nil {
+		t.Fatal(err)
+	}
+	p, err := f.Call(reqGetMaxMemSlots, nil)
+	if err != nil || binary.LittleEndian.Uint64(p) < 2 {
+		t.Fatalf("GET_MAX_MEM_SLOTS: %x, %v", p, err)
+	}
+	feats, err := f.Call(reqGetFeatures, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Ack(reqSetFeatures, feats); err != nil {
+		t.Fatal(err)
+	}
+	// The two halves of the front-end's memory, as two regions.
+	reg := func(guest, size uint64) []byte {
+		b := make([]byte, 8)
+		b = binary.LittleEndian.AppendUint64(b, guest)
+		b = binary.LittleEndian.AppendUint64(b, size)
+		b = binary.LittleEndian.AppendUint64(b, vhostfront.UserBase+guest)
+		return binary.LittleEndian.AppendUint64(b, guest)
+	}
+	half := uint64(len(f.Mem) / 2)
+	for _, g := range []uint64{0, half} {
+		if err := f.Ack(reqAddMemReg, reg(g, half), f.MemFD()); err != nil {
+			t.Fatalf("ADD_MEM_REG at %#x: %v", g, err)
+		}
+	}
+	q, err := f.StartQueue(0, 16, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := half + 4096
+	if _, err := q.Add(vhostfront.Seg{Addr: buf, Len: 512}); err != nil {
+		t.Fatal(err)
+	}
+	q.KickNow()
+	var used []vhostfront.Used
+	for deadline := time.Now().Add(5 * time.Second); len(used) == 0 && time.Now().Before(deadline); q.WaitCall(100 * time.Millisecond) {
+		used = q.Reap(used)
+	}
+	if len(used) != 1 {
+		t.Fatal("a chain in the second region was not served")
+	}
+	if err := f.Ack(reqRemMemReg, reg(half, half)); err != nil {
+		t.Fatalf("REM_MEM_REG: %v", err)
+	}
+	if _, err := q.Add(vhostfront.Seg{Addr: buf, Len: 512}); err != nil {
+		t.Fatal(err)
+	}
+	q.KickNow()
+	if _, _, err := f.Reply(0); !errors.Is(err, io.EOF) {
+		t.Fatalf("a chain into removed memory: the session goes on (%v)", err)
+	}
 }
