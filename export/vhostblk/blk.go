@@ -184,6 +184,12 @@ func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
 		return
 	}
 	r.status = st
+	if len(c.Out)+len(c.In) > d.opts.QueueSize {
+		// More buffers than seg_max (the queue size less the header and
+		// the status) allows, counting those the header and status take.
+		r.finish(statusIOErr)
+		return
+	}
 	var hdr [headerLen]byte
 	out := c.Out
 	if n := gather(hdr[:], out); n < headerLen {

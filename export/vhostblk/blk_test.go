@@ -191,7 +191,7 @@ func TestRequests(t *testing.T) {
 	for _, eventIdx := range []bool{true, false} {
 		t.Run(map[bool]string{true: "event-idx", false: "no-event-idx"}[eventIdx], func(t *testing.T) {
 			disk := newLockedDisk(make([]byte, 4<<20))
-			c := connect(t, backend(t, disk, vhostblk.Options{Serial: "ds-serial-1"}), eventIdx)
+			c := connect(t, backend(t, disk, vhostblk.Options{Serial: "ds-serial-1", QueueSize: 32}), eventIdx)
 
 			data := pattern(12288, 1)
 			if st, n, _ := c.request(typeOut, 8, data, 0, 4096); st != statusOK || n != 1 {
@@ -243,6 +243,7 @@ func TestRequests(t *testing.T) {
 				{"write past the end", typeOut, 4 << 20 / 512, pattern(512, 3), 0, statusIOErr, 512},
 				{"read of a partial sector", typeIn, 0, nil, 100, statusIOErr, 100},
 				{"an unknown type", 99, 0, nil, 512, statusUnsupp, 512},
+				{"more buffers than seg_max", typeIn, 0, nil, 40 * 512, statusIOErr, 512},
 				{"write zeroes with unknown flags", typeWriteZeroes, 0, append(binary.LittleEndian.AppendUint64(nil, 0), 8, 0, 0, 0, 4, 0, 0, 0), 0, statusUnsupp, 16},
 			} {
 				if st, _, _ := c.request(tc.typ, tc.sec, tc.data, tc.n, tc.piece); st != tc.want {
