@@ -8,7 +8,14 @@
 // /proc/PID/stat), since under a guest the guest's CPU, not the
 // back-end's, would set the pace.
 //
-//	go run ./bench/vhostbench [-runtime 5s] [-rounds 3]
+// With -guest it boots a Linux guest under qemu (TCG: this machine has no
+// KVM) instead, with the kernel testdata/guest/fetch-kernel.sh fetches,
+// and runs O_DIRECT jobs inside it (guestio, a small static program) on
+// its virtio disk: diskserve's vhost-user-blk device, the same image over
+// diskserve's NBD server through qemu's NBD client, and
+// qemu-storage-daemon's vhost-user-blk export.
+//
+//	go run ./bench/vhostbench [-runtime 5s] [-rounds 3] [-guest]
 package main
 
 import (
@@ -52,12 +59,17 @@ const size = 1 << 30
 func main() {
 	runtime := flag.Duration("runtime", 5*time.Second, "time per job")
 	rounds := flag.Int("rounds", 3, "rounds; figures are medians")
+	inGuest := flag.Bool("guest", false, "measure inside a TCG guest")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, bin := fio.Setup("vhostbench")
 	defer os.RemoveAll(dir)
 	img := filepath.Join(dir, "disk.raw")
 	fio.WriteRandom(img, size, [][2]int64{{0, size}})
+	if *inGuest {
+		guest(dir, bin, img, *runtime, *rounds)
+		return
+	}
 	sock := filepath.Join(dir, "vhost.sock")
 	servers := []struct {
 		name string

@@ -43,6 +43,7 @@ type Queue struct {
 	mu        sync.Mutex // the used ring and the call descriptor
 	usedIdx   uint16
 	signalled uint16 // usedIdx at the last call
+	draining  bool   // the queue's goroutine is taking chains: calls wait for its end (see drain)
 	call      int    // eventfd to signal, or -1
 	inflight  *inflightQueue
 	pending   sync.WaitGroup // chains popped and not yet completed
@@ -220,9 +221,24 @@ func (q *Queue) Complete(head uint16, written uint32) {
 	if q.inflight != nil {
 		q.inflight.end(head, q.usedIdx)
 	}
-	q.notifyLocked()
+	if !q.draining {
+		q.notifyLocked()
+	}
 	q.mu.Unlock()
 	q.pending.Done()
+}
+
+// drain marks the start (true) or the end (false) of a pass of the
+// queue's goroutine over the chains available: completions during it
+// signal the driver once, at its end, where each would interrupt the
+// guest.
+func (q *Queue) drain(on bool) {
+	q.mu.Lock()
+	q.draining = on
+	if !on {
+		q.notifyLocked()
+	}
+	q.mu.Unlock()
 }
 
 // notifyLocked signals the call eventfd if the driver wants to know of

@@ -162,10 +162,12 @@ func (ss *session) run(q *Queue, kicks *kickWaiter, done chan struct{}, resubmit
 		ss.dev.Handle(q, c)
 	}
 	for {
+		q.drain(true)
 		for {
 			c := &Chain{}
 			ok, err := q.Pop(c)
 			if err != nil {
+				q.drain(false)
 				ss.fail(err)
 				return
 			}
@@ -178,6 +180,7 @@ func (ss *session) run(q *Queue, kicks *kickWaiter, done chan struct{}, resubmit
 				break
 			}
 		}
+		q.drain(false)
 		if !kicks.wait() {
 			return
 		}
