@@ -50,7 +50,8 @@ poweroff -f
 `
 
 // TestVhostUserBlkGuest boots a Linux guest under qemu (TCG) whose disk is
-// diskserve's vhost-user-blk device, with two queues, raw and qcow2. The
+// diskserve's vhost-user-blk device, with two queues, raw and qcow2, the
+// image also served over NBD. The
 // guest reads what the host wrote, writes files, trims, zeroes a range
 // with WRITE_ZEROES and powers off; afterwards e2fsck finds the file
 // system clean, qemu-img check the qcow2 image, the guest's bytes are in
@@ -82,9 +83,14 @@ func TestVhostUserBlkGuest(t *testing.T) {
 				testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, img+".qcow2")
 				img += ".qcow2"
 			}
-			sock := filepath.Join(dir, "vhost.sock")
-			srv := startDaemon(t, exec.Command(diskserveBin, "serve", "-f", format, "--vhost-user-blk", sock, "--queues", "2", img), "msg=vhost-user-blk")
+			sock, nbdSock := filepath.Join(dir, "vhost.sock"), filepath.Join(dir, "nbd.sock")
+			srv := startDaemon(t, exec.Command(diskserveBin, "serve", "-f", format, "--vhost-user-blk", sock, "--queues", "2", "--listen", "unix:"+nbdSock, img), "msg=listening")
 			console := bootVhostGuest(t, qemu, kernelDir, initrd, sock, "")
+			// The same image over NBD at the same time, as a backup tool
+			// reads it.
+			if got := strings.TrimSpace(string(testtool.Run(t, "nbdinfo", "--size", "nbd+unix:///?socket="+nbdSock))); got != "100663296" {
+				t.Errorf("nbdinfo --size over the NBD listener: %s", got)
+			}
 			for _, want := range []string{"GUEST-QUEUES: 2", "GUEST-WCE: write back", "GUEST-READ: hello from the host", "GUEST-TRIMMED", "GUEST-DONE"} {
 				if !strings.Contains(console, want) {
 					t.Fatalf("the console lacks %q:\n%s\nserver log:\n%s", want, console, srv.stderr)
