@@ -15,10 +15,9 @@ import (
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
-// guestInit is /init of the test guest: it loads the virtio modules,
-// mounts the NBD-backed disk, reads the host's file, writes its own and
-// powers off.
-const guestInit = `#!/bin/busybox sh
+// guestPrelude starts every test guest's /init: busybox's applets, the
+// kernel's file systems, the virtio modules, and a wait for /dev/vda.
+const guestPrelude = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -28,7 +27,11 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-mkdir -p /mnt
+`
+
+// guestInit is /init of the test guest: it mounts the NBD-backed disk,
+// reads the host's file, writes its own and powers off.
+const guestInit = guestPrelude + `mkdir -p /mnt
 if mount -t ext4 /dev/vda /mnt; then
 	echo "GUEST-READ: $(cat /mnt/hello.txt)"
 	echo "written by the guest" > /mnt/guest.txt

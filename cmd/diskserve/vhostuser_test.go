@@ -22,17 +22,7 @@ import (
 // host's file, writes its own (printing their sums), trims the file
 // system, zeroes the scratch range behind it with BLKZEROOUT (util-linux
 // blkdiscard -z, which the kernel sends as WRITE_ZEROES) and powers off.
-const vhostGuestInit = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-	insmod /modules/$m.ko
-done
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-echo "GUEST-QUEUES: $(ls /sys/block/vda/mq | wc -l)"
+const vhostGuestInit = guestPrelude + `echo "GUEST-QUEUES: $(ls /sys/block/vda/mq | wc -l)"
 echo "GUEST-WCE: $(cat /sys/block/vda/queue/write_cache)"
 mkdir -p /mnt
 if mount -t ext4 /dev/vda /mnt; then
@@ -162,17 +152,7 @@ func field(console, name string) string {
 // reconnectGuestInit is /init of the reconnect test's guest: a loop of
 // file writes, each synced and summed, then a check of every file read
 // back from the disk.
-const reconnectGuestInit = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-	insmod /modules/$m.ko
-done
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-mkdir -p /mnt
+const reconnectGuestInit = guestPrelude + `mkdir -p /mnt
 if mount -t ext4 /dev/vda /mnt; then
 	i=0
 	while [ $i -lt 24 ]; do

@@ -103,17 +103,25 @@ func (m *Memory) remove(guest, size, user uint64) error {
 
 // Guest returns the n bytes of guest memory at guest physical address
 // addr, which must lie in one region.
-func (m *Memory) Guest(addr, n uint64) ([]byte, error) {
+func (m *Memory) Guest(addr, n uint64) ([]byte, error) { return m.slice("guest", addr, n) }
+
+// slice returns the n bytes at addr, a guest or a user address, which
+// must lie in one region.
+func (m *Memory) slice(kind string, addr, n uint64) ([]byte, error) {
 	for _, r := range m.regions {
-		if addr >= r.guest && addr-r.guest < r.size {
-			off := addr - r.guest
+		base := r.guest
+		if kind == "user" {
+			base = r.user
+		}
+		if addr >= base && addr-base < r.size {
+			off := addr - base
 			if n > r.size-off {
-				return nil, fmt.Errorf("guest range %#x+%d crosses the end of its memory region", addr, n)
+				return nil, fmt.Errorf("%s range %#x+%d crosses the end of its memory region", kind, addr, n)
 			}
 			return r.data[off : off+n : off+n], nil
 		}
 	}
-	return nil, fmt.Errorf("guest address %#x is in no memory region", addr)
+	return nil, fmt.Errorf("%s address %#x is in no memory region", kind, addr)
 }
 
 // AppendGuest appends to dst the slices of guest memory that hold the n
@@ -144,15 +152,4 @@ func (m *Memory) find(addr uint64) *region {
 
 // user returns the n bytes at the front-end's user address addr, which
 // must lie in one region: the addresses of SET_VRING_ADDR.
-func (m *Memory) user(addr, n uint64) ([]byte, error) {
-	for _, r := range m.regions {
-		if addr >= r.user && addr-r.user < r.size {
-			off := addr - r.user
-			if n > r.size-off {
-				return nil, fmt.Errorf("user range %#x+%d crosses the end of its memory region", addr, n)
-			}
-			return r.data[off : off+n : off+n], nil
-		}
-	}
-	return nil, fmt.Errorf("user address %#x is in no memory region", addr)
-}
+func (m *Memory) user(addr, n uint64) ([]byte, error) { return m.slice("user", addr, n) }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 
 	"golang.org/x/sys/unix"
@@ -165,7 +166,7 @@ func readMessage(c *net.UnixConn, buf []byte) (*message, error) {
 		return nil, ferr
 	}
 	if n < headerLen {
-		if _, err := readFull(c, buf[n:headerLen]); err != nil {
+		if _, err := io.ReadFull(c, buf[n:headerLen]); err != nil {
 			m.closeFDs()
 			return nil, err
 		}
@@ -182,23 +183,11 @@ func readMessage(c *net.UnixConn, buf []byte) (*message, error) {
 		return nil, fmt.Errorf("%s: payload of %d bytes, more than %d", requestName(m.request), size, maxPayload)
 	}
 	m.payload = make([]byte, size)
-	if _, err := readFull(c, m.payload); err != nil {
+	if _, err := io.ReadFull(c, m.payload); err != nil {
 		m.closeFDs()
 		return nil, err
 	}
 	return m, nil
-}
-
-func readFull(c *net.UnixConn, p []byte) (int, error) {
-	done := 0
-	for done < len(p) {
-		n, err := c.Read(p[done:])
-		done += n
-		if err != nil {
-			return done, err
-		}
-	}
-	return done, nil
 }
 
 // parseFDs returns the descriptors passed in oob.

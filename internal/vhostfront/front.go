@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -174,7 +175,7 @@ func (f *Frontend) Reply(req uint32) ([]byte, []int, error) {
 		}
 	}
 	if n < 12 {
-		if _, err := readFull(f.conn, hdr[n:]); err != nil {
+		if _, err := io.ReadFull(f.conn, hdr[n:]); err != nil {
 			return nil, fds, err
 		}
 	}
@@ -185,20 +186,8 @@ func (f *Frontend) Reply(req uint32) ([]byte, []int, error) {
 		return nil, fds, errors.New("reply without the reply flag")
 	}
 	p := make([]byte, binary.LittleEndian.Uint32(hdr[8:]))
-	_, err = readFull(f.conn, p)
+	_, err = io.ReadFull(f.conn, p)
 	return p, fds, err
-}
-
-func readFull(c *net.UnixConn, p []byte) (int, error) {
-	done := 0
-	for done < len(p) {
-		n, err := c.Read(p[done:])
-		done += n
-		if err != nil {
-			return done, err
-		}
-	}
-	return done, nil
 }
 
 // Call sends a request that needs a reply (one of its own, or REPLY_ACK's)
