@@ -128,13 +128,12 @@ type session struct {
 	conn     *net.UnixConn
 	failOnce sync.Once
 
-	features      uint64 // acknowledged by SET_FEATURES
-	protocol      uint64 // acknowledged by SET_PROTOCOL_FEATURES
-	mem           *Memory
-	vrings        []*vring
-	inflight      *inflightRegion
-	status        uint8
-	memTableSlots int
+	features uint64 // acknowledged by SET_FEATURES
+	protocol uint64 // acknowledged by SET_PROTOCOL_FEATURES
+	mem      *Memory
+	vrings   []*vring
+	inflight *inflightRegion
+	status   uint8
 }
 
 // vring is the front-end's setup of one ring.

@@ -17,7 +17,6 @@ const (
 	descFNext         = 1
 	descFWrite        = 2
 	descFIndirect     = 4
-	usedFNoNotify     = 1
 	availFNoInterrupt = 1
 	maxQueueSize      = 32768
 	maxIndirect       = 1024 // descriptors in one indirect table
