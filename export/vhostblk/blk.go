@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
 	"github.com/diskserve/diskserve/export/vhostuser"
@@ -168,13 +170,13 @@ type request struct {
 	left    atomic.Int32 // engine requests still running
 	failed  atomic.Bool
 	flush   bool // a write that the driver's write-through mode makes durable before completion
-	inline  bool // run on the queue's goroutine (see vhostuser.Chain.Alone)
+	inline  bool // a page-cached write run on the queue's goroutine (see readCached)
 	reqs    []async.Request
 }
 
 // Handle starts the request of chain c.
 func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
-	r := &request{d: d, q: q, head: c.Head, inline: c.Alone}
+	r := &request{d: d, q: q, head: c.Head}
 	st, in := lastByte(c.In)
 	if st == nil {
 		// Nowhere to put the status: a broken driver. Return the chain
@@ -202,6 +204,10 @@ func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
 	switch typ {
 	case typeIn:
 		r.written = uint32(total(in))
+		if c.Alone && r.readCached(in, off) {
+			r.finish(statusOK)
+			return
+		}
 		r.data(async.OpRead, in, off)
 	case typeOut:
 		if d.disk.ReadOnly() {
@@ -209,6 +215,7 @@ func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
 			return
 		}
 		r.flush = !d.writeBack() && !d.opts.Durable
+		r.inline = c.Alone && r.cachedWrite(out, off)
 		r.data(async.OpWrite, out, off)
 	case typeFlush:
 		if d.disk.ReadOnly() {
@@ -230,6 +237,50 @@ func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
 	default:
 		r.finish(statusUnsupp)
 	}
+}
+
+// A request alone in its queue (vhostuser.Chain.Alone) whose data is a
+// copy to or from the page cache is served on the queue's goroutine, which
+// saves the hand-offs to and from an engine goroutine; one that may wait
+// for a device (data not cached, O_DIRECT, a format that does not map its
+// data onto a host file, flushes) goes to the engine, so that the chains
+// the guest makes available meanwhile do not wait behind it.
+
+// readCached serves a read of one buffer from the page cache, with
+// preadv2's RWF_NOWAIT (which fails rather than wait for the device), and
+// reports whether it did.
+func (r *request) readCached(bufs [][]byte, sec int64) bool {
+	if len(bufs) != 1 || sec < 0 || sec > r.d.disk.Size()/sector {
+		return false
+	}
+	buf := bufs[0]
+	hr, ok := diskserve.MapHost(r.d.disk, sec*sector, int64(len(buf)), false)
+	if !ok {
+		return false
+	}
+	defer hr.Done()
+	if hr.Direct() || len(buf)%sector != 0 {
+		return false
+	}
+	n, err := unix.Preadv2(hr.FD, [][]byte{buf}, hr.Off, unix.RWF_NOWAIT)
+	return err == nil && n == len(buf)
+}
+
+// cachedWrite reports whether a write of bufs at sector sec goes to the
+// page cache of a host file: whether the disk maps the range's reads onto
+// one, without O_DIRECT (the engine's disk maps writes itself, not for
+// others).
+func (r *request) cachedWrite(bufs [][]byte, sec int64) bool {
+	n := total(bufs)
+	if sec < 0 || sec > r.d.disk.Size()/sector || n == 0 {
+		return false
+	}
+	hr, ok := diskserve.MapHost(r.d.disk, sec*sector, n, false)
+	if !ok {
+		return false
+	}
+	hr.Done()
+	return !hr.Direct()
 }
 
 // data reads or writes the sectors from off (in sectors) from or into the
@@ -288,8 +339,8 @@ func (r *request) zero(typ uint32, out [][]byte) {
 }
 
 // submit starts reqs, finishing r once every one is done: at once on this
-// goroutine for a request alone in its queue, else through the engine's
-// completions.
+// goroutine for a page-cached write alone in its queue, else through the
+// engine's completions.
 func (r *request) submit(reqs []async.Request) {
 	r.reqs = reqs
 	r.left.Store(int32(len(reqs)))
@@ -318,7 +369,7 @@ func (r *request) done(er *async.Request) {
 	case r.failed.Load():
 		r.finish(statusIOErr)
 	case r.flush:
-		r.flush = false
+		r.flush, r.inline = false, false // a sync waits for the device
 		r.submit([]async.Request{{Op: async.OpFlush}})
 	default:
 		r.finish(statusOK)
