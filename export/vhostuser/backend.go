@@ -167,9 +167,6 @@ func (s *Server) serveConn(c *net.UnixConn) error {
 		}
 		reply, herr := ss.handle(m)
 		m.closeFDs()
-		if herr != nil {
-			s.log.Warn("vhost-user request failed", "request", requestName(m.request), "err", herr)
-		}
 		if reply != nil {
 			if err := writeReply(c, m.request, reply.payload, reply.fds...); err != nil {
 				reply.closeFDs()
