@@ -6,10 +6,13 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
@@ -515,5 +518,52 @@ func TestInflightFinishedByNextBackend(t *testing.T) {
 	c.q.KickNow()
 	if used = reap(used, 3); len(used) != 3 || !bytes.Equal(disk.bytes(16*512, 2048), pattern(2048, 3)) {
 		t.Fatal("a write after the reconnection was not served")
+	}
+}
+
+// splitDisk reads as mem through ReadAt but maps its reads onto the host
+// file f, whose bytes differ: what a read returns shows which way it went.
+type splitDisk struct {
+	diskserve.Passthrough
+	f *os.File
+}
+
+func (s *splitDisk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if write {
+		return diskserve.HostRange{}, false
+	}
+	return diskserve.HostRange{FD: int(s.f.Fd()), Off: off}, true
+}
+
+// TestAloneReadsFromPageCacheOnly reads, alone in the queue, a range whose
+// host file is in the page cache: it is served from there on the queue's
+// goroutine. Then the same with the host file dropped from the cache: the
+// read goes to the engine (ReadAt) rather than wait for the device there.
+func TestAloneReadsFromPageCacheOnly(t *testing.T) {
+	mem := pattern(1<<20, 1)
+	host := pattern(1<<20, 100)
+	path := filepath.Join(t.TempDir(), "host")
+	if err := os.WriteFile(path, host, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	d := &splitDisk{Passthrough: diskserve.Passthrough{D: disktest.NewMemory(mem, true)}, f: f}
+	c := connect(t, backend(t, d, vhostblk.Options{}), true)
+	f.ReadAt(make([]byte, 4096), 8192)
+	if st, _, got := c.request(typeIn, 16, nil, 4096, 4096); st != statusOK || !bytes.Equal(got, host[8192:12288]) {
+		t.Fatalf("a cached read alone was not served from the page cache (status %d)", st)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	if st, _, got := c.request(typeIn, 16, nil, 4096, 4096); st != statusOK || !bytes.Equal(got, mem[8192:12288]) {
+		t.Fatalf("a read alone of data not cached was not handed to the engine (status %d)", st)
 	}
 }
