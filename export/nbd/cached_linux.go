@@ -1,10 +1,6 @@
 package nbd
 
 import (
-	"unsafe"
-
-	"golang.org/x/sys/unix"
-
 	"github.com/diskserve/diskserve"
 )
 
@@ -25,16 +21,11 @@ func (t *transmission) serveCached(r *request) bool {
 		return false
 	}
 	buf := r.buffer(int(n))
-	// A raw call, as the socket's (see socket): RWF_NOWAIT never waits.
-	iov := unix.Iovec{Base: &buf[0]}
-	iov.SetLen(len(buf))
-	got, _, errno := unix.RawSyscall6(unix.SYS_PREADV2, uintptr(hr.FD), uintptr(unsafe.Pointer(&iov)), 1,
-		uintptr(hr.Off), 0, unix.RWF_NOWAIT)
-	switch {
-	case errno == unix.EOPNOTSUPP, errno == unix.EINVAL: // no RWF_NOWAIT for this file
+	ok, unsupported := hr.ReadCached(buf)
+	if unsupported { // no RWF_NOWAIT for this file
 		t.noCached = true
-		return false
-	case errno != 0 || int64(got) != n:
+	}
+	if !ok {
 		return false
 	}
 	r.data(t.structured, off, n)

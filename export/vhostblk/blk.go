@@ -12,8 +12,6 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/async"
 	"github.com/diskserve/diskserve/export/vhostuser"
@@ -250,7 +248,7 @@ func (d *Device) Handle(q *vhostuser.Queue, c *vhostuser.Chain) {
 // preadv2's RWF_NOWAIT (which fails rather than wait for the device), and
 // reports whether it did.
 func (r *request) readCached(bufs [][]byte, sec int64) bool {
-	if len(bufs) != 1 || sec < 0 || sec > r.d.disk.Size()/sector {
+	if len(bufs) != 1 || len(bufs[0])%sector != 0 || sec < 0 || sec > r.d.disk.Size()/sector {
 		return false
 	}
 	buf := bufs[0]
@@ -259,11 +257,8 @@ func (r *request) readCached(bufs [][]byte, sec int64) bool {
 		return false
 	}
 	defer hr.Done()
-	if hr.Direct() || len(buf)%sector != 0 {
-		return false
-	}
-	n, err := unix.Preadv2(hr.FD, [][]byte{buf}, hr.Off, unix.RWF_NOWAIT)
-	return err == nil && n == len(buf)
+	ok, _ = hr.ReadCached(buf)
+	return ok
 }
 
 // cachedWrite reports whether a write of bufs at sector sec goes to the

@@ -94,9 +94,12 @@ func (d *Disk) flushMeta(unlocked bool) error {
 	w.pendingFree = nil
 	err := io(func() error { return f.write(d) })
 	d.settle(f, err)
-	if err != nil || len(freed) == 0 {
+	if err != nil {
 		w.pendingFree = append(freed, w.pendingFree...)
 		return err
+	}
+	if len(freed) == 0 {
+		return nil
 	}
 	// Nothing on disk refers to the freed clusters any more: count them
 	// down, reading their refcount blocks without d.mu first, and give
