@@ -14,6 +14,7 @@ import (
 	"github.com/diskserve/diskserve/format/qcow2"
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/sparse"
+	"github.com/diskserve/diskserve/format/vdi"
 	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/remote"
 )
@@ -26,6 +27,7 @@ func All() []diskserve.Format {
 		qcow2.Format,
 		sparse.Format,
 		zstd.Format,
+		vdi.Format,
 		raw.Format,
 	}
 }

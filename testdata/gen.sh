@@ -56,6 +56,14 @@ for img in qcow2/*.qcow2; do
 	rm "$img.raw"
 done
 img2simg raw/pattern.img sparse/pattern.simg 4096
+
+# The pattern in the formats of other hypervisors, one image per
+# subformat, for golden reads and fuzz seeds. qemu-img rounds some sizes
+# up (VHD to its CHS geometry): past 1 MiB they read as zeroes.
+mkdir -p vdi
+rm -f vdi/*.vdi
+qemu-img convert -q -f raw -O vdi raw/pattern.img vdi/pattern.vdi
+qemu-img convert -q -f raw -O vdi -o static=on raw/pattern.img vdi/pattern-static.vdi
 # A plain zstd stream without a seek table: recognised as zstd, and refused
 # as a disk (it cannot be read at an offset).
 zstd -q -19 raw/pattern.img -o zstd/plain.zst

@@ -43,7 +43,7 @@ func TestBitmapsKeptByWrites(t *testing.T) {
 	if !slices.Equal(flags["b0"], []string{"auto"}) || !slices.Equal(flags["b1"], []string{"auto"}) || len(flags["b2"]) != 0 {
 		t.Errorf("after close, qemu-img info lists %v; want b0 and b1 auto, b2 with no flag", flags)
 	}
-	qemuCheck(t, img)
+	testtool.QemuCheck(t, img)
 	ro := openFile(t, img)
 	if r, err := ro.(diskserve.Checker).Check(diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
 		t.Errorf("diskserve check: %+v, %v", r, err)

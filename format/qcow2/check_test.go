@@ -92,7 +92,7 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 				t.Fatalf("after repair: %+v", r)
 			}
 			d.Close()
-			qemuCheck(t, img)
+			testtool.QemuCheck(t, img)
 		})
 	}
 }

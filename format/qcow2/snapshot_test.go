@@ -14,6 +14,7 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
+	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -56,7 +57,7 @@ func TestSnapshotWorkload(t *testing.T) {
 			rnd := rand.New(rand.NewPCG(uint64(len(tc.name)), 5))
 			d := openRW(t, img)
 			for step := range 24 {
-				workload(t, d, want, uint64(step), 12)
+				disktest.Workload(t, d, want, uint64(step), 12)
 				if tc.opts.RefcountBits == 0 || tc.opts.RefcountBits >= 16 {
 					// Packed compressed clusters count a reference per
 					// piece: narrow refcounts would overflow when shared.
@@ -129,7 +130,7 @@ func TestSnapshotWorkload(t *testing.T) {
 					t.Fatalf("snapshot %s differs from its model at byte %d", name, firstDiff(got, model))
 				}
 			}
-			qemuCheck(t, img)
+			testtool.QemuCheck(t, img)
 			// qemu-img applies each snapshot (on a copy) with the content
 			// and size of its moment, and checks the result clean.
 			for name, model := range models {
@@ -142,8 +143,8 @@ func TestSnapshotWorkload(t *testing.T) {
 					t.Fatal(err)
 				}
 				testtool.Run(t, "qemu-img", "snapshot", "-a", name, applied)
-				qemuCheck(t, applied)
-				if got := qemuRaw(t, applied); !bytes.Equal(got, model) {
+				testtool.QemuCheck(t, applied)
+				if got := testtool.QemuRaw(t, applied); !bytes.Equal(got, model) {
 					t.Fatalf("qemu-img applies snapshot %s unlike its model (%d bytes, want %d), from byte %d", name, len(got), len(model), firstDiff(got, model))
 				}
 			}
@@ -207,6 +208,6 @@ func TestSnapshotRefusals(t *testing.T) {
 		t.Errorf("create with 1-bit refcounts: %v", err)
 	}
 	n.Close()
-	qemuCheck(t, img)
-	qemuCheck(t, narrow)
+	testtool.QemuCheck(t, img)
+	testtool.QemuCheck(t, narrow)
 }

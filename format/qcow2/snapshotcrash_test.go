@@ -12,6 +12,7 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format/qcow2"
+	"github.com/diskserve/diskserve/internal/disktest"
 )
 
 // recordingFile is an image file in memory that records the writes,
@@ -153,12 +154,12 @@ func TestSnapshotCrashStates(t *testing.T) {
 			}
 			models := map[string][]byte{}
 			want := make([]byte, size)
-			workload(t, d, want, 1, 40)
+			disktest.Workload(t, d, want, 1, 40)
 			if _, err := diskserve.CreateSnapshot(d, "a"); err != nil {
 				t.Fatal(err)
 			}
 			models["a"] = bytes.Clone(want)
-			workload(t, d, want, 2, 40)
+			disktest.Workload(t, d, want, 2, 40)
 			if err := diskserve.Flush(d); err != nil {
 				t.Fatal(err)
 			}

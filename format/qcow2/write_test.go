@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,82 +30,6 @@ func openRW(t *testing.T, path string) diskserve.DiskFile {
 		t.Fatal(err)
 	}
 	return d
-}
-
-// qemuCheck runs qemu-img check and fails the test on any error, corruption
-// or leak.
-func qemuCheck(t *testing.T, img string) {
-	t.Helper()
-	out, _ := exec.Command(testtool.Need(t, "qemu-img"), "check", "--output=json", img).Output()
-	var res struct {
-		CheckErrors int `json:"check-errors"`
-		Corruptions int `json:"corruptions"`
-		Leaks       int `json:"leaks"`
-	}
-	if err := json.Unmarshal(out, &res); err != nil {
-		t.Fatalf("qemu-img check: %v\n%s", err, out)
-	}
-	if res.CheckErrors != 0 || res.Corruptions != 0 || res.Leaks != 0 {
-		human, _ := exec.Command("qemu-img", "check", img).CombinedOutput()
-		t.Fatalf("qemu-img check: %+v\n%s", res, human)
-	}
-}
-
-// qemuRaw returns the image's content as qemu-img reads it.
-func qemuRaw(t *testing.T, img string) []byte {
-	t.Helper()
-	out := filepath.Join(t.TempDir(), "content.raw")
-	testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// workload applies random writes of odd sizes, zero writes (with and
-// without unmapping), punches and flushes to d and to want alike.
-func workload(t *testing.T, d diskserve.DiskFile, want []byte, seed uint64, ops int) {
-	t.Helper()
-	rnd := rand.New(rand.NewPCG(seed, 99))
-	size := int64(len(want))
-	for i := range ops {
-		off := rnd.Int64N(size)
-		n := min(1+rnd.Int64N(200<<10), size-off)
-		if rnd.IntN(3) == 0 { // cluster aligned, to reach the whole-cluster paths
-			off &^= 65535
-			n = min((1+rnd.Int64N(4))<<16, size-off)
-		}
-		switch op := rnd.IntN(10); {
-		case op < 5:
-			p := make([]byte, n)
-			for k := range p {
-				p[k] = byte(rnd.Uint32() | 1)
-			}
-			if _, err := d.WriteAt(p, off); err != nil {
-				t.Fatalf("op %d: WriteAt(%d, %d): %v", i, off, n, err)
-			}
-			copy(want[off:], p)
-		case op < 7:
-			flags := diskserve.ZeroFlags(0)
-			if rnd.IntN(2) == 0 {
-				flags = diskserve.ZeroMayUnmap
-			}
-			if err := diskserve.WriteZeroes(d, off, n, flags); err != nil {
-				t.Fatalf("op %d: WriteZeroes(%d, %d, %d): %v", i, off, n, flags, err)
-			}
-			clear(want[off : off+n])
-		case op < 9:
-			if err := diskserve.PunchHole(d, off, n); err != nil {
-				t.Fatalf("op %d: PunchHole(%d, %d): %v", i, off, n, err)
-			}
-			clear(want[off : off+n])
-		default:
-			if err := diskserve.Flush(d); err != nil {
-				t.Fatalf("op %d: Flush: %v", i, err)
-			}
-		}
-	}
 }
 
 // TestInteropWriteWorkload runs a random workload through diskserve on
@@ -174,17 +97,17 @@ func TestInteropWriteWorkload(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := tc.setup(t, t.TempDir())
-			want := qemuRaw(t, img)
+			want := testtool.QemuRaw(t, img)
 			d := openRW(t, img)
-			workload(t, d, want, 7, 300)
+			disktest.Workload(t, d, want, 7, 300)
 			if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
 				t.Fatalf("diskserve's own check: %v %q", err, r.Messages)
 			}
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			qemuCheck(t, img)
-			got := qemuRaw(t, img)
+			testtool.QemuCheck(t, img)
+			got := testtool.QemuRaw(t, img)
 			for i := range want {
 				if got[i] != want[i] {
 					t.Fatalf("qemu-img reads byte %d (%#x) as %#x, want %#x", i, i, got[i], want[i])
@@ -203,7 +126,7 @@ func diskserveCreate(t *testing.T, dir string, o qcow2.CreateOptions) string {
 	if err := qcow2.Create(img, o); err != nil {
 		t.Fatal(err)
 	}
-	qemuCheck(t, img)
+	testtool.QemuCheck(t, img)
 	return img
 }
 
@@ -228,13 +151,13 @@ func TestConformanceWritable(t *testing.T) {
 			} else {
 				img = create(t, dir, "8M", "-o", "cluster_size=4096")
 			}
-			want := qemuRaw(t, img)
+			want := testtool.QemuRaw(t, img)
 			d := openRW(t, img)
 			disktest.Check(t, d, want)
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			qemuCheck(t, img)
+			testtool.QemuCheck(t, img)
 		})
 	}
 }
@@ -247,7 +170,7 @@ func TestConformanceDirect(t *testing.T) {
 	dir := t.TempDir()
 	rawBase(t, dir)
 	img := create(t, dir, "8M", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw")
-	want := qemuRaw(t, img)
+	want := testtool.QemuRaw(t, img)
 	opts := options()
 	opts.ReadOnly, opts.OpenFile = false, raw.OpenFileDirect
 	d, err := diskserve.Open(img, opts)
@@ -258,7 +181,7 @@ func TestConformanceDirect(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	qemuCheck(t, img)
+	testtool.QemuCheck(t, img)
 }
 
 // TestInteropResize grows an image past what its L1 table maps, so that
@@ -279,7 +202,7 @@ func TestInteropResize(t *testing.T) {
 		t.Fatalf("shrink: %v", err)
 	}
 	d.Close()
-	qemuCheck(t, img)
+	testtool.QemuCheck(t, img)
 	out := string(testtool.Run(t, "qemu-io", "-c", "read -v 1000 6", "-c", fmt.Sprintf("read -v %d 5", 3<<30-5), img))
 	if !strings.Contains(out, "before") || !strings.Contains(out, "after") {
 		t.Fatalf("qemu-io after resize:\n%s", out)
@@ -349,7 +272,7 @@ func TestDirtyImageRepairedOnOpen(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	qemuCheck(t, img)
+	testtool.QemuCheck(t, img)
 	want := make([]byte, 16<<20)
 	copy(want, bytes.Repeat([]byte{0x11}, 1<<20))
 	copy(want[4<<20:], bytes.Repeat([]byte{0x22}, 64<<10))
@@ -382,7 +305,7 @@ func TestSubclusterCopyOnWrite(t *testing.T) {
 	dir := t.TempDir()
 	rawBase(t, dir)
 	img := create(t, dir, "8M", "-b", "base.raw", "-F", "raw", "-o", "extended_l2=on")
-	want := qemuRaw(t, img)
+	want := testtool.QemuRaw(t, img)
 	var base *countingFile
 	opts := options()
 	opts.ReadOnly = false
@@ -421,8 +344,8 @@ func TestSubclusterCopyOnWrite(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	qemuCheck(t, img)
-	if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+	testtool.QemuCheck(t, img)
+	if got := testtool.QemuRaw(t, img); !bytes.Equal(got, want) {
 		t.Fatal("qemu reads the overlay differently from the model")
 	}
 }
@@ -467,7 +390,7 @@ func TestParallelCopyOnWrite(t *testing.T) {
 				opt = "extended_l2=on"
 			}
 			img := create(t, dir, "8M", "-b", "base.raw", "-F", "raw", "-o", opt)
-			want := qemuRaw(t, img)
+			want := testtool.QemuRaw(t, img)
 			var base *barrierFile
 			opts := options()
 			opts.ReadOnly = false
@@ -518,8 +441,8 @@ func TestParallelCopyOnWrite(t *testing.T) {
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			qemuCheck(t, img)
-			if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+			testtool.QemuCheck(t, img)
+			if got := testtool.QemuRaw(t, img); !bytes.Equal(got, want) {
 				t.Error("qemu does not read the overlay as the model")
 			}
 		})

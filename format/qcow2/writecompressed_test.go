@@ -85,8 +85,8 @@ func TestWriteCompressed(t *testing.T) {
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			qemuCheck(t, img)
-			if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+			testtool.QemuCheck(t, img)
+			if got := testtool.QemuRaw(t, img); !bytes.Equal(got, want) {
 				i := firstDiff(got, want)
 				t.Fatalf("qemu-img reads different bytes from offset %d (cluster %d): %d bytes, want %d", i, int64(i)/tc.cs, len(got), len(want))
 			}
@@ -125,8 +125,8 @@ func TestWriteCompressedNarrowRefcounts(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	qemuCheck(t, img)
-	if got := qemuRaw(t, img); !bytes.Equal(got, want) {
+	testtool.QemuCheck(t, img)
+	if got := testtool.QemuRaw(t, img); !bytes.Equal(got, want) {
 		t.Fatalf("qemu-img reads byte %d unlike what was written", firstDiff(got, want))
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -81,4 +82,35 @@ func AddRange(r []Range, start, n int64) []Range {
 		return r
 	}
 	return append(r, Range{start, start + n})
+}
+
+// QemuCheck runs qemu-img check on img and fails the test on any error,
+// corruption or leak it reports.
+func QemuCheck(t testing.TB, img string) {
+	t.Helper()
+	out, _ := exec.Command(Need(t, "qemu-img"), "check", "--output=json", img).Output()
+	var res struct {
+		CheckErrors int `json:"check-errors"`
+		Corruptions int `json:"corruptions"`
+		Leaks       int `json:"leaks"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
+	if res.CheckErrors != 0 || res.Corruptions != 0 || res.Leaks != 0 {
+		human, _ := exec.Command("qemu-img", "check", img).CombinedOutput()
+		t.Fatalf("qemu-img check: %+v\n%s", res, human)
+	}
+}
+
+// QemuRaw returns img's content as qemu-img convert -O raw reads it.
+func QemuRaw(t testing.TB, img string, args ...string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "content.raw")
+	Run(t, "qemu-img", append(append([]string{"convert"}, args...), "-O", "raw", img, out)...)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -1,0 +1,499 @@
+// Package blockmap serves the disks of formats that cut the virtual disk
+// into blocks of one size and keep a table saying where in the image file
+// each block is stored, if anywhere: VDI's block map, VHD's BAT, VMDK's
+// grain tables, VHDX's BAT. The format parses its headers and owns the
+// table's encoding ([Table]); a [Disk] does the rest: splitting requests
+// at block boundaries, reading holes from the backing disk or as zeroes,
+// allocating blocks on first write with the data before the table entry,
+// zeroing, extents, flushing and closing.
+//
+// # Concurrency
+//
+// Reads and writes of allocated blocks run in parallel and hold no lock
+// across I/O. Allocations are serialised by one mutex, and a block is
+// allocated once: a block never moves and is never freed while the disk is
+// open, so a location looked up stays valid.
+package blockmap
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/diskserve/diskserve"
+)
+
+// State is what a table entry says of a block.
+type State uint8
+
+const (
+	// Unallocated blocks read from the backing disk, or as zeroes when
+	// there is none.
+	Unallocated State = iota
+	// Zero blocks read as zeroes whatever is below.
+	Zero
+	// Data blocks are stored at [Block.Host], BlockSize bytes in a row.
+	Data
+	// Special blocks are read by the table ([SpecialReader]): compressed
+	// grains, blocks present only in part. They are never written in
+	// place.
+	Special
+)
+
+// A Block is the table entry of one block.
+type Block struct {
+	State State
+	Host  int64 // byte offset of the block in the image file, for Data
+}
+
+// A Table is a format's block table.
+//
+// Lookup is called concurrently, and is excluded only from Set. The
+// other methods are called one at a time, with allocations serialised.
+type Table interface {
+	// Lookup returns the entry of block i, from memory.
+	Lookup(i int64) Block
+
+	// Reserve returns where a new block i will be stored: the file
+	// offset of its first data byte. It may write what must precede the
+	// data (VHD's sector bitmap). The disk then writes the data there and
+	// makes it durable before calling Record.
+	Reserve(i int64) (host int64, err error)
+
+	// Record writes the entry saying block i is stored at host into the
+	// image file (and whatever else an allocation changes: a VHD footer,
+	// a VDI header's count). The disk then calls Set.
+	Record(i int64, host int64) error
+
+	// Set makes Lookup(i) return b.
+	Set(i int64, b Block)
+}
+
+// A SpecialReader reads [Special] blocks.
+type SpecialReader interface {
+	// ReadSpecial fills p with the bytes of block i from offset off
+	// inside it; below reads the layers beneath for what the block
+	// leaves to them (it reads zeroes where there is none).
+	ReadSpecial(i int64, b Block, p []byte, off int64, below io.ReaderAt) error
+}
+
+// A ZeroRecorder can record a block as reading zeroes without storing
+// data (VDI's discarded blocks, VMDK's zero grains).
+type ZeroRecorder interface {
+	RecordZero(i int64) error
+}
+
+// Config is what a format tells [New] of its image.
+type Config struct {
+	Format    string             // for messages: "vdi"
+	Path      string             // the image file, for messages
+	File      diskserve.DiskFile // the image file; the disk closes it
+	Size      int64              // virtual size
+	BlockSize int64              // bytes per block
+	Table     Table
+	Backing   diskserve.DiskFile // the disk below, or nil; the disk closes it
+	ReadOnly  bool
+
+	// Sync makes writes to File durable. It defaults to [diskserve.Flush]
+	// of File.
+	Sync func() error
+
+	// Close runs before File is closed, with the table quiet: to write
+	// back what the format keeps in memory (a header marked open).
+	Close func() error
+}
+
+// A Disk is a block-mapped image.
+type Disk struct {
+	cfg Config
+
+	mu      sync.RWMutex // guards the table against Set
+	allocMu sync.Mutex   // serialises allocations
+	failed  error        // set under allocMu: a failed allocation stops writes
+}
+
+// New returns the disk that cfg describes.
+func New(cfg Config) *Disk {
+	if cfg.Sync == nil {
+		cfg.Sync = func() error { return diskserve.Flush(cfg.File) }
+	}
+	return &Disk{cfg: cfg}
+}
+
+// Size returns the virtual size.
+func (d *Disk) Size() int64 { return d.cfg.Size }
+
+// ReadOnly reports whether writes are refused.
+func (d *Disk) ReadOnly() bool { return d.cfg.ReadOnly }
+
+// File returns the image file.
+func (d *Disk) File() diskserve.DiskFile { return d.cfg.File }
+
+// Backing returns the disk below, or nil.
+func (d *Disk) Backing() diskserve.DiskFile { return d.cfg.Backing }
+
+// Lookup returns the entry of block i.
+func (d *Disk) Lookup(i int64) Block {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.cfg.Table.Lookup(i)
+}
+
+// Exclusive runs fn with allocations excluded: for checks and repairs
+// that walk the table and the format's counters.
+func (d *Disk) Exclusive(fn func() error) error {
+	d.allocMu.Lock()
+	defer d.allocMu.Unlock()
+	return fn()
+}
+
+// ReadAt reads the virtual disk.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	p, eof := diskserve.ClipRead(d.cfg.Size, off, p)
+	if len(p) == 0 {
+		return 0, eof
+	}
+	bs := d.cfg.BlockSize
+	for done := 0; done < len(p); {
+		pos := off + int64(done)
+		i, in := pos/bs, pos%bs
+		n := min(int64(len(p)-done), bs-in)
+		if err := d.readBlock(i, p[done:done+int(n)], in); err != nil {
+			return done, err
+		}
+		done += int(n)
+	}
+	return len(p), eof
+}
+
+// readBlock fills p from block i at offset in.
+func (d *Disk) readBlock(i int64, p []byte, in int64) error {
+	b := d.Lookup(i)
+	switch b.State {
+	case Data:
+		return d.readHost(p, b.Host+in)
+	case Special:
+		sr, ok := d.cfg.Table.(SpecialReader)
+		if !ok {
+			return fmt.Errorf("%s: block %d has no reader", d.cfg.Format, i)
+		}
+		return sr.ReadSpecial(i, b, p, in, below{d, i*d.cfg.BlockSize})
+	case Unallocated:
+		return d.readBelow(p, i*d.cfg.BlockSize+in)
+	}
+	clear(p)
+	return nil
+}
+
+// readHost reads image file bytes, naming the image in errors.
+func (d *Disk) readHost(p []byte, off int64) error {
+	if err := diskserve.ReadFullAt(d.cfg.File, p, off); err != nil {
+		return fmt.Errorf("%s: read %d bytes at %d: %w", d.cfg.Path, len(p), off, err)
+	}
+	return nil
+}
+
+// readBelow fills p with what the layers below the image hold at the
+// virtual offset off: the backing disk's bytes, zeroes past its end or
+// without one.
+func (d *Disk) readBelow(p []byte, off int64) error {
+	bd := d.cfg.Backing
+	if bd == nil || off >= bd.Size() {
+		clear(p)
+		return nil
+	}
+	n, err := bd.ReadAt(p, off)
+	if err == io.EOF && off+int64(n) >= bd.Size() {
+		err = nil
+	}
+	if err != nil {
+		return err
+	}
+	clear(p[n:])
+	return nil
+}
+
+// below reads the layers below one block, for [SpecialReader]s.
+type below struct {
+	d    *Disk
+	base int64
+}
+
+func (b below) ReadAt(p []byte, off int64) (int, error) {
+	if err := b.d.readBelow(p, b.base+off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteAt writes the virtual disk, allocating the blocks it touches.
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	bs := d.cfg.BlockSize
+	for done := 0; done < len(p); {
+		pos := off + int64(done)
+		i, in := pos/bs, pos%bs
+		n := min(int64(len(p)-done), bs-in)
+		if err := d.writeBlock(i, p[done:done+int(n)], in); err != nil {
+			return done, err
+		}
+		done += int(n)
+	}
+	return len(p), nil
+}
+
+// writeBlock writes p into block i at offset in.
+func (d *Disk) writeBlock(i int64, p []byte, in int64) error {
+	if b := d.Lookup(i); b.State == Data {
+		return d.writeHost(p, b.Host+in)
+	}
+	d.allocMu.Lock()
+	defer d.allocMu.Unlock()
+	b := d.Lookup(i)
+	if b.State == Data {
+		return d.writeHost(p, b.Host+in)
+	}
+	if d.failed != nil {
+		return d.failed
+	}
+	bs := d.cfg.BlockSize
+	buf := make([]byte, bs)
+	if int64(len(p)) < bs {
+		if err := d.readBlockState(i, b, buf); err != nil {
+			return err
+		}
+	}
+	copy(buf[in:], p)
+	return d.allocate(i, buf)
+}
+
+// readBlockState fills buf, a whole block, with what block i reads as in
+// state b.
+func (d *Disk) readBlockState(i int64, b Block, buf []byte) error {
+	switch b.State {
+	case Unallocated:
+		return d.readBelow(buf, i*d.cfg.BlockSize)
+	case Special:
+		return d.readBlock(i, buf, 0)
+	}
+	return nil // Zero: buf is zeroed
+}
+
+// allocate stores buf as block i's content and records it. The caller
+// holds allocMu. A failure after the data is placed leaves the disk
+// refusing writes: the file's end may no longer be where the table
+// thinks.
+func (d *Disk) allocate(i int64, buf []byte) error {
+	host, err := d.cfg.Table.Reserve(i)
+	if end := host + int64(len(buf)); err == nil && d.cfg.File.Size() < end {
+		err = diskserve.Resize(d.cfg.File, end)
+	}
+	if err == nil {
+		err = d.writeHost(buf, host)
+	}
+	if err == nil {
+		err = d.cfg.Sync()
+	}
+	if err == nil {
+		err = d.cfg.Table.Record(i, host)
+	}
+	if err != nil {
+		d.failed = fmt.Errorf("%s: an earlier block allocation failed, writes are refused: %w", d.cfg.Path, err)
+		return err
+	}
+	d.mu.Lock()
+	d.cfg.Table.Set(i, Block{State: Data, Host: host})
+	d.mu.Unlock()
+	return nil
+}
+
+// writeHost writes image file bytes, naming the image in errors.
+func (d *Disk) writeHost(p []byte, off int64) error {
+	if _, err := d.cfg.File.WriteAt(p, off); err != nil {
+		return fmt.Errorf("%s: write %d bytes at %d: %w", d.cfg.Path, len(p), off, err)
+	}
+	return nil
+}
+
+// WriteZeroesAt makes [off, off+n) read as zeroes: whole stored blocks
+// get holes punched in the image file (they stay allocated), unallocated
+// blocks with nothing below are left alone, and whole blocks over a
+// backing disk are recorded as zero where the table can say so. The
+// rest is written as zeroes.
+func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
+	if err := diskserve.CheckWrite(d, off, n); err != nil {
+		return err
+	}
+	bs := d.cfg.BlockSize
+	for end := off + n; off < end; {
+		i, in := off/bs, off%bs
+		m := min(end-off, bs-in)
+		if err := d.zeroBlock(i, in, m, flags); err != nil {
+			return err
+		}
+		off += m
+	}
+	return nil
+}
+
+// zeroBlock zeroes [in, in+m) of block i.
+func (d *Disk) zeroBlock(i, in, m int64, flags diskserve.ZeroFlags) error {
+	b := d.Lookup(i)
+	switch {
+	case b.State == Zero:
+		return nil
+	case b.State == Unallocated && d.belowIsZero(i*d.cfg.BlockSize+in, m):
+		return nil
+	case b.State == Data:
+		return d.zeroHost(b.Host+in, m, flags)
+	}
+	if zr, ok := d.cfg.Table.(ZeroRecorder); ok && m == d.cfg.BlockSize {
+		d.allocMu.Lock()
+		defer d.allocMu.Unlock()
+		if b := d.Lookup(i); b.State == Data {
+			return d.zeroHost(b.Host, m, flags)
+		}
+		if err := zr.RecordZero(i); err != nil {
+			return fmt.Errorf("%s: %w", d.cfg.Path, err)
+		}
+		d.mu.Lock()
+		d.cfg.Table.Set(i, Block{State: Zero})
+		d.mu.Unlock()
+		return nil
+	}
+	return d.writeBlock(i, make([]byte, m), in)
+}
+
+// belowIsZero reports whether the layers below read as zeroes over the
+// virtual range [off, off+n) (nothing below, or a hole past the backing
+// disk's end).
+func (d *Disk) belowIsZero(off, n int64) bool {
+	return d.cfg.Backing == nil || off >= d.cfg.Backing.Size()
+}
+
+// zeroHost zeroes image file bytes of a stored block: a hole where the
+// file can punch one and the caller allows it, zero bytes otherwise.
+func (d *Disk) zeroHost(off, n int64, flags diskserve.ZeroFlags) error {
+	if flags&diskserve.ZeroMayUnmap != 0 {
+		err := diskserve.PunchHole(d.cfg.File, off, n)
+		if err == nil || !errors.Is(err, errors.ErrUnsupported) {
+			return err
+		}
+	}
+	return diskserve.WriteZeroes(d.cfg.File, off, n, 0)
+}
+
+// PunchHole makes [off, off+n) read as zeroes, releasing the file space of
+// whole stored blocks.
+func (d *Disk) PunchHole(off, n int64) error {
+	return d.WriteZeroesAt(off, n, diskserve.ZeroMayUnmap)
+}
+
+// AppendExtents reports stored blocks as data, zero blocks as zero holes,
+// and unallocated blocks as the backing disk's extents (zero holes past
+// its end or without one). Special blocks are data.
+func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	bs := d.cfg.BlockSize
+	hole := diskserve.ExtentHole | diskserve.ExtentZero
+	for end := off + n; off < end; {
+		i := off / bs
+		m := min(end-off, bs-off%bs)
+		switch d.Lookup(i).State {
+		case Data, Special:
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m})
+		case Zero:
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m, Flags: hole})
+		default:
+			var err error
+			if dst, err = d.backingExtents(dst, off, m); err != nil {
+				return dst, err
+			}
+		}
+		off += m
+	}
+	return dst, nil
+}
+
+// backingExtents appends the extents of an unallocated range: the
+// backing disk's, and a zero hole past its end or without one.
+func (d *Disk) backingExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	inside := int64(0)
+	if bd := d.cfg.Backing; bd != nil {
+		inside = max(0, min(n, bd.Size()-off))
+	}
+	if inside > 0 {
+		ext, err := diskserve.Extents(d.cfg.Backing, nil, off, inside)
+		if err != nil {
+			return dst, fmt.Errorf("backing file: %w", err)
+		}
+		for _, e := range ext {
+			dst = diskserve.AppendExtent(dst, e)
+		}
+	}
+	if inside < n {
+		dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off + inside, Len: n - inside, Flags: diskserve.ExtentHole | diskserve.ExtentZero})
+	}
+	return dst, nil
+}
+
+// AppendDepths reports depth 1 for blocks the image holds (data or
+// zeroes), the backing disk's depths plus one below, 0 where no layer
+// holds anything.
+func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	bs := d.cfg.BlockSize
+	for end := off + n; off < end; {
+		i := off / bs
+		m := min(end-off, bs-off%bs)
+		if d.Lookup(i).State != Unallocated {
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m, Flags: 1})
+			off += m
+			continue
+		}
+		bd := d.cfg.Backing
+		inside := int64(0)
+		if bd != nil && off < bd.Size() {
+			inside = min(m, bd.Size()-off)
+			ext, err := diskserve.AllocationDepths(bd, nil, off, inside)
+			if err != nil {
+				return dst, err
+			}
+			for _, e := range ext {
+				if e.Flags != 0 {
+					e.Flags++
+				}
+				dst = diskserve.AppendExtent(dst, e)
+			}
+		}
+		if inside < m {
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off + inside, Len: m - inside})
+		}
+		off += m
+	}
+	return dst, nil
+}
+
+// Flush makes every completed write durable: the image file's, and the
+// backing disk has nothing to flush (it is opened read-only).
+func (d *Disk) Flush() error {
+	if d.cfg.ReadOnly {
+		return nil
+	}
+	return d.cfg.Sync()
+}
+
+// Close writes back what the format keeps, then closes the image file
+// and the backing disk.
+func (d *Disk) Close() error {
+	var err error
+	if d.cfg.Close != nil {
+		err = d.cfg.Close()
+	}
+	err = errors.Join(err, d.cfg.File.Close())
+	if d.cfg.Backing != nil {
+		err = errors.Join(err, d.cfg.Backing.Close())
+	}
+	return err
+}
