@@ -15,6 +15,7 @@ import (
 	"github.com/diskserve/diskserve/format/raw"
 	"github.com/diskserve/diskserve/format/sparse"
 	"github.com/diskserve/diskserve/format/vdi"
+	"github.com/diskserve/diskserve/format/vhd"
 	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/remote"
 )
@@ -28,6 +29,7 @@ func All() []diskserve.Format {
 		sparse.Format,
 		zstd.Format,
 		vdi.Format,
+		vhd.Format,
 		raw.Format,
 	}
 }

@@ -64,6 +64,10 @@ mkdir -p vdi
 rm -f vdi/*.vdi
 qemu-img convert -q -f raw -O vdi raw/pattern.img vdi/pattern.vdi
 qemu-img convert -q -f raw -O vdi -o static=on raw/pattern.img vdi/pattern-static.vdi
+mkdir -p vpc
+rm -f vpc/*.vhd
+qemu-img convert -q -f raw -O vpc raw/pattern.img vpc/pattern.vhd
+qemu-img convert -q -f raw -O vpc -o subformat=fixed raw/pattern.img vpc/pattern-fixed.vhd
 # A plain zstd stream without a seek table: recognised as zstd, and refused
 # as a disk (it cannot be read at an offset).
 zstd -q -19 raw/pattern.img -o zstd/plain.zst

@@ -43,6 +43,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/window"
 )
 
 // Options configure [Mount].
@@ -89,7 +90,7 @@ func Mount(d diskserve.DiskFile, mountpoint string, opts Options) (*Server, erro
 	if fs.dir {
 		fs.nodes = append(fs.nodes, &node{ino: inoDisk, name: "disk", d: d})
 		for i, p := range readPartitions(d) {
-			fs.nodes = append(fs.nodes, &node{ino: inoDisk + 1 + uint64(i), name: fmt.Sprintf("disk-p%d", i+1), d: &window{d: d, off: p.off, n: p.n}})
+			fs.nodes = append(fs.nodes, &node{ino: inoDisk + 1 + uint64(i), name: fmt.Sprintf("disk-p%d", i+1), d: window.New(d, p.off, p.n, false)})
 		}
 	} else {
 		fs.nodes = []*node{{ino: inoRoot, d: d}}

@@ -11,6 +11,7 @@ import (
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/composite"
 	"github.com/diskserve/diskserve/internal/disktest"
+	"github.com/diskserve/diskserve/internal/window"
 )
 
 // gptDisk builds a GPT composite with partitions of the given sizes and
@@ -48,7 +49,7 @@ func TestReadPartitionsGPT(t *testing.T) {
 			t.Fatalf("partitions %v, want %v", got, want)
 		}
 		b := make([]byte, 4096)
-		w := &window{d: d, off: got[i].off, n: got[i].n}
+		w := window.New(d, got[i].off, got[i].n, false)
 		if _, err := w.ReadAt(b, 0); err != nil || b[0] != byte(i+1) || b[4095] != byte(i+1) {
 			t.Fatalf("partition %d reads %v, %v", i, b[:4], err)
 		}
@@ -72,26 +73,6 @@ func TestReadPartitionsMBR(t *testing.T) {
 	}
 	if got := readPartitions(disktest.NewMemory(make([]byte, 1<<20), true)); got != nil {
 		t.Fatalf("a blank disk has partitions %v", got)
-	}
-}
-
-// TestWindowConformance runs the conformance suite on a window onto a disk
-// with no capabilities, so the fallbacks of the disk apply through it.
-func TestWindowConformance(t *testing.T) {
-	data := make([]byte, 3<<20)
-	for i := range data {
-		data[i] = byte(i * 31)
-	}
-	w := &window{d: disktest.NewMemory(data, false), off: 1 << 20, n: 1<<20 + 4096}
-	disktest.Check(t, w, bytes.Clone(data[1<<20:2<<20+4096]))
-	if !bytes.Equal(data[:1<<20], func() []byte {
-		b := make([]byte, 1<<20)
-		for i := range b {
-			b[i] = byte(i * 31)
-		}
-		return b
-	}()) {
-		t.Fatal("writes through the window reached outside it")
 	}
 }
 

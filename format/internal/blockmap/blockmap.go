@@ -16,6 +16,7 @@
 package blockmap
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -250,49 +251,55 @@ func (d *Disk) writeBlock(i int64, p []byte, in int64) error {
 	if b := d.Lookup(i); b.State == Data {
 		return d.writeHost(p, b.Host+in)
 	}
+	return d.allocate(i, in, int64(len(p)), p)
+}
+
+// piece is how much of a block allocate holds in memory at a time.
+const piece = 1 << 20
+
+// allocate stores block i anew: its current content with [in, in+n)
+// replaced by p, or by zeroes when p is nil. The content is built and
+// written a piece at a time, and pieces of zeroes in space the file did
+// not have before are skipped, so that the image file stays sparse. A
+// failure after the data is placed leaves the disk refusing writes: the
+// file's end may no longer be where the table thinks.
+func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	d.allocMu.Lock()
 	defer d.allocMu.Unlock()
 	b := d.Lookup(i)
-	if b.State == Data {
+	if b.State == Data { // allocated meanwhile
+		if p == nil {
+			return diskserve.WriteZeroes(d.cfg.File, b.Host+in, n, 0)
+		}
 		return d.writeHost(p, b.Host+in)
 	}
 	if d.failed != nil {
 		return d.failed
 	}
 	bs := d.cfg.BlockSize
-	buf := make([]byte, bs)
-	if int64(len(p)) < bs {
-		if err := d.readBlockState(i, b, buf); err != nil {
-			return err
-		}
-	}
-	copy(buf[in:], p)
-	return d.allocate(i, buf)
-}
-
-// readBlockState fills buf, a whole block, with what block i reads as in
-// state b.
-func (d *Disk) readBlockState(i int64, b Block, buf []byte) error {
-	switch b.State {
-	case Unallocated:
-		return d.readBelow(buf, i*d.cfg.BlockSize)
-	case Special:
-		return d.readBlock(i, buf, 0)
-	}
-	return nil // Zero: buf is zeroed
-}
-
-// allocate stores buf as block i's content and records it. The caller
-// holds allocMu. A failure after the data is placed leaves the disk
-// refusing writes: the file's end may no longer be where the table
-// thinks.
-func (d *Disk) allocate(i int64, buf []byte) error {
+	fresh := d.cfg.File.Size()
 	host, err := d.cfg.Table.Reserve(i)
-	if end := host + int64(len(buf)); err == nil && d.cfg.File.Size() < end {
+	if end := host + bs; err == nil && d.cfg.File.Size() < end {
 		err = diskserve.Resize(d.cfg.File, end)
 	}
-	if err == nil {
-		err = d.writeHost(buf, host)
+	buf := make([]byte, min(bs, piece))
+	for o := int64(0); err == nil && o < bs; o += int64(len(buf)) {
+		k := min(int64(len(buf)), bs-o)
+		part := buf[:k]
+		if o < in || o+k > in+n { // not all new bytes: start from the old ones
+			err = d.readBlockState(i, b, part, o)
+		}
+		if err == nil && o < in+n && in < o+k {
+			lo, hi := max(o, in), min(o+k, in+n)
+			if p == nil {
+				clear(part[lo-o : hi-o])
+			} else {
+				copy(part[lo-o:hi-o], p[lo-in:hi-in])
+			}
+		}
+		if err == nil && (host+o < fresh || !allZero(part)) {
+			err = d.writeHost(part, host+o)
+		}
 	}
 	if err == nil {
 		err = d.cfg.Sync()
@@ -308,6 +315,35 @@ func (d *Disk) allocate(i int64, buf []byte) error {
 	d.cfg.Table.Set(i, Block{State: Data, Host: host})
 	d.mu.Unlock()
 	return nil
+}
+
+// readBlockState fills p with what block i, in state b, reads as from
+// offset o inside it.
+func (d *Disk) readBlockState(i int64, b Block, p []byte, o int64) error {
+	switch b.State {
+	case Unallocated:
+		return d.readBelow(p, i*d.cfg.BlockSize+o)
+	case Special:
+		return d.readBlock(i, p, o)
+	}
+	clear(p) // Zero
+	return nil
+}
+
+// allZero reports whether p holds only zero bytes.
+func allZero(p []byte) bool {
+	for len(p) >= 8 {
+		if binary.NativeEndian.Uint64(p) != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // writeHost writes image file bytes, naming the image in errors.
@@ -364,7 +400,7 @@ func (d *Disk) zeroBlock(i, in, m int64, flags diskserve.ZeroFlags) error {
 		d.mu.Unlock()
 		return nil
 	}
-	return d.writeBlock(i, make([]byte, m), in)
+	return d.allocate(i, in, m, nil)
 }
 
 // belowIsZero reports whether the layers below read as zeroes over the

@@ -1,0 +1,171 @@
+package vhd_test
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/vhd"
+	"github.com/diskserve/diskserve/internal/formattest"
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+var (
+	dynamic   = formattest.Variant{Name: "dynamic"}
+	fixed     = formattest.Variant{Name: "fixed", Options: []string{"subformat=fixed"}}
+	forced    = formattest.Variant{Name: "dynamic force_size", Options: []string{"force_size=on"}}
+	fixedAzur = formattest.Variant{Name: "fixed force_size", Options: []string{"subformat=fixed,force_size=on"}}
+)
+
+// TestReadsQemuImages: VHDs qemu-img converted read byte for byte. Only
+// dynamic disks are found by sniffing; fixed ones need -f vpc.
+func TestReadsQemuImages(t *testing.T) {
+	formattest.ReadsQemuImages(t, "vpc", 9<<20+12345, true, []formattest.Variant{dynamic, forced})
+	formattest.ReadsQemuImages(t, "vpc", 9<<20+12345, false, []formattest.Variant{fixed, fixedAzur})
+}
+
+// TestWritesLikeQemu: random workloads on qemu-img's and diskserve's
+// disks read back the same through qemu-img (which has no check for vpc).
+func TestWritesLikeQemu(t *testing.T) {
+	formattest.WritesLikeQemu(t, "vpc", 9<<20+512, false, []formattest.Variant{dynamic, fixed, forced})
+}
+
+// TestConvertsLikeQemu: diskserve's conversions compare equal in
+// qemu-img, zeroes past the size where the geometry rounds it up.
+func TestConvertsLikeQemu(t *testing.T) {
+	formattest.ConvertsLikeQemu(t, "vpc", 9<<20+1536, false, []formattest.Variant{dynamic, fixed, forced, fixedAzur})
+}
+
+// TestSizesAgreeWithQemu: for sizes across the geometry's regimes, with
+// and without force_size, diskserve and qemu-img give new disks the same
+// virtual size and geometry.
+func TestSizesAgreeWithQemu(t *testing.T) {
+	for _, size := range []int64{1, 512, 1 << 20, 10<<20 + 7, 100 << 20, 127 << 30, 200 << 30} {
+		for _, v := range []formattest.Variant{dynamic, forced, fixedAzur} {
+			dir := t.TempDir()
+			ours, theirs := filepath.Join(dir, "ours.vhd"), filepath.Join(dir, "theirs.vhd")
+			formattest.Create(t, ours, "vpc", size, v.Options)
+			args := []string{"create", "-q", "-f", "vpc"}
+			for _, o := range v.Options {
+				args = append(args, "-o", o)
+			}
+			testtool.Run(t, "qemu-img", append(args, theirs, strconv.FormatInt(size, 10))...)
+			var infos [2]diskserve.Info
+			for k, img := range []string{ours, theirs} {
+				var qi struct {
+					VirtualSize int64 `json:"virtual-size"`
+				}
+				if err := json.Unmarshal(testtool.Run(t, "qemu-img", "info", "-f", "vpc", "--output=json", img), &qi); err != nil {
+					t.Fatal(err)
+				}
+				d, err := format.Open(img, diskserve.Options{Format: "vpc", ReadOnly: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				infos[k] = diskserve.Describe(d)
+				d.Close()
+				if infos[k].VirtualSize != qi.VirtualSize {
+					t.Fatalf("%d bytes %v, %s: diskserve reads %d bytes, qemu-img %d", size, v.Options, filepath.Base(img), infos[k].VirtualSize, qi.VirtualSize)
+				}
+			}
+			if infos[0].VirtualSize != infos[1].VirtualSize || infos[0].Specific["geometry"] != infos[1].Specific["geometry"] {
+				t.Fatalf("%d bytes %v: diskserve makes %d bytes, geometry %v; qemu-img %d, %v", size, v.Options,
+					infos[0].VirtualSize, infos[0].Specific["geometry"], infos[1].VirtualSize, infos[1].Specific["geometry"])
+			}
+		}
+	}
+}
+
+func TestGolden(t *testing.T) {
+	formattest.Golden(t, "../../testdata/vpc/pattern.vhd", "vpc", true)
+	formattest.Golden(t, "../../testdata/vpc/pattern-fixed.vhd", "vpc", false)
+}
+
+// TestFixedNotProbed: a fixed VHD without -f opens as raw, footer and
+// all, as in qemu: a guest can write a footer into a raw disk.
+func TestFixedNotProbed(t *testing.T) {
+	d, err := format.Open("../../testdata/vpc/pattern-fixed.vhd", diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if f := diskserve.Describe(d).Format; f != "raw" {
+		t.Fatalf("probed as %q", f)
+	}
+}
+
+// TestHostile opens damaged disks: each is refused with a vpc error
+// naming the file and what is wrong.
+func TestHostile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.vhd")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vpc", good, "8M")
+	testtool.Run(t, "qemu-io", "-f", "vpc", "-c", "write -P 1 0 1M", "-c", "write -P 2 4M 1M", good)
+	be32 := func(b []byte, off int, v uint32) {
+		b[off], b[off+1], b[off+2], b[off+3] = byte(v>>24), byte(v>>16), byte(v>>8), byte(v)
+	}
+	for _, tc := range []struct {
+		name, msg string
+		edit      func(b []byte) []byte
+		rwOnly    bool
+	}{
+		{"huge table", "more than diskserve loads", func(b []byte) []byte { be32(b, 512+28, 0xfffffff0); return b }, false},
+		{"table too small", "do not hold the disk", func(b []byte) []byte { be32(b, 512+28, 1); return b }, false},
+		{"block size", "power of two", func(b []byte) []byte { be32(b, 512+32, 3000); return b }, false},
+		{"huge block size", "larger than diskserve supports", func(b []byte) []byte { be32(b, 512+32, 1<<30); return b }, false},
+		{"entry past the end", "truncated", func(b []byte) []byte { be32(b, 1536, 0x7fffffff); return b }, false},
+		{"entry over the headers", "over the image's headers", func(b []byte) []byte { be32(b, 1536, 1); return b }, false},
+		{"no dynamic header", "no dynamic disk header", func(b []byte) []byte { b[512] = 'x'; return b }, false},
+		{"differencing", "differencing", func(b []byte) []byte { be32(b, 60, 4); return b }, false},
+		{"truncated", "truncated", func(b []byte) []byte { return b[:len(b)-1<<20] }, false},
+		{"shared space", "shares its space", func(b []byte) []byte { copy(b[1536+8:1536+12], b[1536:1536+4]); return b }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := os.ReadFile(good)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img := filepath.Join(t.TempDir(), "bad.vhd")
+			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if tc.rwOnly {
+				d, err := format.Open(img, diskserve.Options{ReadOnly: true})
+				if err != nil {
+					t.Fatalf("read-only open: %v", err)
+				}
+				if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions == 0 {
+					t.Fatalf("check found nothing: %v %+v", err, r)
+				}
+				d.Close()
+			}
+			d, err := format.Open(img, diskserve.Options{})
+			if err == nil {
+				d.Close()
+				t.Fatal("opened")
+			}
+			var fe *diskserve.FormatError
+			if !errors.As(err, &fe) || fe.Format != "vpc" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
+				t.Fatalf("error %q: want a vpc error naming %s and saying %q", err, img, tc.msg)
+			}
+		})
+	}
+}
+
+func FuzzOpen(f *testing.F) {
+	for _, img := range []string{"pattern.vhd", "pattern-fixed.vhd"} {
+		b, err := os.ReadFile("../../testdata/vpc/" + img)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b[:4096])
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { formattest.FuzzImage(t, vhd.Format, b) })
+}

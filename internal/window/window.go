@@ -1,0 +1,108 @@
+// Package window shows a part of a disk as a disk of its own: a partition
+// of a FUSE-mounted image, the data area of a fixed VHD, a flat VMDK
+// extent.
+package window
+
+import (
+	"github.com/diskserve/diskserve"
+)
+
+// A Disk is the range [off, off+n) of another disk. It is a view, not a
+// [diskserve.Wrapper]: it moves offsets and has a size of its own, so it
+// has only the capabilities that apply to part of a disk (flush, zeroes,
+// holes, extents, host mapping), each passed on through the functions of
+// package diskserve so that the disk's fallbacks apply. Resizing, checking
+// or snapshotting a window would act on the whole disk, and it has none of
+// them.
+type Disk struct {
+	d      diskserve.DiskFile
+	off, n int64
+	owns   bool
+}
+
+var (
+	_ diskserve.DiskFile     = (*Disk)(nil)
+	_ diskserve.Flusher      = (*Disk)(nil)
+	_ diskserve.ZeroWriter   = (*Disk)(nil)
+	_ diskserve.HolePuncher  = (*Disk)(nil)
+	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.HostMapper   = (*Disk)(nil)
+)
+
+// New returns the window [off, off+n) of d, which must lie inside d.
+// With owns, closing the window closes d; otherwise d stays open.
+func New(d diskserve.DiskFile, off, n int64, owns bool) *Disk {
+	return &Disk{d: d, off: off, n: n, owns: owns}
+}
+
+// Size returns the window's length.
+func (w *Disk) Size() int64 { return w.n }
+
+// ReadOnly reports whether the disk below refuses writes.
+func (w *Disk) ReadOnly() bool { return w.d.ReadOnly() }
+
+// Flush flushes the disk below.
+func (w *Disk) Flush() error { return diskserve.Flush(w.d) }
+
+// Close closes the disk below if the window owns it.
+func (w *Disk) Close() error {
+	if w.owns {
+		return w.d.Close()
+	}
+	return nil
+}
+
+// ReadAt reads the window.
+func (w *Disk) ReadAt(p []byte, off int64) (int, error) {
+	p, eof := diskserve.ClipRead(w.n, off, p)
+	if len(p) == 0 {
+		return 0, eof
+	}
+	n, err := w.d.ReadAt(p, w.off+off)
+	if n == len(p) {
+		err = eof // the disk's own io.EOF, if the window ends where it does, is ours
+	}
+	return n, err
+}
+
+// WriteAt writes inside the window.
+func (w *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := diskserve.CheckWrite(w, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return w.d.WriteAt(p, w.off+off)
+}
+
+// WriteZeroesAt zeroes inside the window.
+func (w *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
+	if err := diskserve.CheckWrite(w, off, n); err != nil {
+		return err
+	}
+	return diskserve.WriteZeroes(w.d, w.off+off, n, flags)
+}
+
+// PunchHole punches inside the window.
+func (w *Disk) PunchHole(off, n int64) error {
+	if err := diskserve.CheckWrite(w, off, n); err != nil {
+		return err
+	}
+	return diskserve.PunchHole(w.d, w.off+off, n)
+}
+
+// AppendExtents reports the disk's extents, moved to the window's offsets.
+func (w *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	start := len(dst)
+	dst, err := diskserve.Extents(w.d, dst, w.off+off, n)
+	for i := start; i < len(dst); i++ {
+		dst[i].Off -= w.off
+	}
+	return dst, err
+}
+
+// MapHost maps what the disk below maps. The window is not the whole
+// file, so the mapping never says Whole.
+func (w *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	r, ok := diskserve.MapHost(w.d, w.off+off, n, write)
+	r.Whole = false
+	return r, ok
+}
