@@ -47,11 +47,25 @@ type Creator struct {
 	// nil when the format has Write.
 	New func(out *os.File, a CreateArgs) error
 
-	// Write writes the content of src to out, a new empty file, as an
-	// image of this format, reporting the source bytes it has covered to
+	// Write writes the content of src to out, a new empty file that will
+	// be named path, as an image of this format, reporting the source bytes it has covered to
 	// progress (which may be nil). It stops with ctx's error when ctx is
-	// done. nil when the format has New.
-	Write func(ctx context.Context, out *os.File, src DiskFile, o CreateOptions, progress func(int64)) error
+	// done. nil when the format has only New.
+	Write func(ctx context.Context, out *os.File, path string, src DiskFile, o CreateOptions, progress func(int64)) error
+
+	// Whole, for a format with both New and Write, says which options
+	// ask for an image written whole by Write (VMDK's streamOptimized
+	// subformat); the others are made by New and filled in place.
+	Whole func(o CreateOptions) bool
+}
+
+// WritesWhole reports whether images with options o are written whole,
+// by Write, rather than made empty by New.
+func (c *Creator) WritesWhole(o CreateOptions) bool {
+	if c.Write == nil {
+		return false
+	}
+	return c.New == nil || c.Whole != nil && c.Whole(o)
 }
 
 // A CreateOption is one option a [Creator] takes.
@@ -98,7 +112,8 @@ type CreateArgs struct {
 type CreateOptions map[string]string
 
 // ParseCreateOptions parses -o arguments, each a comma-separated list of
-// OPT=VALUE; a later value of an option replaces an earlier one.
+// OPT=VALUE or OPT (which means OPT=on); a later value of an option
+// replaces an earlier one.
 func ParseCreateOptions(args []string) (CreateOptions, error) {
 	o := CreateOptions{}
 	for _, kv := range strings.Split(strings.Join(args, ","), ",") {
@@ -107,7 +122,10 @@ func ParseCreateOptions(args []string) (CreateOptions, error) {
 		}
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok {
-			return nil, fmt.Errorf("option %q is not OPT=VALUE", kv)
+			v = "on" // a bare name turns a flag on, as in qemu-img
+		}
+		if k == "" {
+			return nil, fmt.Errorf("option %q has no name", kv)
 		}
 		o[k] = v
 	}

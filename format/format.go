@@ -16,6 +16,7 @@ import (
 	"github.com/diskserve/diskserve/format/sparse"
 	"github.com/diskserve/diskserve/format/vdi"
 	"github.com/diskserve/diskserve/format/vhd"
+	"github.com/diskserve/diskserve/format/vmdk"
 	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/remote"
 )
@@ -30,6 +31,7 @@ func All() []diskserve.Format {
 		zstd.Format,
 		vdi.Format,
 		vhd.Format,
+		vmdk.Format,
 		raw.Format,
 	}
 }

@@ -68,6 +68,10 @@ mkdir -p vpc
 rm -f vpc/*.vhd
 qemu-img convert -q -f raw -O vpc raw/pattern.img vpc/pattern.vhd
 qemu-img convert -q -f raw -O vpc -o subformat=fixed raw/pattern.img vpc/pattern-fixed.vhd
+mkdir -p vmdk
+rm -f vmdk/*.vmdk
+qemu-img convert -q -f raw -O vmdk raw/pattern.img vmdk/pattern.vmdk
+qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized raw/pattern.img vmdk/pattern-stream.vmdk
 # A plain zstd stream without a seek table: recognised as zstd, and refused
 # as a disk (it cannot be read at an offset).
 zstd -q -19 raw/pattern.img -o zstd/plain.zst

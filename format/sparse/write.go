@@ -173,7 +173,7 @@ func (c *chunkWriter) flush() error {
 // creator writes images for `diskserve convert`, with the options of -o.
 var creator = &diskserve.Creator{
 	Options: []diskserve.CreateOption{{Name: "block_size", Default: "4096", Help: "bytes per block, a multiple of 4"}},
-	Write: func(ctx context.Context, out *os.File, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
+	Write: func(ctx context.Context, out *os.File, _ string, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
 		blockSize, err := o.Size("block_size", DefaultBlockSize)
 		if err != nil {
 			return err

@@ -155,7 +155,7 @@ var creator = &diskserve.Creator{
 		{Name: "level", Default: "3", Help: "zstd level, 1 to 22"},
 		{Name: "checksum", Default: "on", Help: "on or off: a checksum of each frame in the seek table"},
 	},
-	Write: func(ctx context.Context, out *os.File, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
+	Write: func(ctx context.Context, out *os.File, _ string, src diskserve.DiskFile, o diskserve.CreateOptions, progress func(int64)) error {
 		var wo WriteOptions
 		var err error
 		if wo.FrameSize, err = o.Size("frame_size", DefaultFrameSize); err != nil {

@@ -239,12 +239,13 @@ func firstNonZero(p []byte) int {
 }
 
 // Golden opens a golden image that testdata/gen.sh made from
-// testdata/raw/pattern.img, sniffing its format unless sniffed is false,
+// testdata/raw/pattern.img (found from a format's package directory),
+// sniffing its format unless sniffed is false,
 // and requires it to read as the pattern (and zeroes past it, where the
 // format rounds the size up) and to pass the conformance suite.
 func Golden(t *testing.T, path, fmtName string, sniffed bool) {
 	t.Helper()
-	pattern, err := os.ReadFile(filepath.Join(filepath.Dir(path), "..", "raw", "pattern.img"))
+	pattern, err := os.ReadFile("../../testdata/raw/pattern.img")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,4 +264,23 @@ func Golden(t *testing.T, path, fmtName string, sniffed bool) {
 	want := make([]byte, d.Size())
 	copy(want, pattern)
 	disktest.Check(t, d, want)
+}
+
+// CheckContent runs the conformance suite on d, read-only, against want.
+func CheckContent(t *testing.T, d diskserve.DiskFile, want []byte) {
+	t.Helper()
+	if d.ReadOnly() {
+		disktest.Check(t, d, want)
+		return
+	}
+	disktest.Check(t, readOnlyView{d}, want)
+}
+
+// readOnlyView shows a disk to the conformance suite as read-only, so that
+// it reads without writing.
+type readOnlyView struct{ diskserve.DiskFile }
+
+func (readOnlyView) ReadOnly() bool { return true }
+func (v readOnlyView) WriteAt(p []byte, off int64) (int, error) {
+	return 0, diskserve.ErrReadOnly
 }

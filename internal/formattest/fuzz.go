@@ -22,11 +22,17 @@ const maxFuzzFile = 64 << 20
 func FuzzImage(t *testing.T, f diskserve.Format, image []byte) {
 	for _, readOnly := range []bool{true, false} {
 		file := &memFile{data: bytes.Clone(image), readOnly: readOnly}
-		d, err := diskserve.Open("fuzz."+f.Name, diskserve.Options{
+		top := "fuzz." + f.Name
+		d, err := diskserve.Open(top, diskserve.Options{
 			Formats:  []diskserve.Format{f},
 			Format:   f.Name,
 			ReadOnly: readOnly,
-			OpenFile: func(string, bool) (diskserve.DiskFile, error) { return file, nil },
+			OpenFile: func(name string, _ bool) (diskserve.DiskFile, error) {
+				if name != top {
+					return nil, errors.New("a fuzzed image names no other file")
+				}
+				return file, nil
+			},
 		})
 		if err != nil {
 			continue

@@ -63,7 +63,7 @@ func Creator(f diskserve.Format, formats []diskserve.Format) (*diskserve.Creator
 func Create(path string, f diskserve.Format, a diskserve.CreateArgs) (err error) {
 	c := f.Create
 	switch {
-	case c == nil || c.New == nil:
+	case c == nil || c.New == nil || c.WritesWhole(a.Options):
 		return fmt.Errorf("create %s: %s images are written whole from a source: use convert", path, f.Name)
 	case a.BackingFile != "" && !c.Backing:
 		return fmt.Errorf("create %s: %s images have no backing file", path, f.Name)
@@ -110,7 +110,7 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	if t.Compress && !c.Compressed {
 		return fmt.Errorf("convert to %s: %s images cannot store data compressed", dst, t.Format.Name)
 	}
-	if t.Bitmaps && c.Write != nil && len(diskserve.ListBitmaps(src)) > 0 {
+	if t.Bitmaps && c.WritesWhole(t.Options) && len(diskserve.ListBitmaps(src)) > 0 {
 		return fmt.Errorf("convert to %s: --bitmaps: the %s format keeps no dirty bitmaps", dst, t.Format.Name)
 	}
 	if err := t.Options.Check(t.Format.Name, c); err != nil {
@@ -127,8 +127,8 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	if err != nil {
 		return err
 	}
-	if c.Write != nil {
-		err = c.Write(ctx, out, src, t.Options, progress)
+	if c.WritesWhole(t.Options) {
+		err = c.Write(ctx, out, dst, src, t.Options, progress)
 	} else {
 		err = fill(ctx, o, out, src, dst, t, progress)
 	}

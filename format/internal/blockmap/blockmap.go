@@ -80,9 +80,19 @@ type SpecialReader interface {
 }
 
 // A ZeroRecorder can record a block as reading zeroes without storing
-// data (VDI's discarded blocks, VMDK's zero grains).
+// data (VMDK's zero grains). RecordZero returns an error wrapping
+// [errors.ErrUnsupported] for a block it cannot record so (an extent
+// without zero grains), and the block is then stored.
 type ZeroRecorder interface {
 	RecordZero(i int64) error
+}
+
+// A RunReporter knows runs of unallocated blocks (an absent VMDK grain
+// table), so that extent walks over a huge sparse disk skip them whole.
+type RunReporter interface {
+	// Unallocated returns how many blocks from i on are unallocated
+	// for certain; 0 if it does not know.
+	Unallocated(i int64) int64
 }
 
 // Config is what a format tells [New] of its image.
@@ -387,20 +397,34 @@ func (d *Disk) zeroBlock(i, in, m int64, flags diskserve.ZeroFlags) error {
 		return d.zeroHost(b.Host+in, m, flags)
 	}
 	if zr, ok := d.cfg.Table.(ZeroRecorder); ok && m == d.cfg.BlockSize {
-		d.allocMu.Lock()
-		defer d.allocMu.Unlock()
-		if b := d.Lookup(i); b.State == Data {
-			return d.zeroHost(b.Host, m, flags)
+		done, err := d.recordZero(zr, i, flags)
+		if done || err != nil {
+			return err
 		}
-		if err := zr.RecordZero(i); err != nil {
-			return fmt.Errorf("%s: %w", d.cfg.Path, err)
-		}
-		d.mu.Lock()
-		d.cfg.Table.Set(i, Block{State: Zero})
-		d.mu.Unlock()
-		return nil
+	}
+	if flags&diskserve.ZeroFast != 0 {
+		return fmt.Errorf("%s: zeroing part of block %d means storing it: %w", d.cfg.Path, i, errors.ErrUnsupported)
 	}
 	return d.allocate(i, in, m, nil)
+}
+
+// recordZero records block i as zeroes, if the table can; done is false
+// when it cannot.
+func (d *Disk) recordZero(zr ZeroRecorder, i int64, flags diskserve.ZeroFlags) (done bool, err error) {
+	d.allocMu.Lock()
+	defer d.allocMu.Unlock()
+	if b := d.Lookup(i); b.State == Data {
+		return true, d.zeroHost(b.Host, d.cfg.BlockSize, flags)
+	}
+	if err := zr.RecordZero(i); errors.Is(err, errors.ErrUnsupported) {
+		return false, nil
+	} else if err != nil {
+		return true, fmt.Errorf("%s: %w", d.cfg.Path, err)
+	}
+	d.mu.Lock()
+	d.cfg.Table.Set(i, Block{State: Zero})
+	d.mu.Unlock()
+	return true, nil
 }
 
 // belowIsZero reports whether the layers below read as zeroes over the
@@ -437,6 +461,9 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 	for end := off + n; off < end; {
 		i := off / bs
 		m := min(end-off, bs-off%bs)
+		if run := d.unallocatedRun(i); run > 1 {
+			m = min(end-off, run*bs-off%bs)
+		}
 		switch d.Lookup(i).State {
 		case Data, Special:
 			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m})
@@ -483,6 +510,9 @@ func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.E
 	for end := off + n; off < end; {
 		i := off / bs
 		m := min(end-off, bs-off%bs)
+		if run := d.unallocatedRun(i); run > 1 {
+			m = min(end-off, run*bs-off%bs)
+		}
 		if d.Lookup(i).State != Unallocated {
 			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m, Flags: 1})
 			off += m
@@ -509,6 +539,18 @@ func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.E
 		off += m
 	}
 	return dst, nil
+}
+
+// unallocatedRun returns how many blocks from i on the table knows to be
+// unallocated, or 0.
+func (d *Disk) unallocatedRun(i int64) int64 {
+	rr, ok := d.cfg.Table.(RunReporter)
+	if !ok {
+		return 0
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return rr.Unallocated(i)
 }
 
 // Flush makes every completed write durable: the image file's, and the

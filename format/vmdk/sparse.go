@@ -1,0 +1,416 @@
+package vmdk
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format/internal/blockmap"
+	"github.com/klauspost/compress/zlib"
+)
+
+var le = binary.LittleEndian
+
+// Sparse extent header flags.
+const (
+	flagNewlineTest = 1 << 0
+	flagRGD         = 1 << 1 // redundant grain directory and tables
+	flagZeroGrain   = 1 << 2 // a grain table entry of 1 is a grain of zeroes
+	flagCompressed  = 1 << 16
+	flagMarkers     = 1 << 17
+)
+
+const (
+	sparseMagic   = "KDMV"
+	sectorSize    = 512
+	headerLen     = 512
+	gdAtEnd       = ^uint64(0) // stream-optimised: the grain directory is in the footer
+	compressZlib  = 1
+	markerFooter  = 3
+	grainZero     = 1 // a grain table entry for a zero grain (flagZeroGrain)
+	maxGrain      = 1 << 20
+	maxGTEs       = 512
+	maxGrainsLoad = 1 << 40 / (64 << 10) * 16 // the grain tables of a 16 TiB disk of 64 KiB grains
+)
+
+// sparseHeader is the header of a hosted sparse extent (VMDK version 4 in
+// VMware's numbering, versions 1 to 3 in its own field).
+type sparseHeader struct {
+	Version    uint32
+	Flags      uint32
+	Capacity   uint64 // sectors
+	GrainSize  uint64 // sectors
+	DescOffset uint64 // sectors
+	DescSize   uint64 // sectors
+	NumGTEs    uint32 // entries per grain table
+	RGDOffset  uint64 // sectors
+	GDOffset   uint64 // sectors
+	Overhead   uint64 // sectors
+	Compress   uint16
+}
+
+// parseSparseHeader decodes and validates a sparse extent header; name is
+// the extent file, for messages.
+func parseSparseHeader(b []byte) (sparseHeader, error) {
+	var h sparseHeader
+	if len(b) < headerLen || string(b[:4]) != sparseMagic {
+		return h, corrupt(0, "no sparse extent header (magic %q)", sparseMagic)
+	}
+	h.Version = le.Uint32(b[4:])
+	h.Flags = le.Uint32(b[8:])
+	h.Capacity = le.Uint64(b[12:])
+	h.GrainSize = le.Uint64(b[20:])
+	h.DescOffset = le.Uint64(b[28:])
+	h.DescSize = le.Uint64(b[36:])
+	h.NumGTEs = le.Uint32(b[44:])
+	h.RGDOffset = le.Uint64(b[48:])
+	h.GDOffset = le.Uint64(b[56:])
+	h.Overhead = le.Uint64(b[64:])
+	h.Compress = le.Uint16(b[77:])
+	return h, h.validate()
+}
+
+// validate checks the header's fields that diskserve relies on, with the
+// grain directory offset as found (the footer's, for stream images).
+func (h *sparseHeader) validate() error {
+	switch {
+	case h.Version < 1 || h.Version > 3:
+		return unsupported("sparse extent version %d is not supported (1 to 3)", h.Version)
+	case h.GrainSize == 0 || h.GrainSize > maxGrain/sectorSize || h.GrainSize&(h.GrainSize-1) != 0:
+		return unsupported("grain size of %d sectors is not supported (a power of two up to %d)", h.GrainSize, maxGrain/sectorSize)
+	case h.NumGTEs == 0 || h.NumGTEs > maxGTEs:
+		return corrupt(44, "%d entries per grain table (at most %d)", h.NumGTEs, maxGTEs)
+	case h.Capacity > 1<<40:
+		return unsupported("a capacity of %d sectors is more than diskserve supports", h.Capacity)
+	case (h.Capacity+h.GrainSize-1)/h.GrainSize > maxGrainsLoad:
+		return unsupported("%d grains are more than diskserve loads (%d)", (h.Capacity+h.GrainSize-1)/h.GrainSize, maxGrainsLoad)
+	case h.Flags&flagCompressed != 0 && h.Compress != compressZlib:
+		return unsupported("compression algorithm %d is not supported (deflate)", h.Compress)
+	case h.Flags&flagCompressed != 0 && h.Flags&flagMarkers == 0:
+		return unsupported("compressed grains without markers are not supported")
+	}
+	return nil
+}
+
+// grains returns the number of grains and grain tables of the extent.
+func (h *sparseHeader) grains() (grains, tables int64) {
+	grains = int64((h.Capacity + h.GrainSize - 1) / h.GrainSize)
+	return grains, (grains + int64(h.NumGTEs) - 1) / int64(h.NumGTEs)
+}
+
+// A sparse is an open hosted sparse extent: grain directory and tables in
+// memory, grains in the file, through the block-table engine.
+type sparse struct {
+	*blockmap.Disk
+	name string
+	h    sparseHeader
+	gd   []uint32 // grain table sectors, 0 where a table is absent
+	rgd  []uint32 // the redundant directory, or nil
+	gt   [][]uint32 // each grain table's entries, nil for an absent one; guarded by blockmap's table lock
+	free int64    // where the next grain goes; guarded by blockmap's allocation lock
+}
+
+// openSparse opens the sparse extent in c, whose virtual bytes start at
+// base in the disk; below reads the layers under the extent (its part of
+// the parent), or is nil.
+func openSparse(c diskserve.DiskFile, name string, readOnly bool, below diskserve.DiskFile) (*sparse, error) {
+	hb := make([]byte, headerLen)
+	if err := diskserve.ReadFullAt(c, hb, 0); err != nil {
+		return nil, corrupt(0, "%s: read header: %v", name, err)
+	}
+	h, err := parseSparseHeader(hb)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if h.GDOffset == gdAtEnd {
+		if h, err = footerHeader(c); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	compressed := h.Flags&flagCompressed != 0
+	if compressed && !readOnly {
+		return nil, diskserve.Unsupported(Name, -1, "%s: stream-optimised extents (compressed grains) cannot be written in place: open it read-only, or convert it", name)
+	}
+	s := &sparse{name: name, h: h}
+	if err := s.load(c); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	s.free = (c.Size() + sectorSize - 1) / sectorSize * sectorSize
+	s.free = max(s.free, int64(h.Overhead)*sectorSize)
+	s.Disk = blockmap.New(blockmap.Config{
+		Format:    Name,
+		Path:      name,
+		File:      c,
+		Size:      int64(h.Capacity) * sectorSize,
+		BlockSize: int64(h.GrainSize) * sectorSize,
+		Table:     (*grainTable)(s),
+		Backing:   below,
+		ReadOnly:  readOnly,
+	})
+	return s, nil
+}
+
+// footerHeader reads the header a stream-optimised extent keeps in its
+// footer, the sector before the end-of-stream marker, after a footer
+// marker.
+func footerHeader(c diskserve.DiskFile) (sparseHeader, error) {
+	end := c.Size()
+	if end < 3*sectorSize {
+		return sparseHeader{}, corrupt(0, "the grain directory is in a footer, but the file is too short to hold one")
+	}
+	b := make([]byte, 2*sectorSize)
+	if err := diskserve.ReadFullAt(c, b, end-3*sectorSize); err != nil {
+		return sparseHeader{}, corrupt(end-3*sectorSize, "read footer: %v", err)
+	}
+	if le.Uint32(b[12:]) != markerFooter {
+		return sparseHeader{}, corrupt(end-3*sectorSize, "no footer marker before the footer")
+	}
+	h, err := parseSparseHeader(b[sectorSize:])
+	if err != nil {
+		return h, err
+	}
+	if h.GDOffset == gdAtEnd {
+		return h, corrupt(end-2*sectorSize, "the footer does not say where the grain directory is")
+	}
+	return h, nil
+}
+
+// load reads the grain directory (and the redundant one) and every grain
+// table, and checks each entry against the file.
+func (s *sparse) load(c diskserve.DiskFile) error {
+	grains, tables := s.h.grains()
+	fileSize := c.Size()
+	readDir := func(off uint64) ([]uint32, error) {
+		b := make([]byte, tables*4)
+		if off > 1<<40 {
+			return nil, corrupt(-1, "grain directory at sector %d is outside the file", off)
+		}
+		if err := diskserve.ReadFullAt(c, b, int64(off)*sectorSize); err != nil {
+			return nil, corrupt(int64(off)*sectorSize, "read grain directory: %v", err)
+		}
+		dir := make([]uint32, tables)
+		for i := range dir {
+			dir[i] = le.Uint32(b[i*4:])
+		}
+		return dir, nil
+	}
+	var err error
+	if s.gd, err = readDir(s.h.GDOffset); err != nil {
+		return err
+	}
+	if s.h.Flags&flagRGD != 0 && s.h.RGDOffset != 0 && s.h.Flags&flagCompressed == 0 {
+		if s.rgd, err = readDir(s.h.RGDOffset); err != nil {
+			return err
+		}
+	}
+	s.gt = make([][]uint32, tables)
+	gtLen := int64(s.h.NumGTEs) * 4
+	buf := make([]byte, gtLen)
+	grainLen := int64(s.h.GrainSize) * sectorSize
+	for t, sec := range s.gd {
+		if sec == 0 {
+			continue
+		}
+		if int64(sec)*sectorSize+gtLen > fileSize {
+			return corrupt(int64(s.h.GDOffset)*sectorSize+int64(t)*4, "grain table %d at sector %d is past the end of the file", t, sec)
+		}
+		if err := diskserve.ReadFullAt(c, buf, int64(sec)*sectorSize); err != nil {
+			return corrupt(int64(sec)*sectorSize, "read grain table %d: %v", t, err)
+		}
+		s.gt[t] = make([]uint32, s.h.NumGTEs)
+		for k := range int64(s.h.NumGTEs) {
+			g := int64(t)*int64(s.h.NumGTEs) + k
+			if g >= grains {
+				break
+			}
+			e := le.Uint32(buf[k*4:])
+			end := int64(e)*sectorSize + grainLen
+			if s.h.Flags&flagCompressed != 0 {
+				end = int64(e)*sectorSize + 12
+			}
+			if e > grainZero && end > fileSize {
+				return corrupt(int64(sec)*sectorSize+k*4, "grain %d at sector %d is past the end of the file (%d bytes)", g, e, fileSize)
+			}
+			s.gt[t][k] = e
+		}
+	}
+	return nil
+}
+
+// grainTable is the grain tables as a [blockmap.Table].
+type grainTable sparse
+
+func (t *grainTable) Lookup(i int64) blockmap.Block {
+	n := int64(t.h.NumGTEs)
+	gt := t.gt[i/n]
+	if gt == nil {
+		return blockmap.Block{State: blockmap.Unallocated}
+	}
+	switch e := gt[i%n]; {
+	case e == 0:
+		return blockmap.Block{State: blockmap.Unallocated}
+	case e == grainZero && t.h.Flags&flagZeroGrain != 0:
+		return blockmap.Block{State: blockmap.Zero}
+	case t.h.Flags&flagCompressed != 0:
+		return blockmap.Block{State: blockmap.Special, Host: int64(e) * sectorSize}
+	default:
+		return blockmap.Block{State: blockmap.Data, Host: int64(e) * sectorSize}
+	}
+}
+
+// Reserve puts a grain at the end of the file. Its grain table must
+// exist: qemu-img and VMware allocate every table when they create a
+// sparse extent.
+func (t *grainTable) Reserve(i int64) (int64, error) {
+	if t.gd[i/int64(t.h.NumGTEs)] == 0 {
+		return 0, diskserve.Unsupported(Name, -1, "%s: writing grain %d needs a grain table the extent does not have", t.name, i)
+	}
+	if t.free/sectorSize >= 1<<32-1 {
+		return 0, fmt.Errorf("%s: the extent has grown past what a grain table entry can address", t.name)
+	}
+	return t.free, nil
+}
+
+// Record writes the grain's entry into its grain table and the redundant
+// one.
+func (t *grainTable) Record(i int64, host int64) error {
+	if err := t.writeEntry(i, uint32(host/sectorSize)); err != nil {
+		return err
+	}
+	t.free = host + int64(t.h.GrainSize)*sectorSize
+	return nil
+}
+
+// writeEntry writes entry e of grain i into both grain tables.
+func (t *grainTable) writeEntry(i int64, e uint32) error {
+	var b [4]byte
+	le.PutUint32(b[:], e)
+	n := int64(t.h.NumGTEs)
+	c := (*sparse)(t).File()
+	for _, dir := range [][]uint32{t.gd, t.rgd} {
+		if dir == nil || dir[i/n] == 0 {
+			continue
+		}
+		if _, err := c.WriteAt(b[:], int64(dir[i/n])*sectorSize+i%n*4); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RecordZero marks a grain as zeroes, where the extent has zero grains.
+func (t *grainTable) RecordZero(i int64) error {
+	if t.h.Flags&flagZeroGrain == 0 || t.gd[i/int64(t.h.NumGTEs)] == 0 {
+		return errors.ErrUnsupported
+	}
+	return t.writeEntry(i, grainZero)
+}
+
+// Set records b in memory; the grain's table exists (Reserve and
+// RecordZero refuse grains without one).
+// Unallocated returns how many grains from i on lie in an absent grain
+// table, so that walks skip a whole table at a time.
+func (t *grainTable) Unallocated(i int64) int64 {
+	n := int64(t.h.NumGTEs)
+	if t.gt[i/n] != nil {
+		return 0
+	}
+	return (i/n+1)*n - i
+}
+
+func (t *grainTable) Set(i int64, b blockmap.Block) {
+	n := int64(t.h.NumGTEs)
+	switch b.State {
+	case blockmap.Zero:
+		t.gt[i/n][i%n] = grainZero
+	default:
+		t.gt[i/n][i%n] = uint32(b.Host / sectorSize)
+	}
+}
+
+// inflaters keeps zlib readers for reuse across grains.
+var inflaters sync.Pool
+
+// ReadSpecial reads a compressed grain: a marker (the grain's sector
+// number and the compressed length), then the zlib stream.
+func (t *grainTable) ReadSpecial(i int64, b blockmap.Block, p []byte, off int64, _ io.ReaderAt) error {
+	c := (*sparse)(t).File()
+	grainLen := int64(t.h.GrainSize) * sectorSize
+	var m [12]byte
+	if err := diskserve.ReadFullAt(c, m[:], b.Host); err != nil {
+		return corrupt(b.Host, "%s: read grain %d marker: %v", t.name, i, err)
+	}
+	n := int64(le.Uint32(m[8:]))
+	if n == 0 || n > 2*grainLen+4096 {
+		return corrupt(b.Host, "%s: grain %d claims %d compressed bytes", t.name, i, n)
+	}
+	z := make([]byte, n)
+	if err := diskserve.ReadFullAt(c, z, b.Host+12); err != nil {
+		return corrupt(b.Host, "%s: read grain %d: %v", t.name, i, err)
+	}
+	grain := make([]byte, grainLen)
+	var zr io.ReadCloser
+	var err error
+	if r, ok := inflaters.Get().(zlib.Resetter); ok {
+		err = r.Reset(bytes.NewReader(z), nil)
+		zr = r.(io.ReadCloser)
+	} else {
+		zr, err = zlib.NewReader(bytes.NewReader(z))
+	}
+	if err == nil {
+		var k int
+		k, err = io.ReadFull(zr, grain)
+		if err == io.ErrUnexpectedEOF {
+			clear(grain[k:]) // the last grain of an extent may be short
+			err = nil
+		}
+		inflaters.Put(zr)
+	}
+	if err != nil {
+		return corrupt(b.Host, "%s: inflate grain %d: %v", t.name, i, err)
+	}
+	copy(p, grain[off:])
+	return nil
+}
+
+// check reports grain table entries that point into the extent's
+// metadata or share a grain with another, and directories that differ
+// from their redundant copies.
+func (s *sparse) check(r *diskserve.CheckReport) {
+	problem := func(format string, args ...any) {
+		r.Corruptions++
+		r.Messages = append(r.Messages, fmt.Sprintf("ERROR: %s: ", s.name)+fmt.Sprintf(format, args...))
+	}
+	for t := range s.rgd {
+		if (s.rgd[t] == 0) != (s.gd[t] == 0) {
+			problem("grain directory entry %d is %d, its redundant copy %d", t, s.gd[t], s.rgd[t])
+		}
+	}
+	owner := map[uint32]int64{}
+	grains, _ := s.h.grains()
+	r.TotalClusters += grains
+	n := int64(s.h.NumGTEs)
+	for g := int64(0); g < grains; g++ {
+		if s.gt[g/n] == nil {
+			g = (g/n+1)*n - 1
+			continue
+		}
+		b := s.Lookup(g)
+		if b.State != blockmap.Data && b.State != blockmap.Special {
+			continue
+		}
+		r.Allocated++
+		e := uint32(b.Host / sectorSize)
+		if b.State == blockmap.Data && uint64(e) < s.h.Overhead {
+			problem("grain %d at sector %d lies in the metadata (the first %d sectors)", g, e, s.h.Overhead)
+		}
+		if j, ok := owner[e]; ok {
+			problem("grain %d shares sector %d with grain %d", g, e, j)
+		}
+		owner[e] = g
+	}
+}

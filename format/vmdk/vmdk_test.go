@@ -1,0 +1,286 @@
+package vmdk_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/vmdk"
+	"github.com/diskserve/diskserve/internal/formattest"
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+var (
+	sparse      = formattest.Variant{Name: "monolithicSparse"}
+	flat        = formattest.Variant{Name: "monolithicFlat", Options: []string{"subformat=monolithicFlat"}}
+	twoGbSparse = formattest.Variant{Name: "twoGbMaxExtentSparse", Options: []string{"subformat=twoGbMaxExtentSparse"}}
+	twoGbFlat   = formattest.Variant{Name: "twoGbMaxExtentFlat", Options: []string{"subformat=twoGbMaxExtentFlat"}}
+	stream      = formattest.Variant{Name: "streamOptimized", Options: []string{"subformat=streamOptimized"}}
+	zeroed      = formattest.Variant{Name: "zeroed_grain", Options: []string{"zeroed_grain=on"}}
+	ova         = formattest.Variant{Name: "OVA options", Options: []string{"adapter_type=lsilogic,subformat=streamOptimized,compat6"}}
+)
+
+// TestReadsQemuImages: every subformat qemu-img converts to reads byte
+// for byte, found by sniffing.
+func TestReadsQemuImages(t *testing.T) {
+	formattest.ReadsQemuImages(t, "vmdk", 9<<20+12345, true, []formattest.Variant{sparse, flat, twoGbSparse, twoGbFlat, stream, zeroed, ova})
+}
+
+// TestWritesLikeQemu: random workloads on the writable subformats read
+// back the same through qemu-img, whose check stays clean.
+func TestWritesLikeQemu(t *testing.T) {
+	formattest.WritesLikeQemu(t, "vmdk", 9<<20+512, true, []formattest.Variant{sparse, flat, twoGbSparse, twoGbFlat, zeroed})
+}
+
+// TestConvertsLikeQemu: diskserve's conversions, the stream-optimised
+// one included, compare equal in qemu-img.
+func TestConvertsLikeQemu(t *testing.T) {
+	formattest.ConvertsLikeQemu(t, "vmdk", 9<<20+1536, true, []formattest.Variant{sparse, flat, twoGbSparse, twoGbFlat, stream, zeroed, ova})
+}
+
+// TestInfoAgreesWithQemu: qemu-img info reads diskserve's disks with the
+// create type and adapter asked for.
+func TestInfoAgreesWithQemu(t *testing.T) {
+	dir := t.TempDir()
+	for _, v := range []formattest.Variant{sparse, flat, twoGbFlat, ova} {
+		img := filepath.Join(dir, strings.ReplaceAll(v.Name, " ", "_")+".vmdk")
+		if strings.Contains(v.Name, "OVA") {
+			formattest.Convert(t, mustOpen(t, "../../testdata/raw/pattern.img", "raw"), img, "vmdk", v.Options)
+		} else {
+			formattest.Create(t, img, "vmdk", 5<<20, v.Options)
+		}
+		out := string(testtool.Run(t, "qemu-img", "info", img))
+		want := v.Name
+		if strings.Contains(v.Name, "OVA") {
+			want = "streamOptimized"
+		}
+		if !strings.Contains(out, "create type: "+want) {
+			t.Fatalf("qemu-img info:\n%s", out)
+		}
+		d := mustOpen(t, img, "")
+		info := diskserve.Describe(d)
+		if info.Specific["create-type"] != want {
+			t.Fatalf("create type %v, want %s", info.Specific["create-type"], want)
+		}
+		if strings.Contains(v.Name, "OVA") && info.Specific["adapter-type"] != "lsilogic" {
+			t.Fatalf("adapter %v", info.Specific["adapter-type"])
+		}
+	}
+}
+
+// TestSplitExtents: a 5 GiB twoGbMaxExtent disk of each kind, written by
+// qemu-io and by diskserve across the 2 GiB extent boundaries; each reads
+// the other's writes.
+func TestSplitExtents(t *testing.T) {
+	for _, sub := range []string{"twoGbMaxExtentSparse", "twoGbMaxExtentFlat"} {
+		for _, maker := range []string{"qemu-img", "diskserve"} {
+			t.Run(sub+"/"+maker, func(t *testing.T) {
+				img := filepath.Join(t.TempDir(), "big.vmdk")
+				if maker == "qemu-img" {
+					testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat="+sub, img, "5G")
+				} else {
+					formattest.Create(t, img, "vmdk", 5<<30, []string{"subformat=" + sub})
+				}
+				testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 2147479552 8192", "-c", "write -P 0x6b 4294967296 4096", img)
+				d, err := format.Open(img, diskserve.Options{Format: "vmdk"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, 8192)
+				if _, err := d.ReadAt(got, 2147479552); err != nil || strings.Count(string(got), "\x5a") != 8192 {
+					t.Fatalf("qemu-io's write across the first boundary reads back wrong: %v", err)
+				}
+				p := []byte(strings.Repeat("\x7c", 12288))
+				if _, err := d.WriteAt(p, 4294967296-4096); err != nil {
+					t.Fatal(err)
+				}
+				if err := d.Close(); err != nil {
+					t.Fatal(err)
+				}
+				testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "read -P 0x7c 4294963200 12288", "-c", "read -P 0x5a 2147479552 8192", img)
+				testtool.QemuCheck(t, img)
+			})
+		}
+	}
+}
+
+// TestVMFS: an ESXi disk (a descriptor with a VMFS extent) reads as its
+// flat file does.
+func TestVMFS(t *testing.T) {
+	dir := t.TempDir()
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat", "../../testdata/raw/pattern.img", filepath.Join(dir, "esx.vmdk"))
+	desc, err := os.ReadFile(filepath.Join(dir, "esx.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Replace(strings.Replace(string(desc), "monolithicFlat", "vmfs", 1), " FLAT ", " VMFS ", 1)
+	if err := os.WriteFile(filepath.Join(dir, "esx.vmdk"), []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	formattest.Golden(t, filepath.Join(dir, "esx.vmdk"), "vmdk", true)
+}
+
+// TestDelta: a delta disk (parentFileNameHint) reads its parent where it
+// holds nothing, and diskserve's writes into it read back through qemu.
+func TestDelta(t *testing.T) {
+	dir := t.TempDir()
+	base, _ := formattest.Base(t, dir, 4<<20)
+	parent := filepath.Join(dir, "parent.vmdk")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
+	child := filepath.Join(dir, "child.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", child)
+	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x31 70000 100000", child)
+	want := testtool.QemuRaw(t, child, "-f", "vmdk")
+	d, err := format.Open(child, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info := diskserve.Describe(d); info.BackingFile != "parent.vmdk" || info.Backing == nil {
+		t.Fatalf("backing %q %v", info.BackingFile, info.Backing)
+	}
+	formattest.CheckContent(t, d, want)
+	p := []byte(strings.Repeat("\x42", 5000))
+	if _, err := d.WriteAt(p, 3<<20+100); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[3<<20+100:], p)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testtool.QemuRaw(t, child, "-f", "vmdk"); string(got) != string(want) {
+		t.Fatal("qemu-img reads other bytes from the delta disk than diskserve wrote")
+	}
+	testtool.QemuCheck(t, child)
+}
+
+// TestConfined: a descriptor naming extents outside the directory is
+// refused under --confine (the Glance CVE-2024-32498 class), and opens
+// without it.
+func TestConfined(t *testing.T) {
+	root := t.TempDir()
+	inside := filepath.Join(root, "images")
+	if err := os.Mkdir(inside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(root, "secret")
+	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 4096)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	policy, err := diskserve.Confine(inside)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{secret, "../secret", "/etc/passwd"} {
+		img := filepath.Join(inside, "evil.vmdk")
+		desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"" + name + "\" 0\n"
+		if err := os.WriteFile(img, []byte(desc), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d, err := format.Open(img, diskserve.Options{ReadOnly: true, ResolvePath: policy})
+		if err == nil {
+			d.Close()
+			t.Fatalf("extent %q opened under confinement", name)
+		}
+		if !errors.Is(err, diskserve.ErrOutsideConfinement) {
+			t.Fatalf("extent %q: %v, want an error wrapping ErrOutsideConfinement", name, err)
+		}
+	}
+}
+
+func TestGolden(t *testing.T) {
+	for _, img := range []string{"pattern.vmdk", "pattern-stream.vmdk"} {
+		t.Run(img, func(t *testing.T) { formattest.Golden(t, "../../testdata/vmdk/"+img, "vmdk", true) })
+	}
+}
+
+// TestHostile opens damaged disks: each is refused with a vmdk error
+// naming what is wrong.
+func TestHostile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", good, "8M")
+	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 1 0 1M", good)
+	le32 := func(b []byte, off int, v uint32) { b[off], b[off+1], b[off+2], b[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
+	le64 := func(b []byte, off int, v uint64) { le32(b, off, uint32(v)); le32(b, off+4, uint32(v>>32)) }
+	for _, tc := range []struct {
+		name, msg string
+		edit      func(b []byte) []byte
+	}{
+		{"huge capacity", "more than diskserve", func(b []byte) []byte { le64(b, 12, 1<<50); return b }},
+		{"grains beyond the load limit", "more than diskserve loads", func(b []byte) []byte { le64(b, 12, 1<<39); le64(b, 20, 8); return b }},
+		{"grain size", "grain size", func(b []byte) []byte { le64(b, 20, 3); return b }},
+		{"grain table entries", "entries per grain table", func(b []byte) []byte { le32(b, 44, 100000); return b }},
+		{"grain table past the end", "past the end of the file", func(b []byte) []byte { le32(b, 26*512, 0x7fffffff); return b }},
+		{"grain past the end", "past the end of the file", func(b []byte) []byte { le32(b, 27*512, 0x7ffffff0); return b }},
+		{"version", "version", func(b []byte) []byte { le32(b, 4, 9); return b }},
+		{"descriptor", "descriptor", func(b []byte) []byte { copy(b[512:], "nonsense\n"); return b }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := os.ReadFile(good)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img := filepath.Join(t.TempDir(), "bad.vmdk")
+			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			d, err := format.Open(img, diskserve.Options{})
+			if err == nil {
+				d.Close()
+				t.Fatal("opened")
+			}
+			var fe *diskserve.FormatError
+			if !errors.As(err, &fe) || fe.Format != "vmdk" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
+				t.Fatalf("error %q: want a vmdk error naming %s and saying %q", err, img, tc.msg)
+			}
+		})
+	}
+}
+
+// TestSelfParent: a delta disk that names itself as its parent stops at
+// the nesting limit.
+func TestSelfParent(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "self.vmdk")
+	desc := "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\ncreateType=\"monolithicFlat\"\nparentFileNameHint=\"self.vmdk\"\nRW 8 FLAT \"self-flat.vmdk\" 0\n"
+	if err := os.WriteFile(img, []byte(desc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "self-flat.vmdk"), make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := format.Open(img, diskserve.Options{ReadOnly: true})
+	if err == nil {
+		d.Close()
+		t.Fatal("a disk that is its own parent opened")
+	}
+	if !errors.Is(err, diskserve.ErrNestingDepth) {
+		t.Fatalf("%v, want an error wrapping ErrNestingDepth", err)
+	}
+}
+
+func FuzzOpen(f *testing.F) {
+	for _, img := range []string{"pattern.vmdk", "pattern-stream.vmdk"} {
+		b, err := os.ReadFile("../../testdata/vmdk/" + img)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b[:min(len(b), 65536)])
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { formattest.FuzzImage(t, vmdk.Format, b) })
+}
+
+func mustOpen(t *testing.T, path, fmtName string) diskserve.DiskFile {
+	t.Helper()
+	d, err := format.Open(path, diskserve.Options{Format: fmtName, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
