@@ -16,6 +16,7 @@ import (
 	"github.com/diskserve/diskserve/format/sparse"
 	"github.com/diskserve/diskserve/format/vdi"
 	"github.com/diskserve/diskserve/format/vhd"
+	"github.com/diskserve/diskserve/format/vhdx"
 	"github.com/diskserve/diskserve/format/vmdk"
 	"github.com/diskserve/diskserve/format/zstd"
 	"github.com/diskserve/diskserve/remote"
@@ -31,6 +32,7 @@ func All() []diskserve.Format {
 		zstd.Format,
 		vdi.Format,
 		vhd.Format,
+		vhdx.Format,
 		vmdk.Format,
 		raw.Format,
 	}

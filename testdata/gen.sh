@@ -72,6 +72,9 @@ mkdir -p vmdk
 rm -f vmdk/*.vmdk
 qemu-img convert -q -f raw -O vmdk raw/pattern.img vmdk/pattern.vmdk
 qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized raw/pattern.img vmdk/pattern-stream.vmdk
+mkdir -p vhdx
+rm -f vhdx/*.vhdx
+qemu-img convert -q -f raw -O vhdx -o block_size=1M raw/pattern.img vhdx/pattern.vhdx
 # A plain zstd stream without a seek table: recognised as zstd, and refused
 # as a disk (it cannot be read at an offset).
 zstd -q -19 raw/pattern.img -o zstd/plain.zst

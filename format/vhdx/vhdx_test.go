@@ -1,0 +1,187 @@
+package vhdx_test
+
+import (
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/format/vhdx"
+	"github.com/diskserve/diskserve/internal/formattest"
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+var (
+	dynamic   = formattest.Variant{Name: "dynamic"}
+	fixed     = formattest.Variant{Name: "fixed", Options: []string{"subformat=fixed"}}
+	small     = formattest.Variant{Name: "1M blocks", Options: []string{"block_size=1M"}}
+	notZeroed = formattest.Variant{Name: "blocks not present", Options: []string{"block_state_zero=off,block_size=2M,log_size=2M"}}
+)
+
+// TestReadsQemuImages: VHDX disks qemu-img converted read byte for byte.
+func TestReadsQemuImages(t *testing.T) {
+	formattest.ReadsQemuImages(t, "vhdx", 9<<20+12345, true, []formattest.Variant{dynamic, fixed, small, notZeroed})
+}
+
+// TestWritesLikeQemu: random workloads on qemu-img's and diskserve's
+// disks read back the same through qemu-img, whose check stays clean.
+func TestWritesLikeQemu(t *testing.T) {
+	formattest.WritesLikeQemu(t, "vhdx", 9<<20+512, true, []formattest.Variant{dynamic, fixed, small, notZeroed})
+}
+
+// TestConvertsLikeQemu: diskserve's conversions compare equal in qemu-img.
+func TestConvertsLikeQemu(t *testing.T) {
+	formattest.ConvertsLikeQemu(t, "vhdx", 9<<20+1536, true, []formattest.Variant{dynamic, fixed, small})
+}
+
+// TestInfoAgreesWithQemu: qemu-img info agrees on the virtual size and
+// block size diskserve gives new disks, for sizes across the defaults.
+func TestInfoAgreesWithQemu(t *testing.T) {
+	for _, size := range []string{"10000000", "1G", "2G", "200G"} {
+		dir := t.TempDir()
+		ours, theirs := filepath.Join(dir, "ours.vhdx"), filepath.Join(dir, "theirs.vhdx")
+		n, err := diskserve.ParseSize(size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		formattest.Create(t, ours, "vhdx", n, nil)
+		testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", theirs, size)
+		a := infoLines(t, ours)
+		b := infoLines(t, theirs)
+		if a != b {
+			t.Fatalf("%s: qemu-img info of diskserve's disk:\n%s\nof its own:\n%s", size, a, b)
+		}
+		testtool.QemuCheck(t, ours)
+	}
+}
+
+func infoLines(t *testing.T, img string) string {
+	var keep []string
+	for _, l := range strings.Split(string(testtool.Run(t, "qemu-img", "info", img)), "\n") {
+		if strings.HasPrefix(l, "virtual size") || strings.HasPrefix(l, "cluster_size") || strings.HasPrefix(l, "file format") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}
+
+// TestLogReplay replays a log qemu wrote. qemu applies its log and
+// clears the header's log GUID before it returns from a write, so a crash
+// that leaves a log to replay is made here from qemu's real log: the BAT
+// is put back as it was before qemu's writes, and the header names the
+// log again, as a crash between qemu's log flush and its BAT update
+// leaves it. A read-only open is refused saying why; a read-write open
+// replays the log, and the data qemu wrote reads back; qemu-img check then
+// finds the disk clean.
+func TestLogReplay(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "dirty.vhdx")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "16M")
+	before, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testtool.Run(t, "qemu-io", "-f", "vhdx", "-c", "write -P 0x3c 1M 8k", "-c", "write -P 0x4d 9M 1M", img)
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const logOff, batOff = 1 << 20, 2 << 20
+	if string(b[logOff:logOff+4]) != "loge" {
+		t.Fatal("qemu wrote no log entry")
+	}
+	copy(b[batOff:batOff+4096], before[batOff:batOff+4096])
+	cur := 64 << 10
+	if binary.LittleEndian.Uint64(b[128<<10+8:]) > binary.LittleEndian.Uint64(b[cur+8:]) {
+		cur = 128 << 10
+	}
+	h := b[cur : cur+4096]
+	// qemu names each log write with a new GUID: the header names the
+	// newest entry's.
+	newest := -1
+	for off := logOff; off < batOff; off += 4096 {
+		if string(b[off:off+4]) == "loge" && (newest < 0 || binary.LittleEndian.Uint64(b[off+16:]) > binary.LittleEndian.Uint64(b[newest+16:])) {
+			newest = off
+		}
+	}
+	copy(h[48:64], b[newest+32:newest+48])
+	binary.LittleEndian.PutUint32(h[4:], 0)
+	binary.LittleEndian.PutUint32(h[4:], crc32.Checksum(h, crc32.MakeTable(crc32.Castagnoli)))
+	if err := os.WriteFile(img, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	_, err = format.Open(img, diskserve.Options{ReadOnly: true})
+	if err == nil || !strings.Contains(err.Error(), "log must be replayed") {
+		t.Fatalf("read-only open of a disk with a log: %v", err)
+	}
+	d, err := format.Open(img, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1<<20)
+	if _, err := d.ReadAt(got, 9<<20); err != nil || strings.Count(string(got), "\x4d") != len(got) {
+		t.Fatalf("after replay, qemu's 1 MiB write reads back wrong: %v", err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testtool.QemuCheck(t, img)
+	testtool.Run(t, "qemu-io", "-f", "vhdx", "-r", "-c", "read -P 0x3c 1M 8k", "-c", "read -P 0x4d 9M 1M", img)
+}
+
+func TestGolden(t *testing.T) {
+	formattest.Golden(t, "../../testdata/vhdx/pattern.vhdx", "vhdx", true)
+}
+
+// TestHostile opens damaged disks: each is refused with a vhdx error
+// naming the file and what is wrong.
+func TestHostile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.vhdx")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", good, "8M")
+	testtool.Run(t, "qemu-io", "-f", "vhdx", "-c", "write -P 1 0 1M", good)
+	for _, tc := range []struct {
+		name, msg string
+		edit      func(b []byte) []byte
+	}{
+		{"no header", "neither header is valid", func(b []byte) []byte { b[64<<10] ^= 1; b[128<<10] ^= 1; return b }},
+		{"no region table", "neither region table is valid", func(b []byte) []byte { b[192<<10+20] ^= 1; b[256<<10+20] ^= 1; return b }},
+		{"BAT entry outside the file", "outside the file", func(b []byte) []byte { b[2<<20+7] = 0x7f; return b }},
+		{"undefined state", "not defined", func(b []byte) []byte { b[2<<20] = 5; return b }},
+		{"truncated", "region", func(b []byte) []byte { return b[:3<<20] }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := os.ReadFile(good)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img := filepath.Join(t.TempDir(), "bad.vhdx")
+			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			d, err := format.Open(img, diskserve.Options{})
+			if err == nil {
+				d.Close()
+				t.Fatal("opened")
+			}
+			var fe *diskserve.FormatError
+			if !errors.As(err, &fe) || fe.Format != "vhdx" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
+				t.Fatalf("error %q: want a vhdx error naming %s and saying %q", err, img, tc.msg)
+			}
+		})
+	}
+}
+
+func FuzzOpen(f *testing.F) {
+	b, err := os.ReadFile("../../testdata/vhdx/pattern.vhdx")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b[:4<<20]) // the metadata: blocks lie past the end
+	f.Fuzz(func(t *testing.T, b []byte) { formattest.FuzzImage(t, vhdx.Format, b) })
+}
