@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -48,9 +49,26 @@ var jobs = []job{
 	{"text raw to compressed qcow2 (-c)", "text", []string{"-c", "-O", "qcow2"}, []string{"-c", "-f", "raw", "-O", "qcow2"}},
 }
 
+// formatJobs converts to and from the formats of other hypervisors (-formats).
+func formatJobs(formats []string) []job {
+	var js []job
+	for _, f := range formats {
+		name, opts := f, []string{"-O", f}
+		if f == "vmdk-stream" {
+			name, opts = "streamOptimized vmdk", []string{"-O", "vmdk", "-o", "subformat=streamOptimized"}
+		}
+		js = append(js,
+			job{"raw to " + name, "raw", opts, append([]string{"-f", "raw"}, opts...)},
+			job{name + " to raw", f, []string{"-O", "raw"}, []string{"-f", strings.TrimSuffix(f, "-stream"), "-O", "raw"}})
+	}
+	return js
+}
+
 func main() {
 	rounds := flag.Int("rounds", 3, "rounds of every conversion; figures are medians")
 	size := flag.Int64("size", 2<<30, "virtual size of the source image in bytes")
+	formats := flag.String("formats", "", "also convert raw to and from these formats, comma-separated (vdi, vpc, vhdx, vmdk, vmdk-stream); with -only-formats, nothing else")
+	onlyFormats := flag.Bool("only-formats", false, "run only the -formats jobs")
 	flag.Parse()
 	log.SetFlags(0)
 	dir, bin := fio.Setup("convertbench")
@@ -63,6 +81,20 @@ func main() {
 	fio.WriteRandom(srcs["raw"], *size, spans)
 	run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", srcs["raw"], srcs["qcow2"])
 	fio.WriteText(srcs["text"], *size, spans)
+	var extra []string
+	if *formats != "" {
+		extra = strings.Split(*formats, ",")
+	}
+	for _, f := range extra {
+		srcs[f] = filepath.Join(dir, "src."+f)
+		args := formatJobs([]string{f})[0].qemu
+		run("qemu-img", append(append([]string{"convert"}, args...), srcs["raw"], srcs[f])...)
+	}
+	jobs := jobs
+	if *onlyFormats {
+		jobs = nil
+	}
+	jobs = append(slices.Clone(jobs), formatJobs(extra)...)
 
 	times := map[string]map[string][]float64{}
 	for round := range *rounds {

@@ -110,7 +110,7 @@ func main() {
 	runtime := flag.Duration("runtime", 5*time.Second, "time per fio job")
 	size := flag.Int64("size", 1<<30, "size of the fio image in bytes")
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
-	format := flag.String("format", "raw", "image format to serve: raw, or qcow2 (converted from the raw images by qemu-img)")
+	format := flag.String("format", "raw", "image format to serve: raw, or qcow2, vdi, vpc, vhdx or vmdk (converted from the raw images by qemu-img)")
 	engines := flag.String("aio", "pool,uring", "diskserve's I/O engines to measure, comma-separated")
 	stateFlag := flag.String("state", "fresh", "the image's state before each server's run: fresh (written sequentially just before), settled (rewritten in 4k pieces in random order), cold (out of the page cache; use -size 4G or more), direct (cold, and every server bypasses the page cache)")
 	flag.Parse()
@@ -133,8 +133,8 @@ func main() {
 		spans = append(spans, [2]int64{i * (128 << 20), 4 << 20})
 	}
 	fio.WriteRandom(sparse, 8<<30, spans)
-	if *format == "qcow2" {
-		img, sparse = toQcow2(img), toQcow2(sparse)
+	if *format != "raw" {
+		img, sparse = convert(img, *format), convert(sparse, *format)
 	}
 	ps := peers(bin, *format, strings.Split(*engines, ","), state)
 	image := fio.NewImage(img, state)
@@ -173,11 +173,11 @@ func main() {
 	}
 }
 
-// toQcow2 converts a raw image with qemu-img, which allocates every cluster
-// holding data and none of the holes.
-func toQcow2(raw string) string {
-	out := strings.TrimSuffix(raw, ".raw") + ".qcow2"
-	if b, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out).CombinedOutput(); err != nil {
+// convert converts a raw image with qemu-img to format, which allocates
+// every cluster or block holding data and none of the holes.
+func convert(raw, format string) string {
+	out := strings.TrimSuffix(raw, ".raw") + "." + format
+	if b, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", format, raw, out).CombinedOutput(); err != nil {
 		log.Fatalf("qemu-img convert: %v\n%s", err, b)
 	}
 	return out

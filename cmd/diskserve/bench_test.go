@@ -99,7 +99,7 @@ func TestBench(t *testing.T) {
 			}
 		})
 	}
-	if _, stderr, code := run(t, nil, "bench", "-f", "vmdk"); code == 0 || !strings.Contains(stderr, `unknown format "vmdk"`) {
-		t.Errorf("bench -f vmdk: exit %d, %s", code, stderr)
+	if _, stderr, code := run(t, nil, "bench", "-f", "qed"); code == 0 || !strings.Contains(stderr, `unknown format "qed"`) {
+		t.Errorf("bench -f qed: exit %d, %s", code, stderr)
 	}
 }

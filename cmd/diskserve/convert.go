@@ -76,7 +76,7 @@ cost a decompression. -p shows a progress bar on a terminal.`,
 		},
 	}
 	fl := cmd.Flags()
-	src.register(fl, withSnapshotL, "SRC")
+	src.register(fl, withSnapshotL|withConfine, "SRC")
 	fl.StringVarP(&dstFmt, "output-format", "O", "raw", "format of DST: "+strings.Join(writableNames(), ", "))
 	fl.StringArrayVarP(&options, "options", "o", nil, "options of the output format, OPT=VALUE[,OPT=VALUE...]")
 	fl.BoolVarP(&compress, "compress", "c", false, "store the data compressed (qcow2: zlib, or zstd with -o compression_type=zstd)")

@@ -192,7 +192,7 @@ func TestConvertErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"convert", "-O", "vmdk", src, filepath.Join(dir, "x")}, `unknown disk format "vmdk"`},
+		{[]string{"convert", "-O", "qed", src, filepath.Join(dir, "x")}, `unknown disk format "qed"`},
 		{[]string{"convert", "-c", "-O", "raw", src, filepath.Join(dir, "x")}, "raw images cannot store data compressed"},
 		{[]string{"convert", "-O", "android-sparse", "-o", "block_size=1022", src, filepath.Join(dir, "x")}, "block size 1022"},
 		{[]string{"convert", "-O", "raw", filepath.Join(dir, "missing"), filepath.Join(dir, "x")}, "no such file"},
@@ -222,10 +222,15 @@ func TestConvertRoundTrips(t *testing.T) {
 	testtool.Run(t, "qemu-img", "convert", "-O", "raw", src, ref)
 	testtool.Run(t, "qemu-img", "resize", "-q", "-f", "raw", "--shrink", ref, "30000K")
 	want, _ := os.ReadFile(ref)
-	formats := []string{"raw", "qcow2", "qcow2-compressed", "android-sparse", "zstd"}
+	formats := []string{"raw", "qcow2", "qcow2-compressed", "android-sparse", "zstd", "vdi", "vpc", "vhdx", "vmdk", "vmdk-stream"}
 	args := func(f string) []string {
-		if f == "qcow2-compressed" {
+		switch f {
+		case "qcow2-compressed":
 			return []string{"-c", "-O", "qcow2"}
+		case "vpc":
+			return []string{"-O", "vpc", "-o", "force_size=on"} // the size as it is, not rounded to a geometry
+		case "vmdk-stream":
+			return []string{"-O", "vmdk", "-o", "subformat=streamOptimized"}
 		}
 		return []string{"-O", f}
 	}

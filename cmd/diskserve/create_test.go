@@ -60,7 +60,7 @@ func TestCreate(t *testing.T) {
 		{[]string{"create", "-f", "qcow2", "-o", "frob=1", filepath.Join(dir, "x.qcow2"), "1G"}, `unknown qcow2 option "frob"`},
 		{[]string{"create", "-f", "qcow2", "-o", "cluster_size=512", filepath.Join(dir, "x.qcow2"), "1T"}, "L1 table larger"},
 		{[]string{"create", "-f", "qcow2", "-b", "missing.raw", filepath.Join(dir, "x.qcow2")}, "missing.raw: no such file"},
-		{[]string{"create", "-f", "vmdk", filepath.Join(dir, "x"), "1G"}, `unknown disk format "vmdk"`},
+		{[]string{"create", "-f", "qed", filepath.Join(dir, "x"), "1G"}, `unknown disk format "qed"`},
 		{[]string{"create", "-f", "raw", filepath.Join(dir, "x"), "12Q"}, "is not a size"},
 	} {
 		if _, errOut, code := run(t, nil, tc.args...); code != 1 || !strings.Contains(errOut, tc.want) || strings.Count(errOut, "\n") != 1 {

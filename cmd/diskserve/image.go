@@ -121,7 +121,7 @@ type imageFlags struct {
 }
 
 func (f *imageFlags) register(fs *pflag.FlagSet) {
-	f.openFlags.register(fs, 0, "IMAGE")
+	f.openFlags.register(fs, withConfine, "IMAGE")
 	fs.StringVar(&f.output, "output", "human", "output format: human or json")
 }
 

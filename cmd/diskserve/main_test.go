@@ -152,7 +152,7 @@ func TestBadInput(t *testing.T) {
 		{"unreadable file", nobody, []string{"info", unreadable}, unreadable + ": permission denied"},
 		{"truncated header", nil, []string{"info", truncated}, truncated + ": qcow2: "},
 		{"map of missing file", nil, []string{"map", filepath.Join(dir, "missing.img")}, "no such file or directory"},
-		{"unknown format", nil, []string{"info", "-f", "vmdk", truncated}, `unknown disk format "vmdk"`},
+		{"unknown format", nil, []string{"info", "-f", "qed", truncated}, `unknown disk format "qed"`},
 		{"bad output", nil, []string{"info", "--output=xml", truncated}, "--output must be human or json"},
 		{"no image", nil, []string{"info"}, "info takes one image"},
 		{"unknown flag", nil, []string{"map", "--frobnicate", truncated}, "unknown flag: --frobnicate"},
