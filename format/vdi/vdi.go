@@ -261,21 +261,21 @@ func (t *table) Reserve(i int64) (int64, error) {
 	if t.next >= t.h.BlocksInImage {
 		return 0, corrupt(offAllocated, "no place left for block %d: %d of %d places in use", i, t.next, t.h.BlocksInImage)
 	}
-	return int64(t.h.OffsetData) + int64(t.next)*blockSize, nil
+	place := t.next
+	t.next++
+	t.h.BlocksAllocated = max(t.h.BlocksAllocated, t.next)
+	return int64(t.h.OffsetData) + int64(place)*blockSize, nil
 }
 
 // Record writes the map entry, then the header's count. A crash between
 // the two leaves the count low, which open corrects from the map.
 func (t *table) Record(i int64, host int64) error {
-	place := uint32((host - int64(t.h.OffsetData)) / blockSize)
 	var b [4]byte
-	le.PutUint32(b[:], place)
+	le.PutUint32(b[:], uint32((host-int64(t.h.OffsetData))/blockSize))
 	c := (*Disk)(t).File()
 	if _, err := c.WriteAt(b[:], int64(t.h.OffsetBmap)+i*4); err != nil {
 		return err
 	}
-	t.next = place + 1
-	t.h.BlocksAllocated = max(t.h.BlocksAllocated, t.next)
 	le.PutUint32(b[:], t.h.BlocksAllocated)
 	_, err := c.WriteAt(b[:], offAllocated)
 	return err

@@ -316,30 +316,30 @@ func (t *table) Reserve(i int64) (int64, error) {
 	if _, err := c.WriteAt(bm, t.free); err != nil {
 		return 0, err
 	}
-	return t.free + t.bitmap, nil
+	host := t.free + t.bitmap
+	t.free = host + int64(t.dyn.BlockSize)
+	return host, nil
 }
 
-// Record writes the footer after the new block, then the BAT entry. A
-// crash between the two leaves the block unreferenced, and the footer
-// copy at the start still describes the disk.
+// Record writes the footer at the file's end, after every block reserved
+// so far, then the BAT entry. Until then a dynamic disk's footer is found
+// by its copy at the start.
 func (t *table) Record(i int64, host int64) error {
 	c := (*Disk)(t).File()
-	end := host + int64(t.dyn.BlockSize)
-	if err := diskserve.Resize(c, end+footerLen); err != nil {
-		return err
+	if c.Size() < t.free+footerLen {
+		if err := diskserve.Resize(c, t.free+footerLen); err != nil {
+			return err
+		}
 	}
 	fb := make([]byte, footerLen)
 	t.foot.encode(fb)
-	if _, err := c.WriteAt(fb, end); err != nil {
+	if _, err := c.WriteAt(fb, t.free); err != nil {
 		return err
 	}
 	var b [4]byte
 	be.PutUint32(b[:], uint32((host-t.bitmap)/sectorSize))
-	if _, err := c.WriteAt(b[:], int64(t.dyn.TableOffset)+i*4); err != nil {
-		return err
-	}
-	t.free = end
-	return nil
+	_, err := c.WriteAt(b[:], int64(t.dyn.TableOffset)+i*4)
+	return err
 }
 
 func (t *table) Set(i int64, b blockmap.Block) {

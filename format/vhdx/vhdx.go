@@ -395,17 +395,15 @@ func (t *table) Reserve(int64) (int64, error) {
 	if t.free/mib >= 1<<44 {
 		return 0, fmt.Errorf("the file has grown past what a BAT entry can address")
 	}
-	return t.free, nil
+	host := t.free
+	t.free += t.blockSize
+	return host, nil
 }
 
 // Record writes the block's BAT entry: one sector, after the block's data
 // is durable.
 func (t *table) Record(i int64, host int64) error {
-	if err := t.writeEntry(i, uint64(host/mib)<<batOffsetShift|stateFullPresent); err != nil {
-		return err
-	}
-	t.free = host + t.blockSize
-	return nil
+	return t.writeEntry(i, uint64(host/mib)<<batOffsetShift|stateFullPresent)
 }
 
 // RecordZero marks an unallocated block as zero.

@@ -272,17 +272,15 @@ func (t *grainTable) Reserve(i int64) (int64, error) {
 	if t.free/sectorSize >= 1<<32-1 {
 		return 0, fmt.Errorf("%s: the extent has grown past what a grain table entry can address", t.name)
 	}
-	return t.free, nil
+	host := t.free
+	t.free += int64(t.h.GrainSize) * sectorSize
+	return host, nil
 }
 
 // Record writes the grain's entry into its grain table and the redundant
 // one.
 func (t *grainTable) Record(i int64, host int64) error {
-	if err := t.writeEntry(i, uint32(host/sectorSize)); err != nil {
-		return err
-	}
-	t.free = host + int64(t.h.GrainSize)*sectorSize
-	return nil
+	return t.writeEntry(i, uint32(host/sectorSize))
 }
 
 // writeEntry writes entry e of grain i into both grain tables.

@@ -56,15 +56,19 @@ type Table interface {
 	// Lookup returns the entry of block i, from memory.
 	Lookup(i int64) Block
 
-	// Reserve returns where a new block i will be stored: the file
-	// offset of its first data byte. It may write what must precede the
-	// data (VHD's sector bitmap). The disk then writes the data there and
-	// makes it durable before calling Record.
+	// Reserve returns where a new block i will be stored, the file
+	// offset of its first data byte, and takes that space: the next
+	// Reserve returns a place after it. It may write what must precede
+	// the data (VHD's sector bitmap). The disk then grows the file to
+	// hold the block and writes the data there (skipping runs of zeroes
+	// in space the file did not have).
 	Reserve(i int64) (host int64, err error)
 
 	// Record writes the entry saying block i is stored at host into the
-	// image file (and whatever else an allocation changes: a VHD footer,
-	// a VDI header's count). The disk then calls Set.
+	// image file (and whatever else an allocation changes: the VHD
+	// footer at the file's new end, a VDI header's count). The disk calls
+	// it at its next flush, once the block's data is durable, for the
+	// blocks allocated since, in the order they were reserved.
 	Record(i int64, host int64) error
 
 	// Set makes Lookup(i) return b.
@@ -120,9 +124,15 @@ type Disk struct {
 	cfg Config
 
 	mu      sync.RWMutex // guards the table against Set
-	allocMu sync.Mutex   // serialises allocations
+	allocMu sync.Mutex   // serialises allocations and their records
 	failed  error        // set under allocMu: a failed allocation stops writes
+	pending []int64      // under allocMu: blocks allocated, not yet recorded in the file
 }
+
+// maxPending bounds the blocks allocated between two records: past it an
+// allocation records them all, so that a client that never flushes loses
+// at most that many blocks' entries to a crash.
+const maxPending = 4096
 
 // New returns the disk that cfg describes.
 func New(cfg Config) *Disk {
@@ -151,11 +161,17 @@ func (d *Disk) Lookup(i int64) Block {
 	return d.cfg.Table.Lookup(i)
 }
 
-// Exclusive runs fn with allocations excluded: for checks and repairs
-// that walk the table and the format's counters.
+// Exclusive runs fn with allocations excluded and, on a writable disk,
+// every allocation recorded in the file: for checks and repairs that walk
+// the table, the format's counters and the file.
 func (d *Disk) Exclusive(fn func() error) error {
 	d.allocMu.Lock()
 	defer d.allocMu.Unlock()
+	if !d.cfg.ReadOnly {
+		if err := d.record(); err != nil {
+			return err
+		}
+	}
 	return fn()
 }
 
@@ -270,9 +286,11 @@ const piece = 1 << 20
 // allocate stores block i anew: its current content with [in, in+n)
 // replaced by p, or by zeroes when p is nil. The content is built and
 // written a piece at a time, and pieces of zeroes in space the file did
-// not have before are skipped, so that the image file stays sparse. A
-// failure after the data is placed leaves the disk refusing writes: the
-// file's end may no longer be where the table thinks.
+// not have before are skipped, so that the image file stays sparse. The
+// block's entry is in memory at once and reaches the file at the next
+// flush (record). A failure after the place is reserved leaves the disk
+// refusing writes: the file's end may no longer be where the table
+// thinks.
 func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	d.allocMu.Lock()
 	defer d.allocMu.Unlock()
@@ -311,12 +329,6 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 			err = d.writeHost(part, host+o)
 		}
 	}
-	if err == nil {
-		err = d.cfg.Sync()
-	}
-	if err == nil {
-		err = d.cfg.Table.Record(i, host)
-	}
 	if err != nil {
 		d.failed = fmt.Errorf("%s: an earlier block allocation failed, writes are refused: %w", d.cfg.Path, err)
 		return err
@@ -324,7 +336,32 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	d.mu.Lock()
 	d.cfg.Table.Set(i, Block{State: Data, Host: host})
 	d.mu.Unlock()
+	d.pending = append(d.pending, i)
+	if len(d.pending) >= maxPending {
+		return d.record()
+	}
 	return nil
+}
+
+// record makes the data of the blocks allocated since the last record
+// durable, then writes their entries, then makes those durable: the
+// table on disk never names a block whose data could be lost. The
+// caller holds allocMu.
+func (d *Disk) record() error {
+	if err := d.cfg.Sync(); err != nil {
+		return err
+	}
+	if len(d.pending) == 0 {
+		return nil
+	}
+	for k, i := range d.pending {
+		if err := d.cfg.Table.Record(i, d.Lookup(i).Host); err != nil {
+			d.pending = d.pending[k:]
+			return fmt.Errorf("%s: record block %d: %w", d.cfg.Path, i, err)
+		}
+	}
+	d.pending = d.pending[:0]
+	return d.cfg.Sync()
 }
 
 // readBlockState fills p with what block i, in state b, reads as from
@@ -452,9 +489,10 @@ func (d *Disk) PunchHole(off, n int64) error {
 	return d.WriteZeroesAt(off, n, diskserve.ZeroMayUnmap)
 }
 
-// AppendExtents reports stored blocks as data, zero blocks as zero holes,
-// and unallocated blocks as the backing disk's extents (zero holes past
-// its end or without one). Special blocks are data.
+// AppendExtents reports stored blocks as data, or zeroes where the image
+// file has holes in them; zero blocks as zero holes; unallocated blocks
+// as the backing disk's extents (zero holes past its end or without one).
+// Special blocks are data.
 func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 	bs := d.cfg.BlockSize
 	hole := diskserve.ExtentHole | diskserve.ExtentZero
@@ -464,8 +502,13 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		if run := d.unallocatedRun(i); run > 1 {
 			m = min(end-off, run*bs-off%bs)
 		}
-		switch d.Lookup(i).State {
-		case Data, Special:
+		switch b := d.Lookup(i); b.State {
+		case Data:
+			var err error
+			if dst, err = d.hostExtents(dst, off, m, b.Host+off%bs); err != nil {
+				return dst, err
+			}
+		case Special:
 			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m})
 		case Zero:
 			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: m, Flags: hole})
@@ -476,6 +519,25 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 			}
 		}
 		off += m
+	}
+	return dst, nil
+}
+
+// hostExtents appends the extents of [off, off+n), stored at host in the
+// image file: data where the file has data, zeroes where it has a hole
+// (a block written only in part, or punched). The range stays allocated
+// in the image, so it is never a hole of the disk.
+func (d *Disk) hostExtents(dst []diskserve.Extent, off, n, host int64) ([]diskserve.Extent, error) {
+	ext, err := diskserve.Extents(d.cfg.File, nil, host, n)
+	if err != nil {
+		return dst, fmt.Errorf("%s: %w", d.cfg.Path, err)
+	}
+	for _, e := range ext {
+		flags := diskserve.ExtentFlags(0)
+		if e.Flags&diskserve.ExtentZero != 0 {
+			flags = diskserve.ExtentZero
+		}
+		dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: e.Off - host + off, Len: e.Len, Flags: flags})
 	}
 	return dst, nil
 }
@@ -553,19 +615,25 @@ func (d *Disk) unallocatedRun(i int64) int64 {
 	return rr.Unallocated(i)
 }
 
-// Flush makes every completed write durable: the image file's, and the
-// backing disk has nothing to flush (it is opened read-only).
+// Flush makes every completed write durable: the data, then the entries
+// of the blocks allocated since the last flush. The backing disk has
+// nothing to flush (it is opened read-only).
 func (d *Disk) Flush() error {
 	if d.cfg.ReadOnly {
 		return nil
 	}
-	return d.cfg.Sync()
+	d.allocMu.Lock()
+	defer d.allocMu.Unlock()
+	return d.record()
 }
 
-// Close writes back what the format keeps, then closes the image file
-// and the backing disk.
+// Close records the blocks allocated since the last flush, writes back
+// what the format keeps, then closes the image file and the backing disk.
 func (d *Disk) Close() error {
 	var err error
+	if !d.cfg.ReadOnly {
+		err = d.Flush()
+	}
 	if d.cfg.Close != nil {
 		err = d.cfg.Close()
 	}

@@ -1,0 +1,151 @@
+package blockmap
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/internal/disktest"
+)
+
+// logFile is an image file in memory that logs the writes, resizes and
+// syncs made to it.
+type logFile struct {
+	mu  sync.Mutex
+	b   []byte
+	log []string
+}
+
+func (f *logFile) Size() int64    { f.mu.Lock(); defer f.mu.Unlock(); return int64(len(f.b)) }
+func (f *logFile) ReadOnly() bool { return false }
+func (f *logFile) Close() error   { return nil }
+
+func (f *logFile) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p, eof := diskserve.ClipRead(int64(len(f.b)), off, p)
+	return copy(p, f.b[off:]), eof
+}
+
+func (f *logFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.log = append(f.log, fmt.Sprintf("write %d", off))
+	return copy(f.b[off:], p), nil
+}
+
+func (f *logFile) Resize(n int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.b = append(f.b, make([]byte, n-int64(len(f.b)))...)
+	return nil
+}
+
+func (f *logFile) Flush() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.log = append(f.log, "sync")
+	return nil
+}
+
+func (f *logFile) take() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	l := f.log
+	f.log = nil
+	return l
+}
+
+// testTable keeps one uint64 entry per block at the start of the file
+// (0: unallocated), and blocks after the table.
+type testTable struct {
+	f       *logFile
+	entries []int64
+	free    int64
+}
+
+func (t *testTable) Lookup(i int64) Block {
+	if t.entries[i] == 0 {
+		return Block{State: Unallocated}
+	}
+	return Block{State: Data, Host: t.entries[i]}
+}
+
+func (t *testTable) Reserve(int64) (int64, error) {
+	host := t.free
+	t.free += 4096
+	return host, nil
+}
+
+func (t *testTable) Record(i, host int64) error {
+	var b [8]byte
+	copy(b[:], fmt.Sprintf("%08x", host/4096))
+	_, err := t.f.WriteAt(b[:], i*8)
+	return err
+}
+
+func (t *testTable) Set(i int64, b Block) { t.entries[i] = b.Host }
+
+func newTestDisk(blocks int64) (*Disk, *logFile) {
+	f := &logFile{b: make([]byte, 4096)}
+	t := &testTable{f: f, entries: make([]int64, blocks), free: 4096}
+	return New(Config{Format: "test", Path: "test.img", File: f, Size: blocks * 4096, BlockSize: 4096, Table: t}), f
+}
+
+// TestRecordAfterDataIsDurable: a block's entry reaches the file only at
+// a flush, after a sync that makes its data durable, and is made durable
+// by a second sync; an allocation alone writes no entry.
+func TestRecordAfterDataIsDurable(t *testing.T) {
+	d, f := newTestDisk(4)
+	f.take()
+	if _, err := d.WriteAt(bytes.Repeat([]byte{7}, 100), 4096*2+10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(bytes.Repeat([]byte{8}, 100), 10); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.take()); got != "[write 4096 write 8192]" {
+		t.Fatalf("allocations wrote %s, want the two blocks' data and no entry", got)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.take()); got != "[sync write 16 write 0 sync]" {
+		t.Fatalf("flush did %s, want a sync, the entries in allocation order, a sync", got)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.take()); got != "[sync]" {
+		t.Fatalf("a flush with nothing allocated did %s", got)
+	}
+}
+
+// TestConformance runs the conformance suite on the engine over a table
+// in memory.
+func TestConformance(t *testing.T) {
+	d, _ := newTestDisk(64)
+	disktest.Check(t, d, make([]byte, 64*4096))
+}
+
+// TestPendingBounded: a client that never flushes has its entries
+// recorded every maxPending allocations.
+func TestPendingBounded(t *testing.T) {
+	d, f := newTestDisk(maxPending + 10)
+	for i := range int64(maxPending + 1) {
+		if _, err := d.WriteAt([]byte{1}, i*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	records := 0
+	for _, op := range f.take() {
+		if op == "sync" {
+			records++
+		}
+	}
+	if records != 2 || len(d.pending) != 1 {
+		t.Fatalf("%d syncs and %d pending after %d allocations", records, len(d.pending), maxPending+1)
+	}
+}
