@@ -10,8 +10,10 @@
 // # Concurrency
 //
 // Reads and writes of allocated blocks run in parallel and hold no lock
-// across I/O. Allocations are serialised by one mutex, and a block is
-// allocated once: a block never moves and is never freed while the disk is
+// across I/O. Allocations take one mutex to reserve their place and to
+// record it, and write their data without it, so that blocks allocate in
+// parallel; writers of a block being allocated wait for it. A block is
+// allocated once: it never moves and is never freed while the disk is
 // open, so a location looked up stays valid.
 package blockmap
 
@@ -123,10 +125,12 @@ type Config struct {
 type Disk struct {
 	cfg Config
 
-	mu      sync.RWMutex // guards the table against Set
-	allocMu sync.Mutex   // serialises allocations and their records
-	failed  error        // set under allocMu: a failed allocation stops writes
-	pending []int64      // under allocMu: blocks allocated, not yet recorded in the file
+	mu        sync.RWMutex   // guards the table against Set
+	allocMu   sync.Mutex     // serialises reservations and records
+	allocated *sync.Cond     // on allocMu: an allocation in flight ended
+	inflight  map[int64]bool // under allocMu: blocks whose data is being written
+	failed    error          // under allocMu: a failed allocation stops writes
+	pending   []int64        // under allocMu: blocks allocated, not yet recorded in the file
 }
 
 // maxPending bounds the blocks allocated between two records: past it an
@@ -139,7 +143,9 @@ func New(cfg Config) *Disk {
 	if cfg.Sync == nil {
 		cfg.Sync = func() error { return diskserve.Flush(cfg.File) }
 	}
-	return &Disk{cfg: cfg}
+	d := &Disk{cfg: cfg, inflight: map[int64]bool{}}
+	d.allocated = sync.NewCond(&d.allocMu)
+	return d
 }
 
 // Size returns the virtual size.
@@ -293,15 +299,20 @@ const piece = 1 << 20
 // thinks.
 func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	d.allocMu.Lock()
-	defer d.allocMu.Unlock()
 	b := d.Lookup(i)
+	for b.State != Data && d.inflight[i] { // another writer is allocating it
+		d.allocated.Wait()
+		b = d.Lookup(i)
+	}
 	if b.State == Data { // allocated meanwhile
+		d.allocMu.Unlock()
 		if p == nil {
 			return diskserve.WriteZeroes(d.cfg.File, b.Host+in, n, 0)
 		}
 		return d.writeHost(p, b.Host+in)
 	}
 	if d.failed != nil {
+		d.allocMu.Unlock()
 		return d.failed
 	}
 	bs := d.cfg.BlockSize
@@ -310,25 +321,45 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	if end := host + bs; err == nil && d.cfg.File.Size() < end {
 		err = diskserve.Resize(d.cfg.File, end)
 	}
-	buf := make([]byte, min(bs, piece))
-	for o := int64(0); err == nil && o < bs; o += int64(len(buf)) {
-		k := min(int64(len(buf)), bs-o)
-		part := buf[:k]
-		if o < in || o+k > in+n { // not all new bytes: start from the old ones
-			err = d.readBlockState(i, b, part, o)
-		}
-		if err == nil && o < in+n && in < o+k {
-			lo, hi := max(o, in), min(o+k, in+n)
-			if p == nil {
-				clear(part[lo-o : hi-o])
-			} else {
-				copy(part[lo-o:hi-o], p[lo-in:hi-in])
+	if err == nil {
+		d.inflight[i] = true
+	}
+	d.allocMu.Unlock()
+
+	// The data is written without the lock: other blocks allocate
+	// meanwhile, and writers of this one wait for it.
+	var buf []byte
+	for o := int64(0); err == nil && o < bs; o += piece {
+		k := min(piece, bs-o)
+		var part []byte
+		switch {
+		case p != nil && in <= o && o+k <= in+n: // all new bytes
+			part = p[o-in : o-in+k]
+		default:
+			if buf == nil {
+				buf = make([]byte, min(bs, piece))
+			}
+			part = buf[:k]
+			if o < in || o+k > in+n {
+				err = d.readBlockState(i, b, part, o)
+			}
+			if lo, hi := max(o, in), min(o+k, in+n); err == nil && lo < hi {
+				if p == nil {
+					clear(part[lo-o : hi-o])
+				} else {
+					copy(part[lo-o:hi-o], p[lo-in:hi-in])
+				}
 			}
 		}
 		if err == nil && (host+o < fresh || !allZero(part)) {
 			err = d.writeHost(part, host+o)
 		}
 	}
+
+	d.allocMu.Lock()
+	defer d.allocMu.Unlock()
+	delete(d.inflight, i)
+	d.allocated.Broadcast()
 	if err != nil {
 		d.failed = fmt.Errorf("%s: an earlier block allocation failed, writes are refused: %w", d.cfg.Path, err)
 		return err
@@ -450,6 +481,9 @@ func (d *Disk) zeroBlock(i, in, m int64, flags diskserve.ZeroFlags) error {
 func (d *Disk) recordZero(zr ZeroRecorder, i int64, flags diskserve.ZeroFlags) (done bool, err error) {
 	d.allocMu.Lock()
 	defer d.allocMu.Unlock()
+	for d.inflight[i] {
+		d.allocated.Wait()
+	}
 	if b := d.Lookup(i); b.State == Data {
 		return true, d.zeroHost(b.Host, d.cfg.BlockSize, flags)
 	}
