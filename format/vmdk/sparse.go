@@ -112,6 +112,8 @@ type sparse struct {
 	rgd  []uint32 // the redundant directory, or nil
 	gt   [][]uint32 // each grain table's entries, nil for an absent one; guarded by blockmap's table lock
 	free int64    // where the next grain goes; guarded by blockmap's allocation lock
+
+	cache grainCache // of a stream-optimised extent
 }
 
 // openSparse opens the sparse extent in c, whose virtual bytes start at
@@ -333,9 +335,47 @@ func (t *grainTable) Set(i int64, b blockmap.Block) {
 // inflaters keeps zlib readers for reuse across grains.
 var inflaters sync.Pool
 
+// grainCacheLen is how many decompressed grains an extent keeps, so
+// that small reads in a row inflate each grain once.
+const grainCacheLen = 4
+
+// A grainCache holds the grains an extent decompressed last.
+type grainCache struct {
+	mu     sync.Mutex
+	grains [grainCacheLen]struct {
+		i    int64
+		data []byte
+	}
+	next int
+}
+
+// get copies from grain i at off into p, if it is held.
+func (gc *grainCache) get(i int64, p []byte, off int64) bool {
+	gc.mu.Lock()
+	defer gc.mu.Unlock()
+	for _, g := range gc.grains {
+		if g.data != nil && g.i == i {
+			copy(p, g.data[off:])
+			return true
+		}
+	}
+	return false
+}
+
+// put keeps grain i, in place of the oldest.
+func (gc *grainCache) put(i int64, data []byte) {
+	gc.mu.Lock()
+	defer gc.mu.Unlock()
+	gc.grains[gc.next].i, gc.grains[gc.next].data = i, data
+	gc.next = (gc.next + 1) % grainCacheLen
+}
+
 // ReadSpecial reads a compressed grain: a marker (the grain's sector
 // number and the compressed length), then the zlib stream.
 func (t *grainTable) ReadSpecial(i int64, b blockmap.Block, p []byte, off int64, _ io.ReaderAt) error {
+	if t.cache.get(i, p, off) {
+		return nil
+	}
 	c := (*sparse)(t).File()
 	grainLen := int64(t.h.GrainSize) * sectorSize
 	var m [12]byte
@@ -372,6 +412,7 @@ func (t *grainTable) ReadSpecial(i int64, b blockmap.Block, p []byte, off int64,
 		return corrupt(b.Host, "%s: inflate grain %d: %v", t.name, i, err)
 	}
 	copy(p, grain[off:])
+	t.cache.put(i, grain)
 	return nil
 }
 
