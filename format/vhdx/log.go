@@ -72,8 +72,8 @@ func parseEntry(log []byte, off int64, id guid) (e logEntry, ok bool) {
 				return e, false
 			}
 			w.n, w.data = logSector, make([]byte, logSector)
-			copy(w.data, d[8:16])        // the sector's first 8 bytes, kept in the descriptor
-			copy(w.data[8:], s[8:4092])  // its middle
+			copy(w.data, d[8:16])       // the sector's first 8 bytes, kept in the descriptor
+			copy(w.data[8:], s[8:4092]) // its middle
 			copy(w.data[4092:], d[4:8]) // its last 4, kept in the descriptor
 			data += logSector
 		default:

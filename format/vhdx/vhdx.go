@@ -90,7 +90,7 @@ type Disk struct {
 	*blockmap.Disk
 	path       string
 	hdr        header
-	hdrSlot    int64 // offset of the current header
+	hdrSlot    int64    // offset of the current header
 	bat        []uint64 // guarded by blockmap's table lock
 	batOff     int64
 	blockSize  int64

@@ -28,10 +28,10 @@ const (
 )
 
 const (
-	grainSectors  = 128              // 64 KiB grains, as qemu-img and VMware make them
-	descSectors   = 20               // room for the embedded descriptor
-	twoGbSectors  = 4 << 20          // 2 GiB: the largest extent of a twoGbMaxExtent disk
-	toolsDefault  = "2147483647"     // the tools version qemu-img records when none is given
+	grainSectors  = 128          // 64 KiB grains, as qemu-img and VMware make them
+	descSectors   = 20           // room for the embedded descriptor
+	twoGbSectors  = 4 << 20      // 2 GiB: the largest extent of a twoGbMaxExtent disk
+	toolsDefault  = "2147483647" // the tools version qemu-img records when none is given
 	maxNewSectors = int64(1) << 32 * grainSectors
 )
 

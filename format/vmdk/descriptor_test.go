@@ -45,11 +45,11 @@ func FuzzDescriptor(f *testing.F) {
 func TestIsDescriptor(t *testing.T) {
 	for text, want := range map[string]bool{
 		"# Disk DescriptorFile\nversion=1\n": true,
-		"\n  \n# x\r\nversion=3\r\n":          true,
-		"version=1":                           false, // no newline yet: a guest's partial write
-		"version=4\n":                         false,
-		"# Disk DescriptorFile\nCID=1\n":      false,
-		"QFI\xfb":                             false,
+		"\n  \n# x\r\nversion=3\r\n":         true,
+		"version=1":                          false, // no newline yet: a guest's partial write
+		"version=4\n":                        false,
+		"# Disk DescriptorFile\nCID=1\n":     false,
+		"QFI\xfb":                            false,
 	} {
 		if got := isDescriptor([]byte(text)); got != want {
 			t.Errorf("isDescriptor(%q) = %v", text, got)

@@ -108,10 +108,10 @@ type sparse struct {
 	*blockmap.Disk
 	name string
 	h    sparseHeader
-	gd   []uint32 // grain table sectors, 0 where a table is absent
-	rgd  []uint32 // the redundant directory, or nil
+	gd   []uint32   // grain table sectors, 0 where a table is absent
+	rgd  []uint32   // the redundant directory, or nil
 	gt   [][]uint32 // each grain table's entries, nil for an absent one; guarded by blockmap's table lock
-	free int64    // where the next grain goes; guarded by blockmap's allocation lock
+	free int64      // where the next grain goes; guarded by blockmap's allocation lock
 
 	cache grainCache // of a stream-optimised extent
 }

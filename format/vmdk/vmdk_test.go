@@ -204,7 +204,9 @@ func TestHostile(t *testing.T) {
 	good := filepath.Join(dir, "good.vmdk")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", good, "8M")
 	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 1 0 1M", good)
-	le32 := func(b []byte, off int, v uint32) { b[off], b[off+1], b[off+2], b[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
+	le32 := func(b []byte, off int, v uint32) {
+		b[off], b[off+1], b[off+2], b[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+	}
 	le64 := func(b []byte, off int, v uint64) { le32(b, off, uint32(v)); le32(b, off+4, uint32(v>>32)) }
 	for _, tc := range []struct {
 		name, msg string

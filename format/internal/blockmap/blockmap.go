@@ -211,7 +211,7 @@ func (d *Disk) readBlock(i int64, p []byte, in int64) error {
 		if !ok {
 			return fmt.Errorf("%s: block %d has no reader", d.cfg.Format, i)
 		}
-		return sr.ReadSpecial(i, b, p, in, below{d, i*d.cfg.BlockSize})
+		return sr.ReadSpecial(i, b, p, in, below{d, i * d.cfg.BlockSize})
 	case Unallocated:
 		return d.readBelow(p, i*d.cfg.BlockSize+in)
 	}
