@@ -1,7 +1,6 @@
 package vdi_test
 
 import (
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -68,51 +67,16 @@ func TestHostile(t *testing.T) {
 	le32 := func(b []byte, off int, v uint32) {
 		b[off], b[off+1], b[off+2], b[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
 	}
-	for _, tc := range []struct {
-		name, msg string
-		edit      func(b []byte) []byte
-		rwOnly    bool
-	}{
-		{"huge block count", "more than diskserve loads", func(b []byte) []byte { le32(b, 0x180, 0xffffff00); return b }, false},
-		{"disk larger than its blocks", "does not fit in", func(b []byte) []byte { b[0x176] = 1; return b }, false},
-		{"entry past the end", "past the image's", func(b []byte) []byte { le32(b, 0x204, 99); return b }, false},
-		{"block map over the data", "overlaps the block map", func(b []byte) []byte { le32(b, 0x158, 0x200); return b }, false},
-		{"parent", "differencing", func(b []byte) []byte { b[0x1B8] = 1; return b }, false},
-		{"block size", "block size", func(b []byte) []byte { le32(b, 0x178, 4096); return b }, false},
-		{"truncated", "past the end of the file", func(b []byte) []byte { return b[:0x200] }, false},
-		{"shared place", "shares its place", func(b []byte) []byte { le32(b, 0x204, 0); return b }, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			b, err := os.ReadFile(good)
-			if err != nil {
-				t.Fatal(err)
-			}
-			img := filepath.Join(t.TempDir(), "bad.vdi")
-			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			if tc.rwOnly {
-				d, err := format.Open(img, diskserve.Options{ReadOnly: true})
-				if err != nil {
-					t.Fatalf("read-only open: %v", err)
-				}
-				r, err := diskserve.Check(d, diskserve.RepairNone)
-				if err != nil || r.Corruptions == 0 {
-					t.Fatalf("check found nothing: %v %+v", err, r)
-				}
-				d.Close()
-			}
-			d, err := format.Open(img, diskserve.Options{})
-			if err == nil {
-				d.Close()
-				t.Fatal("opened")
-			}
-			var fe *diskserve.FormatError
-			if !errors.As(err, &fe) || fe.Format != "vdi" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
-				t.Fatalf("error %q: want a vdi error naming %s and saying %q", err, img, tc.msg)
-			}
-		})
-	}
+	formattest.RefusesDamaged(t, "vdi", good, []formattest.Damage{
+		{Name: "huge block count", Msg: "more than diskserve loads", Edit: func(b []byte) []byte { le32(b, 0x180, 0xffffff00); return b }},
+		{Name: "disk larger than its blocks", Msg: "does not fit in", Edit: func(b []byte) []byte { b[0x176] = 1; return b }},
+		{Name: "entry past the end", Msg: "past the image's", Edit: func(b []byte) []byte { le32(b, 0x204, 99); return b }},
+		{Name: "block map over the data", Msg: "overlaps the block map", Edit: func(b []byte) []byte { le32(b, 0x158, 0x200); return b }},
+		{Name: "parent", Msg: "differencing", Edit: func(b []byte) []byte { b[0x1B8] = 1; return b }},
+		{Name: "block size", Msg: "block size", Edit: func(b []byte) []byte { le32(b, 0x178, 4096); return b }},
+		{Name: "truncated", Msg: "past the end of the file", Edit: func(b []byte) []byte { return b[:0x200] }},
+		{Name: "shared place", Msg: "shares its place", Edit: func(b []byte) []byte { le32(b, 0x204, 0); return b }, ReadOnlyOpens: true},
+	})
 }
 
 func TestGolden(t *testing.T) {

@@ -2,11 +2,9 @@ package vhd_test
 
 import (
 	"encoding/json"
-	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/diskserve/diskserve"
@@ -110,52 +108,18 @@ func TestHostile(t *testing.T) {
 	be32 := func(b []byte, off int, v uint32) {
 		b[off], b[off+1], b[off+2], b[off+3] = byte(v>>24), byte(v>>16), byte(v>>8), byte(v)
 	}
-	for _, tc := range []struct {
-		name, msg string
-		edit      func(b []byte) []byte
-		rwOnly    bool
-	}{
-		{"huge table", "more than diskserve loads", func(b []byte) []byte { be32(b, 512+28, 0xfffffff0); return b }, false},
-		{"table too small", "do not hold the disk", func(b []byte) []byte { be32(b, 512+28, 1); return b }, false},
-		{"block size", "power of two", func(b []byte) []byte { be32(b, 512+32, 3000); return b }, false},
-		{"huge block size", "larger than diskserve supports", func(b []byte) []byte { be32(b, 512+32, 1<<30); return b }, false},
-		{"entry past the end", "truncated", func(b []byte) []byte { be32(b, 1536, 0x7fffffff); return b }, false},
-		{"entry over the headers", "over the image's headers", func(b []byte) []byte { be32(b, 1536, 1); return b }, false},
-		{"no dynamic header", "no dynamic disk header", func(b []byte) []byte { b[512] = 'x'; return b }, false},
-		{"differencing", "differencing", func(b []byte) []byte { be32(b, 60, 4); return b }, false},
-		{"truncated", "truncated", func(b []byte) []byte { return b[:len(b)-1<<20] }, false},
-		{"shared space", "shares its space", func(b []byte) []byte { copy(b[1536+8:1536+12], b[1536:1536+4]); return b }, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			b, err := os.ReadFile(good)
-			if err != nil {
-				t.Fatal(err)
-			}
-			img := filepath.Join(t.TempDir(), "bad.vhd")
-			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			if tc.rwOnly {
-				d, err := format.Open(img, diskserve.Options{ReadOnly: true})
-				if err != nil {
-					t.Fatalf("read-only open: %v", err)
-				}
-				if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions == 0 {
-					t.Fatalf("check found nothing: %v %+v", err, r)
-				}
-				d.Close()
-			}
-			d, err := format.Open(img, diskserve.Options{})
-			if err == nil {
-				d.Close()
-				t.Fatal("opened")
-			}
-			var fe *diskserve.FormatError
-			if !errors.As(err, &fe) || fe.Format != "vpc" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
-				t.Fatalf("error %q: want a vpc error naming %s and saying %q", err, img, tc.msg)
-			}
-		})
-	}
+	formattest.RefusesDamaged(t, "vpc", good, []formattest.Damage{
+		{Name: "huge table", Msg: "more than diskserve loads", Edit: func(b []byte) []byte { be32(b, 512+28, 0xfffffff0); return b }},
+		{Name: "table too small", Msg: "do not hold the disk", Edit: func(b []byte) []byte { be32(b, 512+28, 1); return b }},
+		{Name: "block size", Msg: "power of two", Edit: func(b []byte) []byte { be32(b, 512+32, 3000); return b }},
+		{Name: "huge block size", Msg: "larger than diskserve supports", Edit: func(b []byte) []byte { be32(b, 512+32, 1<<30); return b }},
+		{Name: "entry past the end", Msg: "truncated", Edit: func(b []byte) []byte { be32(b, 1536, 0x7fffffff); return b }},
+		{Name: "entry over the headers", Msg: "over the image's headers", Edit: func(b []byte) []byte { be32(b, 1536, 1); return b }},
+		{Name: "no dynamic header", Msg: "no dynamic disk header", Edit: func(b []byte) []byte { b[512] = 'x'; return b }},
+		{Name: "differencing", Msg: "differencing", Edit: func(b []byte) []byte { be32(b, 60, 4); return b }},
+		{Name: "truncated", Msg: "truncated", Edit: func(b []byte) []byte { return b[:len(b)-1<<20] }},
+		{Name: "shared space", Msg: "shares its space", Edit: func(b []byte) []byte { copy(b[1536+8:1536+12], b[1536:1536+4]); return b }, ReadOnlyOpens: true},
+	})
 }
 
 func FuzzOpen(f *testing.F) {

@@ -2,7 +2,6 @@ package vhdx_test
 
 import (
 	"encoding/binary"
-	"errors"
 	"hash/crc32"
 	"os"
 	"path/filepath"
@@ -145,36 +144,13 @@ func TestHostile(t *testing.T) {
 	good := filepath.Join(dir, "good.vhdx")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", good, "8M")
 	testtool.Run(t, "qemu-io", "-f", "vhdx", "-c", "write -P 1 0 1M", good)
-	for _, tc := range []struct {
-		name, msg string
-		edit      func(b []byte) []byte
-	}{
-		{"no header", "neither header is valid", func(b []byte) []byte { b[64<<10] ^= 1; b[128<<10] ^= 1; return b }},
-		{"no region table", "neither region table is valid", func(b []byte) []byte { b[192<<10+20] ^= 1; b[256<<10+20] ^= 1; return b }},
-		{"BAT entry outside the file", "outside the file", func(b []byte) []byte { b[2<<20+7] = 0x7f; return b }},
-		{"undefined state", "not defined", func(b []byte) []byte { b[2<<20] = 5; return b }},
-		{"truncated", "region", func(b []byte) []byte { return b[:3<<20] }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			b, err := os.ReadFile(good)
-			if err != nil {
-				t.Fatal(err)
-			}
-			img := filepath.Join(t.TempDir(), "bad.vhdx")
-			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			d, err := format.Open(img, diskserve.Options{})
-			if err == nil {
-				d.Close()
-				t.Fatal("opened")
-			}
-			var fe *diskserve.FormatError
-			if !errors.As(err, &fe) || fe.Format != "vhdx" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
-				t.Fatalf("error %q: want a vhdx error naming %s and saying %q", err, img, tc.msg)
-			}
-		})
-	}
+	formattest.RefusesDamaged(t, "vhdx", good, []formattest.Damage{
+		{Name: "no header", Msg: "neither header is valid", Edit: func(b []byte) []byte { b[64<<10] ^= 1; b[128<<10] ^= 1; return b }},
+		{Name: "no region table", Msg: "neither region table is valid", Edit: func(b []byte) []byte { b[192<<10+20] ^= 1; b[256<<10+20] ^= 1; return b }},
+		{Name: "BAT entry outside the file", Msg: "outside the file", Edit: func(b []byte) []byte { b[2<<20+7] = 0x7f; return b }},
+		{Name: "undefined state", Msg: "not defined", Edit: func(b []byte) []byte { b[2<<20] = 5; return b }},
+		{Name: "truncated", Msg: "region", Edit: func(b []byte) []byte { return b[:3<<20] }},
+	})
 }
 
 func FuzzOpen(f *testing.F) {

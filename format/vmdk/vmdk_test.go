@@ -208,39 +208,16 @@ func TestHostile(t *testing.T) {
 		b[off], b[off+1], b[off+2], b[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
 	}
 	le64 := func(b []byte, off int, v uint64) { le32(b, off, uint32(v)); le32(b, off+4, uint32(v>>32)) }
-	for _, tc := range []struct {
-		name, msg string
-		edit      func(b []byte) []byte
-	}{
-		{"huge capacity", "more than diskserve", func(b []byte) []byte { le64(b, 12, 1<<50); return b }},
-		{"grains beyond the load limit", "more than diskserve loads", func(b []byte) []byte { le64(b, 12, 1<<39); le64(b, 20, 8); return b }},
-		{"grain size", "grain size", func(b []byte) []byte { le64(b, 20, 3); return b }},
-		{"grain table entries", "entries per grain table", func(b []byte) []byte { le32(b, 44, 100000); return b }},
-		{"grain table past the end", "past the end of the file", func(b []byte) []byte { le32(b, 26*512, 0x7fffffff); return b }},
-		{"grain past the end", "past the end of the file", func(b []byte) []byte { le32(b, 27*512, 0x7ffffff0); return b }},
-		{"version", "version", func(b []byte) []byte { le32(b, 4, 9); return b }},
-		{"descriptor", "descriptor", func(b []byte) []byte { copy(b[512:], "nonsense\n"); return b }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			b, err := os.ReadFile(good)
-			if err != nil {
-				t.Fatal(err)
-			}
-			img := filepath.Join(t.TempDir(), "bad.vmdk")
-			if err := os.WriteFile(img, tc.edit(b), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			d, err := format.Open(img, diskserve.Options{})
-			if err == nil {
-				d.Close()
-				t.Fatal("opened")
-			}
-			var fe *diskserve.FormatError
-			if !errors.As(err, &fe) || fe.Format != "vmdk" || !strings.Contains(err.Error(), tc.msg) || !strings.Contains(err.Error(), img) {
-				t.Fatalf("error %q: want a vmdk error naming %s and saying %q", err, img, tc.msg)
-			}
-		})
-	}
+	formattest.RefusesDamaged(t, "vmdk", good, []formattest.Damage{
+		{Name: "huge capacity", Msg: "more than diskserve", Edit: func(b []byte) []byte { le64(b, 12, 1<<50); return b }},
+		{Name: "grains beyond the load limit", Msg: "more than diskserve loads", Edit: func(b []byte) []byte { le64(b, 12, 1<<39); le64(b, 20, 8); return b }},
+		{Name: "grain size", Msg: "grain size", Edit: func(b []byte) []byte { le64(b, 20, 3); return b }},
+		{Name: "grain table entries", Msg: "entries per grain table", Edit: func(b []byte) []byte { le32(b, 44, 100000); return b }},
+		{Name: "grain table past the end", Msg: "past the end of the file", Edit: func(b []byte) []byte { le32(b, 26*512, 0x7fffffff); return b }},
+		{Name: "grain past the end", Msg: "past the end of the file", Edit: func(b []byte) []byte { le32(b, 27*512, 0x7ffffff0); return b }},
+		{Name: "version", Msg: "version", Edit: func(b []byte) []byte { le32(b, 4, 9); return b }},
+		{Name: "descriptor", Msg: "descriptor", Edit: func(b []byte) []byte { copy(b[512:], "nonsense\n"); return b }},
+	})
 }
 
 // TestSelfParent: a delta disk that names itself as its parent stops at

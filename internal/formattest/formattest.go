@@ -8,10 +8,12 @@ package formattest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/diskserve/diskserve"
@@ -166,14 +168,7 @@ func WritesLikeQemu(t *testing.T, fmtName string, size int64, qemuChecks bool, v
 // Create makes an empty image with diskserve's creator for fmtName.
 func Create(t testing.TB, img, fmtName string, size int64, options []string) {
 	t.Helper()
-	f, err := diskserve.LookupFormat(format.All(), fmtName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	o, err := diskserve.ParseCreateOptions(options)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, o := target(t, fmtName, options)
 	if err := newimage.Create(img, f, diskserve.CreateArgs{Size: size, Options: o}); err != nil {
 		t.Fatal(err)
 	}
@@ -181,6 +176,15 @@ func Create(t testing.TB, img, fmtName string, size int64, options []string) {
 
 // Convert writes src into a new image of fmtName at img with diskserve.
 func Convert(t testing.TB, src diskserve.DiskFile, img, fmtName string, options []string) {
+	t.Helper()
+	f, o := target(t, fmtName, options)
+	if err := newimage.Convert(context.Background(), src, img, newimage.Target{Format: f, Options: o}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// target returns the format called fmtName and the parsed -o options.
+func target(t testing.TB, fmtName string, options []string) (diskserve.Format, diskserve.CreateOptions) {
 	t.Helper()
 	f, err := diskserve.LookupFormat(format.All(), fmtName)
 	if err != nil {
@@ -190,9 +194,7 @@ func Convert(t testing.TB, src diskserve.DiskFile, img, fmtName string, options 
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := newimage.Convert(context.Background(), src, img, newimage.Target{Format: f, Options: o}, nil); err != nil {
-		t.Fatal(err)
-	}
+	return f, o
 }
 
 // ConvertsLikeQemu converts a base image with diskserve into each
@@ -283,4 +285,52 @@ type readOnlyView struct{ diskserve.DiskFile }
 func (readOnlyView) ReadOnly() bool { return true }
 func (v readOnlyView) WriteAt(p []byte, off int64) (int, error) {
 	return 0, diskserve.ErrReadOnly
+}
+
+// A Damage is one way to break a good image, and what the refusal must
+// say.
+type Damage struct {
+	Name string
+	Msg  string              // in the error
+	Edit func([]byte) []byte // the damaged image from the good one's bytes
+
+	// ReadOnlyOpens says that the damage is refused only for writing
+	// (blocks sharing space): a read-only open succeeds and its check
+	// reports a corruption.
+	ReadOnlyOpens bool
+}
+
+// RefusesDamaged applies each damage to a copy of the image good and
+// requires a read-write open as fmtName to fail with a format error of
+// fmtName that names the file and says the damage's Msg.
+func RefusesDamaged(t *testing.T, fmtName, good string, damages []Damage) {
+	for _, dm := range damages {
+		t.Run(dm.Name, func(t *testing.T) {
+			b, err := os.ReadFile(good)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img := filepath.Join(t.TempDir(), "bad."+fmtName)
+			if err := os.WriteFile(img, dm.Edit(b), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if dm.ReadOnlyOpens {
+				d := open(t, img, fmtName, true)
+				r, err := diskserve.Check(d, diskserve.RepairNone)
+				d.Close()
+				if err != nil || r.Corruptions == 0 {
+					t.Fatalf("check found nothing: %v %+v", err, r)
+				}
+			}
+			d, err := format.Open(img, diskserve.Options{Format: fmtName})
+			if err == nil {
+				d.Close()
+				t.Fatal("opened")
+			}
+			var fe *diskserve.FormatError
+			if !errors.As(err, &fe) || fe.Format != fmtName || !strings.Contains(err.Error(), dm.Msg) || !strings.Contains(err.Error(), img) {
+				t.Fatalf("error %q: want a %s error naming %s and saying %q", err, fmtName, img, dm.Msg)
+			}
+		})
+	}
 }
