@@ -329,10 +329,13 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	// The data is written without the lock: other blocks allocate
 	// meanwhile, and writers of this one wait for it.
 	var buf []byte
+	oldZero := b.State == Zero || b.State == Unallocated && d.belowIsZero(i*bs, bs)
 	for o := int64(0); err == nil && o < bs; o += piece {
 		k := min(piece, bs-o)
 		var part []byte
 		switch {
+		case host+o >= fresh && oldZero && (o+k <= in || in+n <= o || p == nil):
+			continue // zeroes, kept as the hole the file has there
 		case p != nil && in <= o && o+k <= in+n: // all new bytes
 			part = p[o-in : o-in+k]
 		default:
