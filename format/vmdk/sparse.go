@@ -269,10 +269,10 @@ func (t *grainTable) Lookup(i int64) blockmap.Block {
 // sparse extent.
 func (t *grainTable) Reserve(i int64) (int64, error) {
 	if t.gd[i/int64(t.h.NumGTEs)] == 0 {
-		return 0, diskserve.Unsupported(Name, -1, "%s: writing grain %d needs a grain table the extent does not have", t.name, i)
+		return 0, diskserve.Unsupported(Name, -1, "writing grain %d needs a grain table the extent does not have", i)
 	}
 	if t.free/sectorSize >= 1<<32-1 {
-		return 0, fmt.Errorf("%s: the extent has grown past what a grain table entry can address", t.name)
+		return 0, fmt.Errorf("the extent has grown past what a grain table entry can address")
 	}
 	host := t.free
 	t.free += int64(t.h.GrainSize) * sectorSize

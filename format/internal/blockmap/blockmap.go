@@ -318,7 +318,11 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	bs := d.cfg.BlockSize
 	fresh := d.cfg.File.Size()
 	host, err := d.cfg.Table.Reserve(i)
-	if end := host + bs; err == nil && d.cfg.File.Size() < end {
+	if err != nil { // nothing taken: later writes may still succeed
+		d.allocMu.Unlock()
+		return fmt.Errorf("%s: %w", d.cfg.Path, err)
+	}
+	if end := host + bs; d.cfg.File.Size() < end {
 		err = diskserve.Resize(d.cfg.File, end)
 	}
 	if err == nil {

@@ -149,3 +149,31 @@ func TestPendingBounded(t *testing.T) {
 		t.Fatalf("%d syncs and %d pending after %d allocations", records, len(d.pending), maxPending+1)
 	}
 }
+
+// refusingTable refuses to place block 0 and places the others.
+type refusingTable struct{ *testTable }
+
+func (t refusingTable) Reserve(i int64) (int64, error) {
+	if i == 0 {
+		return 0, fmt.Errorf("no place for block 0")
+	}
+	return t.testTable.Reserve(i)
+}
+
+// TestRefusedPlaceLeavesWritesWorking: a table that cannot place one
+// block fails that write only; other blocks are still written.
+func TestRefusedPlaceLeavesWritesWorking(t *testing.T) {
+	f := &logFile{b: make([]byte, 4096)}
+	tt := &testTable{f: f, entries: make([]int64, 4), free: 4096}
+	d := New(Config{Format: "test", Path: "test.img", File: f, Size: 4 * 4096, BlockSize: 4096, Table: refusingTable{tt}})
+	if _, err := d.WriteAt([]byte{1}, 0); err == nil {
+		t.Fatal("a write into a block the table cannot place succeeded")
+	}
+	if _, err := d.WriteAt([]byte{2}, 4096); err != nil {
+		t.Fatalf("a write into another block after the refusal: %v", err)
+	}
+	got := make([]byte, 1)
+	if _, err := d.ReadAt(got, 4096); err != nil || got[0] != 2 {
+		t.Fatalf("read back %v, %v", got, err)
+	}
+}
