@@ -245,21 +245,38 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progr
 					cancel(fmt.Errorf("read %d bytes at %d: %w", end-off, off, err))
 					continue
 				}
-				for k := int64(0); k < end-off; k += grain {
-					part := b[k:min(end-off, k+grain)]
-					if bytes.Equal(part, zero[:len(part)]) {
-						continue
-					}
+				// Grains of zeroes are skipped. Data goes one cluster
+				// at a time when compressed, else each run of data
+				// grains in one write.
+				run := int64(-1) // where the run being gathered starts
+				write := func(from, to int64) bool {
 					var err error
 					if compress {
-						err = diskserve.WriteCompressed(dst, part, off+k)
+						err = diskserve.WriteCompressed(dst, b[from:to], off+from)
 					} else {
-						_, err = dst.WriteAt(part, off+k)
+						_, err = dst.WriteAt(b[from:to], off+from)
 					}
 					if err != nil {
 						cancel(err)
-						break
 					}
+					return err == nil
+				}
+				ok := true
+				for k := int64(0); ok && k < end-off; k += grain {
+					stop := min(end-off, k+grain)
+					switch {
+					case bytes.Equal(b[k:stop], zero[:stop-k]):
+						if run >= 0 {
+							ok, run = write(run, k), -1
+						}
+					case compress:
+						ok = write(k, stop)
+					case run < 0:
+						run = k
+					}
+				}
+				if ok && run >= 0 {
+					write(run, end-off)
 				}
 				report(p.n)
 			}

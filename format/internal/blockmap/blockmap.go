@@ -291,8 +291,10 @@ const piece = 1 << 20
 
 // allocate stores block i anew: its current content with [in, in+n)
 // replaced by p, or by zeroes when p is nil. The content is built and
-// written a piece at a time, and pieces of zeroes in space the file did
-// not have before are skipped, so that the image file stays sparse. The
+// written a piece at a time; where the block lies in space the file did
+// not have before and its old content is zeroes, only the new bytes are
+// written, so that the image file stays sparse and a small first write
+// costs no more than its bytes. The
 // block's entry is in memory at once and reaches the file at the next
 // flush (record). A failure after the place is reserved leaves the disk
 // refusing writes: the file's end may no longer be where the table
@@ -337,9 +339,15 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 	for o := int64(0); err == nil && o < bs; o += piece {
 		k := min(piece, bs-o)
 		var part []byte
+		lo, hi := max(o, in), min(o+k, in+n) // the new bytes in this piece
 		switch {
-		case host+o >= fresh && oldZero && (o+k <= in || in+n <= o || p == nil):
-			continue // zeroes, kept as the hole the file has there
+		case host+o >= fresh && oldZero:
+			// The file has a hole here, which reads as the old zeroes:
+			// only the new bytes are written.
+			if p != nil && lo < hi {
+				err = d.writeHost(p[lo-in:hi-in], host+lo)
+			}
+			continue
 		case p != nil && in <= o && o+k <= in+n: // all new bytes
 			part = p[o-in : o-in+k]
 		default:
@@ -350,7 +358,7 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 			if o < in || o+k > in+n {
 				err = d.readBlockState(i, b, part, o)
 			}
-			if lo, hi := max(o, in), min(o+k, in+n); err == nil && lo < hi {
+			if err == nil && lo < hi {
 				if p == nil {
 					clear(part[lo-o : hi-o])
 				} else {

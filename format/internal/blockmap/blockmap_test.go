@@ -106,8 +106,8 @@ func TestRecordAfterDataIsDurable(t *testing.T) {
 	if _, err := d.WriteAt(bytes.Repeat([]byte{8}, 100), 10); err != nil {
 		t.Fatal(err)
 	}
-	if got := fmt.Sprint(f.take()); got != "[write 4096 write 8192]" {
-		t.Fatalf("allocations wrote %s, want the two blocks' data and no entry", got)
+	if got := fmt.Sprint(f.take()); got != "[write 4106 write 8202]" {
+		t.Fatalf("allocations wrote %s, want the new bytes of the two blocks and no entry", got)
 	}
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
