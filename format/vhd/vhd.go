@@ -41,11 +41,19 @@
 //   - Check: checksums, the footer copies, BAT entries out of the file or
 //     overlapping.
 //
+//   - Differencing disks, read and written: the parent found through the
+//     header's locators (relative path first, then absolute, then the
+//     bare name), opened through the nesting context, and checked by its
+//     UUID; sectors whose bitmap bit is clear read from the parent.
+//     `create -b PARENT` makes one. A write into a block the child holds
+//     in part stores the whole block anew (its old place is leaked).
+//
 // # Not supported
 //
-//   - Differencing disks are refused with a message saying so.
 //   - Sector bitmaps of dynamic disks are not consulted (as in qemu): a
 //     stored block is read whole.
+//   - qemu 7.2 opens differencing disks as if they had no parent, so
+//     their interop is tested against diskserve's own model only.
 //
 // # Concurrency
 //
@@ -128,13 +136,15 @@ func bitmapSize(blockSize uint32) int64 {
 // Disk is an open dynamic VHD.
 type Disk struct {
 	*blockmap.Disk
-	path    string
-	foot    footer
-	dyn     dynHeader
-	bitmap  int64    // bytes of a block's sector bitmap
-	bat     []uint32 // guarded by blockmap's table lock
-	free    int64    // where the next block's bitmap goes; guarded by blockmap's allocation lock
-	overlap int64    // a block that shares space with another, or -1
+	path       string
+	foot       footer
+	dyn        dynHeader
+	bitmap     int64    // bytes of a block's sector bitmap
+	bat        []uint32 // guarded by blockmap's table lock
+	full       []bool   // of a differencing disk: blocks whose bitmap says all present; guarded by blockmap's table lock
+	parentName []string // of a differencing disk: the names its header gives the parent
+	free       int64    // where the next block's bitmap goes; guarded by blockmap's allocation lock
+	overlap    int64    // a block that shares space with another, or -1
 }
 
 var (
@@ -163,9 +173,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		oc.Logger().Warn("the footer checksum is wrong", "image", oc.Path())
 	}
 	switch f.Type {
-	case typeDynamic:
-	case typeDifferencing:
-		return nil, unsupported("differencing disks are not supported")
+	case typeDynamic, typeDifferencing:
 	default:
 		return nil, unsupported("a disk of type %d with a footer copy at its start is not supported", f.Type)
 	}
@@ -228,15 +236,30 @@ func openDynamic(c diskserve.DiskFile, oc *diskserve.OpenContext, f footer) (dis
 		return nil, corrupt(int64(h.TableOffset), "read BAT: %v", err)
 	}
 	d := &Disk{path: oc.Path(), foot: f, dyn: h, bitmap: bitmapSize(h.BlockSize), overlap: -1}
+	var parent diskserve.DiskFile
+	if f.Type == typeDifferencing {
+		if parent, err = openParent(c, oc, hb, int64(f.DataOffset)); err != nil {
+			return nil, err
+		}
+		d.full = make([]bool, h.MaxTableEntries)
+		d.parentName, _ = parentNames(c, hb, int64(f.DataOffset))
+	}
+	closeParent := func() {
+		if parent != nil {
+			parent.Close()
+		}
+	}
 	d.bat = make([]uint32, h.MaxTableEntries)
 	for i := range d.bat {
 		d.bat[i] = be.Uint32(tb[i*4:])
 	}
 	tableEnd := (int64(h.TableOffset) + int64(len(tb)) + sectorSize - 1) / sectorSize * sectorSize
 	if d.free, err = d.validateBAT(tableEnd, c.Size()); err != nil {
+		closeParent()
 		return nil, err
 	}
 	if d.overlap >= 0 && !oc.ReadOnly() {
+		closeParent()
 		return nil, corrupt(int64(h.TableOffset)+d.overlap*4, "block %d shares its space with another block: writing would change both (open it read-only, or convert it)", d.overlap)
 	}
 	d.Disk = blockmap.New(blockmap.Config{
@@ -246,6 +269,7 @@ func openDynamic(c diskserve.DiskFile, oc *diskserve.OpenContext, f footer) (dis
 		Size:      sectors * sectorSize,
 		BlockSize: int64(h.BlockSize),
 		Table:     (*table)(d),
+		Backing:   parent,
 		ReadOnly:  oc.ReadOnly(),
 	})
 	return d, nil
@@ -294,7 +318,11 @@ func (t *table) Lookup(i int64) blockmap.Block {
 	if e == 0xFFFFFFFF {
 		return blockmap.Block{State: blockmap.Unallocated}
 	}
-	return blockmap.Block{State: blockmap.Data, Host: int64(e)*sectorSize + t.bitmap}
+	host := int64(e)*sectorSize + t.bitmap
+	if t.full != nil && !t.full[i] { // its bitmap says which sectors it holds
+		return blockmap.Block{State: blockmap.Special, Host: host}
+	}
+	return blockmap.Block{State: blockmap.Data, Host: host}
 }
 
 // Reserve puts block i where the footer is: its bitmap, all sectors
@@ -342,8 +370,13 @@ func (t *table) Record(i int64, host int64) error {
 	return err
 }
 
+// Set records a block the disk stored whole: its bitmap says every
+// sector is present.
 func (t *table) Set(i int64, b blockmap.Block) {
 	t.bat[i] = uint32((b.Host - t.bitmap) / sectorSize)
+	if t.full != nil {
+		t.full[i] = true
+	}
 }
 
 // Describe reports the block size as qemu-img info's cluster_size, and
@@ -353,6 +386,13 @@ func (d *Disk) Describe(info *diskserve.Info) {
 	info.Filename = d.path
 	info.ClusterSize = int64(d.dyn.BlockSize)
 	info.Specific = describeFooter(&d.foot)
+	if bd := d.Backing(); bd != nil {
+		if len(d.parentName) > 0 {
+			info.BackingFile = d.parentName[0]
+		}
+		pi := diskserve.Describe(bd)
+		info.Backing = &pi
+	}
 }
 
 // describeFooter returns the footer's facts for info.

@@ -1,16 +1,21 @@
 package vhd_test
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/vhd"
+	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/formattest"
+	"github.com/diskserve/diskserve/internal/newimage"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -116,7 +121,7 @@ func TestHostile(t *testing.T) {
 		{Name: "entry past the end", Msg: "truncated", Edit: func(b []byte) []byte { be32(b, 1536, 0x7fffffff); return b }},
 		{Name: "entry over the headers", Msg: "over the image's headers", Edit: func(b []byte) []byte { be32(b, 1536, 1); return b }},
 		{Name: "no dynamic header", Msg: "no dynamic disk header", Edit: func(b []byte) []byte { b[512] = 'x'; return b }},
-		{Name: "differencing", Msg: "differencing", Edit: func(b []byte) []byte { be32(b, 60, 4); return b }},
+		{Name: "differencing without a parent", Msg: "names no parent", Edit: func(b []byte) []byte { be32(b, 60, 4); return b }},
 		{Name: "truncated", Msg: "truncated", Edit: func(b []byte) []byte { return b[:len(b)-1<<20] }},
 		{Name: "shared space", Msg: "shares its space", Edit: func(b []byte) []byte { copy(b[1536+8:1536+12], b[1536:1536+4]); return b }, ReadOnlyOpens: true},
 	})
@@ -132,4 +137,93 @@ func FuzzOpen(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) { formattest.FuzzImage(t, vhd.Format, b) })
+}
+
+// TestDifferencing makes a differencing disk over a dynamic disk qemu-img
+// wrote, with `create -b`, and requires it to read as its parent, to take
+// a random workload while the parent stays unchanged, to read sectors
+// whose bitmap bits are clear from the parent, and to refuse a parent
+// that was replaced. qemu 7.2 reads differencing VHDs as if they had no
+// parent, so the model here is the parent's bytes as qemu-img reads them.
+func TestDifferencing(t *testing.T) {
+	dir := t.TempDir()
+	parent := filepath.Join(dir, "parent.vhd")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vpc", parent, "8M")
+	testtool.Run(t, "qemu-io", "-f", "vpc", "-c", "write -P 0x61 0 3M", "-c", "write -P 0x62 5M 100k", parent)
+	parentBytes := testtool.QemuRaw(t, parent, "-f", "vpc")
+	child := filepath.Join(dir, "child.vhd")
+	f, err := diskserve.LookupFormat(format.All(), "vpc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := newimage.Create(child, f, diskserve.CreateArgs{BackingFile: "parent.vhd", BackingFormat: "vpc"}); err != nil {
+		t.Fatal(err)
+	}
+
+	d, err := format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := diskserve.Describe(d)
+	if info.Specific["subformat"] != "differencing" || info.BackingFile != "parent.vhd" || info.Backing == nil {
+		t.Fatalf("info %+v", info)
+	}
+	formattest.CheckContent(t, d, parentBytes)
+	d.Close()
+
+	want := bytes.Clone(parentBytes)
+	d, err = format.Open(child, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disktest.Workload(t, d, want, 11, 200)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testtool.QemuRaw(t, parent, "-f", "vpc"); !bytes.Equal(got, parentBytes) {
+		t.Fatal("writes to the child changed the parent")
+	}
+	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	formattest.CheckContent(t, d, want)
+	d.Close()
+
+	// Clear the bitmap bits of the first 12 sectors of the child's first
+	// stored block: those sectors now read from the parent.
+	b, err := os.ReadFile(child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tableOff := binary.BigEndian.Uint64(b[512+16:])
+	block := -1
+	for i := range 4 {
+		if e := binary.BigEndian.Uint32(b[tableOff+uint64(i)*4:]); e != 0xFFFFFFFF {
+			bm := int64(e) * 512
+			b[bm], b[bm+1] = 0, 0x0F // sectors 0-11 clear, 12-15 present
+			block = i
+			break
+		}
+	}
+	if block < 0 {
+		t.Fatal("the workload stored no block in the first four")
+	}
+	if err := os.WriteFile(child, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := block * 2 << 20
+	copy(want[start:start+12*512], parentBytes[start:start+12*512])
+	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	formattest.CheckContent(t, d, want)
+	d.Close()
+
+	// A parent replaced by another disk is refused.
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vpc", parent, "8M")
+	if _, err := format.Open(child, diskserve.Options{ReadOnly: true}); err == nil || !strings.Contains(err.Error(), "replaced") {
+		t.Fatalf("open over a replaced parent: %v", err)
+	}
 }
