@@ -14,7 +14,8 @@ import (
 // it, so a format that declares one is creatable, convertible and
 // benchable with no other change.
 //
-// A format has one of two ways of writing:
+// A format has one of two ways of writing, or both (then Whole says
+// which options take which):
 //
 //   - New makes an empty image, reading as zeroes, that the caller opens
 //     with the format's Open and writes like any disk (raw, qcow2,
@@ -44,13 +45,13 @@ type Creator struct {
 	// New makes an empty image in out, a new empty file that will be
 	// named a.Path once the image is complete (until then it may have no
 	// name at all). Files an image needs beside it come from a.Sidecar.
-	// nil when the format has Write.
+	// nil when the format has only Write.
 	New func(out *os.File, a CreateArgs) error
 
 	// Write writes the content of src to out, a new empty file that will
-	// be named path, as an image of this format, reporting the source bytes it has covered to
-	// progress (which may be nil). It stops with ctx's error when ctx is
-	// done. nil when the format has only New.
+	// be named path, as an image of this format, reporting the source
+	// bytes it has covered to progress (which may be nil). It stops with
+	// ctx's error when ctx is done. nil when the format has only New.
 	Write func(ctx context.Context, out *os.File, path string, src DiskFile, o CreateOptions, progress func(int64)) error
 
 	// Whole, for a format with both New and Write, says which options

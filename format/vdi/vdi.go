@@ -168,9 +168,9 @@ func parseHeader(b []byte, fileSize int64) (header, error) {
 }
 
 // parseMap decodes the block map and validates its entries: each stored
-// block inside the data area's capacity. used reports entries that share
-// a place (the first such virtual block), and next is one past the
-// highest place used.
+// block inside the data area's capacity. dup is the first virtual block
+// that shares its place with another (-1 if none), and next is one past
+// the highest place used.
 func parseMap(b []byte, h header) (bmap []uint32, dup int64, next uint32, err error) {
 	bmap = make([]uint32, h.BlocksInImage)
 	seen := make([]uint64, (int64(h.BlocksInImage)+63)/64)

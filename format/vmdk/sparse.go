@@ -53,8 +53,7 @@ type sparseHeader struct {
 	Compress   uint16
 }
 
-// parseSparseHeader decodes and validates a sparse extent header; name is
-// the extent file, for messages.
+// parseSparseHeader decodes and validates a sparse extent header.
 func parseSparseHeader(b []byte) (sparseHeader, error) {
 	var h sparseHeader
 	if len(b) < headerLen || string(b[:4]) != sparseMagic {
@@ -116,9 +115,8 @@ type sparse struct {
 	cache grainCache // of a stream-optimised extent
 }
 
-// openSparse opens the sparse extent in c, whose virtual bytes start at
-// base in the disk; below reads the layers under the extent (its part of
-// the parent), or is nil.
+// openSparse opens the sparse extent in c, the file name; below reads
+// the layers under the extent (its part of the parent), or is nil.
 func openSparse(c diskserve.DiskFile, name string, readOnly bool, below diskserve.DiskFile) (*sparse, error) {
 	hb := make([]byte, headerLen)
 	if err := diskserve.ReadFullAt(c, hb, 0); err != nil {

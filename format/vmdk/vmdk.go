@@ -48,7 +48,6 @@ package vmdk
 import (
 	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -463,4 +462,4 @@ func (z zeroDisk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskser
 	return diskserve.AppendExtent(dst, diskserve.Extent{Off: off, Len: n, Flags: diskserve.ExtentHole | diskserve.ExtentZero}), nil
 }
 
-var _ io.ReaderAt = zeroDisk(0)
+var _ diskserve.ExtentMapper = zeroDisk(0)
