@@ -36,8 +36,10 @@
 //
 //   - Fixed and dynamic disks, read and written; create and convert with
 //     -o subformat=dynamic|fixed and force_size.
+//
 //   - Footer and dynamic header checksums: a mismatch is reported by check
 //     and logged at open (qemu opens such images too).
+//
 //   - Check: checksums, the footer copies, BAT entries out of the file or
 //     overlapping.
 //
