@@ -145,8 +145,8 @@ func WritesLikeQemu(t *testing.T, fmtName string, size int64, qemuChecks bool, v
 				want := testtool.QemuRaw(t, img, "-f", fmtName)
 				d := open(t, img, fmtName, false)
 				disktest.Workload(t, d, want, 7, 300)
-				if r, err := diskserve.Check(d, diskserve.RepairNone); err == nil && r.Corruptions+r.Leaks != 0 {
-					t.Fatalf("diskserve's own check: %q", r.Messages)
+				if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
+					t.Fatalf("diskserve's own check: %v %q", err, r.Messages)
 				}
 				if err := d.Close(); err != nil {
 					t.Fatal(err)
