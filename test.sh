@@ -14,7 +14,7 @@ declare -A package=(
 	[fio]=fio [fusermount3]=fuse3 [img2simg]=android-sdk-libsparse-utils
 	[zstd]=zstd [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [sgdisk]=gdisk [losetup]=mount
 	[qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [cpio]=cpio [sfdisk]=fdisk
-	[rsvg-convert]=librsvg2-bin [nginx]=nginx
+	[rsvg-convert]=librsvg2-bin [nginx]=nginx [vhdimount]=libvhdi-utils
 )
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin:/usr/local/go/bin
 missing=$(for tool in "${!package[@]}"; do

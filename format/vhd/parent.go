@@ -1,8 +1,10 @@
 package vhd
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -103,15 +105,21 @@ func openParent(c diskserve.DiskFile, oc *diskserve.OpenContext, hb []byte, at i
 	}
 	var want [16]byte
 	copy(want[:], hb[offParentUUID:])
-	var errs []string
+	var missing []string
 	for _, name := range names {
 		if strings.HasPrefix(name, "C:") || strings.Contains(name, ":/") && !strings.HasPrefix(name, "/") {
 			continue // a Windows drive path names nothing here
 		}
 		p, err := oc.OpenChild(name, Name, true)
-		if err != nil {
-			errs = append(errs, err.Error())
+		if errors.Is(err, fs.ErrNotExist) {
+			missing = append(missing, name)
 			continue
+		}
+		if err != nil {
+			// Only a missing file sends the search on: trying every
+			// name of every parent after any failure would make the
+			// opens of a chain grow exponentially with its depth.
+			return nil, fmt.Errorf("parent %s: %w", name, err)
 		}
 		if got := footerUUID(p); got != want {
 			p.Close()
@@ -119,7 +127,7 @@ func openParent(c diskserve.DiskFile, oc *diskserve.OpenContext, hb []byte, at i
 		}
 		return p, nil
 	}
-	return nil, fmt.Errorf("no parent found (%s)", strings.Join(errs, "; "))
+	return nil, fmt.Errorf("no parent found at %s", strings.Join(missing, " or "))
 }
 
 // footerUUID returns the UUID of an open VHD.

@@ -15,7 +15,6 @@ import (
 	"github.com/diskserve/diskserve/format/vhd"
 	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/formattest"
-	"github.com/diskserve/diskserve/internal/newimage"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -152,13 +151,7 @@ func TestDifferencing(t *testing.T) {
 	testtool.Run(t, "qemu-io", "-f", "vpc", "-c", "write -P 0x61 0 3M", "-c", "write -P 0x62 5M 100k", parent)
 	parentBytes := testtool.QemuRaw(t, parent, "-f", "vpc")
 	child := filepath.Join(dir, "child.vhd")
-	f, err := diskserve.LookupFormat(format.All(), "vpc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := newimage.Create(child, f, diskserve.CreateArgs{BackingFile: "parent.vhd", BackingFormat: "vpc"}); err != nil {
-		t.Fatal(err)
-	}
+	formattest.CreateChild(t, child, "vpc", "parent.vhd")
 
 	d, err := format.Open(child, diskserve.Options{ReadOnly: true})
 	if err != nil {

@@ -11,7 +11,7 @@
 // one 64-bit entry per payload block (1 to 256 MiB): a state (not
 // present, zero, unmapped, fully present, ...) and the block's offset in
 // MiB; after every chunk of payload entries comes one entry for a sector
-// bitmap block, which only differencing disks use. A log, named by the
+// bitmap block, which only differencing disks use (parent.go). A log, named by the
 // current header, holds metadata writes that an interrupted writer may
 // not have applied.
 //
@@ -28,12 +28,22 @@
 //     an interrupted write leaves the BAT consistent.
 //   - On the first read-write open, new file and data write GUIDs in both
 //     headers, as the specification asks of a writer.
+//   - Differencing disks, read and written, and made with create -b: the
+//     parent found through the locator's relative_path (or an absolute
+//     path of this system), opened read-only through the nesting context
+//     and checked by its data write GUID and sector size; partially
+//     present blocks read through their sector bitmaps. A write into a
+//     block the child does not hold whole stores the block whole (the
+//     rest copied from the parent) as fully present; the space of a
+//     partially present block so rewritten is not reused.
 //   - Check: both headers and region tables, BAT entries outside the file
 //     or overlapping.
 //
 // # Not supported
 //
-//   - Differencing disks (a parent), refused with a message saying so.
+//   - Parent locators of other types than VHDX's, and Windows drive,
+//     share and volume paths (they name nothing here): such a parent is
+//     not found.
 //   - Logical sectors of 4 KiB are read and written like 512-byte ones;
 //     the disk's logical sector size is reported, not enforced.
 //
@@ -46,6 +56,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 
 	"github.com/diskserve/diskserve"
@@ -99,8 +110,13 @@ type Disk struct {
 	physical   uint32
 	size       int64
 	free       int64 // where the next block goes; guarded by blockmap's allocation lock
-	overlap    int64 // a block that shares space with another, or -1
+	overlap    int64 // a BAT entry whose space another entry names too, or -1
 	replayed   int   // log entries replayed at open
+
+	// Differencing disks only.
+	locator    map[string]string  // the parent locator's key-value pairs
+	parent     diskserve.DiskFile // closed by blockmap's Disk
+	parentName string             // the path the parent was found at
 }
 
 var (
@@ -130,13 +146,16 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	if err := d.readRegions(c); err != nil {
 		return nil, err
 	}
-	if !oc.ReadOnly() {
-		if d.overlap >= 0 {
-			return nil, corrupt(d.batOff+d.overlap*8, "block %d shares its space with another block: writing would change both (open it read-only, or convert it)", d.overlap)
+	if d.locator != nil {
+		if err := d.openParent(oc); err != nil {
+			return nil, err
 		}
-		newGUID(d.hdr.FileWriteGUID[:])
-		newGUID(d.hdr.DataWriteGUID[:])
-		if err := d.writeHeaders(c); err != nil {
+	}
+	if !oc.ReadOnly() {
+		if err := d.openForWriting(c); err != nil {
+			if d.parent != nil {
+				d.parent.Close()
+			}
 			return nil, err
 		}
 	}
@@ -147,14 +166,32 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		Size:      d.size,
 		BlockSize: d.blockSize,
 		Table:     (*table)(d),
+		Backing:   d.parent,
 		ReadOnly:  oc.ReadOnly(),
 	})
 	return d, nil
 }
 
+// imageFile is what reading a disk's structures needs of its file.
+type imageFile interface {
+	io.ReaderAt
+	Size() int64
+}
+
+// openForWriting refuses a disk whose blocks overlap, and gives the
+// headers new write GUIDs.
+func (d *Disk) openForWriting(c diskserve.DiskFile) error {
+	if d.overlap >= 0 {
+		return corrupt(d.batOff+d.overlap*8, "BAT entry %d names space another entry names too: writing would change both (open it read-only, or convert it)", d.overlap)
+	}
+	newGUID(d.hdr.FileWriteGUID[:])
+	newGUID(d.hdr.DataWriteGUID[:])
+	return d.writeHeaders(c)
+}
+
 // readHeaders checks the file identifier and takes the valid header with
 // the higher sequence number.
-func (d *Disk) readHeaders(c diskserve.DiskFile) error {
+func (d *Disk) readHeaders(c imageFile) error {
 	b := make([]byte, 8)
 	if err := diskserve.ReadFullAt(c, b, 0); err != nil || string(b) != fileIDMagic {
 		return corrupt(0, "no file identifier")
@@ -206,7 +243,7 @@ func (d *Disk) writeHeaders(c diskserve.DiskFile) error {
 }
 
 // readRegions reads a valid region table, the metadata and the BAT.
-func (d *Disk) readRegions(c diskserve.DiskFile) error {
+func (d *Disk) readRegions(c imageFile) error {
 	var regions []region
 	var errs []error
 	for _, off := range []int64{region1Off, region2Off} {
@@ -249,7 +286,7 @@ func (d *Disk) readRegions(c diskserve.DiskFile) error {
 }
 
 // readMetadata reads the items diskserve needs from the metadata region.
-func (d *Disk) readMetadata(c diskserve.DiskFile, r *region) error {
+func (d *Disk) readMetadata(c imageFile, r *region) error {
 	tb := make([]byte, 64*kib)
 	if err := diskserve.ReadFullAt(c, tb, int64(r.Off)); err != nil {
 		return corrupt(int64(r.Off), "read metadata table: %v", err)
@@ -261,9 +298,7 @@ func (d *Disk) readMetadata(c diskserve.DiskFile, r *region) error {
 	values := map[guid][]byte{}
 	for _, it := range items {
 		switch it.GUID {
-		case itemFileParams, itemVirtualSize, itemDiskID, itemLogicalSize, itemPhysicalSize:
-		case itemParent:
-			return unsupported("differencing disks (a parent locator) are not supported")
+		case itemFileParams, itemVirtualSize, itemDiskID, itemLogicalSize, itemPhysicalSize, itemParent:
 		default:
 			if it.Flags&metaRequired != 0 {
 				return unsupported("a required metadata item of an unknown kind (%x)", it.GUID)
@@ -303,8 +338,14 @@ func (d *Disk) readMetadata(c diskserve.DiskFile, r *region) error {
 		return err
 	}
 	d.blockSize = int64(le.Uint32(fp))
-	if le.Uint32(fp[4:])&2 != 0 {
-		return unsupported("differencing disks (a parent) are not supported")
+	if le.Uint32(fp[4:])&flagHasParent != 0 {
+		v, ok := values[itemParent]
+		if !ok {
+			return corrupt(int64(r.Off), "a differencing disk without a parent locator")
+		}
+		if d.locator, err = parseLocator(v); err != nil {
+			return corrupt(int64(r.Off), "%v", err)
+		}
 	}
 	d.size = int64(le.Uint64(vs))
 	d.logical, d.physical = le.Uint32(ls), le.Uint32(ps)
@@ -326,12 +367,16 @@ func (d *Disk) blocks() int64 { return (d.size + d.blockSize - 1) / d.blockSize 
 // batIndex returns the BAT index of payload block i.
 func (d *Disk) batIndex(i int64) int64 { return i + i/d.chunkRatio }
 
-// readBAT reads the BAT and checks every present block against the file.
-func (d *Disk) readBAT(c diskserve.DiskFile, r *region) error {
+// readBAT reads the BAT and checks every stored block against the file.
+// A differencing disk's BAT holds every chunk's sector bitmap entry, the
+// last chunk's included; the other disks' may end after the last payload
+// entry, as qemu-img writes it.
+func (d *Disk) readBAT(c imageFile, r *region) error {
 	n := d.blocks()
-	entries := n + (n-1)/d.chunkRatio
-	if n == 0 {
-		entries = 0
+	chunks := (n + d.chunkRatio - 1) / d.chunkRatio
+	entries := n + max(0, chunks-1)
+	if d.locator != nil {
+		entries = chunks * (d.chunkRatio + 1)
 	}
 	if entries*8 > int64(r.Len) {
 		return corrupt(int64(r.Off), "the BAT region (%d bytes) is too small for %d entries", r.Len, entries)
@@ -345,31 +390,58 @@ func (d *Disk) readBAT(c diskserve.DiskFile, r *region) error {
 	}
 	d.batOff = int64(r.Off)
 	d.bat = make([]uint64, entries)
-	type stored struct{ start, block int64 }
-	var blocks []stored
-	d.free = (c.Size() + mib - 1) / mib * mib
+	for k := range d.bat {
+		d.bat[k] = le.Uint64(b[k*8:])
+	}
+	type stored struct{ start, end, entry int64 }
+	var spans []stored
+	place := func(k, length int64, what string) error {
+		start := int64(d.bat[k]>>batOffsetShift) * mib
+		if start < mib || start > c.Size()-length {
+			return corrupt(d.batOff+k*8, "%s is stored at %d, outside the file (%d bytes)", what, start, c.Size())
+		}
+		spans = append(spans, stored{start, start + length, k})
+		return nil
+	}
+	if d.locator != nil {
+		for k := range chunks {
+			sb := k*(d.chunkRatio+1) + d.chunkRatio
+			switch d.bat[sb] & stateMask {
+			case stateNotPresent:
+			case sbStatePresent:
+				if err := place(sb, sbBlockSize, fmt.Sprintf("the sector bitmap of chunk %d", k)); err != nil {
+					return err
+				}
+			default:
+				return corrupt(d.batOff+sb*8, "the sector bitmap of chunk %d has state %d, which is not defined", k, d.bat[sb]&stateMask)
+			}
+		}
+	}
 	for i := range n {
-		e := le.Uint64(b[d.batIndex(i)*8:])
-		d.bat[d.batIndex(i)] = e
-		switch e & stateMask {
+		k := d.batIndex(i)
+		switch d.bat[k] & stateMask {
 		case stateNotPresent, stateUndefined, stateZero, stateUnmapped:
 			continue
 		case stateFullPresent:
 		case statePartPresent:
-			return unsupported("block %d is partly present, which only differencing disks have", i)
+			if d.locator == nil {
+				return corrupt(d.batOff+k*8, "block %d is partly present, which only differencing disks may be", i)
+			}
+			if d.bat[d.sbIndex(i)]&stateMask != sbStatePresent {
+				return corrupt(d.batOff+k*8, "block %d is partly present, and its chunk has no sector bitmap", i)
+			}
 		default:
-			return corrupt(d.batOff+d.batIndex(i)*8, "block %d has state %d, which is not defined", i, e&stateMask)
+			return corrupt(d.batOff+k*8, "block %d has state %d, which is not defined", i, d.bat[k]&stateMask)
 		}
-		start := int64(e>>batOffsetShift) * mib
-		if start < mib || start+d.blockSize > c.Size() {
-			return corrupt(d.batOff+d.batIndex(i)*8, "block %d is stored at %d, outside the file (%d bytes)", i, start, c.Size())
+		if err := place(k, d.blockSize, fmt.Sprintf("block %d", i)); err != nil {
+			return err
 		}
-		blocks = append(blocks, stored{start, i})
 	}
-	slices.SortFunc(blocks, func(a, b stored) int { return int(a.start - b.start) })
-	for k := 1; k < len(blocks); k++ {
-		if blocks[k].start < blocks[k-1].start+d.blockSize {
-			d.overlap = max(blocks[k].block, blocks[k-1].block)
+	d.free = (c.Size() + mib - 1) / mib * mib
+	slices.SortFunc(spans, func(a, b stored) int { return int(a.start - b.start) })
+	for k := 1; k < len(spans); k++ {
+		if spans[k].start < spans[k-1].end {
+			d.overlap = max(spans[k].entry, spans[k-1].entry)
 			break
 		}
 	}
@@ -379,13 +451,24 @@ func (d *Disk) readBAT(c diskserve.DiskFile, r *region) error {
 // table is the BAT as a [blockmap.Table].
 type table Disk
 
+// Lookup: a block not present reads from the parent (zeroes without
+// one); undefined and unmapped blocks read as zeroes, which the
+// specification allows, and which keeps a differencing disk's unmapped
+// block from showing its parent's data again.
 func (t *table) Lookup(i int64) blockmap.Block {
 	e := t.bat[(*Disk)(t).batIndex(i)]
+	host := int64(e>>batOffsetShift) * mib
 	switch e & stateMask {
 	case stateFullPresent:
-		return blockmap.Block{State: blockmap.Data, Host: int64(e>>batOffsetShift) * mib}
+		return blockmap.Block{State: blockmap.Data, Host: host}
+	case statePartPresent:
+		return blockmap.Block{State: blockmap.Special, Host: host}
 	case stateZero:
 		return blockmap.Block{State: blockmap.Zero}
+	case stateUndefined, stateUnmapped:
+		if t.parent != nil {
+			return blockmap.Block{State: blockmap.Zero}
+		}
 	}
 	return blockmap.Block{State: blockmap.Unallocated}
 }
@@ -401,8 +484,14 @@ func (t *table) Reserve(int64) (int64, error) {
 }
 
 // Record writes the block's BAT entry: one sector, after the block's data
-// is durable.
+// is durable. A differencing disk's block also gets its sector bitmap
+// bits set first (markPresent).
 func (t *table) Record(i int64, host int64) error {
+	if t.parent != nil {
+		if err := (*Disk)(t).markPresent(i); err != nil {
+			return err
+		}
+	}
 	return t.writeEntry(i, uint64(host/mib)<<batOffsetShift|stateFullPresent)
 }
 
@@ -426,8 +515,8 @@ func (t *table) Set(i int64, b blockmap.Block) {
 	t.bat[(*Disk)(t).batIndex(i)] = e
 }
 
-// Describe reports the block size as qemu-img info's cluster_size, and
-// the sector sizes.
+// Describe reports the block size as qemu-img info's cluster_size, the
+// sector sizes, and a differencing disk's parent.
 func (d *Disk) Describe(info *diskserve.Info) {
 	info.Format = Name
 	info.Filename = d.path
@@ -435,6 +524,11 @@ func (d *Disk) Describe(info *diskserve.Info) {
 	info.Specific = map[string]any{
 		"logical-sector-size":  d.logical,
 		"physical-sector-size": d.physical,
+	}
+	if d.parent != nil {
+		info.BackingFile = d.parentName
+		pi := diskserve.Describe(d.parent)
+		info.Backing = &pi
 	}
 }
 
@@ -468,11 +562,11 @@ func (d *Disk) Check(diskserve.Repair) (diskserve.CheckReport, error) {
 			}
 		}
 		if d.overlap >= 0 {
-			problem("block %d shares its space with another block", d.overlap)
+			problem("BAT entry %d names space another entry names too", d.overlap)
 		}
 		n := d.blocks()
 		for i := range n {
-			if d.Lookup(i).State == blockmap.Data {
+			if st := d.Lookup(i).State; st == blockmap.Data || st == blockmap.Special {
 				r.Allocated++
 			}
 		}

@@ -1,9 +1,11 @@
 package vhdx_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"hash/crc32"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,6 +13,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/vhdx"
+	"github.com/diskserve/diskserve/internal/disktest"
 	"github.com/diskserve/diskserve/internal/formattest"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
@@ -160,4 +163,152 @@ func FuzzOpen(f *testing.F) {
 	}
 	f.Add(b[:4<<20]) // the metadata: blocks lie past the end
 	f.Fuzz(func(t *testing.T, b []byte) { formattest.FuzzImage(t, vhdx.Format, b) })
+}
+
+// TestDifferencing makes a differencing disk with `create -b` over a disk
+// qemu-img wrote (qemu itself refuses differencing VHDX), and reads it
+// both through diskserve and through libvhdi (vhdimount), an independent
+// reader: it must read as its parent, take a random workload with the
+// parent unchanged, read the sectors a sector bitmap leaves to the parent
+// from the parent, and refuse a parent that was replaced.
+func TestDifferencing(t *testing.T) {
+	dir := t.TempDir()
+	parent := filepath.Join(dir, "parent.vhdx")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", parent, "24M")
+	testtool.Run(t, "qemu-io", "-f", "vhdx", "-c", "write -P 0x61 0 3M", "-c", "write -P 0x62 5M 100k", "-c", "write -P 0x63 20M 1M", parent)
+	parentBytes := testtool.QemuRaw(t, parent, "-f", "vhdx")
+	child := filepath.Join(dir, "child.vhdx")
+	formattest.CreateChild(t, child, "vhdx", "parent.vhdx")
+
+	d, err := format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := diskserve.Describe(d)
+	if info.BackingFile != "parent.vhdx" || info.Backing == nil || info.ClusterSize != 2<<20 || info.VirtualSize != 24<<20 {
+		t.Fatalf("info %+v", info)
+	}
+	formattest.CheckContent(t, d, parentBytes)
+	d.Close()
+
+	want := bytes.Clone(parentBytes)
+	d, err = format.Open(child, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disktest.Workload(t, d, want, 12, 200)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testtool.QemuRaw(t, parent, "-f", "vhdx"); !bytes.Equal(got, parentBytes) {
+		t.Fatal("writes to the child changed the parent")
+	}
+	checkWithLibvhdi(t, child, want)
+
+	// Make the child's first stored block partly present: the bits of
+	// its first 12 sectors cleared in its chunk's sector bitmap. Those
+	// sectors now read from the parent.
+	b, err := os.ReadFile(child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const batOff, blockSize, chunkRatio = 2 << 20, 2 << 20, 2048 // 2^23 sectors of 512 bytes in 2 MiB blocks
+	block := -1
+	for i := range 12 {
+		if e := binary.LittleEndian.Uint64(b[batOff+8*i:]); e&7 == 6 {
+			binary.LittleEndian.PutUint64(b[batOff+8*i:], e&^7|7)
+			block = i
+			break
+		}
+	}
+	if block < 0 {
+		t.Fatal("the workload stored no block whole")
+	}
+	sb := binary.LittleEndian.Uint64(b[batOff+8*chunkRatio:])
+	if sb&7 != 6 {
+		t.Fatalf("the chunk's sector bitmap is not stored (entry %x)", sb)
+	}
+	bits := b[sb>>20<<20+uint64(block)*blockSize/512/8:]
+	if bits[0] != 0xff || bits[blockSize/512/8-1] != 0xff {
+		t.Fatal("the stored block's sector bitmap bits are not set")
+	}
+	bits[0], bits[1] = 0, 0xf0 // sectors 0-11 clear
+	if err := os.WriteFile(child, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := block * blockSize
+	copy(want[start:start+12*512], parentBytes[start:start+12*512])
+	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	formattest.CheckContent(t, d, want)
+	d.Close()
+	checkWithLibvhdi(t, child, want)
+
+	// A write into the partly present block stores it whole.
+	d, err = format.Open(child, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{0xd7}, 4096)
+	if _, err := d.WriteAt(p, int64(start)+64<<10); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[start+64<<10:], p)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkWithLibvhdi(t, child, want)
+	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	formattest.CheckContent(t, d, want)
+	d.Close()
+
+	// A parent replaced by another disk is refused.
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vhdx", parent, "24M")
+	if _, err := format.Open(child, diskserve.Options{ReadOnly: true}); err == nil || !strings.Contains(err.Error(), "replaced") {
+		t.Fatalf("open over a replaced parent: %v", err)
+	}
+}
+
+// checkWithLibvhdi requires the differencing disk img (2 MiB blocks, the
+// BAT at 2 MiB) to read as want through libvhdi's vhdimount, which mounts
+// each disk of the chain as a file, the parent first. libvhdi 20210425
+// departs from the specification in two ways the caller must avoid or
+// this leaves out: it reads a zero block of a differencing disk from the
+// parent (the specification: zeroes), and misreads a chunk that has no
+// sector bitmap block (the specification: every block of it from the
+// parent, or from this file when fully present).
+func checkWithLibvhdi(t *testing.T, img string, want []byte) {
+	t.Helper()
+	testtool.Need(t, "fusermount3")
+	mnt := t.TempDir()
+	testtool.Run(t, "vhdimount", img, mnt)
+	defer exec.Command("fusermount3", "-u", mnt).Run()
+	got, err := os.ReadFile(filepath.Join(mnt, "vhdi2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("libvhdi reads %s as %d bytes, want %d", img, len(got), len(want))
+	}
+	const batOff, blockSize = 2 << 20, 2 << 20
+	for i := 0; i*blockSize < len(want); i++ {
+		g, w := got[i*blockSize:min(len(got), (i+1)*blockSize)], want[i*blockSize:min(len(want), (i+1)*blockSize)]
+		if binary.LittleEndian.Uint64(b[batOff+8*i:])&7 == 2 || bytes.Equal(g, w) {
+			continue
+		}
+		k := 0
+		for g[k] == w[k] {
+			k++
+		}
+		t.Fatalf("libvhdi reads %s differently from byte %d (entry %x): %x, want %x", img, i*blockSize+k, binary.LittleEndian.Uint64(b[batOff+8*i:]), g[k:min(k+16, len(g))], w[k:min(k+16, len(w))])
+	}
 }

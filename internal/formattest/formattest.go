@@ -174,6 +174,17 @@ func Create(t testing.TB, img, fmtName string, size int64, options []string) {
 	}
 }
 
+// CreateChild makes a new image of fmtName at img over the backing file
+// backing (relative to img, or absolute), of the same format, as
+// `diskserve create -b` does.
+func CreateChild(t testing.TB, img, fmtName, backing string) {
+	t.Helper()
+	f, _ := target(t, fmtName, nil)
+	if err := newimage.Create(img, f, diskserve.CreateArgs{BackingFile: backing, BackingFormat: fmtName}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Convert writes src into a new image of fmtName at img with diskserve.
 func Convert(t testing.TB, src diskserve.DiskFile, img, fmtName string, options []string) {
 	t.Helper()
