@@ -39,6 +39,6 @@ them over NBD and mounts them as files through FUSE.`,
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
+	root.AddCommand(newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newCompareCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
 	return root
 }
