@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/spf13/cobra"
 )
@@ -17,7 +18,9 @@ import (
 var version = "0.1.0-dev"
 
 func main() {
-	if err := newRootCommand().Execute(); err != nil {
+	root := newRootCommand()
+	root.SetArgs(negativeSize(os.Args[1:]))
+	if err := root.Execute(); err != nil {
 		var code exitCode
 		if errors.As(err, &code) { // the command has said why
 			os.Exit(int(code))
@@ -25,6 +28,20 @@ func main() {
 		fmt.Fprintf(os.Stderr, "diskserve: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// negativeSize lets `resize IMAGE -1G` shrink by 1G, as qemu-img takes
+// it, rather than read -1G as flags: it puts "--" before a last argument
+// of resize that is a minus sign and a digit.
+func negativeSize(args []string) []string {
+	n := len(args)
+	if n < 2 || args[0] != "resize" || slices.Contains(args, "--") {
+		return args
+	}
+	if last := args[n-1]; len(last) > 1 && last[0] == '-' && last[1] >= '0' && last[1] <= '9' {
+		return append(args[:n-1:n-1], "--", last)
+	}
+	return args
 }
 
 func newRootCommand() *cobra.Command {
@@ -39,6 +56,6 @@ them over NBD and mounts them as files through FUSE.`,
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newCompareCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
+	root.AddCommand(newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newCompareCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newResizeCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
 	return root
 }

@@ -542,7 +542,7 @@ func (d *Disk) zeroCluster(ci int64, subs uint32, unmap bool) error {
 }
 
 // Resize grows the virtual size, moving the L1 table to a larger place
-// when it has to. Shrinking is not supported.
+// when it has to, or shrinks it (shrink).
 func (d *Disk) Resize(size int64) error {
 	if !d.writable() {
 		return fmt.Errorf("resize: %w", diskserve.ErrReadOnly)
@@ -555,7 +555,7 @@ func (d *Disk) Resize(size int64) error {
 	case d.h.Version < 3 && len(d.snaps) > 0:
 		return unsupported(60, "resize: a version 2 image with internal snapshots keeps its size (its snapshots need not record theirs; qemu refuses it too)")
 	case size < int64(d.h.Size):
-		return fmt.Errorf("shrink from %d to %d bytes: %w", d.h.Size, size, diskserve.ErrUnsupported)
+		return d.shrink(size)
 	case size > maxVirtualSize:
 		return fmt.Errorf("resize to %d bytes: more than %d: %w", size, int64(maxVirtualSize), diskserve.ErrOutOfRange)
 	}

@@ -3,7 +3,6 @@ package qcow2_test
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -185,7 +184,7 @@ func TestConformanceDirect(t *testing.T) {
 }
 
 // TestInteropResize grows an image past what its L1 table maps, so that
-// the table moves, and checks the result with qemu-img.
+// the table moves, then shrinks it back, and checks both with qemu-img.
 func TestInteropResize(t *testing.T) {
 	img := create(t, t.TempDir(), "1M", "-o", "cluster_size=512")
 	d := openRW(t, img)
@@ -197,9 +196,6 @@ func TestInteropResize(t *testing.T) {
 	}
 	if _, err := d.WriteAt([]byte("after"), 3<<30-5); err != nil {
 		t.Fatal(err)
-	}
-	if err := diskserve.Resize(d, 1<<20); !errors.Is(err, diskserve.ErrUnsupported) {
-		t.Fatalf("shrink: %v", err)
 	}
 	d.Close()
 	testtool.QemuCheck(t, img)
@@ -213,6 +209,22 @@ func TestInteropResize(t *testing.T) {
 	json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", img), &info)
 	if info.VirtualSize != 3<<30 {
 		t.Fatalf("virtual size %d after resize", info.VirtualSize)
+	}
+
+	// Shrunk back, the data past the end is gone and the file with it.
+	d = openRW(t, img)
+	if err := diskserve.Resize(d, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	testtool.QemuCheck(t, img)
+	testtool.Run(t, "qemu-io", "-c", "read -P 0 0 1000", "-c", "read -P 0 1006 1047570", img)
+	out = string(testtool.Run(t, "qemu-io", "-c", "read -v 1000 6", img))
+	if !strings.Contains(out, "before") {
+		t.Fatalf("qemu-io after the shrink:\n%s", out)
+	}
+	if st, err := os.Stat(img); err != nil || st.Size() > 1<<20 {
+		t.Fatalf("the file is %d bytes after the shrink to 1 MiB (%v)", st.Size(), err)
 	}
 }
 

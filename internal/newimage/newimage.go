@@ -73,7 +73,10 @@ func Create(path string, f diskserve.Format, a diskserve.CreateArgs) (err error)
 	if err := a.Options.Check(f.Name, c); err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
 	}
-	o := newOutput(path)
+	o, err := newOutput(path)
+	if err != nil {
+		return err
+	}
 	defer func() { err = errors.Join(err, o.close()) }()
 	out, err := o.create(filepath.Base(path))
 	if err != nil {
@@ -116,7 +119,10 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	if err := t.Options.Check(t.Format.Name, c); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}
-	o := newOutput(dst)
+	o, err := newOutput(dst)
+	if err != nil {
+		return err
+	}
 	defer func() {
 		err = errors.Join(err, o.close())
 		if err != nil && ctx.Err() != nil {

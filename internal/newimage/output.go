@@ -37,11 +37,16 @@ type outFile struct {
 const tempMark = ".diskserve-"
 
 // newOutput starts the output of an image that will be named dst, after
-// removing what earlier runs killed before they finished left there.
-func newOutput(dst string) *output {
+// removing what earlier runs killed before they finished left there. It
+// refuses a dst that exists and is not a regular file: a device, a pipe
+// or a directory is never replaced by a new file.
+func newOutput(dst string) (*output, error) {
+	if st, err := os.Stat(dst); err == nil && !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file (%v): a new image is written as a file in its place, and that would replace it", dst, st.Mode().Type())
+	}
 	o := &output{dir: filepath.Dir(dst)}
 	removeStale(o.dir, filepath.Base(dst))
-	return o
+	return o, nil
 }
 
 // create makes a new empty file of the output, to be named name (a base

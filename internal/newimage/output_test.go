@@ -6,7 +6,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestRemoveStale leaves in a directory what runs killed on a file system
@@ -39,5 +42,21 @@ func TestRemoveStale(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(left, want) {
 		t.Errorf("left %v, want %v", left, want)
+	}
+}
+
+// TestKeepsDevices refuses to write a new image over something that is
+// not a regular file (here a pipe; /dev/null alike), which the rename of
+// the finished image would replace.
+func TestKeepsDevices(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "pipe")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newOutput(fifo); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Fatalf("an output over a pipe: %v", err)
+	}
+	if st, err := os.Lstat(fifo); err != nil || st.Mode().Type() != os.ModeNamedPipe {
+		t.Fatalf("the pipe is now %v (%v)", st.Mode(), err)
 	}
 }
