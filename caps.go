@@ -27,6 +27,7 @@ const (
 	CanWriteCompressed                          // CompressedWriter
 	CanKeepBitmaps                              // BitmapKeeper
 	CanMapHost                                  // HostMapper
+	CanEmpty                                    // Emptier
 )
 
 // A capability is one entry of the capability set.
@@ -56,6 +57,7 @@ var capabilityList = []capability{
 	{CanWriteCompressed, "CompressedWriter", is[CompressedWriter], true},
 	{CanKeepBitmaps, "BitmapKeeper", is[BitmapKeeper], true},
 	{CanMapHost, "HostMapper", is[HostMapper], false},
+	{CanEmpty, "Emptier", is[Emptier], true},
 }
 
 func is[T any](d DiskFile) bool {

@@ -44,6 +44,8 @@ import (
 //   - [DepthMapper], used by [AllocationDepths]: without it all is the
 //     disk's own.
 //   - [Resizer], used by [Resize]: without it the size is fixed.
+//   - [Emptier], used by [MakeEmpty]: without it an overlay keeps its
+//     data after a commit.
 //   - [Describer], used by [Describe]: without it only size and mode.
 //   - [Checker], used by [Check]: without it nothing can be checked.
 //   - [Snapshotter], used by [CreateSnapshot], [ApplySnapshot] and
@@ -188,6 +190,15 @@ type DepthMapper interface {
 // not implement Resizer, [Resize] fails with errors.ErrUnsupported.
 type Resizer interface {
 	Resize(size int64) error
+}
+
+// An Emptier can drop everything the top layer of a backing chain holds,
+// so that the layers below show through again, at the same size: what
+// commit does to an overlay once its data is in the layer below (qemu's
+// make-empty). If a disk does not implement Emptier, [MakeEmpty] fails
+// with errors.ErrUnsupported.
+type Emptier interface {
+	MakeEmpty() error
 }
 
 // A Describer reports facts about its image for `diskserve info`.

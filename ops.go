@@ -115,6 +115,19 @@ func Resize(d DiskFile, size int64) error {
 	return fmt.Errorf("resize: %w", errors.ErrUnsupported)
 }
 
+// MakeEmpty drops what d's top layer holds with d's [Emptier]; a disk
+// that is not an Emptier fails with an error wrapping
+// [errors.ErrUnsupported].
+func MakeEmpty(d DiskFile) error {
+	if d.ReadOnly() {
+		return fmt.Errorf("make empty: %w", ErrReadOnly)
+	}
+	if e, ok := d.(Emptier); ok {
+		return e.MakeEmpty()
+	}
+	return fmt.Errorf("make empty: %w", errors.ErrUnsupported)
+}
+
 // Check verifies d's metadata with its [Checker], repairing what repair
 // allows. A disk that is not a Checker has nothing it can check, and Check
 // returns an error wrapping [errors.ErrUnsupported].

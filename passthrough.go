@@ -33,6 +33,7 @@ var (
 	_ CompressedWriter = Passthrough{}
 	_ BitmapKeeper     = Passthrough{}
 	_ DepthMapper      = Passthrough{}
+	_ Emptier          = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -87,6 +88,9 @@ func (p Passthrough) AppendExtents(dst []Extent, off, n int64) ([]Extent, error)
 
 // Resize resizes D.
 func (p Passthrough) Resize(size int64) error { return Resize(p.D, size) }
+
+// MakeEmpty empties D.
+func (p Passthrough) MakeEmpty() error { return MakeEmpty(p.D) }
 
 // Describe describes D.
 func (p Passthrough) Describe(info *Info) { *info = Describe(p.D) }

@@ -27,8 +27,29 @@ func (d *Disk) shrink(size int64) error {
 		return err
 	}
 	d.h.Size = uint64(size)
+	return d.freeFrom((size + d.cs - 1) / d.cs)
+}
 
-	first := (size + d.cs - 1) / d.cs // the first guest cluster wholly past the end
+// MakeEmpty drops every cluster the image holds, so that its backing
+// file shows through everywhere again: what commit does to an overlay
+// once its data is in the backing file. The virtual size stays. A crash
+// leaves some of the clusters dropped, which the backing file then shows
+// through: it must hold the same data.
+func (d *Disk) MakeEmpty() error {
+	if !d.writable() {
+		return fmt.Errorf("make empty: %w", diskserve.ErrReadOnly)
+	}
+	d.lockAll()
+	defer d.unlockAll()
+	return d.freeFrom(0)
+}
+
+// freeFrom frees the guest clusters from first on and the L2 tables that
+// map only them, drops the refcount blocks left counting nothing, and cuts
+// the file after its last used cluster.
+//
+// Preconditions: lockAll is held; the image is writable.
+func (d *Disk) freeFrom(first int64) error {
 	if l1i := first / d.l2n; first%d.l2n != 0 && l1i < int64(len(d.l1)) && d.l1[l1i]&offsetMask != 0 {
 		t, err := d.l2ForWrite(first)
 		if err != nil {

@@ -38,6 +38,7 @@ var (
 	_ diskserve.ZeroWriter  = (*Disk)(nil)
 	_ diskserve.HolePuncher = (*Disk)(nil)
 	_ diskserve.Resizer     = (*Disk)(nil)
+	_ diskserve.Emptier     = (*Disk)(nil)
 )
 
 // newWriter prepares d for writing, refusing images whose state this

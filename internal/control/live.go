@@ -5,6 +5,7 @@
 package control
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/qcow2"
+	"github.com/diskserve/diskserve/internal/commit"
 )
 
 // A Live disk passes every request to its current disk, which Overlay
@@ -260,20 +262,20 @@ func (l *Live) Commit() error {
 	}
 	// The overlay opens its backing file read-only and without the lock,
 	// which the writable open above holds. Copying reads only what the
-	// overlay holds itself, never through to the backing image being
-	// written.
+	// overlay holds itself (allocation depth 1), never through to the
+	// backing image being written.
 	ovOpts := format.Options(l.opts)
 	ovOpts.Format, ovOpts.ReadOnly = qcow2.Format.Name, true
 	openFile := ovOpts.OpenFile
 	ovOpts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
 		if path == base.Filename {
-			return openUnlocked(path)
+			return commit.OpenUnlocked(path)
 		}
 		return openFile(path, readOnly)
 	}
 	ov, err := format.Open(top, ovOpts)
 	if err == nil {
-		err = copyAllocated(backing, ov)
+		err = commit.Copy(context.Background(), backing, ov, 1, nil)
 		err = errors.Join(err, ov.Close())
 	}
 	if err == nil {
@@ -289,56 +291,6 @@ func (l *Live) Commit() error {
 	}
 	return nil
 }
-
-// copyAllocated writes into dst every range that src, an overlay, holds
-// itself: its data, and zeroes for its zero clusters.
-func copyAllocated(dst, src diskserve.DiskFile) error {
-	buf := make([]byte, 1<<20)
-	var err error
-	walkErr := diskserve.WalkExtents(src, 0, src.Size(), func(e diskserve.Extent) bool {
-		switch {
-		case e.Flags&diskserve.ExtentHole != 0: // the backing image's own
-		case e.Flags&diskserve.ExtentZero != 0:
-			err = diskserve.WriteZeroes(dst, e.Off, e.Len, 0)
-		default:
-			for o := e.Off; o < e.Off+e.Len && err == nil; o += int64(len(buf)) {
-				b := buf[:min(int64(len(buf)), e.Off+e.Len-o)]
-				if err = diskserve.ReadFullAt(src, b, o); err == nil {
-					_, err = dst.WriteAt(b, o)
-				}
-			}
-		}
-		return err == nil
-	})
-	return errors.Join(walkErr, err)
-}
-
-// openUnlocked opens the file at path read-only as a container, without
-// the lock raw images take.
-func openUnlocked(path string) (diskserve.DiskFile, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return &roFile{f: f, size: st.Size()}, nil
-}
-
-// roFile is a read-only file as a container.
-type roFile struct {
-	f    *os.File
-	size int64
-}
-
-func (r *roFile) Size() int64                              { return r.size }
-func (r *roFile) ReadOnly() bool                           { return true }
-func (r *roFile) Close() error                             { return r.f.Close() }
-func (r *roFile) ReadAt(p []byte, off int64) (int, error)  { return r.f.ReadAt(p, off) }
-func (r *roFile) WriteAt(p []byte, off int64) (int, error) { return 0, diskserve.ErrReadOnly }
 
 // reopen opens the image the export had again after a failed overlay or
 // commit,
