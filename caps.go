@@ -28,6 +28,7 @@ const (
 	CanKeepBitmaps                              // BitmapKeeper
 	CanMapHost                                  // HostMapper
 	CanEmpty                                    // Emptier
+	CanChangeBacking                            // BackingChanger
 )
 
 // A capability is one entry of the capability set.
@@ -58,6 +59,7 @@ var capabilityList = []capability{
 	{CanKeepBitmaps, "BitmapKeeper", is[BitmapKeeper], true},
 	{CanMapHost, "HostMapper", is[HostMapper], false},
 	{CanEmpty, "Emptier", is[Emptier], true},
+	{CanChangeBacking, "BackingChanger", is[BackingChanger], true},
 }
 
 func is[T any](d DiskFile) bool {

@@ -46,6 +46,8 @@ import (
 //   - [Resizer], used by [Resize]: without it the size is fixed.
 //   - [Emptier], used by [MakeEmpty]: without it an overlay keeps its
 //     data after a commit.
+//   - [BackingChanger], used by [SetBacking]: without it the backing
+//     file recorded cannot change.
 //   - [Describer], used by [Describe]: without it only size and mode.
 //   - [Checker], used by [Check]: without it nothing can be checked.
 //   - [Snapshotter], used by [CreateSnapshot], [ApplySnapshot] and
@@ -199,6 +201,18 @@ type Resizer interface {
 // with errors.ErrUnsupported.
 type Emptier interface {
 	MakeEmpty() error
+}
+
+// A BackingChanger can record another backing file in its image, or none:
+// `qemu-img rebase -u`'s change, which rebase and amend end with.
+// SetBacking records name (as given: relative names are relative to the
+// image) and its format fmtName ("" records none), or no backing file when
+// name is "". The data is not touched, and the open disk goes on reading
+// through the backing file it was opened with. If a disk does not
+// implement BackingChanger, [SetBacking] fails with
+// errors.ErrUnsupported.
+type BackingChanger interface {
+	SetBacking(name, fmtName string) error
 }
 
 // A Describer reports facts about its image for `diskserve info`.

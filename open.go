@@ -106,6 +106,13 @@ type Options struct {
 	// read-only. Formats without internal snapshots refuse it.
 	Snapshot string
 
+	// NoBacking opens the image named to [Open] without its backing
+	// file: what the image leaves to it reads as zeroes. It is for
+	// changing the backing file an image records (rebase -u), which must
+	// work when that file is missing or its format unrecorded; formats
+	// that can change it ([BackingChanger]) honour it.
+	NoBacking bool
+
 	// Verify asks formats that carry checksums of their data (Android
 	// sparse CRC32 chunks) to verify them when opening, at the cost of
 	// reading the whole image; an image that fails does not open.
@@ -217,6 +224,10 @@ func (oc *OpenContext) Snapshot() string {
 	}
 	return oc.opts.Snapshot
 }
+
+// NoBacking reports whether the image is opened without its backing file
+// ([Options.NoBacking]): only the image named to [Open] is.
+func (oc *OpenContext) NoBacking() bool { return oc.depth == 0 && oc.opts.NoBacking }
 
 // Verify reports whether checksums should be verified at open
 // ([Options.Verify]).

@@ -128,6 +128,19 @@ func MakeEmpty(d DiskFile) error {
 	return fmt.Errorf("make empty: %w", errors.ErrUnsupported)
 }
 
+// SetBacking records name (of format fmtName) as d's backing file, or
+// none, with d's [BackingChanger]; a disk that is not one fails with an
+// error wrapping [errors.ErrUnsupported].
+func SetBacking(d DiskFile, name, fmtName string) error {
+	if d.ReadOnly() {
+		return fmt.Errorf("set the backing file: %w", ErrReadOnly)
+	}
+	if b, ok := d.(BackingChanger); ok {
+		return b.SetBacking(name, fmtName)
+	}
+	return fmt.Errorf("set the backing file: %w", errors.ErrUnsupported)
+}
+
 // Check verifies d's metadata with its [Checker], repairing what repair
 // allows. A disk that is not a Checker has nothing it can check, and Check
 // returns an error wrapping [errors.ErrUnsupported].

@@ -34,6 +34,7 @@ var (
 	_ BitmapKeeper     = Passthrough{}
 	_ DepthMapper      = Passthrough{}
 	_ Emptier          = Passthrough{}
+	_ BackingChanger   = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -91,6 +92,9 @@ func (p Passthrough) Resize(size int64) error { return Resize(p.D, size) }
 
 // MakeEmpty empties D.
 func (p Passthrough) MakeEmpty() error { return MakeEmpty(p.D) }
+
+// SetBacking changes D's backing file.
+func (p Passthrough) SetBacking(name, fmtName string) error { return SetBacking(p.D, name, fmtName) }
 
 // Describe describes D.
 func (p Passthrough) Describe(info *Info) { *info = Describe(p.D) }

@@ -50,7 +50,7 @@
 //     version 2 snapshots need not record their disk size.
 //   - A backing file whose format the image does not record: probing it
 //     could take a raw file a guest wrote for a qcow2 image, so it is
-//     refused; `qemu-img rebase -u -F FORMAT` records the format.
+//     refused; `diskserve rebase -u -F FORMAT` (or qemu-img's) records the format.
 //   - Reusing freed clusters while the image is open: the file grows by
 //     appending, and freed clusters are punched out of it.
 //
@@ -188,9 +188,9 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (_ diskserve.DiskFile
 			return nil, err
 		}
 	}
-	if h.BackingFile != "" {
+	if h.BackingFile != "" && !oc.NoBacking() {
 		if h.BackingFormat == "" {
-			return nil, unsupported(-1, "backing file %q has no recorded format: record it with qemu-img rebase -u -b %q -F FORMAT", h.BackingFile, h.BackingFile)
+			return nil, unsupported(-1, "backing file %q has no recorded format: record it with diskserve rebase -u -b %q -F FORMAT (or qemu-img's)", h.BackingFile, h.BackingFile)
 		}
 		if d.backing, err = oc.OpenChild(h.BackingFile, h.BackingFormat, true); err != nil {
 			return nil, fmt.Errorf("backing file: %w", err)

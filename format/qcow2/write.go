@@ -34,11 +34,12 @@ type writer struct {
 }
 
 var (
-	_ diskserve.Flusher     = (*Disk)(nil)
-	_ diskserve.ZeroWriter  = (*Disk)(nil)
-	_ diskserve.HolePuncher = (*Disk)(nil)
-	_ diskserve.Resizer     = (*Disk)(nil)
-	_ diskserve.Emptier     = (*Disk)(nil)
+	_ diskserve.Flusher        = (*Disk)(nil)
+	_ diskserve.ZeroWriter     = (*Disk)(nil)
+	_ diskserve.HolePuncher    = (*Disk)(nil)
+	_ diskserve.Resizer        = (*Disk)(nil)
+	_ diskserve.Emptier        = (*Disk)(nil)
+	_ diskserve.BackingChanger = (*Disk)(nil)
 )
 
 // newWriter prepares d for writing, refusing images whose state this
