@@ -58,6 +58,22 @@ type Creator struct {
 	// ask for an image written whole by Write (VMDK's streamOptimized
 	// subformat); the others are made by New and filled in place.
 	Whole func(o CreateOptions) bool
+
+	// Measure, if set, says how large a file an image of the format
+	// takes, as `qemu-img measure` computes it: with options o (those of
+	// Options, and "preallocation" and "backing_file" where the format
+	// has them), holding src's content, or empty and size bytes large
+	// when src is nil.
+	Measure func(o CreateOptions, size int64, src DiskFile) (Measurement, error)
+}
+
+// A Measurement is the file size a new image needs ([Creator.Measure]).
+type Measurement struct {
+	Required       int64 // for the content, with its metadata
+	FullyAllocated int64 // were every cluster written
+	// Bitmaps is the space the source's persistent dirty bitmaps take,
+	// when both the source and the new image keep them; nil otherwise.
+	Bitmaps *int64
 }
 
 // WritesWhole reports whether images with options o are written whole,

@@ -36,6 +36,7 @@ var creator = &diskserve.Creator{
 	},
 	Backing:    true,
 	Compressed: true,
+	Measure:    measure,
 	New: func(out *os.File, a diskserve.CreateArgs) error {
 		o, err := parseOptions(a.Options)
 		if err != nil {

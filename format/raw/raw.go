@@ -51,7 +51,17 @@ import (
 var Format = diskserve.Format{
 	Name:   "raw",
 	Open:   func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) { return c, nil },
-	Create: &diskserve.Creator{New: create},
+	Create: &diskserve.Creator{New: create, Measure: measure},
+}
+
+// measure: a raw image is as large as its disk, its source's or size
+// bytes rounded up to a sector, allocated or not (as qemu-img measure).
+func measure(_ diskserve.CreateOptions, size int64, src diskserve.DiskFile) (diskserve.Measurement, error) {
+	n := (size + 511) / 512 * 512
+	if src != nil {
+		n = src.Size()
+	}
+	return diskserve.Measurement{Required: n, FullyAllocated: n}, nil
 }
 
 // create makes out a sparse file of a.Size bytes.
