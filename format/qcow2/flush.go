@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/diskserve/diskserve"
 )
@@ -116,8 +117,14 @@ func (d *Disk) flushMeta(unlocked bool) error {
 	}
 	f = d.takeDirty()
 	err = io(func() error {
-		for _, host := range holes {
-			_ = diskserve.PunchHole(d.c, host, min(d.cs, d.c.Size()-host)) // only space; nothing reads it
+		slices.Sort(holes)
+		for i := 0; i < len(holes); { // runs of neighbouring clusters in one punch
+			j := i + 1
+			for j < len(holes) && holes[j] == holes[j-1]+d.cs {
+				j++
+			}
+			_ = diskserve.PunchHole(d.c, holes[i], min(holes[j-1]+d.cs, d.c.Size())-holes[i]) // only space; nothing reads it
+			i = j
 		}
 		return f.write(d)
 	})
