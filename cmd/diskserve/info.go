@@ -16,14 +16,21 @@ import (
 )
 
 func newInfoCommand() *cobra.Command {
-	var flags imageFlags
+	var (
+		flags imageFlags
+		chain bool
+	)
 	cmd := &cobra.Command{
-		Use:   "info [-f FORMAT] [--output=human|json] IMAGE",
+		Use:   "info [-f FORMAT] [--output=human|json] [--backing-chain] IMAGE",
 		Short: "Show an image's format, sizes and format-specific facts",
 		Long: `info opens IMAGE read-only and shows its format, virtual size, allocated
 size and the facts its format records. The JSON output uses the keys of
 "qemu-img info --output=json" (format, virtual-size, actual-size, filename,
-backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
+backing-filename, cluster-size, dirty-flag, format-specific, ...).
+
+--backing-chain shows every image of the backing chain in turn, as
+qemu-img does: one after the other (a blank line between them), or a JSON
+array, the top image first.`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
@@ -32,6 +39,9 @@ backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
 					info.Filename = args[0]
 				}
 				remotes := remoteInfos()
+				if chain {
+					return writeChain(cmd.OutOrStdout(), info, flags.output == "json")
+				}
 				if flags.output == "json" {
 					j := newInfoJSON(info)
 					j.Remote = remotes
@@ -44,7 +54,33 @@ backing-filename, cluster-size, dirty-flag, format-specific, ...).`,
 		},
 	}
 	flags.register(cmd.Flags())
+	cmd.Flags().BoolVar(&chain, "backing-chain", false, "show every image of the backing chain, one after the other")
 	return cmd
+}
+
+// writeChain prints info and its backing images one after the other.
+func writeChain(w io.Writer, info diskserve.Info, asJSON bool) error {
+	var chain []infoJSON
+	for i := &info; i != nil; i = i.Backing {
+		one := *i
+		one.Backing = nil
+		if asJSON {
+			j := newInfoJSON(one)
+			if i.Backing != nil {
+				j.FullBackingFilename = i.Backing.Filename
+			}
+			chain = append(chain, j)
+			continue
+		}
+		if i != &info {
+			fmt.Fprintln(w)
+		}
+		writeInfo(w, one, "")
+	}
+	if asJSON {
+		return writeJSON(w, chain)
+	}
+	return nil
 }
 
 // infoJSON is the shape of `qemu-img info --output=json`.
