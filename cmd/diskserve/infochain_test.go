@@ -47,3 +47,35 @@ func TestInfoBackingChainLikeQemuImg(t *testing.T) {
 		t.Fatalf("info --backing-chain (exit %d):\n%s", code, human)
 	}
 }
+
+// TestMapLikeQemuImg: map --output=json gives the records of qemu-img map
+// (depth, present, zero, data), host offsets left out and neighbours of
+// the same state merged, for images alone and in chains.
+func TestMapLikeQemuImg(t *testing.T) {
+	dir := t.TempDir()
+	in := func(n string) string { return filepath.Join(dir, n) }
+	io := func(img, f string, cmds ...string) {
+		args := []string{"-f", f}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		testtool.Run(t, "qemu-io", append(args, in(img))...)
+	}
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", in("base.raw"), "8M")
+	io("base.raw", "raw", "write -P 1 0 1M", "write -P 2 5M 64k")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", in("mid.qcow2"))
+	io("mid.qcow2", "qcow2", "write -P 3 512k 1M", "write -z 5M 64k", "write -z 7M 128k")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2", in("top.qcow2"), "12M")
+	io("top.qcow2", "qcow2", "write -P 4 2M 4k", "write -z 512k 8k", "write -P 5 9M 100k")
+	testtool.Run(t, "qemu-img", "convert", "-c", "-O", "qcow2", in("top.qcow2"), in("compressed.qcow2"))
+	for _, img := range []string{"base.raw", "mid.qcow2", "top.qcow2", "compressed.qcow2"} {
+		var ours []map[string]any
+		out, _, code := run(t, nil, "map", "--output=json", in(img))
+		if err := json.Unmarshal([]byte(out), &ours); err != nil || code != 0 {
+			t.Fatalf("%s: exit %d, %v\n%s", img, code, err, out)
+		}
+		if theirs := mergedMap(t, in(img)); !reflect.DeepEqual(theirs, ours) {
+			t.Fatalf("%s: qemu-img map\n%v\ndiskserve map\n%v", img, theirs, ours)
+		}
+	}
+}

@@ -120,7 +120,7 @@ func TestMapTilesTheDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := mustRun(t, "map", "--output=json", img)
-	if strings.TrimSpace(out) != `[{"start":0,"length":100000,"data":true,"zero":false}]` {
+	if strings.TrimSpace(out) != `[{"start":0,"length":100000,"depth":0,"present":true,"zero":false,"data":true}]` {
 		t.Fatalf("map of a full file: %s", out)
 	}
 	if human := mustRun(t, "map", img); !strings.Contains(human, "0x186a0") {
