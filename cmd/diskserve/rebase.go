@@ -11,7 +11,7 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
-	"github.com/diskserve/diskserve/internal/rebase"
+	"github.com/diskserve/diskserve/internal/diffcopy"
 )
 
 func newRebaseCommand() *cobra.Command {
@@ -97,7 +97,7 @@ the same) or over the new one.`,
 					defer bar.Finish()
 					progress = func(n int64) { bar.Add64(n) }
 				}
-				if err := rebase.Copy(cmd.Context(), d, nb, progress); err != nil {
+				if err := diffcopy.Copy(cmd.Context(), d, d, nb, true, progress); err != nil {
 					return fmt.Errorf("rebase %s: %w", img, err)
 				}
 				if err := diskserve.Flush(d); err != nil {

@@ -21,14 +21,16 @@ import (
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
+	"github.com/diskserve/diskserve/internal/diffcopy"
 )
 
-// Copying: each of copyWorkers goroutines reads and writes a piece of up to
-// copyPiece bytes at a time, and skips the parts of copyGrain bytes that
-// read as zeroes.
+// Copying: each of copyWorkers goroutines (by default) reads and writes a
+// piece of up to copyPiece bytes at a time, and skips the parts of
+// copyGrain bytes (by default, as qemu-img convert's -S) that read as
+// zeroes.
 const (
 	copyPiece   = 1 << 20
-	copyGrain   = 64 << 10
+	copyGrain   = 4 << 10
 	copyWorkers = 4
 )
 
@@ -86,7 +88,7 @@ func Create(path string, f diskserve.Format, a diskserve.CreateArgs) (err error)
 	if err := c.New(out, a); err != nil {
 		return err
 	}
-	return o.commit()
+	return o.commit(true)
 }
 
 // A Target is the image a conversion writes.
@@ -100,6 +102,39 @@ type Target struct {
 	// file opener (package format's when left empty). Formats
 	// written in place are opened with it to be filled.
 	Open diskserve.Options
+
+	// BackingFile (of format BackingFormat), if set, makes the new image
+	// an overlay of it that holds only the sectors where the source reads
+	// differently from it (convert -B); the format must take a backing
+	// file.
+	BackingFile, BackingFormat string
+
+	// Copy tunes the copy of the data.
+	Copy CopyOptions
+
+	// Unsafe leaves the new image's files unsynced: a crash soon after
+	// may leave them empty or in part (qemu-img convert's default cache
+	// mode, -t unsafe).
+	Unsafe bool
+}
+
+// CopyOptions tune [Copy].
+type CopyOptions struct {
+	// Compress stores data with [diskserve.WriteCompressed] (the workers
+	// compress in parallel), in whole units of the target's cluster size.
+	Compress bool
+
+	// Sparse is how many bytes of zeroes, aligned, make a hole rather
+	// than a write; 0 means 4 KiB. Negative: every byte is written, as
+	// data, zeroes too (convert -S 0: a fully allocated target).
+	Sparse int64
+
+	// Dirty says the target does not read as zeroes yet (convert -n
+	// into an existing image): zero ranges are zeroed in it too.
+	Dirty bool
+
+	// Workers is how many pieces are copied at once; 0 means 4.
+	Workers int
 }
 
 // Convert writes the content of src into a new image at dst. Ranges of
@@ -109,6 +144,12 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	c, err := Creator(t.Format, format.Options(t.Open).Formats)
 	if err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
+	}
+	if t.BackingFile != "" && !c.Backing {
+		return fmt.Errorf("convert to %s: %s images have no backing file", dst, t.Format.Name)
+	}
+	if t.BackingFile != "" && c.WritesWhole(t.Options) {
+		return fmt.Errorf("convert to %s: -B: %s images written whole have no backing file", dst, t.Format.Name)
 	}
 	if t.Compress && !c.Compressed {
 		return fmt.Errorf("convert to %s: %s images cannot store data compressed", dst, t.Format.Name)
@@ -142,15 +183,43 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 		err = ctx.Err()
 	}
 	if err == nil {
-		err = o.commit()
+		err = o.commit(!t.Unsafe)
 	}
 	return err
+}
+
+// ConvertInto writes the content of src into the existing image at dst,
+// of t's format, as `convert -n` does: in place, with no temporary name,
+// so that dst may be a block device or a logical volume. dst must be at
+// least as large as src. Unless zero says that dst reads as zeroes
+// already, the ranges where src reads zeroes are zeroed in dst.
+func ConvertInto(ctx context.Context, src diskserve.DiskFile, dst string, t Target, zero bool, progress func(int64)) (err error) {
+	opts := format.Options(t.Open)
+	opts.Format, opts.ReadOnly = t.Format.Name, false
+	d, err := diskserve.Open(dst, opts)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, d.Close()) }()
+	if d.Size() < src.Size() {
+		return fmt.Errorf("convert -n: %s (%d bytes) is smaller than the source (%d bytes)", dst, d.Size(), src.Size())
+	}
+	co := t.Copy
+	co.Compress, co.Dirty = co.Compress || t.Compress, !zero
+	if err := Copy(ctx, d, src, co, progress); err != nil {
+		return err
+	}
+	if t.Unsafe {
+		return nil
+	}
+	return diskserve.Flush(d)
 }
 
 // fill makes an empty image of t's format in out, for dst, and copies src
 // into it.
 func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, dst string, t Target, progress func(int64)) error {
-	if err := t.Format.Create.New(out, diskserve.CreateArgs{Path: dst, Size: src.Size(), Options: t.Options, Sidecar: o.create}); err != nil {
+	a := diskserve.CreateArgs{Path: dst, Size: src.Size(), Options: t.Options, Sidecar: o.create, BackingFile: t.BackingFile, BackingFormat: t.BackingFormat}
+	if err := t.Format.Create.New(out, a); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}
 	opts := format.Options(t.Open)
@@ -160,11 +229,17 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 	if err != nil {
 		return err
 	}
-	err = Copy(ctx, d, src, t.Compress, progress)
+	co := t.Copy
+	co.Compress = co.Compress || t.Compress
+	if t.BackingFile != "" {
+		err = diffcopy.Copy(ctx, d, src, d, false, progress)
+	} else {
+		err = Copy(ctx, d, src, co, progress)
+	}
 	if err == nil && t.Bitmaps {
 		err = copyBitmaps(d, src)
 	}
-	if err == nil {
+	if err == nil && !t.Unsafe {
 		err = diskserve.Flush(d)
 	}
 	return errors.Join(err, d.Close())
@@ -213,16 +288,26 @@ func SyncDir(dir string) error {
 	return errors.Join(f.Sync(), f.Close())
 }
 
-// Copy copies the content of src into dst, a disk of the same size that
-// reads as zeroes: ranges of src that read as zeroes, and parts of data
-// that are all zero, are skipped. Several workers read and write pieces at
-// once. With compress, dst stores data with [diskserve.WriteCompressed]
-// (the workers compress in parallel), in whole units of its cluster size.
-func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progress func(int64)) error {
+// Copy copies the content of src into dst, a disk at least as large that
+// reads as zeroes (unless o.Dirty): ranges of src that read as zeroes, and
+// parts of data that are all zero, are skipped (o.Sparse). Several workers
+// read and write pieces at once.
+func Copy(ctx context.Context, dst, src diskserve.DiskFile, o CopyOptions, progress func(int64)) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	size := src.Size()
+	compress := o.Compress
 	pieceSize, grain := int64(copyPiece), int64(copyGrain)
+	switch {
+	case o.Sparse > 0:
+		grain = o.Sparse
+	case o.Sparse < 0:
+		grain = 0 // no zero detection: every byte of data is written
+	}
+	workers := o.Workers
+	if workers <= 0 {
+		workers = copyWorkers
+	}
 	if compress {
 		if grain = diskserve.Describe(dst).ClusterSize; grain <= 0 {
 			return fmt.Errorf("compressed copy: the target has no cluster size: %w", diskserve.ErrUnsupported)
@@ -234,14 +319,30 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progr
 			progress(n)
 		}
 	}
-	type piece struct{ off, n int64 }
-	jobs := make(chan piece, copyWorkers)
+	type piece struct {
+		off, n int64
+		zero   bool // src reads zeroes there: zero it in dst
+	}
+	jobs := make(chan piece, workers)
 	var wg sync.WaitGroup
-	for range copyWorkers {
+	for range workers {
 		wg.Go(func() {
 			buf := make([]byte, pieceSize+2*grain)
 			zero := make([]byte, grain)
 			for p := range jobs {
+				if p.zero {
+					var err error
+					if o.Sparse < 0 {
+						err = diskserve.WriteZeroBytes(dst, p.off, p.n)
+					} else {
+						err = diskserve.WriteZeroes(dst, p.off, p.n, diskserve.ZeroMayUnmap)
+					}
+					if err != nil {
+						cancel(err)
+					}
+					report(p.n)
+					continue
+				}
 				off, end := p.off, p.off+p.n
 				if compress { // whole clusters
 					off, end = off&^(grain-1), min((end+grain-1)&^(grain-1), size)
@@ -267,22 +368,45 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progr
 					}
 					return err == nil
 				}
+				// A dirty target gets its zero grains zeroed, in runs.
+				zrun := int64(-1)
+				zeroRun := func(from, to int64) bool {
+					if err := diskserve.WriteZeroes(dst, off+from, to-from, diskserve.ZeroMayUnmap); err != nil {
+						cancel(err)
+						return false
+					}
+					return true
+				}
 				ok := true
-				for k := int64(0); ok && k < end-off; k += grain {
+				if grain == 0 { // every byte
+					ok = write(0, end-off)
+				}
+				for k := int64(0); ok && grain > 0 && k < end-off; k += grain {
 					stop := min(end-off, k+grain)
-					switch {
-					case bytes.Equal(b[k:stop], zero[:stop-k]):
+					if bytes.Equal(b[k:stop], zero[:stop-k]) {
 						if run >= 0 {
 							ok, run = write(run, k), -1
 						}
+						if o.Dirty && zrun < 0 {
+							zrun = k
+						}
+						continue
+					}
+					if zrun >= 0 {
+						ok, zrun = ok && zeroRun(zrun, k), -1
+					}
+					switch {
 					case compress:
-						ok = write(k, stop)
+						ok = ok && write(k, stop)
 					case run < 0:
 						run = k
 					}
 				}
 				if ok && run >= 0 {
-					write(run, end-off)
+					ok = write(run, end-off)
+				}
+				if ok && zrun >= 0 {
+					zeroRun(zrun, end-off)
 				}
 				report(p.n)
 			}
@@ -290,7 +414,17 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progr
 	}
 	feed := func(e diskserve.Extent) bool {
 		if e.Flags&diskserve.ExtentZero != 0 {
-			report(e.Len)
+			if !o.Dirty && o.Sparse >= 0 {
+				report(e.Len)
+				return true
+			}
+			for off, end := e.Off, e.Off+e.Len; off < end; off += 64 * copyPiece {
+				select {
+				case jobs <- piece{off: off, n: min(64*copyPiece, end-off), zero: true}:
+				case <-ctx.Done():
+					return false
+				}
+			}
 			return true
 		}
 		// Pieces end on multiples of pieceSize, so that only pieces at
@@ -298,7 +432,7 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, compress bool, progr
 		for o, end := e.Off, e.Off+e.Len; o < end; {
 			next := min((o/pieceSize+1)*pieceSize, end)
 			select {
-			case jobs <- piece{o, next - o}:
+			case jobs <- piece{off: o, n: next - o}:
 			case <-ctx.Done():
 				return false
 			}

@@ -76,10 +76,14 @@ func tempName(dir, name string, k int) string {
 	return filepath.Join(dir, "."+name+tempMark+strconv.Itoa(os.Getpid())+"-"+strconv.Itoa(k))
 }
 
-// commit makes every file durable, gives each its name (replacing what
-// was there), the image's own file last, and makes the names durable.
-func (o *output) commit() error {
+// commit makes every file durable (unless sync is false), gives each its
+// name (replacing what was there), the image's own file last, and makes
+// the names durable.
+func (o *output) commit(sync bool) error {
 	for _, of := range o.files {
+		if !sync {
+			break
+		}
 		if err := of.f.Sync(); err != nil {
 			return err
 		}
@@ -111,6 +115,9 @@ func (o *output) commit() error {
 			return err
 		}
 		of.tmp = ""
+	}
+	if !sync {
+		return nil
 	}
 	return SyncDir(o.dir)
 }
