@@ -58,7 +58,12 @@ be known). raw and qcow2 are measured; other formats, as in qemu, are not.`,
 			}
 			c := *f.Create
 			c.Options = slices.Clip(c.Options)
-			c.Options = append(c.Options, diskserve.CreateOption{Name: "preallocation"})
+			has := func(name string) bool {
+				return slices.ContainsFunc(c.Options, func(o diskserve.CreateOption) bool { return o.Name == name })
+			}
+			if !has("preallocation") {
+				c.Options = append(c.Options, diskserve.CreateOption{Name: "preallocation"})
+			}
 			if c.Backing {
 				c.Options = append(c.Options, diskserve.CreateOption{Name: "backing_file"})
 			}

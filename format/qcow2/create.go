@@ -33,6 +33,7 @@ var creator = &diskserve.Creator{
 		{Name: "compression_type", Default: "zlib", Help: "zlib or zstd, for compressed clusters"},
 		{Name: "lazy_refcounts", Default: "off", Help: "on or off"},
 		{Name: "extended_l2", Default: "off", Help: "on or off: 32 subclusters per cluster"},
+		{Name: "preallocation", Default: "off", Help: "off, metadata (every cluster mapped, its space a hole), falloc (allocated too) or full (zeroes written)"},
 	},
 	Backing:    true,
 	Compressed: true,
@@ -43,8 +44,19 @@ var creator = &diskserve.Creator{
 			return fmt.Errorf("create %s: %w", a.Path, err)
 		}
 		o.Size, o.BackingFile, o.BackingFormat = a.Size, a.BackingFile, a.BackingFormat
+		prealloc := a.Options.String("preallocation", "off")
+		switch prealloc {
+		case "off", "metadata", "falloc", "full":
+		default:
+			return fmt.Errorf("create %s: preallocation must be off, metadata, falloc or full, not %q", a.Path, prealloc)
+		}
 		if err := write(out, o); err != nil {
 			return fmt.Errorf("create %s: %w", a.Path, err)
+		}
+		if prealloc != "off" {
+			if err := preallocate(out, a.Path, prealloc); err != nil {
+				return fmt.Errorf("create %s: %w", a.Path, err)
+			}
 		}
 		return nil
 	},

@@ -64,11 +64,11 @@ func measure(opts diskserve.CreateOptions, size int64, src diskserve.DiskFile) (
 	return m, nil
 }
 
-// withoutMeasureOnly returns opts without the options only measure takes.
+// withoutMeasureOnly returns opts without the option only measure takes.
 func withoutMeasureOnly(opts diskserve.CreateOptions) diskserve.CreateOptions {
 	o := diskserve.CreateOptions{}
 	for k, v := range opts {
-		if k != "preallocation" && k != "backing_file" {
+		if k != "backing_file" {
 			o[k] = v
 		}
 	}

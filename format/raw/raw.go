@@ -44,14 +44,21 @@ import (
 	"sync/atomic"
 
 	"github.com/diskserve/diskserve"
+	"golang.org/x/sys/unix"
 )
 
 // Format is the raw format. It matches every file, so it goes last in an
 // opener's list; opening returns the image file itself.
 var Format = diskserve.Format{
-	Name:   "raw",
-	Open:   func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) { return c, nil },
-	Create: &diskserve.Creator{New: create, Measure: measure},
+	Name: "raw",
+	Open: func(c diskserve.DiskFile, _ *diskserve.OpenContext) (diskserve.DiskFile, error) { return c, nil },
+	Create: &diskserve.Creator{
+		Options: []diskserve.CreateOption{
+			{Name: "preallocation", Default: "off", Help: "off (a sparse file), falloc (its space allocated) or full (zeroes written)"},
+		},
+		New:     create,
+		Measure: measure,
+	},
 }
 
 // measure: a raw image is as large as its disk, its source's or size
@@ -64,8 +71,32 @@ func measure(_ diskserve.CreateOptions, size int64, src diskserve.DiskFile) (dis
 	return diskserve.Measurement{Required: n, FullyAllocated: n}, nil
 }
 
-// create makes out a sparse file of a.Size bytes.
-func create(out *os.File, a diskserve.CreateArgs) error { return out.Truncate(a.Size) }
+// create makes out a file of a.Size bytes: sparse, or with its space
+// allocated (preallocation=falloc) or filled with zeroes (full).
+func create(out *os.File, a diskserve.CreateArgs) error {
+	if err := out.Truncate(a.Size); err != nil {
+		return err
+	}
+	switch p := a.Options.String("preallocation", "off"); p {
+	case "off":
+	case "falloc":
+		if a.Size > 0 {
+			if err := unix.Fallocate(int(out.Fd()), 0, 0, a.Size); err != nil {
+				return fmt.Errorf("create %s: preallocation=falloc: %w", a.Path, err)
+			}
+		}
+	case "full":
+		zero := make([]byte, 1<<20)
+		for off := int64(0); off < a.Size; off += int64(len(zero)) {
+			if _, err := out.WriteAt(zero[:min(int64(len(zero)), a.Size-off)], off); err != nil {
+				return fmt.Errorf("create %s: preallocation=full: %w", a.Path, err)
+			}
+		}
+	default:
+		return fmt.Errorf("create %s: preallocation must be off, falloc or full, not %q", a.Path, p)
+	}
+	return nil
+}
 
 // A Disk is an open raw image.
 type Disk struct {
