@@ -65,6 +65,11 @@ type Creator struct {
 	// has them), holding src's content, or empty and size bytes large
 	// when src is nil.
 	Measure func(o CreateOptions, size int64, src DiskFile) (Measurement, error)
+
+	// Amend, if set, changes options o of the open image d, opened
+	// read-write by this format, as `qemu-img amend` does; options it
+	// cannot change it refuses, before changing anything.
+	Amend func(d DiskFile, o CreateOptions) error
 }
 
 // A Measurement is the file size a new image needs ([Creator.Measure]).

@@ -56,6 +56,6 @@ them over NBD and mounts them as files through FUSE.`,
 		SilenceErrors: true, // main prints them
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newCommitCommand(), newCompareCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMeasureCommand(), newRebaseCommand(), newResizeCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
+	root.AddCommand(newAmendCommand(), newBenchCommand(), newBitmapCommand(), newCacheCommand(), newCheckCommand(), newCommitCommand(), newCompareCommand(), newControlCommand(), newConvertCommand(), newCreateCommand(), newInfoCommand(), newMeasureCommand(), newRebaseCommand(), newResizeCommand(), newMapCommand(), newMountCommand(), newServeCommand(), newSnapshotCommand(), newBundleCommand())
 	return root
 }

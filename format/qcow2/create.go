@@ -38,6 +38,7 @@ var creator = &diskserve.Creator{
 	Backing:    true,
 	Compressed: true,
 	Measure:    measure,
+	Amend:      amend,
 	New: func(out *os.File, a diskserve.CreateArgs) error {
 		o, err := parseOptions(a.Options)
 		if err != nil {

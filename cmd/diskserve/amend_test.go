@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/diskserve/diskserve/internal/testtool"
+)
+
+// infoLines returns qemu-img info of img without the lines that name the
+// file or its space on disk.
+func infoLines(t *testing.T, img string) string {
+	var keep []string
+	for _, l := range strings.Split(string(testtool.Run(t, "qemu-img", "info", img)), "\n") {
+		if !strings.HasPrefix(l, "image:") && !strings.HasPrefix(l, "disk size:") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}
+
+// TestAmendLikeQemuImg amends the same images, built twice, with qemu-img
+// amend and diskserve amend: the same exit status, and where both
+// succeed, qemu-img info agrees on everything but the file name and size,
+// the images compare equal and pass qemu-img check.
+func TestAmendLikeQemuImg(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		create []string // qemu-img create options
+		args   []string
+		code   int
+	}{
+		{"lazy refcounts on", nil, []string{"-o", "lazy_refcounts=on"}, 0},
+		{"lazy refcounts off", []string{"-o", "lazy_refcounts=on"}, []string{"-o", "lazy_refcounts=off"}, 0},
+		{"grow", nil, []string{"-o", "size=20M"}, 0},
+		{"downgrade", nil, []string{"-o", "compat=0.10"}, 0},
+		{"downgrade with a backing file", []string{"-b", "base.qcow2", "-F", "qcow2"}, []string{"-o", "compat=0.10"}, 0},
+		{"upgrade", []string{"-o", "compat=0.10"}, []string{"-o", "compat=1.1"}, 0},
+		{"upgrade with lazy refcounts", []string{"-o", "compat=0.10"}, []string{"-o", "compat=1.1,lazy_refcounts=on"}, 0},
+		{"lazy refcounts on version 2", []string{"-o", "compat=0.10"}, []string{"-o", "lazy_refcounts=on"}, 1},
+		{"the cluster size", nil, []string{"-o", "cluster_size=4k"}, 1},
+		{"an unknown option", nil, []string{"-o", "bogus=1"}, 1},
+		{"no options", nil, nil, 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for _, p := range []string{"q-", "d-"} {
+				in := func(n string) string { return filepath.Join(dir, p+n) }
+				testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", in("base.qcow2"), "10M")
+				testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 2 0 4M", in("base.qcow2"))
+				args := []string{"create", "-q", "-f", "qcow2"}
+				for _, a := range c.create {
+					if a == "base.qcow2" {
+						a = p + a
+					}
+					args = append(args, a)
+				}
+				testtool.Run(t, "qemu-img", append(args, in("img.qcow2"), "10M")...)
+				testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 1M", in("img.qcow2"))
+			}
+			var codes [2]int
+			for k, bin := range []string{"qemu-img", diskserveBin} {
+				cmd := exec.Command(bin, append(append([]string{"amend"}, c.args...), filepath.Join(dir, []string{"q-", "d-"}[k]+"img.qcow2"))...)
+				var e bytes.Buffer
+				cmd.Stderr = &e
+				err := cmd.Run()
+				if ee, ok := err.(*exec.ExitError); ok {
+					codes[k] = ee.ExitCode()
+				} else if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if codes[0] != codes[1] || codes[1] != c.code {
+				t.Fatalf("qemu-img exits %d, diskserve %d; want %d", codes[0], codes[1], c.code)
+			}
+			q, d := filepath.Join(dir, "q-img.qcow2"), filepath.Join(dir, "d-img.qcow2")
+			if a, b := strings.ReplaceAll(infoLines(t, q), "q-", ""), strings.ReplaceAll(infoLines(t, d), "d-", ""); a != b {
+				t.Fatalf("qemu-img info of qemu-img's:\n%s\nof diskserve's:\n%s", a, b)
+			}
+			testtool.Run(t, "qemu-img", "compare", q, d)
+			testtool.QemuCheck(t, d)
+		})
+	}
+}
+
+// TestAmendRefusesWhatItCannotDo: a downgrade of an image with zero
+// clusters (which qemu-img expands) is refused, and leaves the image as
+// it was.
+func TestAmendRefusesWhatItCannotDo(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "zero.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "10M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -z 2M 1M", img)
+	before := infoLines(t, img)
+	if _, errOut, code := run(t, nil, "amend", "-o", "compat=0.10", img); code != 1 || !strings.Contains(errOut, "zero clusters") {
+		t.Fatalf("downgrade with zero clusters: exit %d: %s", code, errOut)
+	}
+	if after := infoLines(t, img); after != before {
+		t.Fatalf("a refused amend changed the image:\n%s\nwas:\n%s", after, before)
+	}
+	testtool.QemuCheck(t, img)
+}
