@@ -109,6 +109,12 @@ type CreateArgs struct {
 	// maker does.
 	Sidecar func(name string) (*os.File, error)
 
+	// Container opens the file New writes (out) as a read-write
+	// container, for a format that fills in the image it has laid out
+	// by opening it (qcow2's preallocation). The caller closes what it
+	// returns.
+	Container func() (DiskFile, error)
+
 	// Size is the virtual size in bytes; unused with Components.
 	Size int64
 

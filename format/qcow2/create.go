@@ -55,7 +55,7 @@ var creator = &diskserve.Creator{
 			return fmt.Errorf("create %s: %w", a.Path, err)
 		}
 		if prealloc != "off" {
-			if err := preallocate(out, a.Path, prealloc); err != nil {
+			if err := preallocate(a, prealloc); err != nil {
 				return fmt.Errorf("create %s: %w", a.Path, err)
 			}
 		}

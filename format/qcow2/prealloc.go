@@ -3,23 +3,19 @@ package qcow2
 import (
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/diskserve/diskserve"
-	"github.com/diskserve/diskserve/format/raw"
-	"golang.org/x/sys/unix"
 )
 
-// preallocate gives every guest cluster of the new image in out (at path)
-// a host cluster, as qemu-img create -o preallocation does: metadata maps
-// them all (the data clusters stay holes in the file and read as zeroes),
-// falloc allocates their space too, full writes zeroes into them. Each L2
-// table is followed by the clusters it maps, in guest order, as qemu lays
-// them out.
-func preallocate(out *os.File, path, mode string) error {
-	fd, err := unix.Dup(int(out.Fd()))
-	if err != nil {
-		return err
+// preallocate gives every guest cluster of the new image a host cluster,
+// as qemu-img create -o preallocation does: metadata maps them all (the
+// data clusters stay holes in the file and read as zeroes), falloc
+// allocates their space too, full writes zeroes into them. Each L2 table
+// is followed by the clusters it maps, in guest order, as qemu lays them
+// out. a.Container opens the image's file.
+func preallocate(a diskserve.CreateArgs, mode string) error {
+	if a.Container == nil {
+		return errors.New("preallocation: the image's file cannot be opened here")
 	}
 	// The format without its Creator, which refers to this function.
 	f := diskserve.Format{Name: "qcow2", Magic: Magic, Open: open}
@@ -27,13 +23,10 @@ func preallocate(out *os.File, path, mode string) error {
 		Formats:   []diskserve.Format{f},
 		Format:    f.Name,
 		NoBacking: true, // the backing file plays no part in the allocation
-		OpenFile: func(string, bool) (diskserve.DiskFile, error) {
-			return raw.FromFile(os.NewFile(uintptr(fd), path), path, false)
-		},
+		OpenFile:  func(string, bool) (diskserve.DiskFile, error) { return a.Container() },
 	}
-	dd, err := diskserve.Open(path, opts)
+	dd, err := diskserve.Open(a.Path, opts)
 	if err != nil {
-		unix.Close(fd)
 		return err
 	}
 	d := dd.(*Disk)

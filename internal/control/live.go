@@ -152,6 +152,20 @@ func (l *Live) Resize(size int64) error {
 	return p.Resize(size)
 }
 
+// MakeEmpty empties the current disk.
+func (l *Live) MakeEmpty() error {
+	p, release := l.current()
+	defer release()
+	return p.MakeEmpty()
+}
+
+// SetBacking changes the backing file the current disk records.
+func (l *Live) SetBacking(name, fmtName string) error {
+	p, release := l.current()
+	defer release()
+	return p.SetBacking(name, fmtName)
+}
+
 // Check checks the current disk.
 func (l *Live) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 	p, release := l.current()

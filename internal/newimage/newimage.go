@@ -84,7 +84,7 @@ func Create(path string, f diskserve.Format, a diskserve.CreateArgs) (err error)
 	if err != nil {
 		return err
 	}
-	a.Path, a.Sidecar = path, o.create
+	a.Path, a.Sidecar, a.Container = path, o.create, o.container(path)
 	if err := c.New(out, a); err != nil {
 		return err
 	}
@@ -218,7 +218,7 @@ func ConvertInto(ctx context.Context, src diskserve.DiskFile, dst string, t Targ
 // fill makes an empty image of t's format in out, for dst, and copies src
 // into it.
 func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, dst string, t Target, progress func(int64)) error {
-	a := diskserve.CreateArgs{Path: dst, Size: src.Size(), Options: t.Options, Sidecar: o.create, BackingFile: t.BackingFile, BackingFormat: t.BackingFormat}
+	a := diskserve.CreateArgs{Path: dst, Size: src.Size(), Options: t.Options, Sidecar: o.create, Container: o.container(dst), BackingFile: t.BackingFile, BackingFormat: t.BackingFormat}
 	if err := t.Format.Create.New(out, a); err != nil {
 		return fmt.Errorf("convert to %s: %w", dst, err)
 	}

@@ -166,6 +166,16 @@ func alive(pid int) bool {
 
 // openFile returns an opener of image files that opens the files of the
 // output by their final names, and passes every other path to next.
+// container returns a function that opens the output's file that will be
+// named path as a read-write container.
+func (o *output) container(path string) func() (diskserve.DiskFile, error) {
+	return func() (diskserve.DiskFile, error) {
+		return o.openFile(func(p string, _ bool) (diskserve.DiskFile, error) {
+			return nil, fmt.Errorf("%s is not a file of the new image", p)
+		})(path, false)
+	}
+}
+
 func (o *output) openFile(next func(string, bool) (diskserve.DiskFile, error)) func(string, bool) (diskserve.DiskFile, error) {
 	return func(path string, readOnly bool) (diskserve.DiskFile, error) {
 		for _, of := range o.files {
