@@ -220,3 +220,56 @@ func TestDifferencing(t *testing.T) {
 		t.Fatalf("open over a replaced parent: %v", err)
 	}
 }
+
+// TestCheckRepairsACutAllocation: a dynamic disk copied in the middle of
+// an allocation (the block written, the footer not yet moved after it,
+// as a crash leaves it) reads as before the write, and check reports the
+// missing footer copy as leaked space, which -r leaks repairs.
+func TestCheckRepairsACutAllocation(t *testing.T) {
+	dir := t.TempDir()
+	img, crashed := filepath.Join(dir, "disk.vhd"), filepath.Join(dir, "crashed.vhd")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vpc", img, "8M")
+	before := testtool.QemuRaw(t, img, "-f", "vpc")
+	d, err := format.Open(img, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(bytes.Repeat([]byte{7}, 4096), 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(img) // the file as a crash now leaves it
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	if err := os.WriteFile(crashed, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := testtool.QemuRaw(t, crashed, "-f", "vpc"); !bytes.Equal(got, before) {
+		t.Fatal("the cut allocation shows")
+	}
+	check := func(repair diskserve.Repair) diskserve.CheckReport {
+		d, err := format.Open(crashed, diskserve.Options{ReadOnly: repair == diskserve.RepairNone})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		r, err := diskserve.Check(d, repair)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	if r := check(diskserve.RepairNone); r.Leaks != 1 || r.Corruptions != 0 {
+		t.Fatalf("check of the cut allocation: %+v", r)
+	}
+	if r := check(diskserve.RepairLeaks); r.LeaksFixed != 1 || r.Corruptions != 0 {
+		t.Fatalf("check -r leaks: %+v", r)
+	}
+	if r := check(diskserve.RepairNone); r.Leaks != 0 || r.Corruptions != 0 {
+		t.Fatalf("check after the repair: %+v", r)
+	}
+	if got := testtool.QemuRaw(t, crashed, "-f", "vpc"); !bytes.Equal(got, before) {
+		t.Fatal("the repair changed the content")
+	}
+}
