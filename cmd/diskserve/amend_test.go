@@ -1,26 +1,12 @@
 package main
 
 import (
-	"bytes"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/diskserve/diskserve/internal/testtool"
 )
-
-// infoLines returns qemu-img info of img without the lines that name the
-// file or its space on disk.
-func infoLines(t *testing.T, img string) string {
-	var keep []string
-	for _, l := range strings.Split(string(testtool.Run(t, "qemu-img", "info", img)), "\n") {
-		if !strings.HasPrefix(l, "image:") && !strings.HasPrefix(l, "disk size:") {
-			keep = append(keep, l)
-		}
-	}
-	return strings.Join(keep, "\n")
-}
 
 // TestAmendLikeQemuImg amends the same images, built twice, with qemu-img
 // amend and diskserve amend: the same exit status, and where both
@@ -63,15 +49,7 @@ func TestAmendLikeQemuImg(t *testing.T) {
 			}
 			var codes [2]int
 			for k, bin := range []string{"qemu-img", diskserveBin} {
-				cmd := exec.Command(bin, append(append([]string{"amend"}, c.args...), filepath.Join(dir, []string{"q-", "d-"}[k]+"img.qcow2"))...)
-				var e bytes.Buffer
-				cmd.Stderr = &e
-				err := cmd.Run()
-				if ee, ok := err.(*exec.ExitError); ok {
-					codes[k] = ee.ExitCode()
-				} else if err != nil {
-					t.Fatal(err)
-				}
+				_, codes[k] = runTool(t, "", bin, append(append([]string{"amend"}, c.args...), filepath.Join(dir, []string{"q-", "d-"}[k]+"img.qcow2"))...)
 			}
 			if codes[0] != codes[1] || codes[1] != c.code {
 				t.Fatalf("qemu-img exits %d, diskserve %d; want %d", codes[0], codes[1], c.code)

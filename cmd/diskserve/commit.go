@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
@@ -90,17 +89,8 @@ data. Run it again to finish.`,
 					return fmt.Errorf("grow %s to %s's size: %w", target.Filename, top, err)
 				}
 			}
-			var progress func(int64)
-			if show && !quiet {
-				bar := progressbar.NewOptions64(t.Size(),
-					progressbar.OptionSetWriter(os.Stderr),
-					progressbar.OptionSetDescription("committing"),
-					progressbar.OptionShowBytes(true),
-					progressbar.OptionFullWidth(),
-					progressbar.OptionClearOnFinish())
-				defer bar.Finish()
-				progress = func(n int64) { bar.Add64(n) }
-			}
+			progress, done := newProgress(show && !quiet, t.Size(), "committing")
+			defer done()
 			if err := commit.Copy(cmd.Context(), b, t, layers, progress); err != nil {
 				return fmt.Errorf("commit %s into %s: %w", top, target.Filename, err)
 			}

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"encoding/json"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -12,19 +10,6 @@ import (
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
-
-// mapOf returns qemu-img map's records of img without host offsets.
-func mapOf(t *testing.T, img string) []map[string]any {
-	t.Helper()
-	var recs []map[string]any
-	if err := json.Unmarshal(testtool.Run(t, "qemu-img", "map", "--output=json", img), &recs); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range recs {
-		delete(r, "offset")
-	}
-	return recs
-}
 
 // TestCommitLikeQemuImg commits the same backing chains, built twice, with
 // qemu-img commit and diskserve commit: the same output and exit status;
@@ -104,15 +89,7 @@ func TestCommitLikeQemuImg(t *testing.T) {
 						}
 					}
 				}
-				cmd := exec.Command(bin, append(args, top)...)
-				cmd.Dir = dir
-				out, err := cmd.Output()
-				if ee, ok := err.(*exec.ExitError); ok {
-					codes[k] = ee.ExitCode()
-				} else if err != nil {
-					t.Fatal(err)
-				}
-				outs[k] = string(out)
+				outs[k], codes[k] = runTool(t, dir, bin, append(args, top)...)
 			}
 			if outs[0] != outs[1] || codes[0] != codes[1] || codes[1] != c.code {
 				t.Fatalf("qemu-img exits %d saying %q; diskserve exits %d saying %q; want %d", codes[0], outs[0], codes[1], outs[1], c.code)

@@ -3,9 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
@@ -65,16 +63,9 @@ be read, 4 an image's data could not be read.`,
 			}
 			var opts compare.Options
 			opts.Strict = strict
-			if bar && !quiet {
-				pb := progressbar.NewOptions64(max(disks[0].Size(), disks[1].Size()),
-					progressbar.OptionSetWriter(os.Stderr),
-					progressbar.OptionSetDescription("comparing"),
-					progressbar.OptionShowBytes(true),
-					progressbar.OptionFullWidth(),
-					progressbar.OptionClearOnFinish())
-				defer pb.Finish()
-				opts.Progress = func(n int64) { pb.Add64(n) }
-			}
+			var done func()
+			opts.Progress, done = newProgress(bar && !quiet, max(disks[0].Size(), disks[1].Size()), "comparing")
+			defer done()
 			r, err := compare.Disks(cmd.Context(), disks[0], disks[1], opts)
 			if err != nil {
 				var ce *compare.Error

@@ -1,39 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/diskserve/diskserve/internal/testtool"
 )
-
-// likeQemuImg runs qemu-img and diskserve with the same arguments in dir,
-// and requires the same exit status and the same standard output.
-func likeQemuImg(t *testing.T, dir string, args ...string) (stdout string, code int) {
-	t.Helper()
-	var outs [2]string
-	var codes [2]int
-	for k, bin := range []string{testtool.Need(t, "qemu-img"), diskserveBin} {
-		cmd := exec.Command(bin, args...)
-		cmd.Dir = dir
-		var o, e bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &o, &e
-		err := cmd.Run()
-		if ee, ok := err.(*exec.ExitError); ok {
-			codes[k] = ee.ExitCode()
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		outs[k] = o.String()
-	}
-	if outs[0] != outs[1] || codes[0] != codes[1] {
-		t.Fatalf("%v: qemu-img exits %d saying %q; diskserve exits %d saying %q", args, codes[0], outs[0], codes[1], outs[1])
-	}
-	return outs[1], codes[1]
-}
 
 // TestCompareLikeQemuImg compares pairs of images with qemu-img compare
 // and diskserve compare: the same message and the same exit status in

@@ -7,9 +7,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
@@ -121,18 +119,8 @@ writeback).`,
 				return err
 			}
 			defer d.Close()
-			var progress func(int64)
-			if showProgress && term.IsTerminal(int(os.Stderr.Fd())) {
-				bar := progressbar.NewOptions64(d.Size(),
-					progressbar.OptionSetWriter(os.Stderr),
-					progressbar.OptionSetDescription("converting"),
-					progressbar.OptionShowBytes(true),
-					progressbar.OptionSetPredictTime(true),
-					progressbar.OptionFullWidth(),
-					progressbar.OptionClearOnFinish())
-				defer bar.Finish()
-				progress = func(n int64) { bar.Add64(n) }
-			}
+			progress, done := newProgress(showProgress, d.Size(), "converting")
+			defer done()
 			if into {
 				return newimage.ConvertInto(ctx, d, args[1], t, isZero, progress)
 			}

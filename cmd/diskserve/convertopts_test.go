@@ -66,15 +66,7 @@ func TestConvertOptionsLikeQemuImg(t *testing.T) {
 				if bin == "qemu-img" {
 					args = append(args, "-f", "qcow2")
 				}
-				cmd := exec.Command(bin, append(args, in("src.qcow2"), dst)...)
-				var e bytes.Buffer
-				cmd.Stderr = &e
-				err := cmd.Run()
-				if ee, ok := err.(*exec.ExitError); ok {
-					codes[k] = ee.ExitCode()
-				} else if err != nil {
-					t.Fatal(err)
-				}
+				_, codes[k] = runTool(t, "", bin, append(args, in("src.qcow2"), dst)...)
 			}
 			if codes[0] != codes[1] || codes[1] != c.code {
 				t.Fatalf("qemu-img exits %d, diskserve %d; want %d", codes[0], codes[1], c.code)

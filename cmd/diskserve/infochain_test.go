@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -29,14 +28,9 @@ func TestInfoBackingChainLikeQemuImg(t *testing.T) {
 	}
 	var chains [2][]entry
 	for k, bin := range []string{"qemu-img", diskserveBin} {
-		cmd := exec.Command(bin, "info", "--backing-chain", "--output=json", "top.qcow2")
-		cmd.Dir = dir
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("%s: %v", bin, err)
-		}
-		if err := json.Unmarshal(out, &chains[k]); err != nil {
-			t.Fatalf("%s: %v\n%s", bin, err, out)
+		out, code := runTool(t, dir, bin, "info", "--backing-chain", "--output=json", "top.qcow2")
+		if err := json.Unmarshal([]byte(out), &chains[k]); err != nil || code != 0 {
+			t.Fatalf("%s: exit %d, %v\n%s", bin, code, err, out)
 		}
 	}
 	if !reflect.DeepEqual(chains[0], chains[1]) || len(chains[1]) != 3 {

@@ -3,10 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
@@ -86,17 +84,8 @@ the same) or over the new one.`,
 					}
 					defer nb.Close()
 				}
-				var progress func(int64)
-				if show && !quiet {
-					bar := progressbar.NewOptions64(d.Size(),
-						progressbar.OptionSetWriter(os.Stderr),
-						progressbar.OptionSetDescription("rebasing"),
-						progressbar.OptionShowBytes(true),
-						progressbar.OptionFullWidth(),
-						progressbar.OptionClearOnFinish())
-					defer bar.Finish()
-					progress = func(n int64) { bar.Add64(n) }
-				}
+				progress, done := newProgress(show && !quiet, d.Size(), "rebasing")
+				defer done()
 				if err := diffcopy.Copy(cmd.Context(), d, d, nb, true, progress); err != nil {
 					return fmt.Errorf("rebase %s: %w", img, err)
 				}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -9,36 +8,6 @@ import (
 
 	"github.com/diskserve/diskserve/internal/testtool"
 )
-
-// mergedMap is mapOf with neighbouring records of the same state merged:
-// how host clusters were ordered does not matter.
-func mergedMap(t *testing.T, img string) []map[string]any {
-	var out []map[string]any
-	for _, r := range mapOf(t, img) {
-		if k := len(out); k > 0 {
-			p := out[k-1]
-			if p["depth"] == r["depth"] && p["zero"] == r["zero"] && p["data"] == r["data"] && p["present"] == r["present"] &&
-				p["start"].(float64)+p["length"].(float64) == r["start"].(float64) {
-				p["length"] = p["length"].(float64) + r["length"].(float64)
-				continue
-			}
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// backingOf returns qemu-img info's backing file lines of img, with the
-// copies' prefix taken out.
-func backingOf(t *testing.T, img, prefix string) string {
-	var keep []string
-	for _, l := range strings.Split(string(testtool.Run(t, "qemu-img", "info", img)), "\n") {
-		if strings.HasPrefix(l, "backing file") {
-			keep = append(keep, strings.ReplaceAll(l, prefix, ""))
-		}
-	}
-	return strings.Join(keep, "\n")
-}
 
 // TestRebaseLikeQemuImg rebases the same overlays, built twice, with qemu-img
 // rebase and diskserve rebase: the same output and exit status; where both
@@ -104,15 +73,7 @@ func TestRebaseLikeQemuImg(t *testing.T) {
 						}
 					}
 				}
-				cmd := exec.Command(bin, args...)
-				cmd.Dir = dir
-				out, err := cmd.Output()
-				if ee, ok := err.(*exec.ExitError); ok {
-					codes[k] = ee.ExitCode()
-				} else if err != nil {
-					t.Fatal(err)
-				}
-				outs[k] = string(out)
+				outs[k], codes[k] = runTool(t, dir, bin, args...)
 			}
 			if outs[0] != outs[1] || codes[0] != codes[1] || codes[1] != c.code {
 				t.Fatalf("qemu-img exits %d saying %q; diskserve exits %d saying %q; want %d", codes[0], outs[0], codes[1], outs[1], c.code)

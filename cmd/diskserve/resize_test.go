@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -89,16 +87,7 @@ func TestResizeLikeQemuImg(t *testing.T) {
 			if strings.HasPrefix(c.args[len(c.args)-1], "-") && bin == "qemu-img" {
 				args = append(append([]string{"resize"}, c.args[:len(c.args)-1]...), img, "--", c.args[len(c.args)-1])
 			}
-			cmd := exec.Command(bin, args...)
-			var o bytes.Buffer
-			cmd.Stdout = &o
-			err := cmd.Run()
-			if ee, ok := err.(*exec.ExitError); ok {
-				codes[k] = ee.ExitCode()
-			} else if err != nil {
-				t.Fatal(err)
-			}
-			outs[k] = o.String()
+			outs[k], codes[k] = runTool(t, "", bin, args...)
 		}
 		if outs[0] != outs[1] || codes[0] != codes[1] || codes[1] != c.code {
 			t.Fatalf("%s: qemu-img exits %d saying %q; diskserve exits %d saying %q; want %d", name, codes[0], outs[0], codes[1], outs[1], c.code)
@@ -123,23 +112,4 @@ func TestResizeLikeQemuImg(t *testing.T) {
 			testtool.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", q+".before", d+".before")
 		}
 	}
-}
-
-// virtualSize returns the "virtual size" line of qemu-img info.
-func virtualSize(t *testing.T, img string) string {
-	for _, l := range strings.Split(string(testtool.Run(t, "qemu-img", "info", img)), "\n") {
-		if strings.HasPrefix(l, "virtual size") {
-			return l
-		}
-	}
-	t.Fatalf("qemu-img info %s: no virtual size", img)
-	return ""
-}
-
-func fileSize(t *testing.T, path string) int64 {
-	st, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st.Size()
 }
