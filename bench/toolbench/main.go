@@ -15,8 +15,9 @@
 //     into it (and emptied, qemu-img's default).
 //
 // Each tool runs on its own fresh copy of the images, in the page cache
-// (Warm), with a sync before the clock starts and one before it stops, so
-// that writeback counts for both. The tools alternate in going first.
+// (Warm; -state cold: dropped from it), with a sync before the clock
+// starts and one before it stops, so that writeback counts for both. The
+// tools alternate in going first.
 //
 // Run it from the module root (it builds ./cmd/diskserve):
 //
@@ -55,8 +56,12 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of every job; figures are medians")
 	size := flag.Int64("size", 8<<30, "virtual size of the images in bytes")
 	data := flag.Int64("data", 1<<30, "bytes of data in them")
+	state := flag.String("state", "warm", "the images in the page cache (warm) or not (cold)")
 	flag.Parse()
 	log.SetFlags(0)
+	if *state != "warm" && *state != "cold" {
+		log.Fatalf("-state %q: want warm or cold", *state)
+	}
 	dir, bin := fio.Setup("toolbench")
 	defer os.RemoveAll(dir)
 
@@ -106,8 +111,13 @@ func main() {
 					log.Fatal(err)
 				}
 				j.setup(work)
+				syscall.Sync()
 				for _, f := range j.files {
-					fio.Warm(filepath.Join(work, f))
+					if *state == "cold" {
+						fio.Evict(filepath.Join(work, f))
+					} else {
+						fio.Warm(filepath.Join(work, f))
+					}
 				}
 				name := "qemu-img"
 				if tool == "diskserve" {
@@ -130,7 +140,7 @@ func main() {
 			}
 		}
 	}
-	fmt.Printf("| job (%d GiB qcow2, %d MiB of data) | diskserve (s) | qemu-img (s) | qemu-img / diskserve |\n|---|---|---|---|\n", *size>>30, int64(len(spans))*span>>20)
+	fmt.Printf("| job (%d GiB qcow2, %d MiB of data, %s) | diskserve (s) | qemu-img (s) | qemu-img / diskserve |\n|---|---|---|---|\n", *size>>30, int64(len(spans))*span>>20, *state)
 	for _, j := range jobs {
 		ds, q := fio.Median(times[j.name]["diskserve"]), fio.Median(times[j.name]["qemu-img"])
 		fmt.Printf("| %s | %.2f | %.2f | %.2f |\n", j.name, ds, q, q/ds)

@@ -71,7 +71,7 @@ func NewImage(path string, state State) *Image {
 // the benchmark if a cold file is still cached.
 func (im *Image) Prepare(state State) {
 	syscall.Sync()
-	evict(im.Path)
+	Evict(im.Path)
 	switch state {
 	case Fresh:
 		im.rewrite(1<<20, false)
@@ -111,8 +111,9 @@ func (im *Image) rewrite(n int, shuffle bool) {
 	}
 }
 
-// evict drops the file at path from the page cache.
-func evict(path string) {
+// Evict drops the file at path from the page cache (its dirty pages must
+// have been written back: sync first).
+func Evict(path string) {
 	f, err := os.Open(path)
 	if err != nil {
 		log.Fatal(err)
