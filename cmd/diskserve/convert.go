@@ -64,7 +64,10 @@ does. DST then reads exactly as SRC.
 as holes (default 4K, as qemu-img); -S 0 writes every byte, zeroes too,
 for a fully allocated DST. -m N copies N pieces at once (default 4).
 diskserve always writes out of order, as qemu-img -W does: -W is
-accepted. -T is SRC's cache mode (as --cache); -t is DST's: writeback
+accepted. -C copies data inside the kernel (copy_file_range) where SRC
+and DST are raw files (through the page cache, not under O_DIRECT), and
+elsewhere through memory; either way data extents are copied whole, zero
+runs and all, as qemu-img -C does. -T is SRC's cache mode (as --cache); -t is DST's: writeback
 (the default: DST is made durable before it is named), unsafe (as
 qemu-img's default: no sync at the end, faster, lost to a crash soon
 after), none or directsync (with -n, DST opened with O_DIRECT; a new DST
@@ -82,9 +85,6 @@ writeback).`,
 			}
 			if st, err := os.Stat(args[1]); err == nil && st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0 && f.Name == "raw" {
 				into = true // a block device is written in place, as qemu-img does
-			}
-			if offload {
-				return fmt.Errorf("convert -C: copy offloading (copy_file_range) is not supported yet: leave -C out")
 			}
 			if (backing != "") && into {
 				return fmt.Errorf("convert: -B and -n cannot be combined")
@@ -104,7 +104,7 @@ writeback).`,
 			if t.Copy.Sparse, err = parseSparse(sparse); err != nil {
 				return err
 			}
-			t.Copy.Workers = workers
+			t.Copy.Workers, t.Copy.Offload = workers, offload
 			if into {
 				rc, err := src.remote.config(nil)
 				if err != nil {
@@ -142,7 +142,7 @@ writeback).`,
 	fl.IntVarP(&workers, "parallel", "m", 4, "pieces copied at once")
 	fl.BoolVarP(&outOfOrder, "out-of-order", "W", false, "accepted: diskserve always writes out of order")
 	fl.StringVarP(&targetCache, "target-cache", "t", string(diskserve.CacheWriteback), "DST's cache mode: writeback, unsafe, none, directsync, writethrough")
-	fl.BoolVarP(&offload, "copy-range-offloading", "C", false, "not supported yet: refused")
+	fl.BoolVarP(&offload, "copy-range-offloading", "C", false, "copy data inside the kernel (copy_file_range) where SRC and DST are raw files")
 	fl.StringVarP(&src.cache, "source-cache", "T", string(diskserve.CacheWriteback), "SRC's cache mode: writeback, none (O_DIRECT), writethrough, directsync, unsafe")
 	return cmd
 }

@@ -15,7 +15,7 @@ import (
 
 // TestConvertOptionsLikeQemuImg converts the same source with qemu-img
 // convert and diskserve convert under the options pipelines use: -n into
-// an existing image (dirty or known zero), -S, -t, -T, -m and -W. Both
+// an existing image (dirty or known zero), -S, -t, -T, -m, -W and -C. Both
 // outputs read as the source and show the same allocation (qemu-img map,
 // host offsets left out; with -n, the source's large zero range is zero);
 // the error cases exit alike.
@@ -52,6 +52,7 @@ func TestConvertOptionsLikeQemuImg(t *testing.T) {
 		{"64k holes", []string{"-S", "64k", "-O", "raw"}, nil, 0},
 		{"512-byte holes", []string{"-S", "512", "-O", "raw"}, nil, 0},
 		{"cache modes and parallelism", []string{"-t", "unsafe", "-T", "none", "-m", "8", "-W", "-O", "qcow2"}, nil, 0},
+		{"copy offloading", []string{"-C", "-O", "raw"}, nil, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var dsts [2]string
@@ -79,7 +80,7 @@ func TestConvertOptionsLikeQemuImg(t *testing.T) {
 			if !bytes.Equal(got[:len(srcBytes)], srcBytes) {
 				t.Fatal("diskserve's output does not read as the source")
 			}
-			if c.args[0] != "-n" {
+			if c.args[0] != "-n" && c.args[0] != "-C" {
 				if a, b := mergedMap(t, dsts[0]), mergedMap(t, dsts[1]); !reflect.DeepEqual(a, b) {
 					t.Fatalf("qemu-img map of qemu-img's output %v, of diskserve's %v", a, b)
 				}
@@ -87,8 +88,10 @@ func TestConvertOptionsLikeQemuImg(t *testing.T) {
 				// Into an existing image, small runs of zeroes may end up
 				// allocated either way (the kernel writes back a large
 				// dirty folio whole over a hole punched in it; qcow2
-				// zeroes may be unallocated or zero clusters): the large
-				// zero range must be zero.
+				// zeroes may be unallocated or zero clusters), and qemu-img
+				// -C copies whole clusters, holes in their host file and
+				// all, where diskserve follows the source's extents: the
+				// large zero range must be zero.
 				t.Fatalf("the source's zero range [1M, 4M) is not zero in diskserve's output: %v", mergedMap(t, dsts[1]))
 			}
 			if outFmt == "qcow2" {
@@ -192,5 +195,19 @@ func TestCreatePreallocationLikeQemuImg(t *testing.T) {
 			}
 			testtool.QemuCheck(t, d)
 		}
+	}
+}
+
+// TestConvertOffloadRaw: -C between raw files (copy_file_range) copies
+// the data exactly and leaves the source's holes holes.
+func TestConvertOffloadRaw(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src.raw"), filepath.Join(dir, "dst.raw")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", src, "64M")
+	testtool.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 5 0 10M", "-c", "write -P 6 40M 3M", "-c", "write -P 7 63M 5000", src)
+	mustRun(t, "convert", "-C", "-f", "raw", "-O", "raw", src, dst)
+	testtool.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, dst)
+	if !zeroAt(t, dst, 20<<20, 16<<20) {
+		t.Fatalf("a hole of the source was filled: %v", mergedMap(t, dst))
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -22,6 +23,7 @@ import (
 	"github.com/diskserve/diskserve"
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/internal/diffcopy"
+	"golang.org/x/sys/unix"
 )
 
 // Copying: each of copyWorkers goroutines (by default) reads and writes a
@@ -135,6 +137,12 @@ type CopyOptions struct {
 
 	// Workers is how many pieces are copied at once; 0 means 4.
 	Workers int
+
+	// Offload copies data inside the kernel (copy_file_range) where
+	// both disks map a piece onto host files, as convert -C. Data is
+	// then copied whole, zero runs and all, as qemu-img -C does; where
+	// the disks map nothing it goes through memory.
+	Offload bool
 }
 
 // Convert writes the content of src into a new image at dst. Ranges of
@@ -301,7 +309,7 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, o CopyOptions, progr
 	switch {
 	case o.Sparse > 0:
 		grain = o.Sparse
-	case o.Sparse < 0:
+	case o.Sparse < 0 || o.Offload:
 		grain = 0 // no zero detection: every byte of data is written
 	}
 	workers := o.Workers
@@ -342,6 +350,17 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, o CopyOptions, progr
 					}
 					report(p.n)
 					continue
+				}
+				if o.Offload && !compress {
+					done, err := offload(dst, src, p.off, p.n)
+					if err != nil {
+						cancel(err)
+						continue
+					}
+					if done {
+						report(p.n)
+						continue
+					}
 				}
 				off, end := p.off, p.off+p.n
 				if compress { // whole clusters
@@ -446,4 +465,38 @@ func Copy(ctx context.Context, dst, src diskserve.DiskFile, o CopyOptions, progr
 	close(jobs)
 	wg.Wait()
 	return context.Cause(ctx)
+}
+
+// offload copies [off, off+n) of src into dst inside the kernel, with
+// copy_file_range, where both map the range onto host files through the
+// page cache; it reports false, having copied nothing, where they do not
+// or the file systems cannot.
+func offload(dst, src diskserve.DiskFile, off, n int64) (bool, error) {
+	sr, ok := diskserve.MapHost(src, off, n, false)
+	if !ok {
+		return false, nil
+	}
+	defer sr.Done()
+	dr, ok := diskserve.MapHost(dst, off, n, true)
+	if !ok {
+		return false, nil
+	}
+	defer dr.Done()
+	if sr.Direct() || dr.Direct() {
+		return false, nil
+	}
+	so, do := sr.Off, dr.Off
+	for left := n; left > 0; {
+		k, err := unix.CopyFileRange(sr.FD, &so, dr.FD, &do, int(min(left, 1<<30)), 0)
+		switch {
+		case err != nil && left == n && (errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP)):
+			return false, nil // not between these files: through memory
+		case err != nil:
+			return true, fmt.Errorf("copy_file_range %d bytes at %d: %w", left, off+n-left, err)
+		case k == 0:
+			return true, fmt.Errorf("copy_file_range at %d: %w", off+n-left, io.ErrUnexpectedEOF)
+		}
+		left -= int64(k)
+	}
+	return true, nil
 }
