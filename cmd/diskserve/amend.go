@@ -24,10 +24,10 @@ func newAmendCommand() *cobra.Command {
 takes:
 
   compat=0.10|1.1    the version: 1.1 upgrades a version 2 image; 0.10
-                     downgrades one that uses nothing version 2 lacks
-                     (refused, before anything changes, with zero clusters,
-                     bitmaps, extended L2 entries, zstd or non-16-bit
-                     refcounts)
+                     downgrades one, its zero clusters (snapshots' too)
+                     expanded first as in qemu-img; refused, before
+                     anything changes, with bitmaps, extended L2 entries,
+                     zstd or refcounts of other than 16 bits
   lazy_refcounts=on|off
   size=SIZE          as resize (shrinking too)
   backing_file=NAME, backing_fmt=FORMAT

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,20 +17,23 @@ func TestAmendLikeQemuImg(t *testing.T) {
 	for _, c := range []struct {
 		name   string
 		create []string // qemu-img create options
+		io     []string // qemu-io commands after the first write
 		args   []string
 		code   int
 	}{
-		{"lazy refcounts on", nil, []string{"-o", "lazy_refcounts=on"}, 0},
-		{"lazy refcounts off", []string{"-o", "lazy_refcounts=on"}, []string{"-o", "lazy_refcounts=off"}, 0},
-		{"grow", nil, []string{"-o", "size=20M"}, 0},
-		{"downgrade", nil, []string{"-o", "compat=0.10"}, 0},
-		{"downgrade with a backing file", []string{"-b", "base.qcow2", "-F", "qcow2"}, []string{"-o", "compat=0.10"}, 0},
-		{"upgrade", []string{"-o", "compat=0.10"}, []string{"-o", "compat=1.1"}, 0},
-		{"upgrade with lazy refcounts", []string{"-o", "compat=0.10"}, []string{"-o", "compat=1.1,lazy_refcounts=on"}, 0},
-		{"lazy refcounts on version 2", []string{"-o", "compat=0.10"}, []string{"-o", "lazy_refcounts=on"}, 1},
-		{"the cluster size", nil, []string{"-o", "cluster_size=4k"}, 1},
-		{"an unknown option", nil, []string{"-o", "bogus=1"}, 1},
-		{"no options", nil, nil, 1},
+		{"lazy refcounts on", nil, nil, []string{"-o", "lazy_refcounts=on"}, 0},
+		{"lazy refcounts off", []string{"-o", "lazy_refcounts=on"}, nil, []string{"-o", "lazy_refcounts=off"}, 0},
+		{"grow", nil, nil, []string{"-o", "size=20M"}, 0},
+		{"downgrade", nil, nil, []string{"-o", "compat=0.10"}, 0},
+		{"downgrade with a backing file", []string{"-b", "base.qcow2", "-F", "qcow2"}, nil, []string{"-o", "compat=0.10"}, 0},
+		{"downgrade with zero clusters", nil, []string{"write -z 3M 1M", "write -P 3 5M 64k", "write -z 5M 64k"}, []string{"-o", "compat=0.10"}, 0},
+		{"downgrade with zero clusters over a backing file", []string{"-b", "base.qcow2", "-F", "qcow2"}, []string{"write -z 2M 1M", "write -P 3 5M 64k", "write -z 5M 64k"}, []string{"-o", "compat=0.10"}, 0},
+		{"upgrade", []string{"-o", "compat=0.10"}, nil, []string{"-o", "compat=1.1"}, 0},
+		{"upgrade with lazy refcounts", []string{"-o", "compat=0.10"}, nil, []string{"-o", "compat=1.1,lazy_refcounts=on"}, 0},
+		{"lazy refcounts on version 2", []string{"-o", "compat=0.10"}, nil, []string{"-o", "lazy_refcounts=on"}, 1},
+		{"the cluster size", nil, nil, []string{"-o", "cluster_size=4k"}, 1},
+		{"an unknown option", nil, nil, []string{"-o", "bogus=1"}, 1},
+		{"no options", nil, nil, nil, 1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -45,7 +49,11 @@ func TestAmendLikeQemuImg(t *testing.T) {
 					args = append(args, a)
 				}
 				testtool.Run(t, "qemu-img", append(args, in("img.qcow2"), "10M")...)
-				testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 1M", in("img.qcow2"))
+				ioArgs := []string{"-f", "qcow2", "-c", "write -P 1 1M 1M"}
+				for _, cmd := range c.io {
+					ioArgs = append(ioArgs, "-c", cmd)
+				}
+				testtool.Run(t, "qemu-io", append(ioArgs, in("img.qcow2"))...)
 			}
 			var codes [2]int
 			for k, bin := range []string{"qemu-img", diskserveBin} {
@@ -64,19 +72,25 @@ func TestAmendLikeQemuImg(t *testing.T) {
 	}
 }
 
-// TestAmendRefusesWhatItCannotDo: a downgrade of an image with zero
-// clusters (which qemu-img expands) is refused, and leaves the image as
-// it was.
-func TestAmendRefusesWhatItCannotDo(t *testing.T) {
-	img := filepath.Join(t.TempDir(), "zero.qcow2")
+// TestAmendDowngradesSnapshots: a downgrade expands the zero clusters of
+// internal snapshots too, in L2 tables they share with the image, and
+// every snapshot reads as before.
+func TestAmendDowngradesSnapshots(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "snap.qcow2")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "10M")
-	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -z 2M 1M", img)
-	before := infoLines(t, img)
-	if _, errOut, code := run(t, nil, "amend", "-o", "compat=0.10", img); code != 1 || !strings.Contains(errOut, "zero clusters") {
-		t.Fatalf("downgrade with zero clusters: exit %d: %s", code, errOut)
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", "-c", "write -z 1M 1M", img)
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "one", img)
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -z 3M 64k", "-c", "write -P 2 1M 64k", img)
+	raw := func(args ...string) []byte {
+		return testtool.QemuRaw(t, img, append([]string{"-f", "qcow2"}, args...)...)
 	}
-	if after := infoLines(t, img); after != before {
-		t.Fatalf("a refused amend changed the image:\n%s\nwas:\n%s", after, before)
+	now, one := raw(), raw("-l", "one")
+	mustRun(t, "amend", "-o", "compat=0.10", img)
+	if !strings.Contains(infoLines(t, img), "compat: 0.10") {
+		t.Fatalf("not downgraded:\n%s", infoLines(t, img))
 	}
 	testtool.QemuCheck(t, img)
+	if !bytes.Equal(raw(), now) || !bytes.Equal(raw("-l", "one"), one) {
+		t.Fatal("the downgrade changed what the image or its snapshot reads")
+	}
 }

@@ -14,8 +14,8 @@ import (
 // refuses: the change is rebase -u's, the data is not touched). Options
 // only creation sets (cluster_size, extended_l2, compression_type,
 // preallocation) are refused, as are changes diskserve does not make yet
-// (refcount_bits, and a downgrade of an image with zero clusters or
-// bitmaps), all before anything changes.
+// (refcount_bits, and a downgrade of an image with bitmaps), all before
+// anything changes. A downgrade expands zero clusters first, as qemu's.
 func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	d, ok := unwrapDisk(dd)
 	if !ok || !d.writable() {
@@ -82,6 +82,11 @@ func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	}
 	d.lockAll()
 	defer d.unlockAll()
+	if version == 2 && d.h.Version == 3 {
+		if err := d.expandZeroClusters(); err != nil {
+			return err
+		}
+	}
 	if version != d.h.Version {
 		if err := d.setVersion(version); err != nil {
 			return err
@@ -127,8 +132,8 @@ func unwrapDisk(d diskserve.DiskFile) (*Disk, bool) {
 }
 
 // canDowngrade refuses what a version 2 image cannot hold: features of
-// version 3 in use, and zero clusters (which qemu-img expands into
-// allocated zeroes; diskserve does not yet).
+// version 3 in use (zero clusters it can hold once expanded:
+// expandZeroClusters).
 func (d *Disk) canDowngrade() error {
 	switch {
 	case d.h.IncompatibleFeatures&^incompatDirty != 0:
@@ -140,8 +145,19 @@ func (d *Disk) canDowngrade() error {
 	case len(d.bitmaps) > 0:
 		return errors.New("compat=0.10: version 2 keeps no dirty bitmaps: remove them first (diskserve bitmap --remove)")
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return nil
+}
+
+// expandZeroClusters rewrites every zero cluster of the image, its
+// snapshots' included, as version 2 can read it, as qemu does before a
+// downgrade: unallocated, when nothing lies below; otherwise a cluster of
+// zeroes: the one it had, when no other table shares it, or a new one,
+// counted as often as its L2 table is (the one shared loses as many
+// references once the tables are written). The new clusters' zeroes and
+// refcounts reach the file before the tables that name them.
+//
+// Preconditions: lockAll is held; the image is writable.
+func (d *Disk) expandZeroClusters() error {
 	trees := [][]uint64{d.l1}
 	for _, sn := range d.snaps {
 		_, l1, err := d.snapshotState(sn, d.c.Size())
@@ -150,12 +166,57 @@ func (d *Disk) canDowngrade() error {
 		}
 		trees = append(trees, l1)
 	}
+	zero := make([]byte, d.cs)
 	for _, l1 := range trees {
 		err := d.eachL2(l1, func(_ int, t *metaTable) error {
+			shares, err := d.refcount(t.off)
+			if err != nil {
+				return err
+			}
 			for j := int64(0); j < d.l2n; j++ {
-				if be.Uint64(t.data[d.entryOff(j):])&entryZero != 0 {
-					return errors.New("compat=0.10: the image has zero clusters, which version 2 cannot hold; expanding them is not supported yet")
+				e := be.Uint64(t.data[d.entryOff(j):])
+				if e&entryZero == 0 {
+					continue
 				}
+				host := int64(e & offsetMask)
+				owned := false // the cluster is this table's alone
+				if host != 0 {
+					rc, err := d.refcount(host)
+					if err != nil {
+						return err
+					}
+					owned = rc == shares
+				}
+				switch {
+				case host == 0 && d.h.BackingFile == "":
+					e = 0
+				case host != 0 && owned:
+					if _, err := d.c.WriteAt(zero, host); err != nil {
+						return err
+					}
+					e &^= entryZero
+				default:
+					// A cluster of zeroes of the table's own, in place of
+					// none or of one another table shares.
+					n, err := d.alloc(1)
+					if err != nil {
+						return err
+					}
+					if err := d.setRefcount(n, shares); err != nil {
+						return err
+					}
+					if _, err := d.c.WriteAt(zero, n); err != nil {
+						return err
+					}
+					for k := uint64(0); host != 0 && k < shares; k++ { // the old cluster loses this table's references
+						d.w.pendingFree = append(d.w.pendingFree, host)
+					}
+					e = uint64(n)
+					if shares == 1 {
+						e |= entryCopied
+					}
+				}
+				d.setEntry(t, j, e, 0)
 			}
 			return nil
 		})
@@ -163,7 +224,7 @@ func (d *Disk) canDowngrade() error {
 			return err
 		}
 	}
-	return nil
+	return d.flushLocked()
 }
 
 // setVersion rewrites the header as version 2 (72 bytes, without the
