@@ -33,8 +33,11 @@ takes:
   backing_file=NAME, backing_fmt=FORMAT
                      record another backing file or format, as rebase -u:
                      the data is not touched (qemu-img 7.2 refuses this)
-  refcount_bits=N    only the current width: changing it is not supported
-                     yet
+  refcount_bits=N    the refcount width, 1 to 64 bits: new refcount
+                     structures written after the end of the file, then
+                     one header write switches to them (a crash leaves the
+                     old ones or the new); refused where a count does not
+                     fit
 
 Options only creation sets (cluster_size, extended_l2, compression_type,
 preallocation) are refused, as in qemu-img. Other formats have nothing to

@@ -30,6 +30,9 @@ func TestAmendLikeQemuImg(t *testing.T) {
 		{"downgrade with zero clusters over a backing file", []string{"-b", "base.qcow2", "-F", "qcow2"}, []string{"write -z 2M 1M", "write -P 3 5M 64k", "write -z 5M 64k"}, []string{"-o", "compat=0.10"}, 0},
 		{"upgrade", []string{"-o", "compat=0.10"}, nil, []string{"-o", "compat=1.1"}, 0},
 		{"upgrade with lazy refcounts", []string{"-o", "compat=0.10"}, nil, []string{"-o", "compat=1.1,lazy_refcounts=on"}, 0},
+		{"64-bit refcounts", nil, nil, []string{"-o", "refcount_bits=64"}, 0},
+		{"1-bit refcounts", nil, []string{"write -P 4 6M 3M"}, []string{"-o", "refcount_bits=1"}, 0},
+		{"downgrade to 16-bit refcounts", []string{"-o", "refcount_bits=2"}, nil, []string{"-o", "compat=0.10,refcount_bits=16"}, 0},
 		{"lazy refcounts on version 2", []string{"-o", "compat=0.10"}, nil, []string{"-o", "lazy_refcounts=on"}, 1},
 		{"the cluster size", nil, nil, []string{"-o", "cluster_size=4k"}, 1},
 		{"an unknown option", nil, nil, []string{"-o", "bogus=1"}, 1},
@@ -93,4 +96,22 @@ func TestAmendDowngradesSnapshots(t *testing.T) {
 	if !bytes.Equal(raw(), now) || !bytes.Equal(raw("-l", "one"), one) {
 		t.Fatal("the downgrade changed what the image or its snapshot reads")
 	}
+}
+
+// TestAmendRefusesNarrowRefcounts: refcounts too wide for the new width
+// (a snapshot's clusters count 2) are refused, as by qemu-img, and leave
+// the image as it was.
+func TestAmendRefusesNarrowRefcounts(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "snap.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "10M")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", img)
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "one", img)
+	before := infoLines(t, img)
+	if _, errOut, code := run(t, nil, "amend", "-o", "refcount_bits=1", img); code != 1 || !strings.Contains(errOut, "references") {
+		t.Fatalf("amend to 1-bit refcounts with a snapshot: exit %d: %s", code, errOut)
+	}
+	if after := infoLines(t, img); after != before {
+		t.Fatalf("a refused amend changed the image:\n%s\nwas:\n%s", after, before)
+	}
+	testtool.QemuCheck(t, img)
 }

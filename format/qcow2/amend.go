@@ -10,12 +10,14 @@ import (
 
 // amend changes the options of an open image, as qemu-img amend does:
 // lazy_refcounts, size (through Resize), compat (1.1 to 0.10 and back),
-// and the recorded backing_file and backing_fmt (which qemu-img 7.2
-// refuses: the change is rebase -u's, the data is not touched). Options
+// refcount_bits, and the recorded backing_file and backing_fmt (which
+// qemu-img 7.2 refuses: the change is rebase -u's, the data is not
+// touched). Options
 // only creation sets (cluster_size, extended_l2, compression_type,
 // preallocation) are refused, as are changes diskserve does not make yet
-// (refcount_bits, and a downgrade of an image with bitmaps), all before
-// anything changes. A downgrade expands zero clusters first, as qemu's.
+// (a downgrade of an image with bitmaps), all before anything changes. A
+// downgrade expands zero clusters first, as qemu's; refcount_bits
+// rewrites the refcount structures (setRefcountBits).
 func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	d, ok := unwrapDisk(dd)
 	if !ok || !d.writable() {
@@ -31,13 +33,14 @@ func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 			return fmt.Errorf("invalid parameter %q", name)
 		}
 	}
-	if v, ok := o["refcount_bits"]; ok {
-		n, err := o.Int("refcount_bits", 16)
-		if err != nil {
+	width := 1 << d.h.RefcountOrder
+	if _, ok := o["refcount_bits"]; ok {
+		var err error
+		if width, err = o.Int("refcount_bits", width); err != nil {
 			return err
 		}
-		if n != 1<<d.h.RefcountOrder {
-			return fmt.Errorf("refcount_bits=%s: changing the refcount width is not supported yet (the image has %d-bit refcounts)", v, 1<<d.h.RefcountOrder)
+		if width <= 0 || width&(width-1) != 0 || width > 64 {
+			return fmt.Errorf("refcount_bits %d is not a power of two up to 64", width)
 		}
 	}
 	version := d.h.Version
@@ -60,6 +63,9 @@ func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	if lazy && version < 3 {
 		return errors.New("lazy refcounts only supported with compatibility level 1.1 and above")
 	}
+	if width != 16 && version < 3 {
+		return errors.New("different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+	}
 	size := int64(d.h.Size)
 	if _, ok := o["size"]; ok {
 		var err error
@@ -71,7 +77,7 @@ func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	_, setFmt := o["backing_fmt"]
 
 	if version == 2 && d.h.Version == 3 {
-		if err := d.canDowngrade(); err != nil {
+		if err := d.canDowngrade(width); err != nil {
 			return err
 		}
 	}
@@ -84,6 +90,16 @@ func amend(dd diskserve.DiskFile, o diskserve.CreateOptions) error {
 	defer d.unlockAll()
 	if version == 2 && d.h.Version == 3 {
 		if err := d.expandZeroClusters(); err != nil {
+			return err
+		}
+	}
+	if version != d.h.Version && version == 3 {
+		if err := d.setVersion(version); err != nil {
+			return err
+		}
+	}
+	if width != 1<<d.h.RefcountOrder {
+		if err := d.setRefcountBits(uint(width)); err != nil {
 			return err
 		}
 	}
@@ -133,15 +149,15 @@ func unwrapDisk(d diskserve.DiskFile) (*Disk, bool) {
 
 // canDowngrade refuses what a version 2 image cannot hold: features of
 // version 3 in use (zero clusters it can hold once expanded:
-// expandZeroClusters).
-func (d *Disk) canDowngrade() error {
+// expandZeroClusters), refcounts of width bits other than 16.
+func (d *Disk) canDowngrade(width int) error {
 	switch {
 	case d.h.IncompatibleFeatures&^incompatDirty != 0:
 		return errors.New("compat=0.10: the image uses features of version 3 (extended L2 entries, zstd compression or an external data file) that version 2 cannot hold")
 	case d.h.IncompatibleFeatures&incompatDirty != 0:
 		return errors.New("compat=0.10: the image is dirty (lazy refcounts); open it read-write once to repair it")
-	case d.h.RefcountOrder != 4:
-		return fmt.Errorf("compat=0.10: version 2 has 16-bit refcounts, the image %d-bit ones", 1<<d.h.RefcountOrder)
+	case width != 16:
+		return fmt.Errorf("compat=0.10: version 2 has 16-bit refcounts, not %d-bit ones (add refcount_bits=16)", width)
 	case len(d.bitmaps) > 0:
 		return errors.New("compat=0.10: version 2 keeps no dirty bitmaps: remove them first (diskserve bitmap --remove)")
 	}

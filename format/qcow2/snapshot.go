@@ -191,7 +191,7 @@ func (d *Disk) CreateSnapshot(name string) (diskserve.Snapshot, error) {
 	case len(d.snaps) >= maxSnapshots:
 		return diskserve.Snapshot{}, fmt.Errorf("create snapshot: the image has %d snapshots, the most qcow2 allows", len(d.snaps))
 	case d.w.bits < 2:
-		return diskserve.Snapshot{}, unsupported(96, "create snapshot: refcounts of %d bit cannot count a snapshot's references (qemu-img amend -o refcount_bits=16 widens them)", d.w.bits)
+		return diskserve.Snapshot{}, unsupported(96, "create snapshot: refcounts of %d bit cannot count a snapshot's references (diskserve amend -o refcount_bits=16 widens them)", d.w.bits)
 	}
 	nextID := 1
 	for _, s := range d.snaps {
