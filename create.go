@@ -70,6 +70,12 @@ type Creator struct {
 	// read-write by this format, as `qemu-img amend` does; options it
 	// cannot change it refuses, before changing anything.
 	Amend func(d DiskFile, o CreateOptions) error
+
+	// Preallocate, if set, allocates [off, off+n) of the open image d,
+	// opened read-write by this format, as preallocation mode mode
+	// ("metadata", "falloc" or "full", as qemu's) would have at creation:
+	// what `resize --preallocation` does to the space a resize adds.
+	Preallocate func(d DiskFile, off, n int64, mode string) error
 }
 
 // A Measurement is the file size a new image needs ([Creator.Measure]).

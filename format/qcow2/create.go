@@ -35,10 +35,11 @@ var creator = &diskserve.Creator{
 		{Name: "extended_l2", Default: "off", Help: "on or off: 32 subclusters per cluster"},
 		{Name: "preallocation", Default: "off", Help: "off, metadata (every cluster mapped, its space a hole), falloc (allocated too) or full (zeroes written)"},
 	},
-	Backing:    true,
-	Compressed: true,
-	Measure:    measure,
-	Amend:      amend,
+	Backing:     true,
+	Compressed:  true,
+	Measure:     measure,
+	Amend:       amend,
+	Preallocate: preallocateRange,
 	New: func(out *os.File, a diskserve.CreateArgs) error {
 		o, err := parseOptions(a.Options)
 		if err != nil {
@@ -53,6 +54,9 @@ var creator = &diskserve.Creator{
 		}
 		if err := write(out, o); err != nil {
 			return fmt.Errorf("create %s: %w", a.Path, err)
+		}
+		if prealloc != "off" && a.BackingFile != "" {
+			return fmt.Errorf("create %s: preallocation would hide the backing file: leave one out", a.Path)
 		}
 		if prealloc != "off" {
 			if err := preallocate(a, prealloc); err != nil {

@@ -30,27 +30,45 @@ func preallocate(a diskserve.CreateArgs, mode string) error {
 		return err
 	}
 	d := dd.(*Disk)
-	err = d.allocateAll(mode)
+	err = d.allocate(0, int64(d.h.Size), mode)
 	return errors.Join(err, d.Close())
 }
 
-// allocateAll maps every guest cluster to a host cluster of its own.
-func (d *Disk) allocateAll(mode string) error {
+// allocate gives each guest cluster of [off, off+n) that has no host
+// cluster one of its own, mapped after its L2 table (metadata), its space
+// allocated too (falloc), or zeroes written into it (full). Clusters
+// already mapped keep what they hold.
+func (d *Disk) allocate(off, n int64, mode string) error {
+	switch mode {
+	case "off":
+		return nil
+	case "metadata", "falloc", "full":
+	default:
+		return fmt.Errorf("preallocation must be off, metadata, falloc or full, not %q", mode)
+	}
 	d.lockAll()
 	defer d.unlockAll()
-	clusters := (int64(d.h.Size) + d.cs - 1) / d.cs
-	first := int64(-1)
-	for ci := range clusters {
+	first := off / d.cs
+	if d.h.BackingFile != "" {
+		first = (off + d.cs - 1) / d.cs // a cluster partly below off shows the backing file there
+	}
+	var runs [][2]int64 // host ranges of the new data clusters
+	for ci := first; ci < (off+n+d.cs-1)/d.cs; ci++ {
 		t, err := d.l2ForWrite(ci)
 		if err != nil {
 			return err
+		}
+		if e, _ := d.entryIn(t, ci); e&(offsetMask|entryCompressed) != 0 {
+			continue // already stored
 		}
 		host, err := d.alloc(1)
 		if err != nil {
 			return err
 		}
-		if first < 0 {
-			first = host
+		if k := len(runs); k > 0 && runs[k-1][1] == host {
+			runs[k-1][1] += d.cs
+		} else {
+			runs = append(runs, [2]int64{host, host + d.cs})
 		}
 		var bm uint64
 		if d.h.extendedL2() {
@@ -66,23 +84,34 @@ func (d *Disk) allocateAll(mode string) error {
 	if err := d.flushLocked(); err != nil {
 		return err
 	}
-	if first < 0 || mode == "metadata" {
+	if len(runs) == 0 || mode == "metadata" {
 		return nil
 	}
-	if err := diskserve.Resize(d.c, d.w.end); err != nil {
+	if err := diskserve.Resize(d.c, max(d.c.Size(), d.w.end)); err != nil {
 		return err
 	}
-	if mode == "falloc" { // allocated space that reads as zeroes
-		if err := diskserve.WriteZeroes(d.c, first, d.w.end-first, 0); err != nil {
-			return fmt.Errorf("preallocation=falloc: %w", err)
-		}
-		return diskserve.Flush(d.c)
-	}
 	zero := make([]byte, 1<<20)
-	for off := first; off < d.w.end; off += int64(len(zero)) {
-		if _, err := d.c.WriteAt(zero[:min(int64(len(zero)), d.w.end-off)], off); err != nil {
-			return fmt.Errorf("preallocation=full: %w", err)
+	for _, r := range runs {
+		if mode == "falloc" { // allocated space that reads as zeroes
+			if err := diskserve.WriteZeroes(d.c, r[0], r[1]-r[0], 0); err != nil {
+				return fmt.Errorf("preallocation=falloc: %w", err)
+			}
+			continue
+		}
+		for at := r[0]; at < r[1]; at += int64(len(zero)) {
+			if _, err := d.c.WriteAt(zero[:min(int64(len(zero)), r[1]-at)], at); err != nil {
+				return fmt.Errorf("preallocation=full: %w", err)
+			}
 		}
 	}
 	return diskserve.Flush(d.c)
+}
+
+// preallocateRange is the format's [diskserve.Creator.Preallocate].
+func preallocateRange(dd diskserve.DiskFile, off, n int64, mode string) error {
+	d, ok := unwrapDisk(dd)
+	if !ok || !d.writable() {
+		return errors.New("preallocation: the image is not open read-write as qcow2")
+	}
+	return d.allocate(off, n, mode)
 }

@@ -56,9 +56,24 @@ var Format = diskserve.Format{
 		Options: []diskserve.CreateOption{
 			{Name: "preallocation", Default: "off", Help: "off (a sparse file), falloc (its space allocated) or full (zeroes written)"},
 		},
-		New:     create,
-		Measure: measure,
+		New:         create,
+		Measure:     measure,
+		Preallocate: preallocate,
 	},
+}
+
+// preallocate allocates [off, off+n) of d: its space (falloc) or zeroes
+// written into it (full).
+func preallocate(d diskserve.DiskFile, off, n int64, mode string) error {
+	switch mode {
+	case "off":
+		return nil
+	case "falloc":
+		return diskserve.WriteZeroes(d, off, n, 0)
+	case "full":
+		return diskserve.WriteZeroBytes(d, off, n)
+	}
+	return fmt.Errorf("preallocation must be off, falloc or full for raw images, not %q", mode)
 }
 
 // measure: a raw image is as large as its disk, its source's or size
