@@ -171,9 +171,14 @@ func TestCreatePreallocationLikeQemuImg(t *testing.T) {
 			if f == "raw" && mode == "metadata" {
 				continue
 			}
+			// 4 KiB clusters put an L2 table after every 2 MiB of data.
+			opts := "preallocation=" + mode
+			if f == "qcow2" {
+				opts += ",cluster_size=4k"
+			}
 			q, d := filepath.Join(dir, mode+".q."+f), filepath.Join(dir, mode+".d."+f)
-			testtool.Run(t, "qemu-img", "create", "-q", "-f", f, "-o", "preallocation="+mode, q, "20M")
-			mustRun(t, "create", "-f", f, "-o", "preallocation="+mode, d, "20M")
+			testtool.Run(t, "qemu-img", "create", "-q", "-f", f, "-o", opts, q, "20M")
+			mustRun(t, "create", "-f", f, "-o", opts, d, "20M")
 			if f == "raw" {
 				allocated := func(p string) bool {
 					st, err := os.Stat(p)
