@@ -62,14 +62,7 @@ func (d *Disk) freeFrom(first int64) error {
 			}
 		}
 	}
-	err := d.eachL2(d.l1[(first+d.l2n-1)/d.l2n:], func(_ int, t *metaTable) error {
-		for j := int64(0); j < d.l2n; j++ {
-			d.free(be.Uint64(t.data[d.entryOff(j):]))
-		}
-		d.w.pendingFree = append(d.w.pendingFree, t.off)
-		return nil
-	})
-	if err != nil {
+	if err := d.releaseL2s(d.l1[(first+d.l2n-1)/d.l2n:]); err != nil {
 		return err
 	}
 	for i := (first + d.l2n - 1) / d.l2n; i < int64(len(d.l1)); i++ {

@@ -460,20 +460,29 @@ func (d *Disk) eachL2(l1 []uint64, fn func(i int, t *metaTable) error) error {
 //
 // Preconditions: d.mu is held; the image is writable.
 func (d *Disk) releaseTree(l1 []uint64, l1Off int64) error {
-	err := d.eachL2(l1, func(_ int, t *metaTable) error {
-		for j := int64(0); j < d.l2n; j++ {
-			d.free(be.Uint64(t.data[d.entryOff(j):]))
-		}
-		d.w.pendingFree = append(d.w.pendingFree, t.off)
-		return nil
-	})
-	if err != nil {
+	if err := d.releaseL2s(l1); err != nil {
 		return err
 	}
 	for k := int64(0); k*d.cs < int64(len(l1))*8; k++ {
 		d.w.pendingFree = append(d.w.pendingFree, l1Off+k*d.cs)
 	}
 	return nil
+}
+
+// releaseL2s drops the references of the L2 tables that the L1 entries
+// l1 name, and of the clusters those tables refer to: a reference of each
+// per tree, shared tables included. They are counted down in the next
+// flush.
+//
+// Preconditions: d.mu is held; the image is writable.
+func (d *Disk) releaseL2s(l1 []uint64) error {
+	return d.eachL2(l1, func(_ int, t *metaTable) error {
+		for j := int64(0); j < d.l2n; j++ {
+			d.free(be.Uint64(t.data[d.entryOff(j):]))
+		}
+		d.w.pendingFree = append(d.w.pendingFree, t.off)
+		return nil
+	})
 }
 
 // restoreCopied sets the COPIED flags of the active layer where a refcount
