@@ -70,7 +70,12 @@ data. Run it again to finish.`,
 			if err != nil {
 				return fmt.Errorf("open %s for writing: %w", target.Filename, err)
 			}
-			defer b.Close()
+			toClose := []diskserve.DiskFile{b} // closed on the way out unless closed before
+			defer func() {
+				for _, d := range toClose {
+					d.Close()
+				}
+			}()
 			topts := opts
 			openFile := opts.OpenFile
 			topts.OpenFile = func(path string, readOnly bool) (diskserve.DiskFile, error) {
@@ -83,7 +88,7 @@ data. Run it again to finish.`,
 			if err != nil {
 				return err
 			}
-			defer t.Close()
+			toClose = append(toClose, t)
 			if t.Size() > b.Size() {
 				if err := diskserve.Resize(b, t.Size()); err != nil {
 					return fmt.Errorf("grow %s to %s's size: %w", target.Filename, top, err)
@@ -97,6 +102,7 @@ data. Run it again to finish.`,
 			if err := diskserve.Flush(b); err != nil {
 				return fmt.Errorf("commit %s into %s: %w", top, target.Filename, err)
 			}
+			toClose = nil
 			if err := errors.Join(t.Close(), b.Close()); err != nil {
 				return err
 			}
