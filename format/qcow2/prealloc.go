@@ -46,6 +46,9 @@ func (d *Disk) allocate(off, n int64, mode string) error {
 	default:
 		return fmt.Errorf("preallocation must be off, metadata, falloc or full, not %q", mode)
 	}
+	if n <= 0 {
+		return nil
+	}
 	d.lockAll()
 	defer d.unlockAll()
 	first := off / d.cs

@@ -82,20 +82,7 @@ func createChild(f *os.File, a diskserve.CreateArgs) error {
 		offs[k] = pos
 		pos += (int64(len(l.data)) + sectorSize - 1) / sectorSize * sectorSize
 	}
-	tableOff := pos
-	entries := (size + defaultBlockSize - 1) / defaultBlockSize
-	tableLen := (entries*4 + sectorSize - 1) / sectorSize * sectorSize
-	img := make([]byte, tableOff+tableLen+footerLen)
-	fb := make([]byte, footerLen)
-	foot.encode(fb)
-	copy(img, fb)
-	dh := img[footerLen : footerLen+dynHeaderLen]
-	copy(dh, dynCookie)
-	be.PutUint64(dh[8:], noOffset)
-	be.PutUint64(dh[16:], uint64(tableOff))
-	be.PutUint32(dh[24:], 0x00010000)
-	be.PutUint32(dh[28:], uint32(entries))
-	be.PutUint32(dh[32:], defaultBlockSize)
+	img, dh := newDynamic(&foot, size, pos)
 	copy(dh[offParentUUID:], pf.UUID[:])
 	be.PutUint32(dh[offParentTime:], pf.Timestamp)
 	name := utf16.Encode([]rune(filepath.Base(a.BackingFile)))
@@ -110,11 +97,36 @@ func createChild(f *os.File, a diskserve.CreateArgs) error {
 		be.PutUint64(e[16:], uint64(offs[k]))
 		copy(img[offs[k]:], l.data)
 	}
-	be.PutUint32(dh[36:], checksum(dh, 36))
+	return writeDynamic(f, img, dh)
+}
+
+// newDynamic lays out a dynamic disk of size bytes whose BAT starts at
+// tableOff: the footer copy, the dynamic header (its fields but the
+// checksum, for the caller to add to), a BAT of unused entries and the
+// footer. It returns the image and its dynamic header.
+func newDynamic(foot *footer, size, tableOff int64) (img, dh []byte) {
+	entries := (size + defaultBlockSize - 1) / defaultBlockSize
+	tableLen := (entries*4 + sectorSize - 1) / sectorSize * sectorSize
+	img = make([]byte, tableOff+tableLen+footerLen)
+	foot.encode(img[:footerLen])
+	copy(img[tableOff+tableLen:], img[:footerLen])
+	dh = img[footerLen : footerLen+dynHeaderLen]
+	copy(dh, dynCookie)
+	be.PutUint64(dh[8:], noOffset)
+	be.PutUint64(dh[16:], uint64(tableOff))
+	be.PutUint32(dh[24:], 0x00010000)
+	be.PutUint32(dh[28:], uint32(entries))
+	be.PutUint32(dh[32:], defaultBlockSize)
 	for i := range entries {
 		be.PutUint32(img[tableOff+i*4:], 0xFFFFFFFF)
 	}
-	copy(img[tableOff+tableLen:], fb)
+	return img, dh
+}
+
+// writeDynamic checksums the dynamic header dh of img and writes img into
+// f, durably.
+func writeDynamic(f *os.File, img, dh []byte) error {
+	be.PutUint32(dh[36:], checksum(dh, 36))
 	if _, err := f.WriteAt(img, 0); err != nil {
 		return err
 	}
@@ -129,8 +141,8 @@ func create(f *os.File, size int64, fixed, force bool) error {
 	if err != nil {
 		return err
 	}
-	fb := make([]byte, footerLen)
 	if fixed {
+		fb := make([]byte, footerLen)
 		foot := newFooter(typeFixed, size, c, h, s, force)
 		foot.encode(fb)
 		if _, err := f.WriteAt(fb, size); err != nil {
@@ -140,26 +152,6 @@ func create(f *os.File, size int64, fixed, force bool) error {
 	}
 	foot := newFooter(typeDynamic, size, c, h, s, force)
 	foot.DataOffset = footerLen
-	foot.encode(fb)
-	entries := (size + defaultBlockSize - 1) / defaultBlockSize
-	const tableOff = footerLen + dynHeaderLen
-	tableLen := (entries*4 + sectorSize - 1) / sectorSize * sectorSize
-	img := make([]byte, tableOff+tableLen+footerLen)
-	copy(img, fb)
-	dh := img[footerLen:tableOff]
-	copy(dh, dynCookie)
-	be.PutUint64(dh[8:], noOffset)
-	be.PutUint64(dh[16:], tableOff)
-	be.PutUint32(dh[24:], 0x00010000)
-	be.PutUint32(dh[28:], uint32(entries))
-	be.PutUint32(dh[32:], defaultBlockSize)
-	be.PutUint32(dh[36:], checksum(dh, 36))
-	for i := range entries {
-		be.PutUint32(img[tableOff+i*4:], 0xFFFFFFFF)
-	}
-	copy(img[tableOff+tableLen:], fb)
-	if _, err := f.WriteAt(img, 0); err != nil {
-		return err
-	}
-	return f.Sync()
+	img, dh := newDynamic(&foot, size, footerLen+dynHeaderLen)
+	return writeDynamic(f, img, dh)
 }
