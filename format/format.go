@@ -82,6 +82,19 @@ func FileOpener(cfg remote.Config, cache diskserve.CacheMode) func(name string, 
 	}
 }
 
+// WriteBehind returns open with the local files it opens for writing set
+// to write behind ([raw.Disk.SetWriteBehind]), for the commands that
+// copy much data into an image and flush it once at the end.
+func WriteBehind(open func(name string, readOnly bool) (diskserve.DiskFile, error)) func(name string, readOnly bool) (diskserve.DiskFile, error) {
+	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
+		d, err := open(name, readOnly)
+		if r, ok := d.(*raw.Disk); ok && err == nil {
+			r.SetWriteBehind()
+		}
+		return d, err
+	}
+}
+
 // Open opens the image at path with the built-in formats: it is
 // [diskserve.Open] with [Options] applied to opts.
 func Open(path string, opts diskserve.Options) (diskserve.DiskFile, error) {

@@ -66,6 +66,7 @@ data. Run it again to finish.`,
 			// of it without the lock.
 			bopts := opts
 			bopts.Format, bopts.ReadOnly = target.Format, false
+			bopts.OpenFile = format.WriteBehind(opts.OpenFile)
 			b, err := format.Open(target.Filename, bopts)
 			if err != nil {
 				return fmt.Errorf("open %s for writing: %w", target.Filename, err)

@@ -60,6 +60,7 @@ the same) or over the new one.`,
 				return err
 			}
 			opts.NoBacking = unsafe
+			opts.OpenFile = format.WriteBehind(opts.OpenFile)
 			d, err := format.Open(img, opts)
 			if err != nil {
 				return err

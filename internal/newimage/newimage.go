@@ -204,6 +204,7 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 func ConvertInto(ctx context.Context, src diskserve.DiskFile, dst string, t Target, zero bool, progress func(int64)) (err error) {
 	opts := format.Options(t.Open)
 	opts.Format, opts.ReadOnly = t.Format.Name, false
+	opts.OpenFile = t.openFile(opts.OpenFile)
 	d, err := diskserve.Open(dst, opts)
 	if err != nil {
 		return err
@@ -232,7 +233,7 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 	}
 	opts := format.Options(t.Open)
 	opts.Format, opts.ReadOnly = t.Format.Name, false
-	opts.OpenFile = o.openFile(opts.OpenFile)
+	opts.OpenFile = t.openFile(o.openFile(opts.OpenFile))
 	d, err := diskserve.Open(dst, opts)
 	if err != nil {
 		return err
@@ -251,6 +252,16 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 		err = diskserve.Flush(d)
 	}
 	return errors.Join(err, d.Close())
+}
+
+// openFile returns open, writing behind ([format.WriteBehind]) unless t
+// is unsafe: then nothing waits for the disk at the end, and the writes
+// are better left in the page cache.
+func (t Target) openFile(open func(string, bool) (diskserve.DiskFile, error)) func(string, bool) (diskserve.DiskFile, error) {
+	if t.Unsafe {
+		return open
+	}
+	return format.WriteBehind(open)
 }
 
 // bitmapWriter is what a format offers to make persistent dirty bitmaps
