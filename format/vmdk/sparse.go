@@ -384,11 +384,22 @@ func (t *grainTable) ReadSpecial(i int64, b blockmap.Block, p []byte, off int64,
 	if n == 0 || n > 2*grainLen+4096 {
 		return corrupt(b.Host, "%s: grain %d claims %d compressed bytes", t.name, i, n)
 	}
-	z := make([]byte, n)
+	zp := compressedBufs.Get().(*[]byte)
+	defer compressedBufs.Put(zp)
+	if int64(cap(*zp)) < n {
+		*zp = make([]byte, n)
+	}
+	z := (*zp)[:n]
 	if err := diskserve.ReadFullAt(c, z, b.Host+12); err != nil {
 		return corrupt(b.Host, "%s: read grain %d: %v", t.name, i, err)
 	}
-	grain := make([]byte, grainLen)
+	// A read of the whole grain inflates it in place, and leaves the
+	// cache to the reads of parts of grains.
+	whole := off == 0 && int64(len(p)) == grainLen
+	grain := p
+	if !whole {
+		grain = make([]byte, grainLen)
+	}
 	var zr io.ReadCloser
 	var err error
 	if r, ok := inflaters.Get().(zlib.Resetter); ok {
@@ -409,10 +420,15 @@ func (t *grainTable) ReadSpecial(i int64, b blockmap.Block, p []byte, off int64,
 	if err != nil {
 		return corrupt(b.Host, "%s: inflate grain %d: %v", t.name, i, err)
 	}
-	copy(p, grain[off:])
-	t.cache.put(i, grain)
+	if !whole {
+		copy(p, grain[off:])
+		t.cache.put(i, grain)
+	}
 	return nil
 }
+
+// compressedBufs keeps buffers for compressed grains across reads.
+var compressedBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 // check reports grain table entries that point into the extent's
 // metadata or share a grain with another, and directories that differ

@@ -192,12 +192,32 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 		pos := off + int64(done)
 		i, in := pos/bs, pos%bs
 		n := min(int64(len(p)-done), bs-in)
-		if err := d.readBlock(i, p[done:done+int(n)], in); err != nil {
+		if b := d.Lookup(i); b.State == Data {
+			// Blocks stored one after another read in one call.
+			k := d.dataRun(i, b, (in+int64(len(p)-done)+bs-1)/bs)
+			n = min(int64(len(p)-done), k*bs-in)
+			if err := d.readHost(p[done:done+int(n)], b.Host+in); err != nil {
+				return done, err
+			}
+		} else if err := d.readBlock(i, p[done:done+int(n)], in); err != nil {
 			return done, err
 		}
 		done += int(n)
 	}
 	return len(p), eof
+}
+
+// dataRun returns how many blocks from i on, up to limit, are stored one
+// after another in the image file, block i at b (a Data block) first.
+func (d *Disk) dataRun(i int64, b Block, limit int64) int64 {
+	k := int64(1)
+	for ; k < limit; k++ {
+		next := d.Lookup(i + k)
+		if next.State != Data || next.Host != b.Host+k*d.cfg.BlockSize {
+			break
+		}
+	}
+	return k
 }
 
 // readBlock fills p from block i at offset in.
@@ -553,6 +573,8 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		}
 		switch b := d.Lookup(i); b.State {
 		case Data:
+			k := d.dataRun(i, b, (off%bs+end-off+bs-1)/bs)
+			m = min(end-off, k*bs-off%bs)
 			var err error
 			if dst, err = d.hostExtents(dst, off, m, b.Host+off%bs); err != nil {
 				return dst, err
