@@ -13,9 +13,10 @@ import (
 // logFile is an image file in memory that logs the writes, resizes and
 // syncs made to it.
 type logFile struct {
-	mu  sync.Mutex
-	b   []byte
-	log []string
+	mu    sync.Mutex
+	b     []byte
+	log   []string
+	reads []string
 }
 
 func (f *logFile) Size() int64    { f.mu.Lock(); defer f.mu.Unlock(); return int64(len(f.b)) }
@@ -26,6 +27,7 @@ func (f *logFile) ReadAt(p []byte, off int64) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	p, eof := diskserve.ClipRead(int64(len(f.b)), off, p)
+	f.reads = append(f.reads, fmt.Sprintf("read %d+%d", off, len(p)))
 	return copy(p, f.b[off:]), eof
 }
 
@@ -175,5 +177,34 @@ func TestRefusedPlaceLeavesWritesWorking(t *testing.T) {
 	got := make([]byte, 1)
 	if _, err := d.ReadAt(got, 4096); err != nil || got[0] != 2 {
 		t.Fatalf("read back %v, %v", got, err)
+	}
+}
+
+// TestStoredRunReadInOneCall: blocks stored one after another in the file
+// are read in one call, and a block stored elsewhere in another.
+func TestStoredRunReadInOneCall(t *testing.T) {
+	d, f := newTestDisk(6)
+	want := make([]byte, 6*4096)
+	for _, i := range []int64{0, 1, 2, 5, 3} { // block 3 lands after block 5
+		p := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+		copy(want[i*4096:], p)
+		if _, err := d.WriteAt(p, i*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.mu.Lock()
+	f.reads = nil
+	f.mu.Unlock()
+	got := make([]byte, 4*4096-100)
+	if _, err := d.ReadAt(got, 100); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want[100:4*4096]) {
+		t.Fatal("blocks 0-3 do not read as written")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if got := fmt.Sprint(f.reads); got != "[read 4196+12188 read 20480+4096]" {
+		t.Fatalf("the read of blocks 0-3 made %s, want blocks 0-2 in one read and block 3 in another", got)
 	}
 }
