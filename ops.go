@@ -1,6 +1,7 @@
 package diskserve
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -294,4 +295,19 @@ func CheckWrite(d DiskFile, off, n int64) error {
 		return ErrReadOnly
 	}
 	return CheckRange(d.Size(), off, n)
+}
+
+// zeroBlock is what IsZero compares against.
+var zeroBlock [64 << 10]byte
+
+// IsZero reports whether p holds only zero bytes.
+func IsZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeroBlock))
+		if !bytes.Equal(p[:n], zeroBlock[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
 }

@@ -53,8 +53,13 @@ func mapOf(t *testing.T, img string) []map[string]any {
 // mergedMap is mapOf with neighbouring records of the same state merged:
 // how host clusters were ordered does not matter.
 func mergedMap(t *testing.T, img string) []map[string]any {
+	return merge(mapOf(t, img))
+}
+
+// merge merges neighbouring map records of the same state.
+func merge(recs []map[string]any) []map[string]any {
 	var out []map[string]any
-	for _, r := range mapOf(t, img) {
+	for _, r := range recs {
 		if k := len(out); k > 0 {
 			p := out[k-1]
 			if p["depth"] == r["depth"] && p["zero"] == r["zero"] && p["data"] == r["data"] && p["present"] == r["present"] &&

@@ -489,7 +489,7 @@ func (d *Disk) findZeroes(i int) (uint32, error) {
 	if err != nil {
 		return kindUnknown, err
 	}
-	if allZero(data) {
+	if diskserve.IsZero(data) {
 		return kindZero, nil
 	}
 	return kindData, nil
@@ -514,16 +514,6 @@ func zeroChecksum(n int64) uint32 {
 }
 
 var zeroBlock [64 << 10]byte
-
-func allZero(b []byte) bool {
-	for len(b) >= len(zeroBlock) {
-		if string(b[:len(zeroBlock)]) != string(zeroBlock[:]) {
-			return false
-		}
-		b = b[len(zeroBlock):]
-	}
-	return string(b) == string(zeroBlock[:len(b)])
-}
 
 // Describe reports the frame count and whether frames carry checksums.
 func (d *Disk) Describe(info *diskserve.Info) {

@@ -152,7 +152,8 @@ func readZeroPast(d diskserve.DiskFile, p []byte, off int64) error {
 }
 
 // writeDifferences writes into dst, at off, the runs of sectors where old
-// and nb differ, with old's bytes.
+// and nb differ, with old's bytes: runs of zeroes as zeroes (qcow2 then
+// records whole clusters as zero clusters rather than storing them).
 func writeDifferences(dst diskserve.DiskFile, old, nb []byte, off int64) error {
 	for s := 0; s < len(old); {
 		e := min(len(old), s+sector)
@@ -163,7 +164,13 @@ func writeDifferences(dst diskserve.DiskFile, old, nb []byte, off int64) error {
 		for e < len(old) && !bytes.Equal(old[e:min(len(old), e+sector)], nb[e:min(len(old), e+sector)]) {
 			e = min(len(old), e+sector)
 		}
-		if _, err := dst.WriteAt(old[s:e], off+int64(s)); err != nil {
+		var err error
+		if diskserve.IsZero(old[s:e]) {
+			err = diskserve.WriteZeroes(dst, off+int64(s), int64(e-s), 0)
+		} else {
+			_, err = dst.WriteAt(old[s:e], off+int64(s))
+		}
+		if err != nil {
 			return err
 		}
 		s = e

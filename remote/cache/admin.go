@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/diskserve/diskserve"
 	"golang.org/x/sys/unix"
 )
 
@@ -94,7 +95,7 @@ func Verify(dir string) (bad []int64, err error) {
 		if _, err := s.data.ReadAt(b, i*meta.ChunkSize); err != nil && err != io.EOF {
 			return bad, fmt.Errorf("%s: chunk %d: %w", dir, i, err)
 		}
-		if k == zero && !allZero(b) || crc32.Checksum(b, castagnoli) != s.sum(i) {
+		if k == zero && !diskserve.IsZero(b) || crc32.Checksum(b, castagnoli) != s.sum(i) {
 			bad = append(bad, i)
 		}
 	}

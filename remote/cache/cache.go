@@ -18,7 +18,6 @@
 package cache
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -576,7 +575,7 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 func (d *Disk) store(i int64, b []byte) (uint32, error) {
 	d.s.setSum(i, crc32.Checksum(b, castagnoli))
 	off := i * d.chunk
-	if allZero(b) {
+	if diskserve.IsZero(b) {
 		// The file may hold bytes of a fetch cut short by a crash.
 		return zero, d.s.punch(off, int64(len(b)))
 	}
@@ -799,18 +798,3 @@ func countState(s *store, n int64, chunkLen func(int64) int64) State {
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// zeroes is compared against to find chunks of zeroes.
-var zeroes [64 << 10]byte
-
-// allZero reports whether b holds only zero bytes.
-func allZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroes))
-		if !bytes.Equal(b[:n], zeroes[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
-}

@@ -18,7 +18,6 @@
 package blockmap
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -386,7 +385,7 @@ func (d *Disk) allocate(i, in, n int64, p []byte) error {
 				}
 			}
 		}
-		if err == nil && (host+o < fresh || !allZero(part)) {
+		if err == nil && (host+o < fresh || !diskserve.IsZero(part)) {
 			err = d.writeHost(part, host+o)
 		}
 	}
@@ -441,22 +440,6 @@ func (d *Disk) readBlockState(i int64, b Block, p []byte, o int64) error {
 	}
 	clear(p) // Zero
 	return nil
-}
-
-// allZero reports whether p holds only zero bytes.
-func allZero(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.NativeEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // writeHost writes image file bytes, naming the image in errors.
