@@ -70,9 +70,9 @@ elsewhere through memory; either way data extents are copied whole, zero
 runs and all, as qemu-img -C does. -T is SRC's cache mode (as --cache); -t is DST's: writeback
 (the default: DST is made durable before it is named), unsafe (as
 qemu-img's default: no sync at the end, faster, lost to a crash soon
-after), none or directsync (with -n, DST opened with O_DIRECT; a new DST
-is written through the page cache and synced), writethrough (as
-writeback).`,
+after), none or directsync (DST filled with O_DIRECT, new or not; the
+formats written whole, streamOptimized VMDK, zstd and Android sparse,
+through the page cache and synced), writethrough (as writeback).`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, err := diskserve.LookupFormat(format.All(), dstFmt)
@@ -100,7 +100,7 @@ writeback).`,
 				return fmt.Errorf("convert -t: %w", err)
 			}
 			t := newimage.Target{Format: f, Options: opts, Compress: compress, Bitmaps: bitmaps,
-				BackingFile: backing, BackingFormat: backingFmt, Unsafe: mode == diskserve.CacheUnsafe}
+				BackingFile: backing, BackingFormat: backingFmt, Unsafe: mode == diskserve.CacheUnsafe, Direct: mode.Direct()}
 			if t.Copy.Sparse, err = parseSparse(sparse); err != nil {
 				return err
 			}

@@ -118,6 +118,12 @@ type Target struct {
 	// may leave them empty or in part (qemu-img convert's default cache
 	// mode, -t unsafe).
 	Unsafe bool
+
+	// Direct fills the new image with O_DIRECT (-t none or directsync),
+	// bypassing the page cache: the files of formats written in place,
+	// once created. Formats written whole are written through the page
+	// cache and synced.
+	Direct bool
 }
 
 // CopyOptions tune [Copy].
@@ -172,6 +178,7 @@ func Convert(ctx context.Context, src diskserve.DiskFile, dst string, t Target, 
 	if err != nil {
 		return err
 	}
+	o.direct = t.Direct
 	defer func() {
 		err = errors.Join(err, o.close())
 		if err != nil && ctx.Err() != nil {

@@ -3,6 +3,7 @@ package newimage
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -22,8 +23,9 @@ import (
 // temporary names, which the next run against the same destination
 // removes (see removeStale).
 type output struct {
-	dir   string
-	files []*outFile // the image's own file first
+	dir    string
+	files  []*outFile // the image's own file first
+	direct bool       // files opened as disks are opened with O_DIRECT
 }
 
 // An outFile is one file of an output.
@@ -182,6 +184,9 @@ func (o *output) openFile(next func(string, bool) (diskserve.DiskFile, error)) f
 			if filepath.Join(o.dir, of.name) != filepath.Clean(path) {
 				continue
 			}
+			if o.direct {
+				return o.openDirect(of, path, readOnly)
+			}
 			fd, err := unix.Dup(int(of.f.Fd()))
 			if err != nil {
 				return nil, err
@@ -190,6 +195,24 @@ func (o *output) openFile(next func(string, bool) (diskserve.DiskFile, error)) f
 		}
 		return next(path, readOnly)
 	}
+}
+
+// openDirect opens the output's file of with O_DIRECT, as a disk called
+// path: opened anew through /proc, since the flag must not reach the file
+// the format created it with (its unaligned writes would fail).
+func (o *output) openDirect(of *outFile, path string, readOnly bool) (diskserve.DiskFile, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(int(of.f.Fd())), flag|unix.O_DIRECT, 0)
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) {
+			err = errors.New("the file system does not support O_DIRECT (cache modes none and directsync)")
+		}
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	return raw.FromFile(f, path, readOnly)
 }
 
 // TempDir makes a directory beside dst, named so that the next run against
