@@ -418,45 +418,18 @@ func TestParallelCopyOnWrite(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var wg sync.WaitGroup
-			for i := range int64(16) {
-				off := i<<16 + 1000 // a partial write: the rest comes from the backing file
-				p := bytes.Repeat([]byte{byte(0x80 + i)}, 3000)
-				copy(want[off:], p)
-				wg.Go(func() {
-					if _, err := d.WriteAt(p, off); err != nil {
-						t.Error(err)
-					}
-				})
-			}
-			wg.Wait()
+			writeConcurrently(t, d, want, 16, func(i int64) (int64, []byte) {
+				// A partial write: the rest comes from the backing file.
+				return i<<16 + 1000, bytes.Repeat([]byte{byte(0x80 + i)}, 3000)
+			})
 			if base.missed.Load() {
 				t.Error("the 16 copy-on-write reads of the backing file did not run at the same time")
 			}
-			for i := range int64(16) {
-				off := 2<<20 + 1000 + i*4000 // 16 disjoint pieces of one cluster
-				p := bytes.Repeat([]byte{byte(0x40 + i)}, 4000)
-				copy(want[off:], p)
-				wg.Go(func() {
-					if _, err := d.WriteAt(p, off); err != nil {
-						t.Error(err)
-					}
-				})
-			}
-			wg.Wait()
-			if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
-				t.Fatalf("check: %v %q", err, r.Messages)
-			}
-			if got := readAll(t, d); !bytes.Equal(got, want) {
-				t.Error("the overlay does not read as the model")
-			}
-			if err := d.Close(); err != nil {
-				t.Fatal(err)
-			}
-			testtool.QemuCheck(t, img)
-			if got := testtool.QemuRaw(t, img); !bytes.Equal(got, want) {
-				t.Error("qemu does not read the overlay as the model")
-			}
+			writeConcurrently(t, d, want, 16, func(i int64) (int64, []byte) {
+				// 16 disjoint pieces of one cluster.
+				return 2<<20 + 1000 + i*4000, bytes.Repeat([]byte{byte(0x40 + i)}, 4000)
+			})
+			checkModel(t, d, img, want)
 		})
 	}
 }
@@ -522,10 +495,19 @@ func TestWriteRuns(t *testing.T) {
 		}
 	}
 
+	writeConcurrently(t, d, want, 8, func(i int64) (int64, []byte) {
+		return i*(4<<16) + 1<<15, bytes.Repeat([]byte{byte(0x80 + i)}, 4<<16)
+	})
+	checkModel(t, d, img, want)
+}
+
+// writeConcurrently makes n writes at once, write i of piece(i), and
+// applies them to the model want.
+func writeConcurrently(t *testing.T, d diskserve.DiskFile, want []byte, n int64, piece func(i int64) (int64, []byte)) {
+	t.Helper()
 	var wg sync.WaitGroup
-	for i := range int64(8) {
-		off := i*(4<<16) + 1<<15
-		p := bytes.Repeat([]byte{byte(0x80 + i)}, 4<<16)
+	for i := range n {
+		off, p := piece(i)
 		copy(want[off:], p)
 		wg.Go(func() {
 			if _, err := d.WriteAt(p, off); err != nil {
@@ -534,6 +516,12 @@ func TestWriteRuns(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// checkModel checks d clean, reading as the model want, then closes it
+// and has qemu check img and read it as want too.
+func checkModel(t *testing.T, d diskserve.DiskFile, img string, want []byte) {
+	t.Helper()
 	if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions+r.Leaks != 0 {
 		t.Fatalf("check: %v %q", err, r.Messages)
 	}
