@@ -119,8 +119,8 @@ func (d *Disk) alloc(n int64) (int64, error) {
 	return off, d.growFile()
 }
 
-// growFile grows the image file ahead of what is allocated, by an eighth
-// of its size, at least minGrowStep and at most maxGrowStep.
+// minGrowStep and maxGrowStep bound how far ahead of what is allocated
+// growFile grows the image file: an eighth of its size.
 const (
 	minGrowStep = 1 << 20
 	maxGrowStep = 64 << 20
