@@ -119,10 +119,12 @@ type Target struct {
 	// mode, -t unsafe).
 	Unsafe bool
 
-	// Direct fills the new image with O_DIRECT (-t none or directsync),
-	// bypassing the page cache: the files of formats written in place,
-	// once created. Formats written whole are written through the page
-	// cache and synced.
+	// Direct writes the new image with O_DIRECT (-t none or directsync),
+	// bypassing the page cache, wherever its files are opened as disks:
+	// the formats written in place, their creation's writes through the
+	// container too. What a format writes to the file it is given, and
+	// the formats written whole, go through the page cache and are
+	// synced.
 	Direct bool
 }
 
