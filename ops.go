@@ -60,7 +60,8 @@ func WriteZeroBytes(d DiskFile, off, n int64) error {
 	return nil
 }
 
-// zeroes is the source of fallback zero writes. It is never written to.
+// zeroes is the source of fallback zero writes, and what IsZero compares
+// against. It is never written to.
 var zeroes [256 << 10]byte
 
 // PunchHole deallocates [off, off+n) of d where it can, and makes the whole
@@ -297,14 +298,11 @@ func CheckWrite(d DiskFile, off, n int64) error {
 	return CheckRange(d.Size(), off, n)
 }
 
-// zeroBlock is what IsZero compares against.
-var zeroBlock [64 << 10]byte
-
 // IsZero reports whether p holds only zero bytes.
 func IsZero(p []byte) bool {
 	for len(p) > 0 {
-		n := min(len(p), len(zeroBlock))
-		if !bytes.Equal(p[:n], zeroBlock[:n]) {
+		n := min(len(p), len(zeroes))
+		if !bytes.Equal(p[:n], zeroes[:n]) {
 			return false
 		}
 		p = p[n:]

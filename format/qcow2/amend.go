@@ -182,7 +182,6 @@ func (d *Disk) expandZeroClusters() error {
 		}
 		trees = append(trees, l1)
 	}
-	zero := make([]byte, d.cs)
 	for _, l1 := range trees {
 		err := d.eachL2(l1, func(_ int, t *metaTable) error {
 			shares, err := d.refcount(t.off)
@@ -207,7 +206,7 @@ func (d *Disk) expandZeroClusters() error {
 				case host == 0 && d.h.BackingFile == "":
 					e = 0
 				case host != 0 && owned:
-					if _, err := d.c.WriteAt(zero, host); err != nil {
+					if err := diskserve.WriteZeroBytes(d.c, host, d.cs); err != nil {
 						return err
 					}
 					e &^= entryZero
@@ -221,7 +220,7 @@ func (d *Disk) expandZeroClusters() error {
 					if err := d.setRefcount(n, shares); err != nil {
 						return err
 					}
-					if _, err := d.c.WriteAt(zero, n); err != nil {
+					if err := diskserve.WriteZeroBytes(d.c, n, d.cs); err != nil {
 						return err
 					}
 					for k := uint64(0); host != 0 && k < shares; k++ { // the old cluster loses this table's references

@@ -93,18 +93,13 @@ func (d *Disk) allocate(off, n int64, mode string) error {
 	if err := diskserve.Resize(d.c, max(d.c.Size(), d.w.end)); err != nil {
 		return err
 	}
-	zero := make([]byte, 1<<20)
 	for _, r := range runs {
 		if mode == "falloc" { // allocated space that reads as zeroes
 			if err := diskserve.WriteZeroes(d.c, r[0], r[1]-r[0], 0); err != nil {
 				return fmt.Errorf("preallocation=falloc: %w", err)
 			}
-			continue
-		}
-		for at := r[0]; at < r[1]; at += int64(len(zero)) {
-			if _, err := d.c.WriteAt(zero[:min(int64(len(zero)), r[1]-at)], at); err != nil {
-				return fmt.Errorf("preallocation=full: %w", err)
-			}
+		} else if err := diskserve.WriteZeroBytes(d.c, r[0], r[1]-r[0]); err != nil {
+			return fmt.Errorf("preallocation=full: %w", err)
 		}
 	}
 	return diskserve.Flush(d.c)

@@ -16,11 +16,9 @@ import (
 // blocks are given back. A crash leaves the old refcounts in force, or
 // the new ones.
 //
-// Preconditions: lockAll is held; the image is writable.
+// Preconditions: lockAll is held; the image is writable; width is a
+// power of two up to 64 (amend checks it).
 func (d *Disk) setRefcountBits(width uint) error {
-	if width == 0 || width&(width-1) != 0 || width > 64 {
-		return fmt.Errorf("refcount_bits %d is not a power of two up to 64", width)
-	}
 	if err := d.flushLocked(); err != nil {
 		return err
 	}
