@@ -29,6 +29,7 @@ const (
 	CanMapHost                                  // HostMapper
 	CanEmpty                                    // Emptier
 	CanChangeBacking                            // BackingChanger
+	CanLocateHost                               // HostLocator
 )
 
 // A capability is one entry of the capability set.
@@ -60,6 +61,7 @@ var capabilityList = []capability{
 	{CanMapHost, "HostMapper", is[HostMapper], false},
 	{CanEmpty, "Emptier", is[Emptier], true},
 	{CanChangeBacking, "BackingChanger", is[BackingChanger], true},
+	{CanLocateHost, "HostLocator", is[HostLocator], true},
 }
 
 func is[T any](d DiskFile) bool {

@@ -63,7 +63,7 @@ func TestWrappersForward(t *testing.T) {
 	}
 	defer probed.Close()
 	disktest.CheckWrapper(t, probed, true)
-	rawCaps := diskserve.CanFlush | diskserve.CanWriteZeroes | diskserve.CanPunchHole | diskserve.CanMapExtents | diskserve.CanResize | diskserve.CanDescribe | diskserve.CanMapHost
+	rawCaps := diskserve.CanFlush | diskserve.CanWriteZeroes | diskserve.CanPunchHole | diskserve.CanMapExtents | diskserve.CanResize | diskserve.CanDescribe | diskserve.CanMapHost | diskserve.CanLocateHost
 	if got := diskserve.CapabilitiesOf(probed); got != rawCaps {
 		t.Errorf("a probed raw image reports %v, want %v", got, rawCaps)
 	}

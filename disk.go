@@ -58,6 +58,8 @@ import (
 //     dirty bitmaps.
 //   - [HostMapper], used by [MapHost]: without it engines and exporters
 //     move every byte through ReadAt and WriteAt.
+//   - [HostLocator], used by [LocateHost]: without it map reports no host
+//     offsets.
 //
 // [CapabilitiesOf] tells exporters what is native, to advertise. A
 // [Wrapper] implements every capability but HostMapper and forwards it

@@ -35,6 +35,7 @@ var (
 	_ DepthMapper      = Passthrough{}
 	_ Emptier          = Passthrough{}
 	_ BackingChanger   = Passthrough{}
+	_ HostLocator      = Passthrough{}
 )
 
 // Unwrap returns D.
@@ -95,6 +96,9 @@ func (p Passthrough) MakeEmpty() error { return MakeEmpty(p.D) }
 
 // SetBacking changes D's backing file.
 func (p Passthrough) SetBacking(name, fmtName string) error { return SetBacking(p.D, name, fmtName) }
+
+// LocateHost locates D's runs in host files.
+func (p Passthrough) LocateHost(off, n int64) (HostLocation, error) { return LocateHost(p.D, off, n) }
 
 // Describe describes D.
 func (p Passthrough) Describe(info *Info) { *info = Describe(p.D) }

@@ -26,8 +26,10 @@ takes:
   compat=0.10|1.1    the version: 1.1 upgrades a version 2 image; 0.10
                      downgrades one, its zero clusters (snapshots' too)
                      expanded first as in qemu-img; refused, before
-                     anything changes, with bitmaps, extended L2 entries,
-                     zstd or refcounts of other than 16 bits
+                     anything changes, with bitmaps (qemu-img 7.2
+                     downgrades and leaves them inconsistent, their
+                     clusters leaked: remove them first), extended L2
+                     entries, zstd or refcounts of other than 16 bits
   lazy_refcounts=on|off
   size=SIZE          as resize (shrinking too)
   backing_file=NAME, backing_fmt=FORMAT

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 
@@ -16,12 +15,20 @@ func newMapCommand() *cobra.Command {
 		Use:   "map [-f FORMAT] [--output=human|json] IMAGE",
 		Short: "Show which ranges of an image hold data and which read as zeroes",
 		Long: `map opens IMAGE read-only and lists its allocation extents over its whole
-backing chain, merging neighbours with the same state. The JSON output is
-an array of {"start", "length", "depth", "present", "zero", "data"}
-records in the shape of "qemu-img map --output=json": depth is the layer
-of the chain that holds the range (0 for IMAGE, 1 for its backing file,
-...; the bottom layer where none does), present says that a layer does.
-qemu-img's host "offset" is left out.`,
+backing chain, as qemu-img map does. The JSON output is an array of
+{"start", "length", "depth", "present", "zero", "data", "offset"}
+records: depth is the layer of the chain that holds the range (0 for
+IMAGE, 1 for its backing file, ...; the bottom layer where none does),
+present says that a layer does, and offset is where the range's bytes lie
+in that layer's file, for ranges stored there as they read (not
+compressed clusters, nor zero clusters without space). Neighbours merge
+where their state is the same and their bytes follow each other in one
+file.
+
+The human output lists the ranges that hold data, with the file and
+offset that store them. Where qemu-img map stops with an error at data
+that no file stores as it reads (compressed clusters, seekable zstd),
+diskserve prints the range with "-" as its offset and goes on.`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
@@ -37,22 +44,31 @@ qemu-img's host "offset" is left out.`,
 	return cmd
 }
 
-// mapRecord is one record of `qemu-img map --output=json`, without the
-// host offset.
+// mapRecord is one record of `qemu-img map --output=json`, and the file
+// its offset is in, which only the human output shows.
 type mapRecord struct {
-	Start   int64 `json:"start"`
-	Length  int64 `json:"length"`
-	Depth   int   `json:"depth"`
-	Present bool  `json:"present"`
-	Zero    bool  `json:"zero"`
-	Data    bool  `json:"data"`
+	Start, Length       int64
+	Depth               int
+	Present, Zero, Data bool
+	Offset              *int64 // nil where no file stores the range as it reads
+	File                string
+}
+
+// joins reports whether r continues p: the same state, right after it,
+// its bytes (if a file stores them) right after p's in the same file.
+func (p mapRecord) joins(r mapRecord) bool {
+	if p.Length == 0 || p.Start+p.Length != r.Start || p.Depth != r.Depth || p.Present != r.Present ||
+		p.Data != r.Data || p.Zero != r.Zero || p.File != r.File || (p.Offset == nil) != (r.Offset == nil) {
+		return false
+	}
+	return p.Offset == nil || *p.Offset+p.Length == *r.Offset
 }
 
 // mapWindow is how much of the disk walkMap asks about at once.
 const mapWindow = 1 << 30
 
-// walkMap calls fn with d's map records in order, neighbours with the
-// same state merged, until fn returns false.
+// walkMap calls fn with d's map records in order, neighbours merged as
+// qemu-img merges them, until fn returns false.
 func walkMap(d diskserve.DiskFile, fn func(mapRecord) bool) error {
 	var sizes []int64 // of the layers, top first
 	for i := diskserve.Describe(d); ; i = *i.Backing {
@@ -90,10 +106,20 @@ func walkMap(d diskserve.DiskFile, fn func(mapRecord) bool) error {
 			if k := deepest(lo); !r.Present || r.Depth > k {
 				r.Present, r.Depth = r.Present && r.Depth <= k, k
 			}
-			if p := pending; p.Length > 0 && p.Start+p.Length == r.Start && p.Depth == r.Depth && p.Present == r.Present && p.Data == r.Data && p.Zero == r.Zero {
-				pending.Length += r.Length
-			} else {
-				if p.Length > 0 && !fn(p) {
+			for pos := lo; pos < hi; pos += r.Length {
+				loc, err := diskserve.LocateHost(d, pos, hi-pos)
+				if err != nil {
+					return err
+				}
+				r.Start, r.Length, r.Offset, r.File = pos, loc.Len, nil, loc.File
+				if loc.File != "" {
+					r.Offset = &loc.Off
+				}
+				if pending.joins(r) {
+					pending.Length += r.Length
+					continue
+				}
+				if pending.Length > 0 && !fn(pending) {
 					return nil
 				}
 				pending = r
@@ -113,7 +139,8 @@ func walkMap(d diskserve.DiskFile, fn func(mapRecord) bool) error {
 }
 
 // mapWriter prints extents as they come: a JSON array with one record per
-// line (as qemu-img does), or a table.
+// line, or the table of the ranges holding data, each byte for byte as
+// qemu-img prints it.
 type mapWriter struct {
 	w     io.Writer
 	json  bool
@@ -129,36 +156,48 @@ func newMapWriter(w io.Writer, asJSON bool) *mapWriter {
 func (m *mapWriter) add(r mapRecord) bool {
 	switch {
 	case m.json:
-		b, _ := json.Marshal(r) // a struct of numbers and bools always encodes
 		sep := ",\n"
 		if m.count == 0 {
 			sep = "["
 		}
-		_, m.err = fmt.Fprintf(m.w, "%s%s", sep, b)
+		offset := ""
+		if r.Offset != nil {
+			offset = fmt.Sprintf(`, "offset": %d`, *r.Offset)
+		}
+		_, m.err = fmt.Fprintf(m.w, `%s{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t%s}`,
+			sep, r.Start, r.Length, r.Depth, r.Present, r.Zero, r.Data, offset)
 	default:
 		if m.count == 0 {
-			fmt.Fprintf(m.w, "%-20s%-20s%s\n", "Offset", "Length", "State")
+			_, m.err = fmt.Fprintf(m.w, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
 		}
-		state := "data"
-		if !r.Data {
-			state = "hole"
+		if r.Data && !r.Zero && m.err == nil {
+			line := fmt.Sprintf("%-16s%-16s-", cHex(r.Start), cHex(r.Length))
+			if r.Offset != nil {
+				line = fmt.Sprintf("%-16s%-16s%-16s%s", cHex(r.Start), cHex(r.Length), cHex(*r.Offset), r.File)
+			}
+			_, m.err = fmt.Fprintln(m.w, line)
 		}
-		if r.Zero {
-			state += ", zero"
-		}
-		_, m.err = fmt.Fprintf(m.w, "%-20s%-20s%s\n", fmt.Sprintf("%#x", r.Start), fmt.Sprintf("%#x", r.Length), state)
 	}
 	m.count++
 	return m.err == nil
 }
 
+// cHex prints v as C's "%#x" does: 0 without a prefix.
+func cHex(v int64) string {
+	if v == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%#x", v)
+}
+
 func (m *mapWriter) close() error {
+	if m.count == 0 && m.err == nil {
+		// An empty disk: qemu-img prints one empty record (in the table,
+		// the header alone).
+		m.add(mapRecord{})
+	}
 	if m.err != nil || !m.json {
 		return m.err
-	}
-	if m.count == 0 {
-		_, err := fmt.Fprintln(m.w, "[]")
-		return err
 	}
 	_, err := fmt.Fprintln(m.w, "]")
 	return err

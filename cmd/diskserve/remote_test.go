@@ -174,7 +174,7 @@ func TestRemoteS3(t *testing.T) {
 	if got, _ := os.ReadFile(out); !bytes.Equal(got, content) {
 		t.Error("convert of the raw object differs")
 	}
-	if m := mustRun(t, "map", "--output=json", "--cache-dir", cache, "s3://golden/base.raw"); !strings.Contains(m, `"zero":true`) {
+	if m := mustRun(t, "map", "--output=json", "--cache-dir", cache, "s3://golden/base.raw"); !strings.Contains(m, `"zero": true`) {
 		t.Errorf("map of a cached raw object shows no zero chunks:\n%s", m)
 	}
 	list := mustRun(t, "cache", "list", "--cache-dir", cache)

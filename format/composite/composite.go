@@ -67,6 +67,7 @@ var (
 	_ diskserve.ZeroWriter   = (*Disk)(nil)
 	_ diskserve.HolePuncher  = (*Disk)(nil)
 	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.HostLocator  = (*Disk)(nil)
 	_ diskserve.Describer    = (*Disk)(nil)
 	_ diskserve.Checker      = (*Disk)(nil)
 )
@@ -245,6 +246,17 @@ func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 	}
 	r.Whole = false
 	return r, true
+}
+
+// LocateHost locates the run from off in the component that holds off.
+func (d *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	var loc diskserve.HostLocation
+	err := d.each(off, 1, func(p *part, at, _, _ int64) error {
+		var err error
+		loc, err = diskserve.LocateHost(p.d, at, min(n, p.Offset+p.Len-off))
+		return err
+	})
+	return loc, err
 }
 
 // AppendExtents takes each component's extents, moved to the composite's

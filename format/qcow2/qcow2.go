@@ -279,7 +279,7 @@ func (d *Disk) Close() error {
 // A mapping is where the bytes of one guest range come from.
 type mapping struct {
 	kind mappingKind
-	host int64  // kindData: host offset of the range's first byte
+	host int64  // host offset of the range's first byte: kindData; kindZero and kindBacking where the cluster keeps its space (else 0)
 	l2e  uint64 // kindCompressed: the L2 entry
 	n    int64  // length of the range
 }
@@ -312,10 +312,14 @@ func (d *Disk) mapAt(off int64) (mapping, error) {
 	if host%d.cs != 0 {
 		return mapping{}, corrupt(-1, "L2 entry %#x for guest offset %#x: host offset not cluster aligned", entry, off)
 	}
+	kept := host // where a zero cluster keeps its space
+	if host != 0 {
+		kept += in
+	}
 	if !d.h.extendedL2() {
 		switch {
 		case entry&entryZero != 0 && d.h.Version >= 3:
-			return mapping{kind: kindZero, n: clusterLeft}, nil
+			return mapping{kind: kindZero, host: kept, n: clusterLeft}, nil
 		case host != 0:
 			return mapping{kind: kindData, host: host + in, n: clusterLeft}, nil
 		case entry&entryCopied != 0:
@@ -332,13 +336,13 @@ func (d *Disk) mapAt(off int64) (mapping, error) {
 	case alloc && zero:
 		return mapping{}, corrupt(-1, "subcluster %d of guest cluster %#x is both allocated and zero", si, ci<<d.bits)
 	case zero:
-		return mapping{kind: kindZero, n: left}, nil
+		return mapping{kind: kindZero, host: kept, n: left}, nil
 	case alloc && host == 0:
 		return mapping{}, corrupt(-1, "allocated subcluster %d of guest cluster %#x has host offset 0", si, ci<<d.bits)
 	case alloc:
 		return mapping{kind: kindData, host: host + in, n: left}, nil
 	}
-	return mapping{kind: kindBacking, n: left}, nil
+	return mapping{kind: kindBacking, host: kept, n: left}, nil
 }
 
 // l2Entry returns the L2 entry of guest cluster ci, and its subcluster

@@ -274,6 +274,11 @@ func (d *Disk) Close() error {
 	return d.f.Close()
 }
 
+// LocateHost reports that the file stores the disk as it is, holes too.
+func (d *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	return diskserve.HostLocation{Len: n, File: d.path, Off: off}, nil
+}
+
 // Describe reports the format and file name.
 func (d *Disk) Describe(info *diskserve.Info) {
 	info.Format = Format.Name

@@ -242,6 +242,7 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 		BlockSize: blockSize,
 		Table:     (*table)(d),
 		ReadOnly:  oc.ReadOnly(),
+		OwnHoles:  true,
 	})
 	return d, nil
 }

@@ -207,7 +207,7 @@ func openFixed(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskF
 	if size > end {
 		return nil, corrupt(end, "the footer claims %d bytes, the file holds %d before it", size, end)
 	}
-	return &Fixed{Disk: window.New(c, 0, size, true), path: oc.Path(), foot: f}, nil
+	return &Fixed{Disk: window.New(c, 0, size, true).Allocated(), path: oc.Path(), foot: f}, nil
 }
 
 // openDynamic opens a dynamic disk whose footer copy is f.
@@ -273,6 +273,7 @@ func openDynamic(c diskserve.DiskFile, oc *diskserve.OpenContext, f footer) (dis
 		Table:     (*table)(d),
 		Backing:   parent,
 		ReadOnly:  oc.ReadOnly(),
+		OwnHoles:  true,
 	})
 	return d, nil
 }

@@ -99,6 +99,8 @@ type Disk struct {
 var (
 	_ diskserve.DiskFile     = (*Disk)(nil)
 	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.DepthMapper  = (*Disk)(nil)
+	_ diskserve.HostLocator  = (*Disk)(nil)
 	_ diskserve.ZeroWriter   = (*Disk)(nil)
 	_ diskserve.HolePuncher  = (*Disk)(nil)
 	_ diskserve.Flusher      = (*Disk)(nil)
@@ -237,7 +239,7 @@ func (d *Disk) openExtent(line extentLine, start, n int64, oc *diskserve.OpenCon
 		f.Close()
 		return e, corrupt(-1, "flat extent %q holds %d bytes, the descriptor needs %d from sector %d", line.File, f.Size(), n, line.Offset)
 	}
-	e.d = window.New(f, line.Offset*sectorSize, n, true)
+	e.d = window.New(f, line.Offset*sectorSize, n, true).Allocated()
 	return e, nil
 }
 
@@ -358,6 +360,27 @@ func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.
 		return err
 	})
 	return dst, err
+}
+
+// AppendDepths reports each extent's allocation depths: a sparse extent
+// of a delta disk leaves its unallocated grains to the parent.
+func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	err := d.each(off, n, func(e *extent, in, m, _ int64) error {
+		ext, err := diskserve.AllocationDepths(e.d, nil, in, m)
+		for _, x := range ext {
+			x.Off += e.start
+			dst = diskserve.AppendExtent(dst, x)
+		}
+		return err
+	})
+	return dst, err
+}
+
+// LocateHost locates the run from off in the extent that holds off.
+func (d *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	e := &d.extents[d.at(off)]
+	in := off - e.start
+	return diskserve.LocateHost(e.d, in, min(n, e.n-in))
 }
 
 // Flush flushes every extent.

@@ -166,6 +166,13 @@ func (l *Live) SetBacking(name, fmtName string) error {
 	return p.SetBacking(name, fmtName)
 }
 
+// LocateHost locates the current disk's runs in host files.
+func (l *Live) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	p, release := l.current()
+	defer release()
+	return p.LocateHost(off, n)
+}
+
 // Check checks the current disk.
 func (l *Live) Check(repair diskserve.Repair) (diskserve.CheckReport, error) {
 	p, release := l.current()

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"testing"
 	"testing/iotest"
@@ -47,6 +48,7 @@ func CheckWith(t *testing.T, d diskserve.DiskFile, want []byte, o Options) {
 	t.Run("ReadAt", c.readAt)
 	t.Run("ConcurrentReads", c.concurrentReads)
 	t.Run("Extents", c.extents)
+	t.Run("Locations", c.locations)
 	if d.ReadOnly() {
 		t.Run("ReadOnly", c.readOnly)
 		return
@@ -58,6 +60,7 @@ func CheckWith(t *testing.T, d diskserve.DiskFile, want []byte, o Options) {
 	t.Run("WriteZeroes", c.writeZeroes)
 	t.Run("PunchHole", c.punchHole)
 	t.Run("Extents/AfterWrites", c.extents)
+	t.Run("Locations/AfterWrites", c.locations)
 	t.Run("Resize", c.resize)
 	t.Run("ReadAll/AfterWrites", c.readAll)
 }
@@ -227,6 +230,53 @@ func (c *checker) extents(t *testing.T) {
 	for range 20 {
 		off, n := c.randRange(1 << 20)
 		c.checkExtents(t, off, n)
+	}
+}
+
+// locations walks the disk's host locations ([diskserve.LocateHost]),
+// which must tile it, and reads each located run from its file: it must
+// hold the disk's bytes, but where the disk reads zeroes (a zero cluster
+// that keeps its space may hold old bytes). The disk is flushed first, so
+// that the file holds what was written.
+func (c *checker) locations(t *testing.T) {
+	if err := diskserve.Flush(c.d); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string]*os.File{}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	size := int64(len(c.want))
+	for pos := int64(0); pos < size; {
+		n := min(size-pos, 1<<20)
+		loc, err := diskserve.LocateHost(c.d, pos, n)
+		if err != nil {
+			t.Fatalf("LocateHost(%d, %d): %v", pos, n, err)
+		}
+		if loc.Len <= 0 || loc.Len > n {
+			t.Fatalf("LocateHost(%d, %d) = %+v: not a run inside the range", pos, n, loc)
+		}
+		if loc.File != "" {
+			f := files[loc.File]
+			if f == nil {
+				if f, err = os.Open(loc.File); err != nil {
+					t.Fatalf("LocateHost(%d, %d) = %+v: %v", pos, n, loc, err)
+				}
+				files[loc.File] = f
+			}
+			got := make([]byte, loc.Len)
+			if _, err := f.ReadAt(got, loc.Off); err != nil {
+				t.Fatalf("LocateHost(%d, %d) = %+v: %v", pos, n, loc, err)
+			}
+			for i, b := range got {
+				if want := c.want[pos+int64(i)]; b != want && want != 0 {
+					t.Fatalf("LocateHost(%d, %d) = %+v: byte %d of the file is %#x, the disk's %#x", pos, n, loc, loc.Off+int64(i), b, want)
+				}
+			}
+		}
+		pos += loc.Len
 	}
 }
 

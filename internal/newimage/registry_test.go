@@ -89,6 +89,10 @@ func (d *testDisk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskse
 	return append(dst, diskserve.Extent{Off: off, Len: n}), nil
 }
 
+func (d *testDisk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	return diskserve.LocateHost(d.D, testHeader+off, n)
+}
+
 func (d *testDisk) Describe(info *diskserve.Info) {
 	*info = diskserve.Describe(d.D)
 	info.Format, info.VirtualSize = "testfmt", d.size

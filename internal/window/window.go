@@ -10,14 +10,15 @@ import (
 // A Disk is the range [off, off+n) of another disk. It is a view, not a
 // [diskserve.Wrapper]: it moves offsets and has a size of its own, so it
 // has only the capabilities that apply to part of a disk (flush, zeroes,
-// holes, extents, host mapping), each passed on through the functions of
+// holes, extents, depths, host mapping and location), each passed on through the functions of
 // package diskserve so that the disk's fallbacks apply. Resizing, checking
 // or snapshotting a window would act on the whole disk, and it has none of
 // them.
 type Disk struct {
-	d      diskserve.DiskFile
-	off, n int64
-	owns   bool
+	d         diskserve.DiskFile
+	off, n    int64
+	owns      bool
+	allocated bool // holes below are allocated zeroes (see Allocated)
 }
 
 var (
@@ -26,13 +27,25 @@ var (
 	_ diskserve.ZeroWriter   = (*Disk)(nil)
 	_ diskserve.HolePuncher  = (*Disk)(nil)
 	_ diskserve.ExtentMapper = (*Disk)(nil)
+	_ diskserve.DepthMapper  = (*Disk)(nil)
 	_ diskserve.HostMapper   = (*Disk)(nil)
+	_ diskserve.HostLocator  = (*Disk)(nil)
 )
 
 // New returns the window [off, off+n) of d, which must lie inside d.
 // With owns, closing the window closes d; otherwise d stays open.
 func New(d diskserve.DiskFile, off, n int64, owns bool) *Disk {
 	return &Disk{d: d, off: off, n: n, owns: owns}
+}
+
+// Allocated makes the window report every byte as allocated: what the
+// disk below has as holes it reports as zeroes of its own. A fixed VHD's
+// data area and a flat VMDK extent are allocated whole by their format,
+// whatever the file system does with their zeroes, and qemu reports them
+// so. It returns w.
+func (w *Disk) Allocated() *Disk {
+	w.allocated = true
+	return w
 }
 
 // Size returns the window's length.
@@ -43,6 +56,12 @@ func (w *Disk) ReadOnly() bool { return w.d.ReadOnly() }
 
 // Flush flushes the disk below.
 func (w *Disk) Flush() error { return diskserve.Flush(w.d) }
+
+// LocateHost locates the range in the disk below: where that stores it is
+// where the window does.
+func (w *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	return diskserve.LocateHost(w.d, w.off+off, n)
+}
 
 // Close closes the disk below if the window owns it.
 func (w *Disk) Close() error {
@@ -91,8 +110,22 @@ func (w *Disk) PunchHole(off, n int64) error {
 
 // AppendExtents reports the disk's extents, moved to the window's offsets.
 func (w *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	ext, err := diskserve.Extents(w.d, nil, w.off+off, n)
+	for _, e := range ext {
+		e.Off -= w.off
+		if w.allocated {
+			e.Flags &^= diskserve.ExtentHole
+		}
+		dst = diskserve.AppendExtent(dst, e)
+	}
+	return dst, err
+}
+
+// AppendDepths reports the disk's allocation depths, moved to the
+// window's offsets.
+func (w *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 	start := len(dst)
-	dst, err := diskserve.Extents(w.d, dst, w.off+off, n)
+	dst, err := diskserve.AllocationDepths(w.d, dst, w.off+off, n)
 	for i := start; i < len(dst); i++ {
 		dst[i].Off -= w.off
 	}

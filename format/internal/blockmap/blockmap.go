@@ -111,6 +111,11 @@ type Config struct {
 	Backing   diskserve.DiskFile // the disk below, or nil; the disk closes it
 	ReadOnly  bool
 
+	// OwnHoles makes unallocated blocks that no disk below reaches the
+	// image's own in allocation depths (depth 1, not 0): qemu reports
+	// them so for VDI and VHD, whose drivers call them zeroes.
+	OwnHoles bool
+
 	// Sync makes writes to File durable. It defaults to [diskserve.Flush]
 	// of File.
 	Sync func() error
@@ -618,9 +623,32 @@ func (d *Disk) backingExtents(dst []diskserve.Extent, off, n int64) ([]diskserve
 	return dst, nil
 }
 
+// LocateHost locates the run from off: blocks stored one after another in
+// the image file, or what the backing disk says of unallocated blocks.
+// Zero and special blocks (compressed grains, blocks present in part) are
+// in no file, nor is what no layer holds.
+func (d *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
+	bs := d.cfg.BlockSize
+	i, in := off/bs, off%bs
+	m := min(n, bs-in)
+	if run := d.unallocatedRun(i); run > 1 {
+		m = min(n, run*bs-in)
+	}
+	switch b := d.Lookup(i); b.State {
+	case Data:
+		k := d.dataRun(i, b, (in+n+bs-1)/bs)
+		return diskserve.LocateHost(d.cfg.File, b.Host+in, min(n, k*bs-in))
+	case Unallocated:
+		if bd := d.cfg.Backing; bd != nil && off < bd.Size() {
+			return diskserve.LocateHost(bd, off, min(m, bd.Size()-off))
+		}
+	}
+	return diskserve.HostLocation{Len: m}, nil
+}
+
 // AppendDepths reports depth 1 for blocks the image holds (data or
 // zeroes), the backing disk's depths plus one below, 0 where no layer
-// holds anything.
+// holds anything (1 with Config.OwnHoles).
 func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
 	bs := d.cfg.BlockSize
 	for end := off + n; off < end; {
@@ -650,7 +678,11 @@ func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.E
 			}
 		}
 		if inside < m {
-			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off + inside, Len: m - inside})
+			var own diskserve.ExtentFlags
+			if d.cfg.OwnHoles {
+				own = 1
+			}
+			dst = diskserve.AppendExtent(dst, diskserve.Extent{Off: off + inside, Len: m - inside, Flags: own})
 		}
 		off += m
 	}
