@@ -351,22 +351,20 @@ func (d *Disk) PunchHole(off, n int64) error {
 
 // AppendExtents reports each extent's allocation.
 func (d *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
-	err := d.each(off, n, func(e *extent, in, m, _ int64) error {
-		ext, err := diskserve.Extents(e.d, nil, in, m)
-		for _, x := range ext {
-			x.Off += e.start
-			dst = diskserve.AppendExtent(dst, x)
-		}
-		return err
-	})
-	return dst, err
+	return d.perExtent(dst, off, n, diskserve.Extents)
 }
 
 // AppendDepths reports each extent's allocation depths: a sparse extent
 // of a delta disk leaves its unallocated grains to the parent.
 func (d *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
+	return d.perExtent(dst, off, n, diskserve.AllocationDepths)
+}
+
+// perExtent appends what get reports of each extent's part of [off,
+// off+n), moved to the disk's offsets.
+func (d *Disk) perExtent(dst []diskserve.Extent, off, n int64, get func(diskserve.DiskFile, []diskserve.Extent, int64, int64) ([]diskserve.Extent, error)) ([]diskserve.Extent, error) {
 	err := d.each(off, n, func(e *extent, in, m, _ int64) error {
-		ext, err := diskserve.AllocationDepths(e.d, nil, in, m)
+		ext, err := get(e.d, nil, in, m)
 		for _, x := range ext {
 			x.Off += e.start
 			dst = diskserve.AppendExtent(dst, x)
