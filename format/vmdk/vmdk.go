@@ -93,7 +93,10 @@ type Disk struct {
 	extents  []extent
 	size     int64
 	parent   diskserve.DiskFile // nil without one
+	stale    error              // the parent's CID is not the recorded one: reads from it fail so
 	readOnly bool
+	cids     *cidKeeper         // nil read-only
+	descFile diskserve.DiskFile // a descriptor file kept open for cids, or nil
 }
 
 var (
@@ -153,6 +156,9 @@ func (d *Disk) openMonolithic(c diskserve.DiskFile, oc *diskserve.OpenContext) e
 		if d.desc, err = parseDescriptor(string(text)); err != nil {
 			return corrupt(int64(h.DescOffset)*sectorSize, "embedded %v", err)
 		}
+		if !oc.ReadOnly() {
+			d.cids = &cidKeeper{f: c, at: int64(h.DescOffset) * sectorSize, room: int64(h.DescSize) * sectorSize, text: string(text)}
+		}
 	}
 	if err := d.openParent(oc); err != nil {
 		return err
@@ -197,8 +203,13 @@ func (d *Disk) openDescribed(c diskserve.DiskFile, oc *diskserve.OpenContext) er
 		d.extents = append(d.extents, e)
 		d.size += n
 	}
-	// The descriptor file is not an extent: the disk no longer needs it.
-	c.Close()
+	if oc.ReadOnly() {
+		// The descriptor file is not an extent: the disk no longer needs it.
+		c.Close()
+		return nil
+	}
+	d.descFile = c
+	d.cids = &cidKeeper{f: c, text: string(text)}
 	return nil
 }
 
@@ -253,6 +264,9 @@ func (d *Disk) openParent(oc *diskserve.OpenContext) error {
 		return fmt.Errorf("parent: %w", err)
 	}
 	d.parent = p
+	if cid, ok := diskserve.Describe(p).Specific["cid"].(uint32); ok && cid != d.desc.ParentCID {
+		d.stale = fmt.Errorf("vmdk: the parent %s has changed since %s was made on it (its CID is %08x, the delta disk's parentCID %08x): its data is not read", d.desc.ParentHint, d.path, cid, d.desc.ParentCID)
+	}
 	return nil
 }
 
@@ -261,7 +275,11 @@ func (d *Disk) below(start, n int64) diskserve.DiskFile {
 	if d.parent == nil || start >= d.parent.Size() {
 		return nil
 	}
-	return window.New(d.parent, start, min(n, d.parent.Size()-start), false)
+	w := window.New(d.parent, start, min(n, d.parent.Size()-start), false)
+	if d.stale != nil {
+		return staleParent{w, d.stale}
+	}
+	return w
 }
 
 // closeParts closes what an open that failed had opened.
@@ -271,6 +289,9 @@ func (d *Disk) closeParts() {
 	}
 	if d.parent != nil {
 		d.parent.Close()
+	}
+	if d.descFile != nil {
+		d.descFile.Close()
 	}
 }
 
@@ -320,6 +341,9 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := diskserve.CheckWrite(d, off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	if err := d.cids.renew(d.desc); err != nil {
+		return 0, err
+	}
 	written := 0
 	err := d.each(off, int64(len(p)), func(e *extent, in, m, done int64) error {
 		k, err := e.d.WriteAt(p[done:done+m], in)
@@ -334,6 +358,9 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 	if err := diskserve.CheckWrite(d, off, n); err != nil {
 		return err
 	}
+	if err := d.cids.renew(d.desc); err != nil {
+		return err
+	}
 	return d.each(off, n, func(e *extent, in, m, _ int64) error {
 		return diskserve.WriteZeroes(e.d, in, m, flags)
 	})
@@ -342,6 +369,9 @@ func (d *Disk) WriteZeroesAt(off, n int64, flags diskserve.ZeroFlags) error {
 // PunchHole punches across the extents.
 func (d *Disk) PunchHole(off, n int64) error {
 	if err := diskserve.CheckWrite(d, off, n); err != nil {
+		return err
+	}
+	if err := d.cids.renew(d.desc); err != nil {
 		return err
 	}
 	return d.each(off, n, func(e *extent, in, m, _ int64) error {
@@ -393,7 +423,7 @@ func (d *Disk) Flush() error {
 	return err
 }
 
-// Close closes the extents and the parent.
+// Close closes the extents, the parent and a descriptor file kept open.
 func (d *Disk) Close() error {
 	var err error
 	for _, e := range d.extents {
@@ -401,6 +431,9 @@ func (d *Disk) Close() error {
 	}
 	if d.parent != nil {
 		err = errors.Join(err, d.parent.Close())
+	}
+	if d.descFile != nil {
+		err = errors.Join(err, d.descFile.Close())
 	}
 	return err
 }
@@ -431,7 +464,7 @@ func (d *Disk) Describe(info *diskserve.Info) {
 	}
 	info.Specific = map[string]any{
 		"create-type": d.desc.CreateType,
-		"cid":         d.desc.CID,
+		"cid":         d.cids.cid(d.desc),
 		"parent-cid":  d.desc.ParentCID,
 		"extents":     exts,
 	}

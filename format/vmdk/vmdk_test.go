@@ -1,9 +1,12 @@
 package vmdk_test
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -262,4 +265,98 @@ func mustOpen(t *testing.T, path, fmtName string) diskserve.DiskFile {
 	}
 	t.Cleanup(func() { d.Close() })
 	return d
+}
+
+// qemuCID returns the CID qemu-img info reports of the VMDK at path.
+func qemuCID(t *testing.T, path string) uint32 {
+	t.Helper()
+	var info struct {
+		Specific struct {
+			Data struct {
+				CID uint32 `json:"cid"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", path), &info); err != nil {
+		t.Fatal(err)
+	}
+	return info.Specific.Data.CID
+}
+
+// TestCID: as in qemu, a disk opened for writing takes a new CID before
+// its first change (and keeps its CID when nothing changes), written into
+// an embedded descriptor or a descriptor file, even one whose CID was
+// shorter than eight digits; a delta disk whose parent changed since it
+// was made refuses to read from the parent, as qemu does, and still reads
+// its own grains.
+func TestCID(t *testing.T) {
+	dir := t.TempDir()
+	base, _ := formattest.Base(t, dir, 4<<20)
+	parent := filepath.Join(dir, "parent.vmdk")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
+	child := filepath.Join(dir, "child.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", child)
+	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x31 0 64k", child)
+	flatDesc := filepath.Join(dir, "flat.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", flatDesc, "1M")
+	short := filepath.Join(dir, "short.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", short, "1M")
+	text, err := os.ReadFile(short)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text = regexp.MustCompile(`(?m)^CID=[0-9a-f]+$`).ReplaceAll(text, []byte("CID=1a"))
+	if err := os.WriteFile(short, text, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	write := func(path string, changes bool) {
+		t.Helper()
+		d, err := format.Open(path, diskserve.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if changes {
+			if _, err := d.WriteAt([]byte("changed"), 100000); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, path := range []string{parent, flatDesc, short} {
+		before := qemuCID(t, path)
+		write(path, false)
+		if got := qemuCID(t, path); got != before {
+			t.Fatalf("%s: an open without writes changed the CID from %08x to %08x", path, before, got)
+		}
+		write(path, true)
+		after := qemuCID(t, path)
+		if after == before {
+			t.Fatalf("%s: the CID stayed %08x after a write", path, after)
+		}
+		if cid := diskserve.Describe(mustOpen(t, path, "vmdk")).Specific["cid"]; cid != after {
+			t.Fatalf("%s: diskserve reports CID %v, qemu-img %08x", path, cid, after)
+		}
+		testtool.QemuCheck(t, path)
+	}
+	if got := testtool.QemuRaw(t, short, "-f", "vmdk"); string(got[100000:100007]) != "changed" {
+		t.Fatal("qemu-img does not read the write through the rewritten descriptor")
+	}
+
+	// The parent changed under the child: qemu and diskserve refuse the
+	// parent's data, and both read the child's own grains.
+	if out, err := exec.Command(testtool.Need(t, "qemu-io"), "-r", "-f", "vmdk", "-c", "read 1M 4k", child).CombinedOutput(); err == nil {
+		t.Fatalf("qemu-io read a changed parent's data: the test's premise is gone\n%s", out)
+	}
+	testtool.Run(t, "qemu-io", "-r", "-f", "vmdk", "-c", "read -P 0x31 0 64k", child)
+	d := mustOpen(t, child, "vmdk")
+	if _, err := d.ReadAt(make([]byte, 4096), 1<<20); err == nil || !strings.Contains(err.Error(), "has changed since") {
+		t.Fatalf("a read from the changed parent: %v", err)
+	}
+	own := make([]byte, 64<<10)
+	if _, err := d.ReadAt(own, 0); err != nil || strings.Trim(string(own), "\x31") != "" {
+		t.Fatalf("the child's own grains: %v", err)
+	}
 }
