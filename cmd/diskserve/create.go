@@ -95,7 +95,7 @@ start at 4 KiB boundaries, and read-write ones must be a multiple of
 	remoteF.register(fl, false)
 	fl.StringVarP(&fmtName, "format", "f", "raw", "format of the new image")
 	fl.StringArrayVarP(&options, "options", "o", nil, "format options, OPT=VALUE[,OPT=VALUE...]")
-	fl.StringVarP(&backing, "backing", "b", "", "backing file (qcow2)")
+	fl.StringVarP(&backing, "backing", "b", "", "backing file (qcow2; vpc, vhdx: a differencing disk; vmdk: a sparse delta disk)")
 	fl.StringVarP(&backingFmt, "backing-format", "F", "", "format of the backing file; detected when omitted")
 	fl.StringArrayVar(&partitions, "partition", nil, "an image to build IMAGE from (composite): LABEL=PATH[:rw][:type=linux|efi|GUID]")
 	return cmd

@@ -45,8 +45,12 @@ var creator = &diskserve.Creator{
 		{Name: "toolsversion", Default: toolsDefault, Help: "the VMware tools version recorded"},
 		{Name: "zeroed_grain", Default: "off", Help: "on: zero writes mark grains as zeroes instead of storing them"},
 	},
+	Backing: true,
 	New: func(out *os.File, a diskserve.CreateArgs) error {
 		o, err := parseOptions(a.Options)
+		if err == nil && a.BackingFile != "" {
+			err = o.delta(&a)
+		}
 		if err == nil {
 			err = o.create(out, a)
 		}
@@ -61,10 +65,13 @@ var creator = &diskserve.Creator{
 	},
 }
 
-// options are the -o options of a new disk.
+// options are the -o options of a new disk, and the parent of a delta
+// disk.
 type options struct {
 	subformat, adapter, hwversion, tools string
 	zeroedGrain                          bool
+	parentHint                           string // the backing file as given, or ""
+	parentCID                            uint32
 }
 
 // parseOptions reads and checks the -o options.
@@ -106,6 +113,10 @@ func parseOptions(co diskserve.CreateOptions) (options, error) {
 func (o *options) descriptor(sectors int64, extents []extentLine) *descriptor {
 	var cid [4]byte
 	rand.Read(cid[:])
+	parentCID := uint32(0xffffffff)
+	if o.parentHint != "" {
+		parentCID = o.parentCID
+	}
 	heads := int64(16)
 	if o.adapter != "ide" {
 		heads = 255
@@ -113,7 +124,8 @@ func (o *options) descriptor(sectors int64, extents []extentLine) *descriptor {
 	return &descriptor{
 		Version:    1,
 		CID:        binary.LittleEndian.Uint32(cid[:]),
-		ParentCID:  0xffffffff,
+		ParentCID:  parentCID,
+		ParentHint: o.parentHint,
 		CreateType: o.subformat,
 		Extents:    extents,
 		DDB: map[string]string{
@@ -125,6 +137,78 @@ func (o *options) descriptor(sectors int64, extents []extentLine) *descriptor {
 			"toolsVersion":       o.tools,
 		},
 	}
+}
+
+// delta makes o a delta disk's over the VMDK a.BackingFile (relative to
+// the new disk, or absolute), as qemu-img does: the parent's CID becomes
+// the disk's parentCID and the name as given its parentFileNameHint, and
+// a size of 0 the parent's. A flat disk has no grains to leave to a
+// parent, and a parent of another format has no CID, so qemu refuses
+// both, and so does diskserve.
+func (o *options) delta(a *diskserve.CreateArgs) error {
+	if a.BackingFormat != "" && a.BackingFormat != Name {
+		return fmt.Errorf("the parent of a vmdk delta disk is a vmdk disk, not %s", a.BackingFormat)
+	}
+	if o.subformat != monolithicSparse && o.subformat != twoGbSparse {
+		return fmt.Errorf("a %s disk cannot have a parent: only sparse ones can", o.subformat)
+	}
+	path, err := diskserve.ResolveRelative(a.Path, a.BackingFile)
+	if err != nil {
+		return err
+	}
+	desc, err := readDescriptor(path)
+	if err != nil {
+		return fmt.Errorf("parent %s: %w", a.BackingFile, err)
+	}
+	o.parentCID, o.parentHint = desc.CID, a.BackingFile
+	if a.Size == 0 {
+		for _, e := range desc.Extents {
+			a.Size += e.Sectors * sectorSize
+		}
+	}
+	return nil
+}
+
+// readDescriptor reads the descriptor of the VMDK at path: embedded in a
+// sparse file, or a descriptor file.
+func readDescriptor(path string) (*descriptor, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	head := make([]byte, headerLen)
+	n, err := io.ReadFull(f, head)
+	if err != nil && err != io.ErrUnexpectedEOF {
+		return nil, err
+	}
+	head = head[:n]
+	var text []byte
+	switch {
+	case n >= 4 && string(head[:4]) == sparseMagic:
+		h, err := parseSparseHeader(head)
+		if err != nil {
+			return nil, err
+		}
+		if h.DescOffset == 0 || h.DescSize == 0 || h.DescSize*sectorSize > maxDescriptor {
+			return nil, fmt.Errorf("no embedded descriptor holds a CID")
+		}
+		text = make([]byte, h.DescSize*sectorSize)
+		if _, err := f.ReadAt(text, int64(h.DescOffset)*sectorSize); err != nil {
+			return nil, err
+		}
+		text, _, _ = bytes.Cut(text, []byte{0})
+	case isDescriptor(head):
+		if text, err = io.ReadAll(io.LimitReader(io.NewSectionReader(f, 0, maxDescriptor+1), maxDescriptor+1)); err != nil {
+			return nil, err
+		}
+		if len(text) > maxDescriptor {
+			return nil, fmt.Errorf("a descriptor file of more than %d bytes", maxDescriptor)
+		}
+	default:
+		return nil, fmt.Errorf("not a vmdk disk")
+	}
+	return parseDescriptor(string(text))
 }
 
 // create makes an empty disk of a.Size bytes (rounded up to a sector) in

@@ -14,6 +14,7 @@ import (
 	"github.com/diskserve/diskserve/format"
 	"github.com/diskserve/diskserve/format/vmdk"
 	"github.com/diskserve/diskserve/internal/formattest"
+	"github.com/diskserve/diskserve/internal/newimage"
 	"github.com/diskserve/diskserve/internal/testtool"
 )
 
@@ -358,5 +359,57 @@ func TestCID(t *testing.T) {
 	own := make([]byte, 64<<10)
 	if _, err := d.ReadAt(own, 0); err != nil || strings.Trim(string(own), "\x31") != "" {
 		t.Fatalf("the child's own grains: %v", err)
+	}
+}
+
+// TestCreateDelta: create -b makes a delta disk over a VMDK as qemu-img
+// does: qemu reads it as its parent (its parentCID is the parent's CID)
+// and agrees on the backing file; a write through qemu-io lands in the
+// delta only, both tools then read the same bytes, and qemu-img check is
+// clean. Flat disks and parents of other formats are refused, as qemu
+// refuses them.
+func TestCreateDelta(t *testing.T) {
+	dir := t.TempDir()
+	base, want := formattest.Base(t, dir, 4<<20)
+	parent := filepath.Join(dir, "parent.vmdk")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
+	child := filepath.Join(dir, "child.vmdk")
+	formattest.CreateChild(t, child, "vmdk", "parent.vmdk")
+	var info struct {
+		Size     int64  `json:"virtual-size"`
+		Backing  string `json:"backing-filename"`
+		Specific struct {
+			Data struct {
+				ParentCID uint32 `json:"parent-cid"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", child), &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.Size != 4<<20 || info.Backing != "parent.vmdk" || info.Specific.Data.ParentCID != qemuCID(t, parent) {
+		t.Fatalf("qemu-img info of the delta disk: %+v, the parent's CID %08x", info, qemuCID(t, parent))
+	}
+	if got := testtool.QemuRaw(t, child, "-f", "vmdk"); string(got) != string(want) {
+		t.Fatal("qemu-img does not read the new delta disk as its parent")
+	}
+	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 1000000 200000", child)
+	copy(want[1000000:1200000], strings.Repeat("\x5a", 200000))
+	formattest.CheckContent(t, mustOpen(t, child, "vmdk"), want)
+	testtool.QemuCheck(t, child)
+	if got := testtool.QemuRaw(t, parent, "-f", "vmdk"); string(got[1000000:1200000]) == strings.Repeat("\x5a", 200000) {
+		t.Fatal("the write reached the parent")
+	}
+
+	raw := filepath.Join(dir, "plain.raw")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", raw, "4M")
+	f, _ := diskserve.LookupFormat(format.All(), "vmdk")
+	for _, a := range []diskserve.CreateArgs{
+		{Size: 4 << 20, BackingFile: "parent.vmdk", BackingFormat: "vmdk", Options: diskserve.CreateOptions{"subformat": "monolithicFlat"}},
+		{Size: 4 << 20, BackingFile: "plain.raw", BackingFormat: "raw"},
+	} {
+		if err := newimage.Create(filepath.Join(dir, "refused.vmdk"), f, a); err == nil {
+			t.Errorf("create %+v: no error", a)
+		}
 	}
 }
