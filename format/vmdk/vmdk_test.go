@@ -128,16 +128,24 @@ func TestVMFS(t *testing.T) {
 	formattest.Golden(t, filepath.Join(dir, "esx.vmdk"), "vmdk", true)
 }
 
+// qemuDelta makes in dir, with qemu-img, a 4 MiB monolithicSparse parent
+// of mixed data and holes and a delta disk over it, into which qemu-io
+// writes with the command write.
+func qemuDelta(t *testing.T, dir, write string) (parent, child string) {
+	t.Helper()
+	base, _ := formattest.Base(t, dir, 4<<20)
+	parent = filepath.Join(dir, "parent.vmdk")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
+	child = filepath.Join(dir, "child.vmdk")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", child)
+	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", write, child)
+	return parent, child
+}
+
 // TestDelta: a delta disk (parentFileNameHint) reads its parent where it
 // holds nothing, and diskserve's writes into it read back through qemu.
 func TestDelta(t *testing.T) {
-	dir := t.TempDir()
-	base, _ := formattest.Base(t, dir, 4<<20)
-	parent := filepath.Join(dir, "parent.vmdk")
-	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
-	child := filepath.Join(dir, "child.vmdk")
-	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", child)
-	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x31 70000 100000", child)
+	_, child := qemuDelta(t, t.TempDir(), "write -P 0x31 70000 100000")
 	want := testtool.QemuRaw(t, child, "-f", "vmdk")
 	d, err := format.Open(child, diskserve.Options{})
 	if err != nil {
@@ -292,12 +300,7 @@ func qemuCID(t *testing.T, path string) uint32 {
 // its own grains.
 func TestCID(t *testing.T) {
 	dir := t.TempDir()
-	base, _ := formattest.Base(t, dir, 4<<20)
-	parent := filepath.Join(dir, "parent.vmdk")
-	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", base, parent)
-	child := filepath.Join(dir, "child.vmdk")
-	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", child)
-	testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x31 0 64k", child)
+	parent, child := qemuDelta(t, dir, "write -P 0x31 0 64k")
 	flatDesc := filepath.Join(dir, "flat.vmdk")
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", flatDesc, "1M")
 	short := filepath.Join(dir, "short.vmdk")
