@@ -7,13 +7,16 @@ package diskserve
 //
 // LocateHost describes the run of the disk from off, at most n bytes,
 // that one host file stores as it reads, byte for byte in a row: its
-// length, the file and the offset there. File is "" for a run no file
-// stores so: a range no layer of a chain allocates, a compressed cluster,
-// a zero cluster with no space of its own, data a format assembles. A
-// layer of a backing chain describes what it leaves to the layer below
-// with that layer's LocateHost. The range lies inside [0, Size) and n >
-// 0; the run returned is at least one byte long. If a disk does not
-// implement HostLocator, [LocateHost] reports no file for the range.
+// length, the file and the offset there. A run that reads as zeroes may
+// be located at space the format keeps for it, whatever that space holds
+// (qcow2's zero clusters that keep their cluster, as qemu reports them).
+// File is "" for a run no file stores so: a range no layer of a chain
+// allocates, a compressed cluster, a zero cluster with no space of its
+// own, data a format assembles. A layer of a backing chain describes what
+// it leaves to the layer below with that layer's LocateHost. The range
+// lies inside [0, Size) and n > 0; the run returned is at least one byte
+// long. If a disk does not implement HostLocator, [LocateHost] reports no
+// file for the range.
 type HostLocator interface {
 	LocateHost(off, n int64) (HostLocation, error)
 }

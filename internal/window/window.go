@@ -10,10 +10,10 @@ import (
 // A Disk is the range [off, off+n) of another disk. It is a view, not a
 // [diskserve.Wrapper]: it moves offsets and has a size of its own, so it
 // has only the capabilities that apply to part of a disk (flush, zeroes,
-// holes, extents, depths, host mapping and location), each passed on through the functions of
-// package diskserve so that the disk's fallbacks apply. Resizing, checking
-// or snapshotting a window would act on the whole disk, and it has none of
-// them.
+// holes, extents, depths, host mapping and location), each passed on
+// through the functions of package diskserve so that the disk's fallbacks
+// apply. Resizing, checking or snapshotting a window would act on the
+// whole disk, and it has none of them.
 type Disk struct {
 	d         diskserve.DiskFile
 	off, n    int64
