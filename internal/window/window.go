@@ -110,22 +110,34 @@ func (w *Disk) PunchHole(off, n int64) error {
 
 // AppendExtents reports the disk's extents, moved to the window's offsets.
 func (w *Disk) AppendExtents(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
-	ext, err := diskserve.Extents(w.d, nil, w.off+off, n)
-	for _, e := range ext {
-		e.Off -= w.off
+	dst, start, err := below(dst, func(tail []diskserve.Extent) ([]diskserve.Extent, error) {
+		return diskserve.Extents(w.d, tail, w.off+off, n)
+	})
+	for i := start; i < len(dst); i++ {
+		dst[i].Off -= w.off
 		if w.allocated {
-			e.Flags &^= diskserve.ExtentHole
+			dst[i].Flags &^= diskserve.ExtentHole
 		}
-		dst = diskserve.AppendExtent(dst, e)
 	}
 	return dst, err
+}
+
+// below appends to dst what get reports of the disk below, given an empty
+// slice over dst's spare capacity so that nothing it appends merges into
+// dst's last extent (whose offsets are the window's), and returns where
+// the new extents start.
+func below(dst []diskserve.Extent, get func([]diskserve.Extent) ([]diskserve.Extent, error)) ([]diskserve.Extent, int, error) {
+	start := len(dst)
+	ext, err := get(dst[start:])
+	return append(dst, ext...), start, err
 }
 
 // AppendDepths reports the disk's allocation depths, moved to the
 // window's offsets.
 func (w *Disk) AppendDepths(dst []diskserve.Extent, off, n int64) ([]diskserve.Extent, error) {
-	start := len(dst)
-	dst, err := diskserve.AllocationDepths(w.d, dst, w.off+off, n)
+	dst, start, err := below(dst, func(tail []diskserve.Extent) ([]diskserve.Extent, error) {
+		return diskserve.AllocationDepths(w.d, tail, w.off+off, n)
+	})
 	for i := start; i < len(dst); i++ {
 		dst[i].Off -= w.off
 	}
