@@ -83,14 +83,14 @@ func (d *Disk) fetchAhead(first, end int64) bool {
 		d.sem.Release(1)
 		return true
 	}
-	end = d.claim(first, end)
+	end, st := d.claim(first, end)
 	d.bg.Add(1)
 	d.mu.Unlock()
 	d.stats.readahead.Add(1)
 	go func() {
 		defer d.bg.Done()
 		defer d.sem.Release(1)
-		d.fetchRun(d.demand, first, end)
+		d.fetchRun(d.demand, st, first, end)
 	}()
 	return true
 }
@@ -132,9 +132,9 @@ func (d *Disk) prefetchAll(rate int64) {
 				d.sem.Release(1)
 				continue
 			}
-			end = d.claim(first, end)
+			end, st := d.claim(first, end)
 			d.mu.Unlock()
-			d.fetchRun(d.ctx, first, end)
+			d.fetchRun(d.ctx, st, first, end)
 			d.sem.Release(1)
 
 			mu.Lock()

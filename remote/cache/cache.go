@@ -33,7 +33,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/diskserve/diskserve"
-	"github.com/diskserve/diskserve/internal/aligned"
 )
 
 // A Source is a remote object: read-only bytes fetched by range.
@@ -122,6 +121,7 @@ type Disk struct {
 	demand  context.Context // ends closeGrace after Close, for fetches readers started (readahead too)
 	stopDem context.CancelFunc
 	bg      sync.WaitGroup // fetches and the prefetcher
+	bufs    runBuffers     // GET buffers
 	wake    chan struct{}  // asks the committer for an early commit
 	stop    chan struct{}  // stops the committer
 	stopped chan struct{}  // closed when it has
@@ -164,10 +164,24 @@ type fetch struct {
 	filled int     // bytes of buf arrived; stays 0 if another process fetched the chunk
 }
 
-// A stream signals the arrivals of one claimed run of chunks.
+// A stream is one claimed run of chunks on its way: the buffer its GET
+// fills, and the signal of arrivals.
 type stream struct {
 	mu   sync.Mutex
 	cond sync.Cond
+	buf  []byte       // the run's bytes, from Disk.bufs
+	refs atomic.Int32 // the run's fetches in inflight, its fetcher, and readers copying from buf
+}
+
+// hold keeps st's buffer from being reused until release. d.mu is held,
+// and st is the stream of a fetch in d.inflight.
+func (st *stream) hold() { st.refs.Add(1) }
+
+// release drops a hold, and recycles the buffer with the last one.
+func (d *Disk) release(st *stream) {
+	if st.refs.Add(-1) == 0 {
+		d.bufs.put(st.buf)
+	}
 }
 
 // finish ends f: its waiters see done closed.
@@ -249,6 +263,7 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		pinned:   make([]atomic.Uint64, (n+63)/64),
 	}
 	d.drained = sync.NewCond(&d.mu)
+	d.bufs = newRunBuffers(chunk, d.maxRun)
 	d.ra.max = max(1, 4*cfg.MaxFetch/chunk)
 	d.ra.last = -reorder - 2 // no stream yet: the first read starts one
 	for i := range n {
@@ -381,13 +396,20 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 	in := off - first*d.chunk
 	n := min(int64(len(p)), d.chunk-in)
 	f, inMemory, waited, err := d.await(first, last, in+n)
-	if err != nil || f == nil {
+	if f == nil {
 		return 0, err
 	}
 	if inMemory {
 		copy(p[:n], f.buf[in:in+n])
-	} else if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
+	}
+	d.release(f.st)
+	if err != nil {
 		return 0, err
+	}
+	if !inMemory {
+		if _, err := d.s.data.ReadAt(p[:n], off); err != nil {
+			return 0, err
+		}
 	}
 	d.touch(first)
 	if waited {
@@ -402,7 +424,8 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 // or the chunk is in the data file: inMemory says which. It starts a
 // fetch of chunks first to last that nobody fetches yet (at most maxRun
 // of them, with one GET), and says whether it had to wait. It returns a
-// nil fetch when the chunk turned out to be present.
+// nil fetch when the chunk turned out to be present; otherwise the
+// caller releases the fetch's stream when done with its buffer.
 func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, err error) {
 	d.mu.Lock()
 	f, ok := d.inflight[first]
@@ -411,8 +434,9 @@ func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, 
 			d.mu.Unlock()
 			return nil, false, false, nil
 		}
-		end := d.claim(first, min(last+1, first+d.maxRun))
+		end, st := d.claim(first, min(last+1, first+d.maxRun))
 		f = d.inflight[first]
+		f.st.hold()
 		d.bg.Add(1)
 		d.mu.Unlock()
 		// The GET goes on in the background once the bytes this read
@@ -420,11 +444,12 @@ func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, 
 		go func() {
 			defer d.bg.Done()
 			d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
-			d.fetchRun(d.demand, first, end)
+			d.fetchRun(d.demand, st, first, end)
 			d.sem.Release(1)
 		}()
 		waited = true
 	} else {
+		f.st.hold()
 		d.mu.Unlock()
 	}
 	f.st.mu.Lock()
@@ -452,8 +477,9 @@ func isClosed(c chan struct{}) bool {
 
 // claim enters fetches for the absent chunks from first, up to end, that
 // nobody fetches yet, with a buffer for their GET, and returns the end of
-// the run claimed. d.mu is held; chunk first is absent and not in flight.
-func (d *Disk) claim(first, end int64) int64 {
+// the run claimed and its stream, held for the caller, who passes both to
+// fetchRun. d.mu is held; chunk first is absent and not in flight.
+func (d *Disk) claim(first, end int64) (int64, *stream) {
 	i := first + 1
 	for i < end {
 		if _, busy := d.inflight[i]; busy || d.s.state(i)&kindMask != absent {
@@ -461,22 +487,22 @@ func (d *Disk) claim(first, end int64) int64 {
 		}
 		i++
 	}
-	// A buffer of its own, not pooled: its chunks stay in the fetches
-	// until commit, and the GC frees it once none refers to it.
-	buf := aligned.Bytes(int(min(i*d.chunk, d.size) - first*d.chunk))
-	st := &stream{}
+	st := &stream{buf: d.bufs.get(min(i*d.chunk, d.size) - first*d.chunk)}
 	st.cond.L = &st.mu
+	st.refs.Store(int32(i-first) + 1)
 	for j := first; j < i; j++ {
 		lo := (j - first) * d.chunk
-		d.inflight[j] = &fetch{done: make(chan struct{}), st: st, buf: buf[lo : lo+d.chunkLen(j)]}
+		d.inflight[j] = &fetch{done: make(chan struct{}), st: st, buf: st.buf[lo : lo+d.chunkLen(j)]}
 	}
-	return i
+	return i, st
 }
 
-// fetchRun fetches the claimed chunks [first, end): it takes their fetch
-// lock shared with other processes, skips what another process fetched
-// meanwhile, and GETs the rest.
-func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
+// fetchRun fetches the claimed chunks [first, end) of stream st: it takes
+// their fetch lock shared with other processes, skips what another
+// process fetched meanwhile, and GETs the rest. It releases the caller's
+// hold on st.
+func (d *Disk) fetchRun(ctx context.Context, st *stream, first, end int64) {
+	defer d.release(st)
 	d.mu.Lock()
 	for d.pendingN >= maxPending && ctx.Err() == nil { // the disk is behind: wait for it
 		d.drained.Wait()
@@ -492,6 +518,7 @@ func (d *Disk) fetchRun(ctx context.Context, first, end int64) {
 			f := d.inflight[i]
 			delete(d.inflight, i)
 			d.mu.Unlock()
+			d.release(f.st)
 			f.finish(nil)
 			d.s.unlockChunks(i, i+1)
 			i++
@@ -520,7 +547,16 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 	st := fs[0].st
 	p := fs[0].buf[:n] // the chunks are consecutive in their run's buffer
 	kinds := make([]uint32, 0, end-first)
+	sums := make([]uint32, end-first)
+	summed := 0 // bytes of p summed
 	deliver := func(upto int) {
+		// Sum the bytes that just arrived while the CPU's cache has them.
+		for summed < upto {
+			c := summed / int(d.chunk)
+			hi := min((c+1)*int(d.chunk), upto)
+			sums[c] = crc32.Update(sums[c], castagnoli, p[summed:hi])
+			summed = hi
+		}
 		st.mu.Lock()
 		for i, f := range fs[len(kinds):] {
 			f.filled = int(min(max(int64(upto)-int64(len(kinds)+i)*d.chunk, 0), int64(len(f.buf))))
@@ -533,7 +569,7 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 			if hi > int64(upto) {
 				return
 			}
-			k, err := d.store(i, p[lo:hi])
+			k, err := d.store(i, p[lo:hi], sums[i-first])
 			if err != nil {
 				d.fail(i, end, err)
 				end = i
@@ -571,9 +607,10 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 }
 
 // store writes one fetched chunk into the data file (a hole when it is
-// all zeroes) and its sum, and returns the state it gets at commit.
-func (d *Disk) store(i int64, b []byte) (uint32, error) {
-	d.s.setSum(i, crc32.Checksum(b, castagnoli))
+// all zeroes) and its CRC-32C, sum, and returns the state it gets at
+// commit.
+func (d *Disk) store(i int64, b []byte, sum uint32) (uint32, error) {
+	d.s.setSum(i, sum)
 	off := i * d.chunk
 	if diskserve.IsZero(b) {
 		// The file may hold bytes of a fetch cut short by a crash.
@@ -595,6 +632,7 @@ func (d *Disk) fail(first, end int64, err error) {
 	d.s.unlockChunks(first, end)
 	d.stats.failures.Add(1)
 	for _, f := range fs {
+		d.release(f.st)
 		f.finish(err)
 	}
 }
@@ -644,6 +682,7 @@ func (d *Disk) commit() error {
 		}
 		d.mu.Lock()
 		for i := r.first; i < end; i++ {
+			d.release(d.inflight[i].st)
 			delete(d.inflight, i)
 		}
 		d.mu.Unlock()

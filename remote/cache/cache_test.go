@@ -180,6 +180,40 @@ func TestSingleFlight(t *testing.T) {
 	}
 }
 
+// TestConcurrentReaders reads random ranges from many goroutines while
+// chunks are fetched, committed and their GET buffers recycled (poisoned
+// under the race detector): every read returns the object's bytes.
+func TestConcurrentReaders(t *testing.T) {
+	src := newSource(64*chunk+300, 6)
+	src.delay = 20 * time.Microsecond
+	for round := range 3 {
+		d := open(t, src, cache.Config{Dir: t.TempDir(), MaxFetch: 4 * chunk, Fetches: 4})
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for g := range 8 {
+			wg.Go(func() {
+				rnd := rand.New(rand.NewPCG(uint64(round), uint64(g)))
+				for range 200 {
+					off := rnd.Int64N(int64(len(src.data)))
+					p := make([]byte, min(1+rnd.Int64N(3*chunk), int64(len(src.data))-off))
+					if _, err := d.ReadAt(p, off); err != nil || !bytes.Equal(p, src.data[off:off+int64(len(p))]) {
+						errs <- fmt.Errorf("round %d: read %d at %d: %v", round, len(p), off, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestCoalesce reads a range of several absent chunks: one fetch for them
 // all, as long as MaxFetch allows.
 func TestCoalesce(t *testing.T) {
