@@ -26,6 +26,7 @@ const (
 
 const (
 	sparseMagic   = "KDMV"
+	cowdMagic     = "COWD" // an ESX sparse extent (vmfsSparse), VMware's version 3
 	sectorSize    = 512
 	headerLen     = 512
 	gdAtEnd       = ^uint64(0) // stream-optimised: the grain directory is in the footer
@@ -34,12 +35,38 @@ const (
 	grainZero     = 1 // a grain table entry for a zero grain (flagZeroGrain)
 	maxGrain      = 1 << 20
 	maxGTEs       = 512
-	maxGrainsLoad = 1 << 40 / (64 << 10) * 16 // the grain tables of a 16 TiB disk of 64 KiB grains
+	fixedGTEs     = 4096    // entries per grain table of COWD and SESPARSE extents
+	maxTables     = 1 << 20 // grain directory entries diskserve loads at most
+	maxEntries    = 1 << 28 // grain table entries diskserve loads at most (1 GiB)
+	seConstMagic  = 0xcafebabe
+	seVolMagic    = 0xcafecafe
+	seVersion     = 0x0000000200000001
+	seGrainSize   = 8  // sectors: the only grain size of SESPARSE extents
+	seTableSize   = 64 // sectors: the only grain table size of SESPARSE extents
+	seTableMark   = 0x1000000000000000
+	seKindMask    = 0xf000000000000000
+	seUnmapped    = 0x1000000000000000 // an unmapped (discarded) grain: zeroes
+	seZero        = 0x2000000000000000
+	seAllocated   = 0x3000000000000000
+	maxHostSector = 1<<32 - 1 // grain table entries kept in memory hold 32-bit sectors
 )
 
-// sparseHeader is the header of a hosted sparse extent (VMDK version 4 in
-// VMware's numbering, versions 1 to 3 in its own field).
+// The kinds of sparse extent.
+const (
+	hosted   = iota // "KDMV": monolithicSparse, twoGbMaxExtentSparse, streamOptimized
+	esx             // "COWD": vmfsSparse, ESX's redo logs
+	seSparse        // ESXi's space-efficient sparse (SESPARSE)
+)
+
+// sparseHeader is what diskserve takes from the header of a sparse
+// extent: of a hosted one (VMDK version 4 in VMware's numbering, versions
+// 1 to 3 in its own field), or the fields a COWD or SESPARSE header has
+// in common with it.
 type sparseHeader struct {
+	Kind       int
+	Tables     int64  // grain directory entries
+	TableBase  uint64 // SESPARSE: sector of grain table 0
+	GrainBase  uint64 // SESPARSE: sector of grain 0
 	Version    uint32
 	Flags      uint32
 	Capacity   uint64 // sectors
@@ -70,6 +97,9 @@ func parseSparseHeader(b []byte) (sparseHeader, error) {
 	h.GDOffset = le.Uint64(b[56:])
 	h.Overhead = le.Uint64(b[64:])
 	h.Compress = le.Uint16(b[77:])
+	if h.NumGTEs != 0 && h.GrainSize != 0 {
+		_, h.Tables = h.grains()
+	}
 	return h, h.validate()
 }
 
@@ -83,16 +113,111 @@ func (h *sparseHeader) validate() error {
 		return unsupported("grain size of %d sectors is not supported (a power of two up to %d)", h.GrainSize, maxGrain/sectorSize)
 	case h.NumGTEs == 0 || h.NumGTEs > maxGTEs:
 		return corrupt(44, "%d entries per grain table (at most %d)", h.NumGTEs, maxGTEs)
-	case h.Capacity > 1<<40:
-		return unsupported("a capacity of %d sectors is more than diskserve supports", h.Capacity)
-	case (h.Capacity+h.GrainSize-1)/h.GrainSize > maxGrainsLoad:
-		return unsupported("%d grains are more than diskserve loads (%d)", (h.Capacity+h.GrainSize-1)/h.GrainSize, maxGrainsLoad)
+	}
+	if err := h.validateSize(); err != nil {
+		return err
+	}
+	switch {
 	case h.Flags&flagCompressed != 0 && h.Compress != compressZlib:
 		return unsupported("compression algorithm %d is not supported (deflate)", h.Compress)
 	case h.Flags&flagCompressed != 0 && h.Flags&flagMarkers == 0:
 		return unsupported("compressed grains without markers are not supported")
 	}
 	return nil
+}
+
+// validateSize checks the capacity and the grain directory of any kind of
+// sparse extent: the directory must cover the capacity, and be small
+// enough to load.
+func (h *sparseHeader) validateSize() error {
+	if h.Capacity > 1<<40 {
+		return unsupported("a capacity of %d sectors is more than diskserve supports", h.Capacity)
+	}
+	_, need := h.grains()
+	switch {
+	case h.Tables > maxTables || need > maxTables:
+		return unsupported("a grain directory of %d entries is more than diskserve loads (%d)", max(h.Tables, need), maxTables)
+	case h.Tables < need:
+		return corrupt(-1, "the grain directory has %d entries: the capacity needs %d", h.Tables, need)
+	}
+	return nil
+}
+
+// parseCOWDHeader decodes and validates the header of an ESX sparse
+// extent: after the magic, its version and flags, then the capacity, the
+// grain size (in sectors), the grain directory's sector and its number
+// of entries, each 32 bits. Its grain tables have 4096 entries, which
+// are sectors as a hosted extent's are.
+func parseCOWDHeader(b []byte) (sparseHeader, error) {
+	if len(b) < headerLen || string(b[:4]) != cowdMagic {
+		return sparseHeader{}, corrupt(0, "no ESX sparse extent header (magic %q)", cowdMagic)
+	}
+	h := sparseHeader{
+		Kind:      esx,
+		Version:   le.Uint32(b[4:]),
+		Flags:     le.Uint32(b[8:]),
+		Capacity:  uint64(le.Uint32(b[12:])),
+		GrainSize: uint64(le.Uint32(b[16:])),
+		GDOffset:  uint64(le.Uint32(b[20:])),
+		Tables:    int64(le.Uint32(b[24:])),
+		NumGTEs:   fixedGTEs,
+	}
+	if h.GrainSize == 0 || h.GrainSize > maxGrain/sectorSize || h.GrainSize&(h.GrainSize-1) != 0 {
+		return h, unsupported("grain size of %d sectors is not supported (a power of two up to %d)", h.GrainSize, maxGrain/sectorSize)
+	}
+	h.Flags = 0 // none of the hosted extents' flags: no zero grains, no compression
+	return h, h.validateSize()
+}
+
+// parseSESparseHeader decodes and validates the constant header of an
+// SESPARSE extent (its first sector) and its volatile header, vol, which
+// lies where the constant header says. Every field is 64 bits. VMware
+// has not published the format; the checks are as strict as qemu's, so
+// that a variant diskserve has not seen is refused rather than misread.
+func parseSESparseHeader(b, vol []byte) (sparseHeader, error) {
+	u := func(i int) uint64 { return le.Uint64(b[i*8:]) }
+	switch {
+	case len(b) < headerLen || u(0) != seConstMagic:
+		return sparseHeader{}, corrupt(0, "no SESPARSE header (magic %#x)", seConstMagic)
+	case u(1) != seVersion:
+		return sparseHeader{}, unsupported("SESPARSE version %#x is not supported (%#x)", u(1), seVersion)
+	case u(3) != seGrainSize:
+		return sparseHeader{}, unsupported("SESPARSE grain size of %d sectors is not supported (%d)", u(3), seGrainSize)
+	case u(4) != seTableSize:
+		return sparseHeader{}, unsupported("SESPARSE grain table size of %d sectors is not supported (%d)", u(4), seTableSize)
+	case u(5) != 0:
+		return sparseHeader{}, unsupported("SESPARSE flags %#x are not supported", u(5))
+	case u(6)|u(7)|u(8)|u(9) != 0 || !diskserve.IsZero(b[26*8:headerLen]):
+		return sparseHeader{}, unsupported("SESPARSE header fields diskserve does not know are set")
+	}
+	if len(vol) < headerLen || le.Uint64(vol) != seVolMagic {
+		return sparseHeader{}, corrupt(int64(u(10))*sectorSize, "no SESPARSE volatile header (magic %#x)", seVolMagic)
+	}
+	if le.Uint64(vol[24:]) != 0 {
+		return sparseHeader{}, unsupported("the SESPARSE extent's journal must be replayed (it was not closed cleanly), which diskserve cannot do: open it in ESXi first")
+	}
+	if !diskserve.IsZero(vol[32:headerLen]) {
+		return sparseHeader{}, unsupported("SESPARSE volatile header fields diskserve does not know are set")
+	}
+	if u(16) > 1<<40 || u(17) > 1<<40 {
+		return sparseHeader{}, corrupt(16*8, "grain directory of %d sectors at sector %d", u(17), u(16))
+	}
+	if u(24) < 2 || u(18) < 2 {
+		return sparseHeader{}, corrupt(18*8, "grain tables at sector %d, grains at sector %d: inside the headers", u(18), u(24))
+	}
+	h := sparseHeader{
+		Kind:      seSparse,
+		Capacity:  u(2),
+		GrainSize: seGrainSize,
+		NumGTEs:   fixedGTEs,
+		GDOffset:  u(16),
+		Tables:    int64(u(17) * sectorSize / 8),
+		TableBase: u(18),
+		GrainBase: u(24),
+		Overhead:  u(24),
+		Flags:     flagZeroGrain, // entries are kept in memory as a hosted extent's
+	}
+	return h, h.validateSize()
 }
 
 // grains returns the number of grains and grain tables of the extent.
@@ -116,24 +241,22 @@ type sparse struct {
 }
 
 // openSparse opens the sparse extent in c, the file name; below reads
-// the layers under the extent (its part of the parent), or is nil.
-func openSparse(c diskserve.DiskFile, name string, readOnly bool, below diskserve.DiskFile) (*sparse, error) {
-	hb := make([]byte, headerLen)
-	if err := diskserve.ReadFullAt(c, hb, 0); err != nil {
-		return nil, corrupt(0, "%s: read header: %v", name, err)
-	}
-	h, err := parseSparseHeader(hb)
+// the layers under the extent (its part of the parent), or is nil. The
+// extent is an SESPARSE one if se (the descriptor says so: it has no
+// magic of its own that qemu probes), else a hosted or COWD one by its
+// magic.
+func openSparse(c diskserve.DiskFile, name string, readOnly bool, below diskserve.DiskFile, se bool) (*sparse, error) {
+	h, err := readSparseHeader(c, se)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if h.GDOffset == gdAtEnd {
-		if h, err = footerHeader(c); err != nil {
-			return nil, fmt.Errorf("%s: %w", name, err)
-		}
-	}
-	compressed := h.Flags&flagCompressed != 0
-	if compressed && !readOnly {
+	switch {
+	case h.Flags&flagCompressed != 0 && !readOnly:
 		return nil, diskserve.Unsupported(Name, -1, "%s: stream-optimised extents (compressed grains) cannot be written in place: open it read-only, or convert it", name)
+	case h.Kind == esx && !readOnly:
+		return nil, diskserve.Unsupported(Name, -1, "%s: ESX sparse (COWD) extents are read-only in diskserve (ESX keeps allocation state in them that it does not update): open it read-only, or convert it", name)
+	case h.Kind == seSparse && !readOnly:
+		return nil, diskserve.Unsupported(Name, -1, "%s: SESPARSE extents are read-only (as in qemu): open it read-only, or convert it", name)
 	}
 	s := &sparse{name: name, h: h}
 	if err := s.load(c); err != nil {
@@ -152,6 +275,33 @@ func openSparse(c diskserve.DiskFile, name string, readOnly bool, below diskserv
 		ReadOnly:  readOnly,
 	})
 	return s, nil
+}
+
+// readSparseHeader reads and validates the header of the sparse extent in
+// c: an SESPARSE one if se, else a hosted or COWD one by its magic.
+func readSparseHeader(c diskserve.DiskFile, se bool) (sparseHeader, error) {
+	hb := make([]byte, headerLen)
+	if err := diskserve.ReadFullAt(c, hb, 0); err != nil {
+		return sparseHeader{}, corrupt(0, "read header: %v", err)
+	}
+	switch {
+	case se:
+		var vol []byte
+		if off := le.Uint64(hb[80:]); le.Uint64(hb) == seConstMagic && off < 1<<40 {
+			vol = make([]byte, headerLen)
+			if err := diskserve.ReadFullAt(c, vol, int64(off)*sectorSize); err != nil {
+				return sparseHeader{}, corrupt(int64(off)*sectorSize, "read the SESPARSE volatile header: %v", err)
+			}
+		}
+		return parseSESparseHeader(hb, vol)
+	case string(hb[:4]) == cowdMagic:
+		return parseCOWDHeader(hb)
+	}
+	h, err := parseSparseHeader(hb)
+	if err == nil && h.GDOffset == gdAtEnd {
+		h, err = footerHeader(c)
+	}
+	return h, err
 }
 
 // footerHeader reads the header a stream-optimised extent keeps in its
@@ -180,21 +330,41 @@ func footerHeader(c diskserve.DiskFile) (sparseHeader, error) {
 }
 
 // load reads the grain directory (and the redundant one) and every grain
-// table, and checks each entry against the file.
+// table, and checks each entry against the file. In memory, a directory
+// entry is the sector of its grain table (0: none), a table entry the
+// sector of its grain (0: none; 1: zeroes, where the extent has zero
+// grains), whatever the kind of extent.
 func (s *sparse) load(c diskserve.DiskFile) error {
 	grains, tables := s.h.grains()
 	fileSize := c.Size()
+	entry := int64(4) // bytes of a directory or table entry
+	if s.h.Kind == seSparse {
+		entry = 8
+	}
 	readDir := func(off uint64) ([]uint32, error) {
-		b := make([]byte, tables*4)
-		if off > 1<<40 {
-			return nil, corrupt(-1, "grain directory at sector %d is outside the file", off)
+		if off > 1<<40 || int64(off)*sectorSize+tables*entry > fileSize {
+			return nil, corrupt(-1, "grain directory of %d entries at sector %d is past the end of the file", tables, off)
 		}
+		b := make([]byte, tables*entry)
 		if err := diskserve.ReadFullAt(c, b, int64(off)*sectorSize); err != nil {
 			return nil, corrupt(int64(off)*sectorSize, "read grain directory: %v", err)
 		}
 		dir := make([]uint32, tables)
 		for i := range dir {
-			dir[i] = le.Uint32(b[i*4:])
+			if entry == 4 {
+				dir[i] = le.Uint32(b[i*4:])
+				continue
+			}
+			e := le.Uint64(b[i*8:])
+			if e == 0 {
+				continue
+			}
+			// An allocated table is its index among the tables, marked.
+			sec := s.h.TableBase + (e&0xffffffff)*seTableSize
+			if e&^0xffffffff != seTableMark || sec > maxHostSector {
+				return nil, corrupt(int64(off)*sectorSize+int64(i)*8, "grain directory entry %d is %#x", i, e)
+			}
+			dir[i] = uint32(sec)
 		}
 		return dir, nil
 	}
@@ -202,13 +372,22 @@ func (s *sparse) load(c diskserve.DiskFile) error {
 	if s.gd, err = readDir(s.h.GDOffset); err != nil {
 		return err
 	}
-	if s.h.Flags&flagRGD != 0 && s.h.RGDOffset != 0 && s.h.Flags&flagCompressed == 0 {
+	if s.h.Kind == hosted && s.h.Flags&flagRGD != 0 && s.h.RGDOffset != 0 && s.h.Flags&flagCompressed == 0 {
 		if s.rgd, err = readDir(s.h.RGDOffset); err != nil {
 			return err
 		}
 	}
+	present := int64(0)
+	for _, sec := range s.gd {
+		if sec != 0 {
+			present++
+		}
+	}
+	if present*int64(s.h.NumGTEs) > maxEntries {
+		return unsupported("%d grain tables of %d entries are more than diskserve loads (%d entries)", present, s.h.NumGTEs, maxEntries)
+	}
 	s.gt = make([][]uint32, tables)
-	gtLen := int64(s.h.NumGTEs) * 4
+	gtLen := int64(s.h.NumGTEs) * entry
 	buf := make([]byte, gtLen)
 	grainLen := int64(s.h.GrainSize) * sectorSize
 	for t, sec := range s.gd {
@@ -216,7 +395,7 @@ func (s *sparse) load(c diskserve.DiskFile) error {
 			continue
 		}
 		if int64(sec)*sectorSize+gtLen > fileSize {
-			return corrupt(int64(s.h.GDOffset)*sectorSize+int64(t)*4, "grain table %d at sector %d is past the end of the file", t, sec)
+			return corrupt(int64(s.h.GDOffset)*sectorSize+int64(t)*entry, "grain table %d at sector %d is past the end of the file", t, sec)
 		}
 		if err := diskserve.ReadFullAt(c, buf, int64(sec)*sectorSize); err != nil {
 			return corrupt(int64(sec)*sectorSize, "read grain table %d: %v", t, err)
@@ -227,18 +406,46 @@ func (s *sparse) load(c diskserve.DiskFile) error {
 			if g >= grains {
 				break
 			}
-			e := le.Uint32(buf[k*4:])
+			at := int64(sec)*sectorSize + k*entry
+			var e uint32
+			if entry == 4 {
+				e = le.Uint32(buf[k*4:])
+			} else if e, err = seEntry(le.Uint64(buf[k*8:]), s.h.GrainBase, at); err != nil {
+				return err
+			}
 			end := int64(e)*sectorSize + grainLen
 			if s.h.Flags&flagCompressed != 0 {
 				end = int64(e)*sectorSize + 12
 			}
 			if e > grainZero && end > fileSize {
-				return corrupt(int64(sec)*sectorSize+k*4, "grain %d at sector %d is past the end of the file (%d bytes)", g, e, fileSize)
+				return corrupt(at, "grain %d at sector %d is past the end of the file (%d bytes)", g, e, fileSize)
 			}
 			s.gt[t][k] = e
 		}
 	}
 	return nil
+}
+
+// seEntry decodes an SESPARSE grain table entry, at file offset at, into
+// the form load keeps: the kind in the top four bits; for an allocated
+// grain, its index among the grains at base in the rest, in two parts.
+func seEntry(e, base uint64, at int64) (uint32, error) {
+	switch e & seKindMask {
+	case 0:
+		if e != 0 {
+			break
+		}
+		return 0, nil
+	case seUnmapped, seZero:
+		return grainZero, nil
+	case seAllocated:
+		i := (e&0x0fff000000000000)>>48 | (e&0x0000ffffffffffff)<<12
+		if i > (maxHostSector-base)/seGrainSize {
+			return 0, unsupported("grain table entry %#x at %d: a grain past %d sectors into the file", e, at, uint64(maxHostSector))
+		}
+		return uint32(base + i*seGrainSize), nil
+	}
+	return 0, corrupt(at, "grain table entry %#x", e)
 }
 
 // grainTable is the grain tables as a [blockmap.Table].
@@ -308,8 +515,6 @@ func (t *grainTable) RecordZero(i int64) error {
 	return t.writeEntry(i, grainZero)
 }
 
-// Set records b in memory; the grain's table exists (Reserve and
-// RecordZero refuse grains without one).
 // Unallocated returns how many grains from i on lie in an absent grain
 // table, so that walks skip a whole table at a time.
 func (t *grainTable) Unallocated(i int64) int64 {
@@ -320,6 +525,8 @@ func (t *grainTable) Unallocated(i int64) int64 {
 	return (i/n+1)*n - i
 }
 
+// Set records b in memory; the grain's table exists (Reserve and
+// RecordZero refuse grains without one).
 func (t *grainTable) Set(i int64, b blockmap.Block) {
 	n := int64(t.h.NumGTEs)
 	switch b.State {

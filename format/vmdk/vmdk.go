@@ -16,18 +16,26 @@
 // is one sparse file whose grains are deflate-compressed, each after a
 // marker; its grain directory may be in a footer.
 //
+// ESX keeps snapshots (redo logs) in sparse extents of its own: vmfsSparse
+// disks have VMFSSPARSE extents, with a "COWD" header and grain tables of
+// 4096 entries; seSparse disks (VMFS 6) have SESPARSE extents, with 64-bit
+// entries, 4 KiB grains and a journal.
+//
 // A delta disk names its parent in the descriptor (parentFileNameHint);
 // grains it does not hold read from the parent.
 //
 // # Supported
 //
-//   - Reading every create type above, and delta disks.
+//   - Reading every create type above, and delta disks. A lone COWD
+//     extent, without its descriptor, opens as a disk of its own (qemu
+//     probes it as VMDK, then fails to open it).
 //   - Writing monolithicSparse, monolithicFlat, twoGbMaxExtentSparse,
 //     twoGbMaxExtentFlat and vmfs disks in place; streamOptimized disks
 //     are read-only (they are written whole by convert).
 //   - Creating and converting to each of those (-o subformat=...), with
 //     qemu-img's adapter_type, hwversion, compat6, toolsversion and
-//     zeroed_grain options.
+//     zeroed_grain options; delta disks of monolithicSparse and
+//     twoGbMaxExtentSparse (-b).
 //   - Extents open through the opener's nesting context, so --confine
 //     applies to them: a descriptor cannot make diskserve read files
 //     outside the confinement directory.
@@ -36,8 +44,9 @@
 //
 //   - Writing a grain whose grain table is not allocated (neither
 //     qemu-img nor VMware makes such extents).
-//   - The old COWD (version 3) sparse format and SESPARSE extents.
-//   - Creating delta disks (-b).
+//   - Writing COWD extents (qemu writes them without keeping the free
+//     sector ESX allocates from) and SESPARSE extents (as in qemu).
+//   - SESPARSE extents whose journal needs replaying (refused at open).
 //
 // # Concurrency
 //
@@ -59,12 +68,13 @@ import (
 // Name is the format's name, as qemu-img calls it.
 const Name = "vmdk"
 
-// Format is the VMDK format for the opener: a sparse extent by its magic,
-// a descriptor file by its first line, as qemu probes them.
+// Format is the VMDK format for the opener: a hosted or ESX (COWD) sparse
+// extent by its magic, a descriptor file by its first line, as qemu
+// probes them.
 var Format = diskserve.Format{
 	Name: Name,
 	Match: func(head []byte) bool {
-		return len(head) >= 4 && string(head[:4]) == sparseMagic || isDescriptor(head)
+		return len(head) >= 4 && (string(head[:4]) == sparseMagic || string(head[:4]) == cowdMagic) || isDescriptor(head)
 	},
 	Open:   open,
 	Create: creator,
@@ -118,9 +128,14 @@ func open(c diskserve.DiskFile, oc *diskserve.OpenContext) (diskserve.DiskFile, 
 	}
 	d := &Disk{path: oc.Path(), readOnly: oc.ReadOnly()}
 	var err error
-	if len(head) >= 4 && string(head[:4]) == sparseMagic {
+	switch {
+	case len(head) >= 4 && string(head[:4]) == sparseMagic:
 		err = d.openMonolithic(c, oc)
-	} else {
+	case len(head) >= 4 && string(head[:4]) == cowdMagic:
+		// A lone ESX sparse extent, without its descriptor.
+		d.desc = &descriptor{CreateType: "vmfsSparse", ParentCID: 0xffffffff, DDB: map[string]string{}}
+		err = d.openLoneExtent(c, oc)
+	default:
 		err = d.openDescribed(c, oc)
 	}
 	if err != nil {
@@ -163,12 +178,24 @@ func (d *Disk) openMonolithic(c diskserve.DiskFile, oc *diskserve.OpenContext) e
 	if err := d.openParent(oc); err != nil {
 		return err
 	}
-	below := d.below(0, int64(h.Capacity)*sectorSize)
-	s, err := openSparse(c, oc.Path(), oc.ReadOnly(), below)
+	return d.openLoneExtent(c, oc)
+}
+
+// openLoneExtent opens c as the disk's one sparse extent, over the
+// parent if d has one.
+func (d *Disk) openLoneExtent(c diskserve.DiskFile, oc *diskserve.OpenContext) error {
+	h, err := readSparseHeader(c, false)
+	if err != nil {
+		return err
+	}
+	s, err := openSparse(c, oc.Path(), oc.ReadOnly(), d.below(0, int64(h.Capacity)*sectorSize), false)
 	if err != nil {
 		return err
 	}
 	line := extentLine{Access: "RW", Sectors: int64(s.h.Capacity), Type: "SPARSE", File: filepath.Base(oc.Path())}
+	if h.Kind == esx {
+		line.Type = "VMFSSPARSE"
+	}
 	d.extents = []extent{{start: 0, n: s.Size(), d: s, line: line, sparse: s}}
 	d.size = s.Size()
 	return nil
@@ -222,7 +249,7 @@ func (d *Disk) openExtent(line extentLine, start, n int64, oc *diskserve.OpenCon
 		e.d = zeroDisk(n)
 		return e, nil
 	case "FLAT", "VMFS", "VMFSRAW", "VMFSRDM":
-	case "SPARSE", "VMFSSPARSE":
+	case "SPARSE", "VMFSSPARSE", "SESPARSE":
 	default:
 		return e, unsupported("%s extents are not supported", line.Type)
 	}
@@ -233,8 +260,8 @@ func (d *Disk) openExtent(line extentLine, start, n int64, oc *diskserve.OpenCon
 	if err != nil {
 		return e, fmt.Errorf("extent %q: %w", line.File, err)
 	}
-	if line.Type == "SPARSE" || line.Type == "VMFSSPARSE" {
-		s, err := openSparse(f, line.File, readOnly, d.below(start, n))
+	if line.Type == "SPARSE" || line.Type == "VMFSSPARSE" || line.Type == "SESPARSE" {
+		s, err := openSparse(f, line.File, readOnly, d.below(start, n), line.Type == "SESPARSE")
 		if err != nil {
 			f.Close()
 			return e, err
