@@ -48,7 +48,9 @@
 //     bare name), opened through the nesting context, and checked by its
 //     UUID; sectors whose bitmap bit is clear read from the parent.
 //     `create -b PARENT` makes one. A write into a block the child holds
-//     in part stores the whole block anew (its old place is leaked).
+//     in part writes the whole block in its place (the rest copied from
+//     the parent), and sets every bit of its bitmap once the data is
+//     durable.
 //
 // # Not supported
 //
@@ -141,12 +143,13 @@ type Disk struct {
 	path       string
 	foot       footer
 	dyn        dynHeader
-	bitmap     int64    // bytes of a block's sector bitmap
-	bat        []uint32 // guarded by blockmap's table lock
-	full       []bool   // of a differencing disk: blocks whose bitmap says all present; guarded by blockmap's table lock
-	parentName []string // of a differencing disk: the names its header gives the parent
-	free       int64    // where the next block's bitmap goes; guarded by blockmap's allocation lock
-	overlap    int64    // a block that shares space with another, or -1
+	bitmap     int64          // bytes of a block's sector bitmap
+	bat        []uint32       // guarded by blockmap's table lock
+	full       []bool         // of a differencing disk: blocks whose bitmap says all present; guarded by blockmap's table lock
+	parentName []string       // of a differencing disk: the names its header gives the parent
+	free       int64          // where the next block's bitmap goes; guarded by blockmap's allocation lock
+	wholed     map[int64]bool // blocks being made whole in place, whose bitmaps Record sets; guarded by blockmap's allocation lock
+	overlap    int64          // a block that shares space with another, or -1
 }
 
 var (
@@ -329,8 +332,19 @@ func (t *table) Lookup(i int64) blockmap.Block {
 }
 
 // Reserve puts block i where the footer is: its bitmap, all sectors
-// present (as qemu writes it), then its data.
+// present (as qemu writes it), then its data. A block of a differencing
+// disk that holds only some of its sectors stays where it is: the disk
+// writes it whole in place, and Record then sets every bit of its bitmap.
 func (t *table) Reserve(i int64) (int64, error) {
+	// Only the allocation of block i sets its entry: it may be read here
+	// without the table lock.
+	if b := t.Lookup(i); b.State == blockmap.Special {
+		if t.wholed == nil {
+			t.wholed = map[int64]bool{}
+		}
+		t.wholed[i] = true
+		return b.Host, nil
+	}
 	if t.free/sectorSize > 0xFFFFFFFE {
 		return 0, fmt.Errorf("the image file has grown past what a BAT entry can address")
 	}
@@ -353,10 +367,21 @@ func (t *table) Reserve(i int64) (int64, error) {
 }
 
 // Record writes the footer at the file's end, after every block reserved
-// so far, then the BAT entry. Until then a dynamic disk's footer is found
+// so far, then the BAT entry (and the bitmap of a block made whole in
+// place). Until then a dynamic disk's footer is found
 // by its copy at the start.
 func (t *table) Record(i int64, host int64) error {
 	c := (*Disk)(t).File()
+	if t.wholed[i] {
+		bm := make([]byte, t.bitmap)
+		for k := range bm {
+			bm[k] = 0xFF
+		}
+		if _, err := c.WriteAt(bm, host-t.bitmap); err != nil {
+			return err
+		}
+		delete(t.wholed, i)
+	}
 	if c.Size() < t.free+footerLen {
 		if err := diskserve.Resize(c, t.free+footerLen); err != nil {
 			return err

@@ -214,6 +214,47 @@ func TestDifferencing(t *testing.T) {
 	formattest.CheckContent(t, d, want)
 	d.Close()
 
+	// Writes into the partly held block, over sectors it holds and
+	// sectors it does not, make it whole in its place: the file does not
+	// grow, and its bitmap says every sector is held.
+	d, err = format.Open(child, diskserve.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int{start + 1024, start + 64<<10} {
+		p := bytes.Repeat([]byte{0xd7}, 4096)
+		if _, err := d.WriteAt(p, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after, err := os.ReadFile(child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := binary.BigEndian.Uint32(after[tableOff+uint64(block)*4:])
+	if len(after) != len(b) || e != binary.BigEndian.Uint32(b[tableOff+uint64(block)*4:]) {
+		t.Fatalf("the block moved or the file grew: entry %x, %d bytes, was %d", e, len(after), len(b))
+	}
+	if bm := after[int64(e)*512:][:512]; !bytes.Equal(bm, bytes.Repeat([]byte{0xff}, 512)) {
+		t.Fatalf("the block's bitmap is not all set: % x", bm[:4])
+	}
+	if got := testtool.QemuRaw(t, child, "-f", "vpc"); !bytes.Equal(got, want) {
+		t.Fatal("qemu-img reads other bytes from the child")
+	}
+	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	formattest.CheckContent(t, d, want)
+	if r, err := diskserve.Check(d, diskserve.RepairNone); err != nil || r.Corruptions != 0 || r.Leaks != 0 {
+		t.Fatalf("check: %+v, %v", r, err)
+	}
+	d.Close()
+
 	// A parent replaced by another disk is refused.
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "vpc", parent, "8M")
 	if _, err := format.Open(child, diskserve.Options{ReadOnly: true}); err == nil || !strings.Contains(err.Error(), "replaced") {

@@ -34,8 +34,9 @@
 //     and checked by its data write GUID and sector size; partially
 //     present blocks read through their sector bitmaps. A write into a
 //     block the child does not hold whole stores the block whole (the
-//     rest copied from the parent) as fully present; the space of a
-//     partially present block so rewritten is not reused.
+//     rest copied from the parent) as fully present: a partially present
+//     block in its place, its sector bitmap bits set once its data is
+//     durable.
 //   - Check: both headers and region tables, BAT entries outside the file
 //     or overlapping.
 //
@@ -473,8 +474,15 @@ func (t *table) Lookup(i int64) blockmap.Block {
 	return blockmap.Block{State: blockmap.Unallocated}
 }
 
-// Reserve puts a block at the end of the file, at a whole MiB.
-func (t *table) Reserve(int64) (int64, error) {
+// Reserve puts a block at the end of the file, at a whole MiB. A
+// partially present block stays where it is: the disk writes it whole in
+// place, and Record sets its sector bitmap bits and makes it fully
+// present. (Only the allocation of block i sets its entry: it may be
+// read here without the table lock.)
+func (t *table) Reserve(i int64) (int64, error) {
+	if b := t.Lookup(i); b.State == blockmap.Special {
+		return b.Host, nil
+	}
 	if t.free/mib >= 1<<44 {
 		return 0, fmt.Errorf("the file has grown past what a BAT entry can address")
 	}

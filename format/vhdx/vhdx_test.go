@@ -268,18 +268,33 @@ func TestDifferencing(t *testing.T) {
 	d.Close()
 	checkWithLibvhdi(t, child, want)
 
-	// A write into the partly present block stores it whole.
+	// Writes into the partly present block, over sectors it holds and
+	// sectors it does not, make it fully present in its place: the file
+	// does not grow, and its sector bitmap bits are set.
 	d, err = format.Open(child, diskserve.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := bytes.Repeat([]byte{0xd7}, 4096)
-	if _, err := d.WriteAt(p, int64(start)+64<<10); err != nil {
-		t.Fatal(err)
+	for _, off := range []int{start + 1024, start + 64<<10} {
+		p := bytes.Repeat([]byte{0xd7}, 4096)
+		if _, err := d.WriteAt(p, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
 	}
-	copy(want[start+64<<10:], p)
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
+	}
+	after, err := os.ReadFile(child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := binary.LittleEndian.Uint64(after[batOff+8*block:])
+	if len(after) != len(b) || e != binary.LittleEndian.Uint64(b[batOff+8*block:])&^7|6 {
+		t.Fatalf("the block moved or the file grew: entry %x, %d bytes, was %d", e, len(after), len(b))
+	}
+	if bits := after[sb>>20<<20+uint64(block)*blockSize/512/8:][:blockSize/512/8]; !bytes.Equal(bits, bytes.Repeat([]byte{0xff}, len(bits))) {
+		t.Fatalf("the block's sector bitmap bits are not all set: % x", bits[:4])
 	}
 	checkWithLibvhdi(t, child, want)
 	d, err = format.Open(child, diskserve.Options{ReadOnly: true})
