@@ -28,7 +28,13 @@ file.
 The human output lists the ranges that hold data, with the file and
 offset that store them. Where qemu-img map stops with an error at data
 that no file stores as it reads (compressed clusters, seekable zstd),
-diskserve prints the range with "-" as its offset and goes on.`,
+diskserve prints the range with "-" as its offset and goes on.
+
+Two formats are mapped in more detail than qemu-img maps them. In
+dynamic VHD (vpc) images, ranges of stored blocks that the image file
+keeps as holes are reported as zeroes ("zero": true, with their offset);
+qemu-img reports the whole block as data. VHDX images are mapped from
+their block table; qemu-img reports every byte as data, without offsets.`,
 		Args: oneImage,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return flags.withImage(args, true, func(d diskserve.DiskFile) error {
