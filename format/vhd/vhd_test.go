@@ -217,20 +217,7 @@ func TestDifferencing(t *testing.T) {
 	// Writes into the partly held block, over sectors it holds and
 	// sectors it does not, make it whole in its place: the file does not
 	// grow, and its bitmap says every sector is held.
-	d, err = format.Open(child, diskserve.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, off := range []int{start + 1024, start + 64<<10} {
-		p := bytes.Repeat([]byte{0xd7}, 4096)
-		if _, err := d.WriteAt(p, int64(off)); err != nil {
-			t.Fatal(err)
-		}
-		copy(want[off:], p)
-	}
-	if err := d.Close(); err != nil {
-		t.Fatal(err)
-	}
+	formattest.WritePattern(t, child, want, start+1024, start+64<<10)
 	after, err := os.ReadFile(child)
 	if err != nil {
 		t.Fatal(err)

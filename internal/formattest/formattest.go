@@ -345,3 +345,20 @@ func RefusesDamaged(t *testing.T, fmtName, good string, damages []Damage) {
 		})
 	}
 }
+
+// WritePattern opens the image at img for writing, writes 4 KiB of 0xd7
+// at each of offs, into want as well, and closes it.
+func WritePattern(t *testing.T, img string, want []byte, offs ...int) {
+	t.Helper()
+	d := open(t, img, "", false)
+	p := bytes.Repeat([]byte{0xd7}, 4096)
+	for _, off := range offs {
+		if _, err := d.WriteAt(p, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
