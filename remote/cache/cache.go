@@ -72,7 +72,9 @@ const (
 	DefaultMaxFetch     = 4 << 20
 	DefaultPrefetchRate = 256 << 20
 	commitInterval      = 200 * time.Millisecond
-	commitBytes         = 16 << 20        // fetched bytes that make a commit start early
+	commitBytes         = 16 << 20 // fetched bytes that make a commit start early
+	splitMin            = 8        // a read that misses a chunk past its first 1/splitMin gets its own GET (getSplit)
+	splitAlign          = 4096
 	maxPending          = 2 * commitBytes // fetched bytes at most awaiting a commit: new GETs wait
 	prefetchStreams     = 2
 )
@@ -160,8 +162,16 @@ type fetch struct {
 	done   chan struct{}
 	err    error
 	buf    []byte  // the chunk's bytes, in the buffer of its GET
-	st     *stream // signals arrivals; filled is guarded by st.mu
-	filled int     // bytes of buf arrived; stays 0 if another process fetched the chunk
+	st     *stream // signals arrivals; filled and tail are guarded by st.mu
+	filled int     // leading bytes of buf arrived; stays 0 if another process fetched the chunk
+	split  int     // where a second GET fetches the rest of the chunk from (see splitMin); len(buf) if none does
+	tail   int     // bytes arrived from split on
+}
+
+// has reports whether bytes [lo, hi) of f's chunk have arrived. f.st.mu
+// is held.
+func (f *fetch) has(lo, hi int) bool {
+	return (lo >= f.split || f.filled >= min(hi, f.split)) && (hi <= f.split || f.split+f.tail >= hi)
 }
 
 // A stream is one claimed run of chunks on its way: the buffer its GET
@@ -395,7 +405,7 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 	}
 	in := off - first*d.chunk
 	n := min(int64(len(p)), d.chunk-in)
-	f, inMemory, waited, err := d.await(first, last, in+n)
+	f, inMemory, waited, err := d.await(first, last, in, in+n)
 	if f == nil {
 		return 0, err
 	}
@@ -420,13 +430,14 @@ func (d *Disk) read(p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-// await returns once the first need bytes of chunk first have arrived,
-// or the chunk is in the data file: inMemory says which. It starts a
-// fetch of chunks first to last that nobody fetches yet (at most maxRun
-// of them, with one GET), and says whether it had to wait. It returns a
-// nil fetch when the chunk turned out to be present; otherwise the
-// caller releases the fetch's stream when done with its buffer.
-func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, err error) {
+// await returns once bytes [in, need) of chunk first have arrived, or
+// the chunk is in the data file: inMemory says which. It starts a fetch
+// of chunks first to last that nobody fetches yet (at most maxRun of
+// them, with one GET; or one chunk with two, see splitMin), and says
+// whether it had to wait. It returns a nil fetch when the chunk turned
+// out to be present; otherwise the caller releases the fetch's stream
+// when done with its buffer.
+func (d *Disk) await(first, last, in, need int64) (f *fetch, inMemory, waited bool, err error) {
 	d.mu.Lock()
 	f, ok := d.inflight[first]
 	if !ok {
@@ -436,6 +447,9 @@ func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, 
 		}
 		end, st := d.claim(first, min(last+1, first+d.maxRun))
 		f = d.inflight[first]
+		if end == first+1 && in >= d.chunk/splitMin {
+			f.split = int(in &^ (splitAlign - 1))
+		}
 		f.st.hold()
 		d.bg.Add(1)
 		d.mu.Unlock()
@@ -453,11 +467,11 @@ func (d *Disk) await(first, last, need int64) (f *fetch, inMemory, waited bool, 
 		d.mu.Unlock()
 	}
 	f.st.mu.Lock()
-	for int64(f.filled) < need && !isClosed(f.done) {
+	for !f.has(int(in), int(need)) && !isClosed(f.done) {
 		waited = true
 		f.st.cond.Wait()
 	}
-	inMemory = int64(f.filled) >= need
+	inMemory = f.has(int(in), int(need))
 	f.st.mu.Unlock()
 	if inMemory {
 		return f, true, waited, nil
@@ -492,7 +506,8 @@ func (d *Disk) claim(first, end int64) (int64, *stream) {
 	st.refs.Store(int32(i-first) + 1)
 	for j := first; j < i; j++ {
 		lo := (j - first) * d.chunk
-		d.inflight[j] = &fetch{done: make(chan struct{}), st: st, buf: st.buf[lo : lo+d.chunkLen(j)]}
+		n := d.chunkLen(j)
+		d.inflight[j] = &fetch{done: make(chan struct{}), st: st, buf: st.buf[lo : lo+n], split: int(n)}
 	}
 	return i, st
 }
@@ -546,6 +561,11 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 	d.mu.Unlock()
 	st := fs[0].st
 	p := fs[0].buf[:n] // the chunks are consecutive in their run's buffer
+	if f := fs[0]; len(fs) == 1 && f.split < len(f.buf) && d.sem.TryAcquire(1) {
+		d.getSplit(ctx, first, f)
+		d.sem.Release(1)
+		return
+	}
 	kinds := make([]uint32, 0, end-first)
 	sums := make([]uint32, end-first)
 	summed := 0 // bytes of p summed
@@ -586,23 +606,66 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 	got := int64(len(kinds))
 	d.stats.fetched.Add(min(got*d.chunk, n))
 	if got > 0 {
-		d.mu.Lock()
-		d.pending = append(d.pending, run{first, kinds})
-		d.pendingN += got * d.chunk
-		early := d.pendingN >= commitBytes
-		d.mu.Unlock()
-		if early {
-			select {
-			case d.wake <- struct{}{}:
-			default:
-			}
-		}
+		d.addPending(run{first, kinds}, got*d.chunk)
 	}
 	if first+got < end {
 		if err == nil {
 			err = errors.New("fetch ended early")
 		}
 		d.fail(first+got, end, err)
+	}
+}
+
+// getSplit fetches chunk i, which is claimed and locked, with two GETs
+// at once: one from f.split, where the read that missed it starts, to
+// the chunk's end, and one for the bytes before. The read waits for its
+// own bytes, not for the chunk's head to stream past: on a fast network
+// the transfer of half a chunk costs a miss more than a GET's round trip.
+func (d *Disk) getSplit(ctx context.Context, i int64, f *fetch) {
+	arrived := func(field *int) func(int) {
+		return func(k int) {
+			f.st.mu.Lock()
+			*field = k
+			f.st.cond.Broadcast()
+			f.st.mu.Unlock()
+		}
+	}
+	start := time.Now()
+	d.stats.gets.Add(2)
+	var tailErr error
+	var tail sync.WaitGroup
+	tail.Go(func() {
+		tailErr = d.src.Fetch(ctx, f.buf[f.split:], i*d.chunk+int64(f.split), arrived(&f.tail))
+	})
+	err := d.src.Fetch(ctx, f.buf[:f.split], i*d.chunk, arrived(&f.filled))
+	tail.Wait()
+	d.stats.observe(time.Since(start))
+	var k uint32
+	if err = errors.Join(err, tailErr); err == nil {
+		k, err = d.store(i, f.buf, crc32.Checksum(f.buf, castagnoli))
+	}
+	if err != nil {
+		d.fail(i, i+1, err)
+		return
+	}
+	d.stats.fetched.Add(int64(len(f.buf)))
+	f.finish(nil)
+	d.addPending(run{i, []uint32{k}}, int64(len(f.buf)))
+}
+
+// addPending enters fetched chunks for the next commit, and wakes the
+// committer early once many wait.
+func (d *Disk) addPending(r run, n int64) {
+	d.mu.Lock()
+	d.pending = append(d.pending, r)
+	d.pendingN += n
+	early := d.pendingN >= commitBytes
+	d.mu.Unlock()
+	if early {
+		select {
+		case d.wake <- struct{}{}:
+		default:
+		}
 	}
 }
 

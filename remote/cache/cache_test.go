@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -40,6 +41,7 @@ type source struct {
 	bytes    atomic.Int64
 	fail     atomic.Bool
 	gate     chan struct{} // when set, fetches wait for it to close
+	heads    chan struct{} // when set, fetches from a chunk's start wait for it to close
 	mu       sync.Mutex
 	requests [][2]int64 // off, len
 }
@@ -57,6 +59,9 @@ func (s *source) Fetch(ctx context.Context, p []byte, off int64, progress func(i
 	s.mu.Unlock()
 	if s.gate != nil {
 		<-s.gate
+	}
+	if s.heads != nil && off%chunk == 0 {
+		<-s.heads
 	}
 	if s.fail.Load() {
 		return errors.New("injected failure")
@@ -211,6 +216,50 @@ func TestConcurrentReaders(t *testing.T) {
 		if err := d.Close(); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestSplitMiss reads 4 KiB near the end of an absent chunk: the chunk
+// comes in two GETs, and the read returns while the one for the chunk's
+// head is held back. The chunk is then cached whole, its sum right.
+func TestSplitMiss(t *testing.T) {
+	src := newSource(8*chunk, 7)
+	src.heads = make(chan struct{})
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	off := int64(3*chunk + 50000)
+	p := make([]byte, 4096)
+	read := make(chan error, 1)
+	go func() {
+		_, err := d.ReadAt(p, off)
+		read <- err
+	}()
+	select {
+	case err := <-read:
+		if err != nil || !bytes.Equal(p, src.data[off:off+4096]) {
+			t.Errorf("read: %v", err)
+		}
+	case <-time.After(10 * time.Second): // the read waits for the held head
+		t.Error("the read did not return while the chunk's head was held back")
+	}
+	close(src.heads)
+	readAll(t, d, src.data)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var got [][2]int64
+	src.mu.Lock()
+	for _, r := range src.requests {
+		if r[0] >= 3*chunk && r[0] < 4*chunk {
+			got = append(got, r)
+		}
+	}
+	src.mu.Unlock()
+	slices.SortFunc(got, func(a, b [2]int64) int { return int(b[0] - a[0]) })
+	if want := [][2]int64{{3*chunk + 49152, chunk - 49152}, {3 * chunk, 49152}}; !slices.Equal(got, want) {
+		t.Errorf("requests for chunk 3 %v, want %v", got, want)
+	}
+	if bad, err := cache.Verify(d.Dir()); err != nil || len(bad) != 0 {
+		t.Errorf("verify: %v %v", bad, err)
 	}
 }
 
