@@ -98,7 +98,12 @@ func main() {
 	if err := nginx.Start(); err != nil {
 		log.Fatal(err)
 	}
-	defer nginx.Process.Kill()
+	defer func() {
+		// SIGINT, not SIGKILL: the master stops its workers, which a
+		// killed master would leave behind.
+		nginx.Process.Signal(os.Interrupt)
+		nginx.Wait()
+	}()
 	waitTCP(addr)
 	proxy, stop, err := remotetest.StartProxy("http://" + addr)
 	if err != nil {
