@@ -4,6 +4,7 @@ package fio
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"log"
@@ -26,13 +27,25 @@ type Job struct {
 	Unit string // "IOPS" or "MiB/s"
 }
 
+// hangGrace is how long past its runtime fio may take before Run calls
+// the server hung.
+const hangGrace = 2 * time.Minute
+
 // Run runs j for runtime over size bytes of the target that target names
 // (--filename=... or --ioengine=nbd --uri=...) and returns its IOPS or
-// MiB/s, summed over its jobs (--numjobs). A failure ends the benchmark.
+// MiB/s, summed over its jobs (--numjobs). A failure, or a server that
+// stops answering, ends the benchmark.
 func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 	args := append([]string{"--name=bench", fmt.Sprintf("--size=%d", size), "--time_based", "--group_reporting",
 		fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())), "--output-format=json"}, target...)
-	out, err := exec.Command("fio", append(args, j.Args...)...).Output()
+	// A server that stops answering would hold fio, and the whole run,
+	// for ever.
+	ctx, cancel := context.WithTimeout(context.Background(), runtime+hangGrace)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "fio", append(args, j.Args...)...).Output()
+	if ctx.Err() != nil {
+		log.Fatalf("fio %s: no result %v after its runtime: the server stopped answering", j.Name, hangGrace)
+	}
 	if err != nil {
 		log.Fatalf("fio %s: %v\n%s", j.Name, err, out)
 	}
