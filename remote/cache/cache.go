@@ -561,10 +561,16 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 	d.mu.Unlock()
 	st := fs[0].st
 	p := fs[0].buf[:n] // the chunks are consecutive in their run's buffer
-	if f := fs[0]; len(fs) == 1 && f.split < len(f.buf) && d.sem.TryAcquire(1) {
-		d.getSplit(ctx, first, f)
-		d.sem.Release(1)
-		return
+	if f := fs[0]; len(fs) == 1 && f.split < len(f.buf) {
+		if d.sem.TryAcquire(1) {
+			d.getSplit(ctx, first, f)
+			d.sem.Release(1)
+			return
+		}
+		// No second GET slot: one GET, whose bytes readers wait for.
+		st.mu.Lock()
+		f.split = len(f.buf)
+		st.mu.Unlock()
 	}
 	kinds := make([]uint32, 0, end-first)
 	sums := make([]uint32, end-first)
@@ -619,8 +625,9 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 // getSplit fetches chunk i, which is claimed and locked, with two GETs
 // at once: one from f.split, where the read that missed it starts, to
 // the chunk's end, and one for the bytes before. The read waits for its
-// own bytes, not for the chunk's head to stream past: on a fast network
-// the transfer of half a chunk costs a miss more than a GET's round trip.
+// own bytes, not for the chunk's head to stream past: where a link's
+// bandwidth, not its latency, bounds a miss, streaming half a chunk ahead
+// of the read's bytes costs more than a second GET.
 func (d *Disk) getSplit(ctx context.Context, i int64, f *fetch) {
 	arrived := func(field *int) func(int) {
 		return func(k int) {
