@@ -9,7 +9,8 @@ import "time"
 // the keys of `qemu-img info --output=json`, so the CLI can encode it in
 // that shape.
 type Info struct {
-	Filename      string // the path the image was opened from
+	Filename      string   // the path the image was opened from
+	Files         []string // other host files that hold the image's own data (VMDK extents), counted in its size on disk
 	Format        string // format name, as in Format.Name
 	VirtualSize   int64
 	ReadOnly      bool

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -163,7 +164,7 @@ func newInfoJSON(info diskserve.Info) infoJSON {
 		Filename:        info.Filename,
 		ClusterSize:     info.ClusterSize,
 		Format:          info.Format,
-		ActualSize:      actualSize(info.Filename),
+		ActualSize:      actualSize(info),
 		DirtyFlag:       info.Dirty,
 		BackingFilename: info.BackingFile,
 		BackingFormat:   info.BackingFormat,
@@ -189,18 +190,27 @@ func newInfoJSON(info diskserve.Info) infoJSON {
 	return j
 }
 
-// actualSize returns the space the file at path occupies on disk, or nil if
-// it cannot be told (as qemu-img leaves the key out).
-func actualSize(path string) *int64 {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil
+// actualSize returns the space the image's files occupy on disk (its
+// file and info.Files, each once), as qemu-img's "disk size", or nil if
+// its file cannot be examined.
+func actualSize(info diskserve.Info) *int64 {
+	var n int64
+	seen := map[string]bool{}
+	for i, path := range append([]string{info.Filename}, info.Files...) {
+		if seen[path] {
+			continue
+		}
+		seen[path] = true
+		st, err := os.Stat(path)
+		if err != nil && i == 0 {
+			return nil
+		}
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok && err == nil {
+			n += sys.Blocks * 512
+		} else if i == 0 {
+			return nil
+		}
 	}
-	sys, ok := st.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nil
-	}
-	n := sys.Blocks * 512
 	return &n
 }
 
@@ -216,7 +226,7 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	p("image: %s", info.Filename)
 	p("file format: %s", info.Format)
 	p("virtual size: %s (%d bytes)", humanSize(info.VirtualSize), info.VirtualSize)
-	if n := actualSize(info.Filename); n != nil {
+	if n := actualSize(info); n != nil {
 		p("disk size: %s", humanSize(*n))
 	}
 	if info.ClusterSize != 0 {
@@ -253,15 +263,18 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 }
 
 // writeSpecific prints format-specific facts, a key per line, lists and
-// maps nested as qemu-img info nests them ("[0]:" for the first element).
+// maps nested as qemu-img info nests them ("[0]:" for the first element),
+// with spaces for the hyphens of the JSON keys, as qemu-img prints them
+// ("lazy refcounts: false").
 func writeSpecific(w io.Writer, m map[string]any, indent string) {
 	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	for _, k := range keys {
-		switch v := m[k].(type) {
+	for _, key := range keys {
+		k := strings.ReplaceAll(key, "-", " ")
+		switch v := m[key].(type) {
 		case []map[string]any:
 			fmt.Fprintf(w, "%s%s:\n", indent, k)
 			for i, e := range v {

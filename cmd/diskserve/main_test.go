@@ -95,6 +95,40 @@ func TestInfoMatchesQemuImg(t *testing.T) {
 	}
 }
 
+// TestInfoMatchesQemuImgOnVMDK: for VMDK disks of one file and of a
+// descriptor with extent files, diskserve's info agrees with qemu-img's
+// on the size on disk (the extents counted) and on each extent's name.
+func TestInfoMatchesQemuImgOnVMDK(t *testing.T) {
+	dir := t.TempDir()
+	for _, sub := range []string{"monolithicSparse", "monolithicFlat", "twoGbMaxExtentFlat", "streamOptimized"} {
+		t.Run(sub, func(t *testing.T) {
+			img := filepath.Join(dir, sub+".vmdk")
+			testtool.Run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat="+sub, img, "3G")
+			if sub != "streamOptimized" { // written whole, by convert only
+				testtool.Run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 7 1M 300k", img)
+			}
+			type info struct {
+				ActualSize int64 `json:"actual-size"`
+				Specific   struct {
+					Data struct {
+						Extents []struct{ Filename string }
+					}
+				} `json:"format-specific"`
+			}
+			var want, got info
+			if err := json.Unmarshal(testtool.Run(t, "qemu-img", "info", "--output=json", img), &want); err != nil {
+				t.Fatal(err)
+			}
+			if err := json.Unmarshal([]byte(mustRun(t, "info", "--output=json", img)), &got); err != nil {
+				t.Fatal(err)
+			}
+			if got.ActualSize != want.ActualSize || fmt.Sprint(got.Specific) != fmt.Sprint(want.Specific) {
+				t.Errorf("diskserve says %+v, qemu-img says %+v", got, want)
+			}
+		})
+	}
+}
+
 func TestMapMatchesQemuImg(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "sparse.img")

@@ -478,11 +478,22 @@ func (d *Disk) Describe(info *diskserve.Info) {
 	}
 	var exts []map[string]any
 	for _, e := range d.extents {
-		x := map[string]any{"filename": e.line.File, "virtual-size": e.n, "format": strings.ToUpper(e.line.Type)}
+		x := map[string]any{"virtual-size": e.n, "format": strings.ToUpper(e.line.Type)}
+		if e.line.File != "" {
+			// As qemu names it: beside the descriptor, as opened.
+			name := e.line.File
+			if !filepath.IsAbs(name) {
+				name = filepath.Join(filepath.Dir(d.path), name)
+			}
+			x["filename"] = name
+			info.Files = append(info.Files, name)
+		}
 		if e.sparse != nil {
 			gs := int64(e.sparse.h.GrainSize) * sectorSize
 			x["cluster-size"] = gs
-			x["compressed"] = e.sparse.h.Flags&flagCompressed != 0
+			if e.sparse.h.Flags&flagCompressed != 0 {
+				x["compressed"] = true // qemu-img shows the key only then
+			}
 			if info.ClusterSize == 0 {
 				info.ClusterSize = gs
 			}
