@@ -30,9 +30,9 @@ type grainKind int
 const (
 	grainAbsent grainKind = iota
 	grainStored
-	grainZeroed     // SESPARSE zero grain
-	grainUnmapped   // SESPARSE unmapped (discarded) grain, read as zeroes
-	grainCount = 4
+	grainZeroed   // SESPARSE zero grain
+	grainUnmapped // SESPARSE unmapped (discarded) grain, read as zeroes
+	grainCount    = 4
 )
 
 // esxModel is a disk of grains, each absent, stored with data, or
