@@ -11,7 +11,7 @@ import "time"
 type Info struct {
 	Filename      string   // the path the image was opened from
 	Files         []string // other host files that hold the image's own data (VMDK extents), counted in its size on disk
-	Format        string // format name, as in Format.Name
+	Format        string   // format name, as in Format.Name
 	VirtualSize   int64
 	ReadOnly      bool
 	ClusterSize   int64  // 0 if the format has no clusters
