@@ -202,8 +202,8 @@ func parseSESparseHeader(b, vol []byte) (sparseHeader, error) {
 	if u(16) > 1<<40 || u(17) > 1<<40 {
 		return sparseHeader{}, corrupt(16*8, "grain directory of %d sectors at sector %d", u(17), u(16))
 	}
-	if u(24) < 2 || u(18) < 2 {
-		return sparseHeader{}, corrupt(18*8, "grain tables at sector %d, grains at sector %d: inside the headers", u(18), u(24))
+	if u(18) < 2 || u(24) < 2 || u(18) > maxHostSector || u(24) > maxHostSector {
+		return sparseHeader{}, corrupt(18*8, "grain tables at sector %d, grains at sector %d: inside the headers, or past what diskserve addresses", u(18), u(24))
 	}
 	h := sparseHeader{
 		Kind:      seSparse,
