@@ -366,10 +366,9 @@ func (t *table) Reserve(i int64) (int64, error) {
 	return host, nil
 }
 
-// Record writes the footer at the file's end, after every block reserved
-// so far, then the BAT entry (and the bitmap of a block made whole in
-// place). Until then a dynamic disk's footer is found
-// by its copy at the start.
+// Record writes the bitmap of a block made whole in place, the footer at
+// the file's end, after every block reserved so far, then the BAT entry.
+// Until then a dynamic disk's footer is found by its copy at the start.
 func (t *table) Record(i int64, host int64) error {
 	c := (*Disk)(t).File()
 	if t.wholed[i] {
