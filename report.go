@@ -40,6 +40,7 @@ type Snapshot struct {
 	VMClock     time.Duration // the guest's clock then
 	VMStateSize uint64        // bytes of saved VM state, 0 for a disk-only snapshot
 	DiskSize    uint64        // virtual size of the disk then, 0 if unrecorded
+	ICount      *uint64       // instructions the guest had run then (record and replay), nil if unrecorded
 }
 
 // Repair says what [Checker.Check] may fix.
@@ -60,5 +61,7 @@ type CheckReport struct {
 	Messages         []string // one line per problem
 	TotalClusters    int64    // clusters of the virtual disk
 	Allocated        int64    // of those, allocated in this image
+	Fragmented       int64    // of those, not right after the one before them in the image file (compressed ones all are)
+	Compressed       int64    // of those, compressed
 	ImageEndOffset   int64    // bytes of the image file in use
 }

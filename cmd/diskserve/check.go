@@ -79,11 +79,12 @@ func runCheck(stdout, stderr io.Writer, d diskserve.DiskFile, name string, level
 		return fmt.Errorf("check %s: %w", name, err)
 	}
 	if asJSON {
-		err = writeJSON(stdout, checkJSON{
+		err = writeQemuJSON(stdout, checkJSON{
 			Filename: name, Format: info.Format,
 			Corruptions: r.Corruptions - r.CorruptionsFixed, Leaks: r.Leaks - r.LeaksFixed,
 			CorruptionsFixed: r.CorruptionsFixed, LeaksFixed: r.LeaksFixed,
 			ImageEndOffset: r.ImageEndOffset, TotalClusters: r.TotalClusters, AllocatedClusters: r.Allocated,
+			FragmentedClusters: r.Fragmented, CompressedClusters: r.Compressed,
 		})
 	} else {
 		writeCheck(stdout, r)
@@ -101,16 +102,18 @@ func runCheck(stdout, stderr io.Writer, d diskserve.DiskFile, name string, level
 
 // checkJSON is the shape of qemu-img check --output=json.
 type checkJSON struct {
-	ImageEndOffset    int64  `json:"image-end-offset"`
-	TotalClusters     int64  `json:"total-clusters"`
-	CheckErrors       int64  `json:"check-errors"`
-	Leaks             int64  `json:"leaks,omitempty"`
-	Corruptions       int64  `json:"corruptions,omitempty"`
-	LeaksFixed        int64  `json:"leaks-fixed,omitempty"`
-	CorruptionsFixed  int64  `json:"corruptions-fixed,omitempty"`
-	AllocatedClusters int64  `json:"allocated-clusters"`
-	Filename          string `json:"filename"`
-	Format            string `json:"format"`
+	ImageEndOffset     int64  `json:"image-end-offset,omitempty"`
+	TotalClusters      int64  `json:"total-clusters,omitempty"`
+	CheckErrors        int64  `json:"check-errors"`
+	Leaks              int64  `json:"leaks,omitempty"`
+	Corruptions        int64  `json:"corruptions,omitempty"`
+	LeaksFixed         int64  `json:"leaks-fixed,omitempty"`
+	CorruptionsFixed   int64  `json:"corruptions-fixed,omitempty"`
+	AllocatedClusters  int64  `json:"allocated-clusters,omitempty"`
+	FragmentedClusters int64  `json:"fragmented-clusters,omitempty"`
+	CompressedClusters int64  `json:"compressed-clusters,omitempty"`
+	Filename           string `json:"filename"`
+	Format             string `json:"format"`
 }
 
 // writeCheck prints a report in qemu-img check's words.
@@ -131,8 +134,12 @@ func writeCheck(w io.Writer, r diskserve.CheckReport) {
 	if leaks > 0 {
 		fmt.Fprintf(w, "\n%d leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", leaks)
 	}
-	if r.TotalClusters > 0 {
-		fmt.Fprintf(w, "%d/%d = %.2f%% allocated\n", r.Allocated, r.TotalClusters, 100*float64(r.Allocated)/float64(r.TotalClusters))
+	if r.TotalClusters > 0 && r.Allocated > 0 {
+		a := float64(r.Allocated)
+		fmt.Fprintf(w, "%d/%d = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters\n", r.Allocated, r.TotalClusters,
+			100*a/float64(r.TotalClusters), 100*float64(r.Fragmented)/a, 100*float64(r.Compressed)/a)
 	}
-	fmt.Fprintf(w, "Image end offset: %d\n", r.ImageEndOffset)
+	if r.ImageEndOffset != 0 {
+		fmt.Fprintf(w, "Image end offset: %d\n", r.ImageEndOffset)
+	}
 }

@@ -4,7 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
+	"math"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -147,18 +147,13 @@ func oneImage(cmd *cobra.Command, args []string) error {
 	return nil
 }
 
-// humanSize formats n bytes the way qemu-img does: "10 MiB", "1.5 GiB".
+// humanSize formats n bytes as qemu-img does: three significant digits
+// of the largest binary unit that keeps them under 1000 ("10 MiB", "1.03
+// MiB", "0.999 MiB"), in C's %g, whose rounding up gives "1e+03 KiB" just
+// below 1000 KiB, as qemu-img prints it.
 func humanSize(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	v, i := float64(n), 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	s := strconv.FormatFloat(v, 'f', 3, 64)
-	s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
-	return s + " " + units[i]
+	_, exp := math.Frexp(float64(n) / (1000.0 / 1024.0))
+	i := min((exp-1)/10, len(units)-1)
+	return fmt.Sprintf("%.3g %s", float64(n)/float64(uint64(1)<<(10*i)), units[i])
 }

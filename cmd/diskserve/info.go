@@ -1,11 +1,11 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -25,9 +25,13 @@ func newInfoCommand() *cobra.Command {
 		Use:   "info [-f FORMAT] [--output=human|json] [--backing-chain] IMAGE",
 		Short: "Show an image's format, sizes and format-specific facts",
 		Long: `info opens IMAGE read-only and shows its format, virtual size, allocated
-size and the facts its format records. The JSON output uses the keys of
-"qemu-img info --output=json" (format, virtual-size, actual-size, filename,
-backing-filename, cluster-size, dirty-flag, format-specific, ...).
+size and the facts its format records, as qemu-img info does: for the
+images qemu-img reads, both outputs are qemu-img's byte for byte (its
+keys, in its order, and its sizes, "1.03 MiB"), but for facts qemu-img
+does not report, which diskserve adds: the adapter type of VMDK disks, the
+subformat, creator and geometry of VHD, the sector sizes of VHDX, the
+type of VDI, and images opened from URLs. Composite disks list their
+components.
 
 --backing-chain shows every image of the backing chain in turn, as
 qemu-img does: one after the other (a blank line between them), or a JSON
@@ -46,7 +50,7 @@ array, the top image first.`,
 				if flags.output == "json" {
 					j := newInfoJSON(info)
 					j.Remote = remotes
-					return writeJSON(cmd.OutOrStdout(), j)
+					return writeQemuJSON(cmd.OutOrStdout(), j)
 				}
 				writeInfo(cmd.OutOrStdout(), info, "")
 				writeRemotes(cmd.OutOrStdout(), remotes)
@@ -79,7 +83,7 @@ func writeChain(w io.Writer, info diskserve.Info, asJSON bool) error {
 		writeInfo(w, one, "")
 	}
 	if asJSON {
-		return writeJSON(w, chain)
+		return writeQemuJSON(w, chain)
 	}
 	return nil
 }
@@ -97,7 +101,6 @@ type infoJSON struct {
 	BackingFormat       string          `json:"backing-filename-format,omitempty"`
 	Snapshots           []snapshotJSON  `json:"snapshots,omitempty"`
 	FormatSpecific      *formatSpecific `json:"format-specific,omitempty"`
-	BackingImage        *infoJSON       `json:"backing-image,omitempty"`
 	Children            []childJSON     `json:"children,omitempty"`
 	Remote              []remoteJSON    `json:"remote,omitempty"` // diskserve's: the remote images opened
 }
@@ -144,13 +147,14 @@ type formatSpecific struct {
 
 // snapshotJSON is one element of qemu-img info's "snapshots".
 type snapshotJSON struct {
-	ID          string `json:"id"`
-	Name        string `json:"name"`
-	VMStateSize uint64 `json:"vm-state-size"`
-	DateSec     int64  `json:"date-sec"`
-	DateNsec    int    `json:"date-nsec"`
-	VMClockSec  int64  `json:"vm-clock-sec"`
-	VMClockNsec int64  `json:"vm-clock-nsec"`
+	ICount      *uint64 `json:"icount,omitempty"`
+	ID          string  `json:"id"`
+	Name        string  `json:"name"`
+	VMStateSize uint64  `json:"vm-state-size"`
+	DateSec     int64   `json:"date-sec"`
+	DateNsec    int     `json:"date-nsec"`
+	VMClockSec  int64   `json:"vm-clock-sec"`
+	VMClockNsec int64   `json:"vm-clock-nsec"`
 }
 
 type childJSON struct {
@@ -171,7 +175,7 @@ func newInfoJSON(info diskserve.Info) infoJSON {
 	}
 	for _, sn := range info.Snapshots {
 		j.Snapshots = append(j.Snapshots, snapshotJSON{
-			ID: sn.ID, Name: sn.Name, VMStateSize: sn.VMStateSize,
+			ID: sn.ID, Name: sn.Name, VMStateSize: sn.VMStateSize, ICount: sn.ICount,
 			DateSec: sn.Date.Unix(), DateNsec: sn.Date.Nanosecond(),
 			VMClockSec: int64(sn.VMClock / time.Second), VMClockNsec: int64(sn.VMClock % time.Second),
 		})
@@ -180,8 +184,6 @@ func newInfoJSON(info diskserve.Info) infoJSON {
 		j.FormatSpecific = &formatSpecific{Type: info.Format, Data: info.Specific}
 	}
 	if info.Backing != nil {
-		b := newInfoJSON(*info.Backing)
-		j.BackingImage = &b
 		j.FullBackingFilename = info.Backing.Filename
 	}
 	for i, c := range info.Children {
@@ -214,12 +216,6 @@ func actualSize(info diskserve.Info) *int64 {
 	return &n
 }
 
-func writeJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "    ")
-	return enc.Encode(v)
-}
-
 // writeInfo prints info in qemu-img's human layout, indenting nested images.
 func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, indent+format+"\n", args...) }
@@ -243,18 +239,11 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	}
 	if len(info.Snapshots) > 0 {
 		p("Snapshot list:")
-		p("%-8s%-24s%12s%21s%16s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK")
-		for _, sn := range info.Snapshots {
-			p("%-8s%-24s%12s%21s%16s", sn.ID, sn.Name, humanSize(int64(sn.VMStateSize)), sn.Date.Local().Format("2006-01-02 15:04:05"), sn.VMClock)
-		}
+		writeSnapshots(w, info.Snapshots, indent)
 	}
 	if len(info.Specific) > 0 {
 		p("Format specific information:")
 		writeSpecific(w, info.Specific, indent+"    ")
-	}
-	if info.Backing != nil {
-		p("Backing image:")
-		writeInfo(w, *info.Backing, indent+"    ")
 	}
 	for i, c := range info.Children {
 		p("Component %d:", i)
@@ -262,16 +251,33 @@ func writeInfo(w io.Writer, info diskserve.Info, indent string) {
 	}
 }
 
+// writeSnapshots prints the table of snapshots qemu-img prints, its
+// columns as wide.
+func writeSnapshots(w io.Writer, snaps []diskserve.Snapshot, indent string) {
+	fmt.Fprintf(w, "%s%-10s%-17s%8s%20s%13s%11s\n", indent, "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+	for _, sn := range snaps {
+		c := sn.VMClock
+		clock := fmt.Sprintf("%02d:%02d:%02d.%03d", int(c.Hours()), int(c.Minutes())%60, int(c.Seconds())%60, c.Milliseconds()%1000)
+		icount := ""
+		if sn.ICount != nil {
+			icount = strconv.FormatUint(*sn.ICount, 10)
+		}
+		fmt.Fprintf(w, "%s%-9s %-16s %8s%20s%13s%11s\n", indent, sn.ID, sn.Name, humanSize(int64(sn.VMStateSize)),
+			sn.Date.Local().Format("2006-01-02 15:04:05"), clock, icount)
+	}
+}
+
 // writeSpecific prints format-specific facts, a key per line, lists and
 // maps nested as qemu-img info nests them ("[0]:" for the first element),
-// with spaces for the hyphens of the JSON keys, as qemu-img prints them
-// ("lazy refcounts: false").
+// in QDict order (see writeQemuJSON), with spaces for the hyphens of the
+// JSON keys, as qemu-img prints them ("lazy refcounts: false").
 func writeSpecific(w io.Writer, m map[string]any, indent string) {
 	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)
 	}
-	sort.Strings(keys)
+	sort.Sort(sort.Reverse(sort.StringSlice(keys))) // the latest first within a bucket, as JSON's
+	sort.SliceStable(keys, func(i, j int) bool { return qdictBucket(keys[i]) < qdictBucket(keys[j]) })
 	for _, key := range keys {
 		k := strings.ReplaceAll(key, "-", " ")
 		switch v := m[key].(type) {

@@ -72,7 +72,7 @@ func mustRun(t *testing.T, args ...string) string {
 
 func TestInfoMatchesQemuImg(t *testing.T) {
 	dir := t.TempDir()
-	for _, size := range []string{"0", "512", "1000000", "10M", "1G", "3T"} {
+	for _, size := range []string{"0", "512", "1000000", "1023488", "1047552", "10M", "1G", "3T"} {
 		t.Run(size, func(t *testing.T) {
 			img := filepath.Join(dir, size+".img")
 			testtool.Run(t, "qemu-img", "create", "-q", "-f", "raw", img, size)
@@ -91,7 +91,40 @@ func TestInfoMatchesQemuImg(t *testing.T) {
 					t.Errorf("%s: diskserve says %v, qemu-img says %v", key, got[key], want[key])
 				}
 			}
+			for _, output := range []string{"json", "human"} {
+				if q, d := string(testtool.Run(t, "qemu-img", "info", "--output="+output, img)), mustRun(t, "info", "--output="+output, img); q != d {
+					t.Errorf("--output=%s: diskserve prints\n%s\nqemu-img prints\n%s", output, d, q)
+				}
+			}
 		})
+	}
+}
+
+// TestInfoMatchesQemuImgOnQcow2: qemu-img info and diskserve info print
+// the same bytes, JSON and human, for qcow2 images of both versions, one
+// with an internal snapshot and a persistent bitmap, and an overlay with
+// and without --backing-chain: the same keys in the same (QDict) order,
+// the same sizes and snapshot table.
+func TestInfoMatchesQemuImgOnQcow2(t *testing.T) {
+	dir := t.TempDir()
+	base, v2, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "v2.qcow2"), filepath.Join(dir, "top.qcow2")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "1G")
+	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 300k", base)
+	testtool.Run(t, "qemu-img", "snapshot", "-c", "first", base)
+	testtool.Run(t, "qemu-img", "bitmap", "--add", base, "b0")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "10M")
+	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+	for _, args := range [][]string{{base}, {v2}, {top}, {"--backing-chain", top}} {
+		for _, output := range []string{"json", "human"} {
+			a := append([]string{"info", "--output=" + output}, args...)
+			if q, d := string(testtool.Run(t, "qemu-img", a...)), mustRun(t, a...); q != d {
+				t.Errorf("%v: diskserve prints\n%s\nqemu-img prints\n%s", a, d, q)
+			}
+		}
+	}
+	q, d := string(testtool.Run(t, "qemu-img", "snapshot", "-l", base)), mustRun(t, "snapshot", "list", base)
+	if q != d {
+		t.Errorf("snapshot list: diskserve prints\n%s\nqemu-img prints\n%s", d, q)
 	}
 }
 
@@ -220,8 +253,11 @@ func TestHelpAndVersion(t *testing.T) {
 	}
 }
 
+// TestHumanSize: sizes as qemu-img 7.2's info printed them (its
+// "virtual size" of raw images of these sizes).
 func TestHumanSize(t *testing.T) {
-	for n, want := range map[int64]string{0: "0 B", 1000: "1000 B", 1024: "1 KiB", 69632: "68 KiB", 10 << 20: "10 MiB", 3 << 29: "1.5 GiB", 1<<40 + 1<<30: "1.001 TiB"} {
+	for n, want := range map[int64]string{0: "0 B", 512: "512 B", 1024: "1 KiB", 69632: "68 KiB", 1079296: "1.03 MiB", 10 << 20: "10 MiB",
+		3 << 29: "1.5 GiB", 1100585369600: "1 TiB", 1022976: "999 KiB", 1047552: "0.999 MiB", 1023488: "1e+03 KiB", 1048064: "1 MiB"} {
 		if got := humanSize(n); got != want {
 			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
 		}

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -81,15 +80,9 @@ func newSnapshotListCommand() *cobra.Command {
 				if len(snaps) == 0 {
 					return nil // as qemu-img: nothing for an image without snapshots
 				}
-				tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-				fmt.Fprintln(tw, "Snapshot list:")
-				fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE\tVM CLOCK")
-				for _, s := range snaps {
-					c := s.VMClock
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%02d:%02d:%02d.%03d\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)),
-						s.Date.Local().Format("2006-01-02 15:04:05"), int(c.Hours()), int(c.Minutes())%60, int(c.Seconds())%60, c.Milliseconds()%1000)
-				}
-				return tw.Flush()
+				fmt.Println("Snapshot list:")
+				writeSnapshots(os.Stdout, snaps, "")
+				return nil
 			})
 		},
 	}

@@ -185,6 +185,7 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 			return err
 		}
 		release := d.meta.hold(t)
+		next := int64(0) // where a cluster right after the last one would be, as qemu counts fragments: per L2 table
 		step := int64(8)
 		if d.h.extendedL2() {
 			step = 16
@@ -203,6 +204,8 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 				c.ref(off, n, "compressed cluster")
 				if active {
 					c.r.Allocated++
+					c.r.Compressed++
+					c.r.Fragmented++
 				}
 			case host != 0:
 				if !c.refAligned(host, fmt.Sprintf("data cluster of L2 entry %x", e)) {
@@ -210,9 +213,11 @@ func (c *checker) walkL1(l1 []uint64, active bool) error {
 				}
 				if active {
 					c.checkCopied(e, host, fmt.Sprintf("data cluster: l2_entry=%x", e))
-					if e&entryZero == 0 || d.h.Version < 3 {
-						c.r.Allocated++
+					c.r.Allocated++ // zero clusters that keep their space too, as qemu counts them
+					if next != 0 && host != next {
+						c.r.Fragmented++
 					}
+					next = host + d.cs
 				}
 			}
 		}

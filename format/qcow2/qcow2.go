@@ -725,13 +725,12 @@ func (d *Disk) Describe(info *diskserve.Info) {
 	if h.Version == 2 {
 		compat = "0.10"
 	}
-	info.Specific = map[string]any{"compat": compat, "refcount-bits": 1 << h.RefcountOrder}
+	ct := "zlib"
+	if h.CompressionType == compressionZstd {
+		ct = "zstd"
+	}
+	info.Specific = map[string]any{"compat": compat, "refcount-bits": 1 << h.RefcountOrder, "compression-type": ct}
 	if h.Version >= 3 {
-		ct := "zlib"
-		if h.CompressionType == compressionZstd {
-			ct = "zstd"
-		}
-		info.Specific["compression-type"] = ct
 		info.Specific["lazy-refcounts"] = h.CompatibleFeatures&compatLazyRefcounts != 0
 		info.Specific["corrupt"] = h.IncompatibleFeatures&incompatCorrupt != 0
 		info.Specific["extended-l2"] = d.h.extendedL2()

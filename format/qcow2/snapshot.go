@@ -48,6 +48,7 @@ type snapshot struct {
 	VMClockNsec   uint64
 	VMStateSize   uint64
 	DiskSize      uint64 // 0 if the entry does not record it
+	ICount        uint64 // math.MaxUint64 if the entry does not record it
 
 	// raw is the entry as stored, without padding: rewriting the table
 	// keeps every entry byte for byte, extra data that later versions
@@ -56,7 +57,7 @@ type snapshot struct {
 }
 
 func (s snapshot) info() diskserve.Snapshot {
-	return diskserve.Snapshot{
+	info := diskserve.Snapshot{
 		ID:          s.ID,
 		Name:        s.Name,
 		Date:        time.Unix(int64(s.DateSec), int64(s.DateNsec)).UTC(),
@@ -64,6 +65,10 @@ func (s snapshot) info() diskserve.Snapshot {
 		VMStateSize: s.VMStateSize,
 		DiskSize:    s.DiskSize,
 	}
+	if s.ICount != math.MaxUint64 {
+		info.ICount = &s.ICount
+	}
+	return info
 }
 
 // readSnapshots reads and checks the snapshot table, and returns it with
@@ -99,6 +104,10 @@ func readSnapshots(c diskserve.DiskFile, h *header) ([]snapshot, int64, error) {
 		}
 		if extra >= 16 {
 			s.DiskSize = be.Uint64(rest[8:])
+		}
+		s.ICount = math.MaxUint64
+		if extra >= 24 {
+			s.ICount = be.Uint64(rest[16:])
 		}
 		s.ID = string(rest[extra : extra+idLen])
 		s.Name = string(rest[extra+idLen:])
@@ -227,6 +236,7 @@ func (d *Disk) CreateSnapshot(name string) (diskserve.Snapshot, error) {
 		DateSec:       uint32(now.Unix()),
 		DateNsec:      uint32(now.Nanosecond()),
 		DiskSize:      d.h.Size,
+		ICount:        math.MaxUint64, // no VM ran with icount
 	}
 	s.raw = s.encode()
 	if err := d.writeSnapshotTable(append(d.snaps[:len(d.snaps):len(d.snaps)], s)); err != nil {
@@ -236,7 +246,7 @@ func (d *Disk) CreateSnapshot(name string) (diskserve.Snapshot, error) {
 }
 
 // encode returns a new entry's bytes, without padding, with the extra data
-// qemu writes (the icount is -1: no VM ran with icount).
+// qemu writes.
 func (s snapshot) encode() []byte {
 	b := make([]byte, 40+snapshotExtraLen+len(s.ID)+len(s.Name))
 	be.PutUint64(b[0:], s.L1TableOffset)
@@ -250,7 +260,7 @@ func (s snapshot) encode() []byte {
 	be.PutUint32(b[36:], snapshotExtraLen)
 	be.PutUint64(b[40:], s.VMStateSize)
 	be.PutUint64(b[48:], s.DiskSize)
-	be.PutUint64(b[56:], math.MaxUint64)
+	be.PutUint64(b[56:], s.ICount)
 	copy(b[40+snapshotExtraLen:], s.ID)
 	copy(b[40+snapshotExtraLen+len(s.ID):], s.Name)
 	return b

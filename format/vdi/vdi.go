@@ -321,7 +321,6 @@ func (d *Disk) check(repair diskserve.Repair) (r diskserve.CheckReport) {
 		}
 		place := uint32((b.Host - int64(d.h.OffsetData)) / blockSize)
 		used = max(used, place+1)
-		r.Allocated++
 		if j, ok := owner[place]; ok {
 			r.Corruptions++
 			r.Messages = append(r.Messages, fmt.Sprintf("ERROR: block %d uses place %d, as block %d does", i, place, j))
@@ -329,8 +328,6 @@ func (d *Disk) check(repair diskserve.Repair) (r diskserve.CheckReport) {
 		}
 		owner[place] = i
 	}
-	r.TotalClusters = int64(d.h.BlocksInImage)
-	r.ImageEndOffset = int64(d.h.OffsetData) + int64(used)*blockSize
 	if d.h.BlocksAllocated < used {
 		r.Corruptions++
 		r.Messages = append(r.Messages, fmt.Sprintf("ERROR: the header counts %d allocated blocks, the map uses %d", d.h.BlocksAllocated, used))

@@ -572,14 +572,6 @@ func (d *Disk) Check(diskserve.Repair) (diskserve.CheckReport, error) {
 		if d.overlap >= 0 {
 			problem("BAT entry %d names space another entry names too", d.overlap)
 		}
-		n := d.blocks()
-		for i := range n {
-			if st := d.Lookup(i).State; st == blockmap.Data || st == blockmap.Special {
-				r.Allocated++
-			}
-		}
-		r.TotalClusters = n
-		r.ImageEndOffset = d.free
 		return nil
 	})
 	return r, err

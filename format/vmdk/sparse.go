@@ -652,7 +652,6 @@ func (s *sparse) check(r *diskserve.CheckReport) {
 	}
 	owner := map[uint32]int64{}
 	grains, _ := s.h.grains()
-	r.TotalClusters += grains
 	n := int64(s.h.NumGTEs)
 	for g := int64(0); g < grains; g++ {
 		if s.gt[g/n] == nil {
@@ -663,7 +662,6 @@ func (s *sparse) check(r *diskserve.CheckReport) {
 		if b.State != blockmap.Data && b.State != blockmap.Special {
 			continue
 		}
-		r.Allocated++
 		e := uint32(b.Host / sectorSize)
 		if b.State == blockmap.Data && uint64(e) < s.h.Overhead {
 			problem("grain %d at sector %d lies in the metadata (the first %d sectors)", g, e, s.h.Overhead)

@@ -518,7 +518,6 @@ func (d *Disk) Check(diskserve.Repair) (diskserve.CheckReport, error) {
 		if e.sparse != nil {
 			err := e.sparse.Exclusive(func() error {
 				e.sparse.check(&r)
-				r.ImageEndOffset = max(r.ImageEndOffset, e.sparse.free)
 				return nil
 			})
 			if err != nil {
