@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -157,6 +158,18 @@ func TestInfoMatchesQemuImgOnVMDK(t *testing.T) {
 			}
 			if got.ActualSize != want.ActualSize || fmt.Sprint(got.Specific) != fmt.Sprint(want.Specific) {
 				t.Errorf("diskserve says %+v, qemu-img says %+v", got, want)
+			}
+			// Whole outputs, but for the adapter type, which diskserve
+			// adds (see info --help).
+			withoutAdapter := func(s string) string {
+				lines := strings.Split(s, "\n")
+				return strings.Join(slices.DeleteFunc(lines, func(l string) bool { return strings.Contains(l, "adapter") }), "\n")
+			}
+			for _, output := range []string{"json", "human"} {
+				q, d := string(testtool.Run(t, "qemu-img", "info", "--output="+output, img)), mustRun(t, "info", "--output="+output, img)
+				if withoutAdapter(q) != withoutAdapter(d) {
+					t.Errorf("--output=%s: diskserve prints\n%s\nqemu-img prints\n%s", output, d, q)
+				}
 			}
 		})
 	}

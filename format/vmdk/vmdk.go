@@ -192,10 +192,9 @@ func (d *Disk) openLoneExtent(c diskserve.DiskFile, oc *diskserve.OpenContext) e
 	if err != nil {
 		return err
 	}
-	line := extentLine{Access: "RW", Sectors: int64(s.h.Capacity), Type: "SPARSE", File: filepath.Base(oc.Path())}
-	if h.Kind == esx {
-		line.Type = "VMFSSPARSE"
-	}
+	// No descriptor line gives the extent a type: info shows none, as
+	// qemu-img's does.
+	line := extentLine{Access: "RW", Sectors: int64(s.h.Capacity), File: filepath.Base(oc.Path())}
 	d.extents = []extent{{start: 0, n: s.Size(), d: s, line: line, sparse: s}}
 	d.size = s.Size()
 	return nil
