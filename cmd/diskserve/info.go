@@ -203,13 +203,14 @@ func actualSize(info diskserve.Info) *int64 {
 			continue
 		}
 		seen[path] = true
-		st, err := os.Stat(path)
-		if err != nil && i == 0 {
-			return nil
+		var sys *syscall.Stat_t
+		if st, err := os.Stat(path); err == nil {
+			sys, _ = st.Sys().(*syscall.Stat_t)
 		}
-		if sys, ok := st.Sys().(*syscall.Stat_t); ok && err == nil {
+		switch {
+		case sys != nil:
 			n += sys.Blocks * 512
-		} else if i == 0 {
+		case i == 0:
 			return nil
 		}
 	}
