@@ -108,7 +108,7 @@ func TestInfoMatchesQemuImg(t *testing.T) {
 // the same sizes and snapshot table.
 func TestInfoMatchesQemuImgOnQcow2(t *testing.T) {
 	dir := t.TempDir()
-	base, v2, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "v2.qcow2"), filepath.Join(dir, "top.qcow2")
+	base, v2, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "v2.qcow2"), filepath.Join(dir, "top&<1>.qcow2") // JSON escapes: none but qemu's
 	testtool.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "1G")
 	testtool.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 300k", base)
 	testtool.Run(t, "qemu-img", "snapshot", "-c", "first", base)

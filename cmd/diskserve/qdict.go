@@ -104,9 +104,21 @@ func (v *jsonValue) decode(dec *json.Decoder) error {
 		_, err := dec.Token() // the closing delimiter
 		return err
 	default:
-		v.scalar, err = json.Marshal(t)
+		v.scalar, err = marshalRaw(t)
 		return err
 	}
+}
+
+// marshalRaw encodes v as JSON without Go's escapes of <, > and &, which
+// qemu-img does not make.
+func marshalRaw(v any) ([]byte, error) {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(b.Bytes(), []byte("\n")), nil
 }
 
 // encode writes v compactly, each object's keys in QDict order.
@@ -123,7 +135,7 @@ func (v *jsonValue) encode(b *bytes.Buffer) {
 			if i > 0 {
 				b.WriteByte(',')
 			}
-			k, _ := json.Marshal(f.key)
+			k, _ := marshalRaw(f.key)
 			b.Write(k)
 			b.WriteByte(':')
 			f.value.encode(b)
