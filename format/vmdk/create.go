@@ -190,14 +190,12 @@ func readDescriptor(path string) (*descriptor, error) {
 		if err != nil {
 			return nil, err
 		}
-		if h.DescOffset == 0 || h.DescSize == 0 || h.DescSize*sectorSize > maxDescriptor {
-			return nil, fmt.Errorf("no embedded descriptor holds a CID")
-		}
-		text = make([]byte, h.DescSize*sectorSize)
-		if _, err := f.ReadAt(text, int64(h.DescOffset)*sectorSize); err != nil {
+		if text, err = embeddedText(f, h); err != nil {
 			return nil, err
 		}
-		text, _, _ = bytes.Cut(text, []byte{0})
+		if text == nil {
+			return nil, fmt.Errorf("no embedded descriptor holds a CID")
+		}
 	case isDescriptor(head):
 		if text, err = io.ReadAll(io.LimitReader(io.NewSectionReader(f, 0, maxDescriptor+1), maxDescriptor+1)); err != nil {
 			return nil, err

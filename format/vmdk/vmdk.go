@@ -55,8 +55,10 @@
 package vmdk
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -157,17 +159,11 @@ func (d *Disk) openMonolithic(c diskserve.DiskFile, oc *diskserve.OpenContext) e
 		return err
 	}
 	d.desc = &descriptor{CreateType: "monolithicSparse", ParentCID: 0xffffffff, DDB: map[string]string{}}
-	if h.DescOffset != 0 && h.DescSize != 0 {
-		if h.DescSize*sectorSize > maxDescriptor || h.DescOffset > 1<<40 {
-			return corrupt(28, "embedded descriptor of %d sectors at sector %d", h.DescSize, h.DescOffset)
-		}
-		text := make([]byte, h.DescSize*sectorSize)
-		if err := diskserve.ReadFullAt(c, text, int64(h.DescOffset)*sectorSize); err != nil {
-			return corrupt(int64(h.DescOffset)*sectorSize, "read embedded descriptor: %v", err)
-		}
-		if i := strings.IndexByte(string(text), 0); i >= 0 {
-			text = text[:i]
-		}
+	text, err := embeddedText(c, h)
+	if err != nil {
+		return err
+	}
+	if text != nil {
 		if d.desc, err = parseDescriptor(string(text)); err != nil {
 			return corrupt(int64(h.DescOffset)*sectorSize, "embedded %v", err)
 		}
@@ -179,6 +175,23 @@ func (d *Disk) openMonolithic(c diskserve.DiskFile, oc *diskserve.OpenContext) e
 		return err
 	}
 	return d.openLoneExtent(c, oc)
+}
+
+// embeddedText reads the descriptor that a sparse extent with header h
+// embeds in r, up to its first NUL, or returns nil if it embeds none.
+func embeddedText(r io.ReaderAt, h sparseHeader) ([]byte, error) {
+	if h.DescOffset == 0 || h.DescSize == 0 {
+		return nil, nil
+	}
+	if h.DescSize*sectorSize > maxDescriptor || h.DescOffset > 1<<40 {
+		return nil, corrupt(28, "embedded descriptor of %d sectors at sector %d", h.DescSize, h.DescOffset)
+	}
+	text := make([]byte, h.DescSize*sectorSize)
+	if err := diskserve.ReadFullAt(r, text, int64(h.DescOffset)*sectorSize); err != nil {
+		return nil, corrupt(int64(h.DescOffset)*sectorSize, "read embedded descriptor: %v", err)
+	}
+	text, _, _ = bytes.Cut(text, []byte{0})
+	return text, nil
 }
 
 // openLoneExtent opens c as the disk's one sparse extent, over the
