@@ -370,8 +370,8 @@ func writeStream(ctx context.Context, out *os.File, path string, src diskserve.D
 	gte := make([]uint32, l.tables*maxGTEs)
 	pos := l.overhead * sectorSize
 	const grainLen = grainSectors * sectorSize
-	batch := 4 * runtime.GOMAXPROCS(0)
-	blobs := make([][]byte, batch)
+	batch := 64 // grains compressed before they are written in order
+	slots := make([]grainSlot, batch)
 	for first := int64(0); first < grains; first += int64(batch) {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -380,24 +380,21 @@ func writeStream(ctx context.Context, out *os.File, path string, src diskserve.D
 		var g errgroup.Group
 		g.SetLimit(runtime.GOMAXPROCS(0))
 		for k := range n {
-			g.Go(func() error {
-				var err error
-				blobs[k], err = compressGrain(src, first+k, grainLen)
-				return err
-			})
+			g.Go(func() error { return slots[k].compress(src, first+k, grainLen) })
 		}
 		if err := g.Wait(); err != nil {
 			return err
 		}
 		for k := range n {
-			if blobs[k] == nil {
+			b := slots[k].grain
+			if b == nil {
 				continue
 			}
-			if _, err := out.WriteAt(blobs[k], pos); err != nil {
+			if _, err := out.WriteAt(b, pos); err != nil {
 				return err
 			}
 			gte[first+k] = uint32(pos / sectorSize)
-			pos += int64(len(blobs[k]))
+			pos += int64(len(b))
 		}
 		if progress != nil {
 			progress(min((first+n)*grainLen, src.Size()) - min(first*grainLen, src.Size()))
@@ -418,29 +415,46 @@ func writeStream(ctx context.Context, out *os.File, path string, src diskserve.D
 	return out.Sync()
 }
 
-// compressGrain returns grain g of src as a stream grain (marker, zlib
-// data, padding to a sector), or nil if it reads as zeroes.
-func compressGrain(src diskserve.DiskFile, g, grainLen int64) ([]byte, error) {
+// A grainSlot compresses one grain at a time, keeping its buffers and
+// its compressor from one grain to the next.
+type grainSlot struct {
+	in    []byte
+	out   bytes.Buffer
+	zw    *zlib.Writer
+	grain []byte // the last grain compressed: marker, zlib data, padding to a sector; nil if it read as zeroes
+}
+
+// compress makes grain g of src a stream grain in s.grain.
+func (s *grainSlot) compress(src diskserve.DiskFile, g, grainLen int64) error {
 	off := g * grainLen
-	p := make([]byte, min(grainLen, src.Size()-off))
+	if s.in == nil {
+		s.in = make([]byte, grainLen)
+	}
+	p := s.in[:min(grainLen, src.Size()-off)]
+	s.grain = nil
 	if err := diskserve.ReadFullAt(src, p, off); err != nil && err != io.EOF {
-		return nil, err
+		return err
 	}
-	if !slices.ContainsFunc(p, func(c byte) bool { return c != 0 }) {
-		return nil, nil
+	if diskserve.IsZero(p) {
+		return nil
 	}
-	var buf bytes.Buffer
-	buf.Write(make([]byte, 12))
-	zw := zlib.NewWriter(&buf)
-	if _, err := zw.Write(p); err != nil {
-		return nil, err
+	s.out.Reset()
+	s.out.Write(make([]byte, 12))
+	if s.zw == nil {
+		s.zw = zlib.NewWriter(&s.out)
+	} else {
+		s.zw.Reset(&s.out)
 	}
-	if err := zw.Close(); err != nil {
-		return nil, err
+	if _, err := s.zw.Write(p); err != nil {
+		return err
 	}
-	b := buf.Bytes()
+	if err := s.zw.Close(); err != nil {
+		return err
+	}
+	b := s.out.Bytes()
 	le.PutUint64(b, uint64(off/sectorSize))
 	le.PutUint32(b[8:], uint32(len(b)-12))
-	padded := (int64(len(b)) + sectorSize - 1) / sectorSize * sectorSize
-	return append(b, make([]byte, padded-int64(len(b)))...), nil
+	pad := (sectorSize - len(b)%sectorSize) % sectorSize
+	s.grain = append(b, make([]byte, pad)...)
+	return nil
 }
