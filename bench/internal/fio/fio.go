@@ -180,6 +180,26 @@ func Warm(path string) {
 	}
 }
 
+// BackFreeMemory has the host back n bytes of the guest's free memory
+// again, by faulting in an anonymous mapping of n bytes and unmapping it.
+// These machines are VMs whose balloon driver reports free memory to the
+// host (free page reporting), and the host takes it away: a tool that
+// fills the page cache after an idle moment then faults at the host on
+// every new page, and its copies into the page cache take several times
+// their usual system time. Whichever tool ran first after a pause paid
+// for it (docs/performance.md). Call this right before the clock starts,
+// with n well above what the timed run allocates: the pages it frees are
+// the ones the run gets, before the balloon reports them (seconds later).
+func BackFreeMemory(n int64) {
+	m, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		log.Fatalf("back free memory: %v", err)
+	}
+	if err := unix.Munmap(m); err != nil {
+		log.Fatalf("back free memory: %v", err)
+	}
+}
+
 // StartNBD starts cmd, a server of an NBD export on the Unix socket sock,
 // and waits (20 s at most) until nbdinfo can reach the export. It returns the export's
 // URI and a function that stops the server (SIGINT, then SIGKILL after

@@ -68,7 +68,9 @@ func NewImage(path string, state State) *Image {
 // that no server pays for the previous one's writes), drops the file from
 // the page cache, and for Fresh writes it again in 1 MiB pieces, for
 // Settled in 4 KiB pieces in random order, with the same bytes. It fails
-// the benchmark if a cold file is still cached.
+// the benchmark if a cold file is still cached, and has the host back
+// enough free memory for a cold run to read the whole file into the page
+// cache (BackFreeMemory).
 func (im *Image) Prepare(state State) {
 	syscall.Sync()
 	Evict(im.Path)
@@ -80,6 +82,13 @@ func (im *Image) Prepare(state State) {
 	case Cold, Direct:
 		if r := Resident(im.Path); r > 0.01 {
 			log.Fatalf("%s: %.1f%% still in the page cache after POSIX_FADV_DONTNEED", im.Path, 100*r)
+		}
+		if state == Cold {
+			var st unix.Stat_t
+			if err := unix.Stat(im.Path, &st); err != nil {
+				log.Fatal(err)
+			}
+			BackFreeMemory(st.Blocks*512 + 2<<30) // the file's data, not its holes
 		}
 	}
 }
