@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"os"
 	"os/exec"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/diskserve/diskserve/internal/testtool"
+	"github.com/diskserve/diskserve/internal/vhostfront"
 )
 
 // vhostGuestInit is /init of the vhost-user-blk guest: it checks the
@@ -230,4 +232,50 @@ func TestVhostUserBlkReconnect(t *testing.T) {
 	testtool.Run(t, "qemu-img", "check", img)
 	testtool.Run(t, "qemu-img", "convert", "-O", "raw", img, raw)
 	testtool.Run(t, "e2fsck", "-fn", raw)
+}
+
+// TestVhostUserBlkFlags checks the features `serve --vhost-user-blk`
+// offers under -r and the cache modes, asked through the protocol: a
+// volatile write cache (FLUSH, CONFIG_WCE) unless the cache mode makes
+// every write durable, and RO without DISCARD and WRITE_ZEROES under -r.
+func TestVhostUserBlkFlags(t *testing.T) {
+	const fRO, fFlush, fConfigWCE, fDiscard, fWriteZeroes = 1 << 5, 1 << 9, 1 << 11, 1 << 13, 1 << 14
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		flags     []string
+		set, nset uint64
+	}{
+		{nil, fFlush | fConfigWCE | fDiscard | fWriteZeroes, fRO},
+		{[]string{"--cache=none"}, fFlush | fConfigWCE, fRO},
+		{[]string{"--cache=writethrough"}, fDiscard | fWriteZeroes, fFlush | fConfigWCE | fRO},
+		{[]string{"--cache=directsync"}, 0, fFlush | fConfigWCE | fRO},
+		{[]string{"-r"}, fRO, fDiscard | fWriteZeroes},
+	} {
+		name := strings.Join(tc.flags, " ")
+		if name == "" {
+			name = "default"
+		}
+		t.Run(name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "vhost.sock")
+			args := append(append([]string{"serve", "--vhost-user-blk", sock}, tc.flags...), img)
+			startDaemon(t, exec.Command(diskserveBin, args...), "msg=vhost-user-blk")
+			f, err := vhostfront.Dial(sock, 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			p, err := f.Call(vhostfront.ReqGetFeatures, nil)
+			if err != nil || len(p) != 8 {
+				t.Fatalf("GET_FEATURES: %x %v", p, err)
+			}
+			got := binary.LittleEndian.Uint64(p)
+			if got&tc.set != tc.set || got&tc.nset != 0 {
+				t.Errorf("features %#x: want %#x set and %#x clear", got, tc.set, tc.nset)
+			}
+		})
+	}
 }

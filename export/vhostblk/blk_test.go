@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -561,4 +562,129 @@ func TestAloneReadsFromPageCacheOnly(t *testing.T) {
 	if st, _, got := c.request(typeIn, 24, nil, 4096, 4096); st != statusOK || !bytes.Equal(got, mem[12288:16384]) {
 		t.Fatalf("a read alone that the page cache cannot serve was not handed to the engine (status %d)", st)
 	}
+}
+
+// flushCounter is a locked disk that counts its flushes.
+type flushCounter struct {
+	*lockedDisk
+	flushes atomic.Int32
+}
+
+func (d *flushCounter) Flush() error {
+	d.flushes.Add(1)
+	return nil
+}
+
+// TestFeaturesFollowDiskAndCacheMode checks, through the protocol, what
+// the device offers for a writable disk with a volatile write cache, for
+// one whose every write is durable (the write-through cache modes), and
+// for a read-only disk, and that each behaves as it says: write-back
+// writes are not flushed until the driver turns the cache to
+// write-through, a durable device refuses that switch, and a read-only
+// one refuses every change.
+func TestFeaturesFollowDiskAndCacheMode(t *testing.T) {
+	// Feature bits and config offsets of the virtio specification.
+	const (
+		fRO, fFlush, fConfigWCE, fDiscard, fWriteZeroes = 1 << 5, 1 << 9, 1 << 11, 1 << 13, 1 << 14
+		wceOff                                          = 32
+	)
+	features := func(c *client) uint64 {
+		p, err := c.Call(vhostfront.ReqGetFeatures, nil)
+		if err != nil || len(p) != 8 {
+			t.Fatalf("GET_FEATURES: %x %v", p, err)
+		}
+		return binary.LittleEndian.Uint64(p)
+	}
+	wce := func(c *client) byte {
+		req := binary.LittleEndian.AppendUint32(nil, 0)
+		req = binary.LittleEndian.AppendUint32(req, 60)
+		req = binary.LittleEndian.AppendUint32(req, 0)
+		p, err := c.Call(vhostfront.ReqGetConfig, append(req, make([]byte, 60)...))
+		if err != nil || len(p) != 72 {
+			t.Fatalf("GET_CONFIG: %d bytes, %v", len(p), err)
+		}
+		return p[12+wceOff]
+	}
+	setWCE := func(c *client, v byte) error {
+		req := binary.LittleEndian.AppendUint32(nil, wceOff)
+		req = binary.LittleEndian.AppendUint32(req, 1)
+		req = binary.LittleEndian.AppendUint32(req, 0)
+		return c.Ack(vhostfront.ReqSetConfig, append(req, v))
+	}
+	data := pattern(4096, 7)
+
+	t.Run("write-back", func(t *testing.T) {
+		disk := &flushCounter{lockedDisk: newLockedDisk(make([]byte, 1<<20))}
+		c := connect(t, backend(t, disk, vhostblk.Options{}), true)
+		f := features(c)
+		if f&(fFlush|fConfigWCE|fDiscard|fWriteZeroes) != fFlush|fConfigWCE|fDiscard|fWriteZeroes || f&fRO != 0 {
+			t.Fatalf("features %#x", f)
+		}
+		if w := wce(c); w != 1 {
+			t.Fatalf("writeback %d, want 1", w)
+		}
+		if st, _, _ := c.request(typeOut, 0, data, 0, 4096); st != statusOK || disk.flushes.Load() != 0 {
+			t.Fatalf("write-back write: status %d, %d flushes", st, disk.flushes.Load())
+		}
+		if err := setWCE(c, 0); err != nil {
+			t.Fatal(err)
+		}
+		if w := wce(c); w != 0 {
+			t.Fatalf("writeback %d after the driver chose write-through", w)
+		}
+		if st, _, _ := c.request(typeOut, 8, data, 0, 4096); st != statusOK || disk.flushes.Load() != 1 {
+			t.Fatalf("write-through write: status %d, %d flushes, want 1", st, disk.flushes.Load())
+		}
+	})
+
+	t.Run("durable", func(t *testing.T) {
+		disk := &flushCounter{lockedDisk: newLockedDisk(make([]byte, 1<<20))}
+		c := connect(t, backend(t, disk, vhostblk.Options{Durable: true}), true)
+		f := features(c)
+		if f&(fFlush|fConfigWCE|fRO) != 0 || f&(fDiscard|fWriteZeroes) != fDiscard|fWriteZeroes {
+			t.Fatalf("features %#x", f)
+		}
+		if w := wce(c); w != 0 {
+			t.Fatalf("writeback %d, want 0", w)
+		}
+		if st, _, _ := c.request(typeOut, 0, data, 0, 4096); st != statusOK || !bytes.Equal(disk.bytes(0, 4096), data) {
+			t.Fatalf("write: status %d", st)
+		}
+		if setWCE(c, 1) == nil {
+			t.Fatal("a durable device let the driver turn on a volatile cache")
+		}
+	})
+
+	t.Run("read-only", func(t *testing.T) {
+		img := pattern(1<<20, 3)
+		disk := &lockedDisk{Passthrough: diskserve.Passthrough{D: disktest.NewMemory(img, true)}, img: img}
+		c := connect(t, backend(t, disk, vhostblk.Options{}), true)
+		if f := features(c); f&fRO == 0 || f&(fDiscard|fWriteZeroes) != 0 {
+			t.Fatalf("features %#x", f)
+		}
+		if st, _, got := c.request(typeIn, 8, nil, 4096, 4096); st != statusOK || !bytes.Equal(got, img[4096:8192]) {
+			t.Fatalf("read: status %d", st)
+		}
+		seg := binary.LittleEndian.AppendUint64(nil, 0)
+		seg = binary.LittleEndian.AppendUint32(seg, 8)
+		seg = binary.LittleEndian.AppendUint32(seg, 0)
+		for _, tc := range []struct {
+			name string
+			typ  uint32
+			data []byte
+			want byte
+		}{
+			{"write", typeOut, data, statusIOErr},
+			{"discard", typeDiscard, seg, statusIOErr},
+			{"write zeroes", typeWriteZeroes, seg, statusIOErr},
+			{"flush", typeFlush, nil, statusOK},
+		} {
+			if st, _, _ := c.request(tc.typ, 0, tc.data, 0, max(len(tc.data), 1)); st != tc.want {
+				t.Errorf("%s: status %d, want %d", tc.name, st, tc.want)
+			}
+		}
+		if !bytes.Equal(disk.bytes(0, 1<<20), pattern(1<<20, 3)) {
+			t.Error("a read-only disk changed")
+		}
+	})
 }
