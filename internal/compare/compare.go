@@ -71,8 +71,9 @@ func (e *Error) Unwrap() error { return e.Err }
 
 const (
 	sector = 512
-	piece  = 2 << 20 // the most read at once from one disk
-	window = 1 << 30 // the extents asked for at once
+	piece  = 2 << 20   // the most one job covers
+	step   = 256 << 10 // the most read at once from one disk
+	window = 1 << 30   // the extents asked for at once
 )
 
 // Disks compares a and b: over the smaller size, then (if the sizes
@@ -90,7 +91,7 @@ func Disks(ctx context.Context, a, b diskserve.DiskFile, opts Options) (Result, 
 	jobs := make(chan job, opts.Workers)
 	for range opts.Workers {
 		g.Go(func() error {
-			bufs := [2][]byte{make([]byte, piece), make([]byte, piece)}
+			bufs := [2][]byte{make([]byte, step), make([]byte, step)}
 			for j := range jobs {
 				if err := c.run(j, bufs); err != nil {
 					return err
@@ -222,31 +223,35 @@ func (c *comparison) plan(ctx context.Context, common, total int64, jobs chan<- 
 	})
 }
 
-// run reads and compares one piece.
+// run reads and compares one piece, a step of each disk at a time, so
+// that what was read is compared while the CPU's cache still holds it.
 func (c *comparison) run(j job, bufs [2][]byte) error {
 	if c.before(j.off) {
 		return nil
 	}
-	for k, d := range c.disks {
-		p := bufs[k][:j.n]
-		if !j.read[k] {
-			clear(p)
+	for o := j.off; o < j.off+j.n; o += step {
+		m := min(step, j.off+j.n-o)
+		for k, d := range c.disks {
+			p := bufs[k][:m]
+			if !j.read[k] {
+				clear(p)
+				continue
+			}
+			if err := diskserve.ReadFullAt(d, p, o); err != nil {
+				return &Error{Disk: k, Op: "read", Off: o, Err: err}
+			}
+		}
+		a, b := bufs[0][:m], bufs[1][:m]
+		if bytes.Equal(a, b) {
 			continue
 		}
-		if err := diskserve.ReadFullAt(d, p, j.off); err != nil {
-			return &Error{Disk: k, Op: "read", Off: j.off, Err: err}
+		i := 0
+		for a[i] == b[i] {
+			i++
 		}
-	}
-	a, b := bufs[0][:j.n], bufs[1][:j.n]
-	if bytes.Equal(a, b) {
+		c.found(max(o, (o+int64(i))/sector*sector), Content)
 		return nil
 	}
-	i := 0
-	for a[i] == b[i] {
-		i++
-	}
-	off := max(j.off, (j.off+int64(i))/sector*sector)
-	c.found(off, Content)
 	return nil
 }
 
