@@ -69,7 +69,8 @@ and DST are raw files (through the page cache, not under O_DIRECT), and
 elsewhere through memory; either way data extents are copied whole, zero
 runs and all, as qemu-img -C does. -T is SRC's cache mode (as --cache); -t is DST's: writeback
 (the default: DST is made durable before it is named), unsafe (as
-qemu-img's default: no sync at the end, faster, lost to a crash soon
+qemu-img's default: nothing synced, not even the format's metadata
+after its data; faster, lost or inconsistent after a crash soon
 after), none or directsync (DST filled with O_DIRECT, new or not; the
 formats written whole, streamOptimized VMDK, zstd and Android sparse,
 through the page cache and synced), writethrough (as writeback).`,

@@ -114,9 +114,10 @@ type Target struct {
 	// Copy tunes the copy of the data.
 	Copy CopyOptions
 
-	// Unsafe leaves the new image's files unsynced: a crash soon after
-	// may leave them empty or in part (qemu-img convert's default cache
-	// mode, -t unsafe).
+	// Unsafe leaves the new image's files unsynced, flushes of the
+	// format's own included: a crash soon after may leave them empty,
+	// in part or inconsistent (qemu-img convert's default cache mode,
+	// -t unsafe).
 	Unsafe bool
 
 	// Direct writes the new image with O_DIRECT (-t none or directsync),
@@ -264,13 +265,21 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 }
 
 // openFile returns open, writing behind ([format.WriteBehind]) unless t
-// is unsafe: then nothing waits for the disk at the end, and the writes
-// are better left in the page cache.
+// is unsafe. Unsafe, the files opened for writing ignore flushes, the
+// format's own included (a block table's entries written after their
+// data has synced), as qemu-img's unsafe cache mode does: nothing waits
+// for the disk, and the writes are better left in the page cache.
 func (t Target) openFile(open func(string, bool) (diskserve.DiskFile, error)) func(string, bool) (diskserve.DiskFile, error) {
-	if t.Unsafe {
-		return open
+	if !t.Unsafe {
+		return format.WriteBehind(open)
 	}
-	return format.WriteBehind(open)
+	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
+		d, err := open(name, readOnly)
+		if err != nil || readOnly {
+			return d, err
+		}
+		return diskserve.WithCache(d, diskserve.CacheUnsafe), nil
+	}
 }
 
 // bitmapWriter is what a format offers to make persistent dirty bitmaps
