@@ -38,7 +38,8 @@ import (
 )
 
 // backedMemory is how much free memory is made backed by the host before
-// each timed run (fio.BackFreeMemory): well above what a run allocates (an output holds 512 MiB of data).
+// each timed run (fio.BackFreeMemory): well above what a run allocates
+// (an output holds 512 MiB of data).
 const backedMemory = 3 << 30
 
 // A job is one conversion: the arguments after "convert" for each tool,

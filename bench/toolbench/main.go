@@ -46,7 +46,8 @@ import (
 )
 
 // backedMemory is how much free memory is made backed by the host before
-// each timed run (fio.BackFreeMemory): well above what a run allocates (a job writes 1 GiB).
+// each timed run (fio.BackFreeMemory): well above what a run allocates
+// (a job writes 1 GiB).
 const backedMemory = 4 << 30
 
 // A job is one operation: how to set its images up in a directory, and

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/diskserve/diskserve"
 	"github.com/klauspost/compress/zlib"
@@ -415,14 +416,17 @@ func writeStream(ctx context.Context, out *os.File, path string, src diskserve.D
 	return out.Sync()
 }
 
-// A grainSlot compresses one grain at a time, keeping its buffers and
-// its compressor from one grain to the next.
+// A grainSlot compresses one grain at a time, keeping its buffers from
+// one grain to the next.
 type grainSlot struct {
 	in    []byte
 	out   bytes.Buffer
-	zw    *zlib.Writer
 	grain []byte // the last grain compressed: marker, zlib data, padding to a sector; nil if it read as zeroes
 }
+
+// deflaters keeps zlib writers for reuse across grains: each holds
+// hundreds of KiB of state that a new one allocates and clears.
+var deflaters sync.Pool
 
 // compress makes grain g of src a stream grain in s.grain.
 func (s *grainSlot) compress(src diskserve.DiskFile, g, grainLen int64) error {
@@ -440,15 +444,18 @@ func (s *grainSlot) compress(src diskserve.DiskFile, g, grainLen int64) error {
 	}
 	s.out.Reset()
 	s.out.Write(make([]byte, 12))
-	if s.zw == nil {
-		s.zw = zlib.NewWriter(&s.out)
+	zw, ok := deflaters.Get().(*zlib.Writer)
+	if ok {
+		zw.Reset(&s.out)
 	} else {
-		s.zw.Reset(&s.out)
+		zw = zlib.NewWriter(&s.out)
 	}
-	if _, err := s.zw.Write(p); err != nil {
-		return err
+	_, err := zw.Write(p)
+	if err == nil {
+		err = zw.Close()
 	}
-	if err := s.zw.Close(); err != nil {
+	deflaters.Put(zw)
+	if err != nil {
 		return err
 	}
 	b := s.out.Bytes()
