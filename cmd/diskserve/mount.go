@@ -48,13 +48,17 @@ and served until the last open file is closed.`,
 			if !remote.IsURL(image) {
 				name, _ = filepath.Abs(image)
 			}
+			// From here a signal unmounts: one that arrived while the mount
+			// came up, or right after it said so, would otherwise kill the
+			// process and leave a dead mount behind.
+			sig := make(chan os.Signal, 1)
+			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+			defer signal.Stop(sig)
 			srv, err := fuse.Mount(d, mountpoint, fuse.Options{Name: "diskserve:" + strings.ReplaceAll(name, ",", "_"), Logger: log})
 			if err != nil {
 				return err
 			}
 			log.Info("mounted", "image", name, "at", mountpoint, "read-only", d.ReadOnly(), "engine", engineName(d))
-			sig := make(chan os.Signal, 1)
-			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 			s := <-sig
 			log.Info("unmounting", "signal", s.String())
 			if err := srv.Unmount(); err != nil {

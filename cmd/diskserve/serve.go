@@ -131,6 +131,12 @@ func runServe(f *serveFlags, args []string) error {
 	if err != nil {
 		return err
 	}
+	// From here a signal shuts the server down cleanly: one that arrived
+	// while the sockets came up, or right after the log said so, would
+	// otherwise kill the process and leave its sockets behind.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sig)
 	if f.control != "" {
 		l, err := control.Listen(strings.TrimPrefix(f.control, "unix:"))
 		if err != nil {
@@ -164,8 +170,6 @@ func runServe(f *serveFlags, args []string) error {
 		log.Info("listening", "addr", l.Addr().Network()+":"+l.Addr().String())
 		go func() { errc <- srv.Serve(l) }()
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var serveErr error
 	select {
 	case s := <-sig:
