@@ -60,10 +60,19 @@ func OpenFile(name string, readOnly bool) (diskserve.DiskFile, error) {
 
 // FileOpener returns an [diskserve.Options.OpenFile] that opens URLs as
 // cfg says ([remote.Config.Open]) and local names with [raw.OpenFile], or
-// [raw.OpenFileDirect] when the cache mode bypasses the page cache. (A
-// remote image's block cache keeps its own ways: it writes fetched chunks
-// with O_DIRECT whatever the mode.)
+// [raw.OpenFileDirect] when the cache mode bypasses the page cache. Under
+// the unsafe mode the local files opened for writing ignore flushes
+// ([IgnoreFlushes]). (A remote image's block cache keeps its own ways: it
+// writes fetched chunks with O_DIRECT whatever the mode.)
 func FileOpener(cfg remote.Config, cache diskserve.CacheMode) func(name string, readOnly bool) (diskserve.DiskFile, error) {
+	open := fileOpener(cfg, cache)
+	if cache == diskserve.CacheUnsafe {
+		return IgnoreFlushes(open)
+	}
+	return open
+}
+
+func fileOpener(cfg remote.Config, cache diskserve.CacheMode) func(name string, readOnly bool) (diskserve.DiskFile, error) {
 	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
 		if !remote.IsURL(name) {
 			if cache.Direct() {
@@ -79,6 +88,21 @@ func FileOpener(cfg remote.Config, cache diskserve.CacheMode) func(name string, 
 			return nil, err // not a nil *cache.Disk in an interface
 		}
 		return d, nil
+	}
+}
+
+// IgnoreFlushes returns open with the files it opens for writing ignoring
+// flushes, a format's own included (the ordering flushes of a qcow2 or a
+// VHDX between data and the metadata that points at it), as qemu's unsafe
+// cache mode ignores them at every layer: nothing waits for the disk, and
+// a host crash can leave the image corrupt.
+func IgnoreFlushes(open func(name string, readOnly bool) (diskserve.DiskFile, error)) func(name string, readOnly bool) (diskserve.DiskFile, error) {
+	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
+		d, err := open(name, readOnly)
+		if err != nil || readOnly {
+			return d, err
+		}
+		return diskserve.WithCache(d, diskserve.CacheUnsafe), nil
 	}
 }
 

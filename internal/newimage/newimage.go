@@ -265,21 +265,14 @@ func fill(ctx context.Context, o *output, out *os.File, src diskserve.DiskFile, 
 }
 
 // openFile returns open, writing behind ([format.WriteBehind]) unless t
-// is unsafe. Unsafe, the files opened for writing ignore flushes, the
-// format's own included (a block table's entries written after their
-// data has synced), as qemu-img's unsafe cache mode does: nothing waits
-// for the disk, and the writes are better left in the page cache.
+// is unsafe. Unsafe, the files opened for writing ignore flushes
+// ([format.IgnoreFlushes]), as qemu-img's unsafe cache mode does: nothing
+// waits for the disk, and the writes are better left in the page cache.
 func (t Target) openFile(open func(string, bool) (diskserve.DiskFile, error)) func(string, bool) (diskserve.DiskFile, error) {
 	if !t.Unsafe {
 		return format.WriteBehind(open)
 	}
-	return func(name string, readOnly bool) (diskserve.DiskFile, error) {
-		d, err := open(name, readOnly)
-		if err != nil || readOnly {
-			return d, err
-		}
-		return diskserve.WithCache(d, diskserve.CacheUnsafe), nil
-	}
+	return format.IgnoreFlushes(open)
 }
 
 // bitmapWriter is what a format offers to make persistent dirty bitmaps
