@@ -40,6 +40,10 @@ const (
 	stopGrace      = 10 * time.Second // for a client to read its last replies at shutdown
 	cacheStep      = 1 << 20          // the buffer CACHE reads into
 
+	// prefetchQueue CACHE ranges at most wait for a connection's
+	// prefetcher; past that a CACHE reads its range before its reply.
+	prefetchQueue = 16
+
 	// cachedBatch READs at most are served on the reader and held for one
 	// writev (see serveCached). Their buffers, at most cachedBatch times
 	// sendfileMin bytes, are outside the connection's budget.
@@ -66,6 +70,8 @@ type transmission struct {
 	work     chan *request       // requests for the workers
 	replies  chan *request       // requests whose reply is ready
 	stopping atomic.Bool
+	prefetch chan [2]int64 // CACHE ranges for the prefetcher: offset, length
+	ended    atomic.Bool   // the reader has stopped: the prefetcher drops what is left
 	hdr      [28]byte   // the request header being read; reader only
 	cached   []*request // READs the reader served, replies not yet sent; reader only
 	noCached bool       // the host file refused RWF_NOWAIT; reader only
@@ -100,6 +106,7 @@ func newTransmission(s *Server, e *Export, c net.Conn, log *slog.Logger, structu
 		free:       make(chan *request, requestsPerConn),
 		work:       make(chan *request, requestsPerConn),
 		replies:    make(chan *request, requestsPerConn),
+		prefetch:   make(chan [2]int64, prefetchQueue),
 	}
 	for range requestsPerConn {
 		t.free <- &request{out: make([][]byte, 0, 2*maxReadChunks+2)}
@@ -130,7 +137,8 @@ func (t *transmission) serve() {
 		uc.SetWriteBuffer(unixSendBuffer)
 	}
 	t.log.Info("client attached", "structured", t.structured, "block-status", len(t.meta) > 0)
-	var workers, writer sync.WaitGroup
+	var workers, writer, prefetcher sync.WaitGroup
+	prefetcher.Go(t.prefetchLoop)
 	for range workersPerConn {
 		workers.Go(func() {
 			for r := range t.work {
@@ -145,8 +153,11 @@ func (t *transmission) serve() {
 		in = t.sock
 	}
 	err := t.readLoop(bufio.NewReaderSize(in, 64<<10))
+	t.ended.Store(true)
 	close(t.work)
 	workers.Wait()
+	close(t.prefetch)
+	prefetcher.Wait()
 	close(t.replies)
 	writer.Wait()
 	t.c.Close()
