@@ -72,9 +72,9 @@ type transmission struct {
 	stopping atomic.Bool
 	prefetch chan [2]int64 // CACHE ranges for the prefetcher: offset, length
 	ended    atomic.Bool   // the reader has stopped: the prefetcher drops what is left
-	hdr      [28]byte   // the request header being read; reader only
-	cached   []*request // READs the reader served, replies not yet sent; reader only
-	noCached bool       // the host file refused RWF_NOWAIT; reader only
+	hdr      [28]byte      // the request header being read; reader only
+	cached   []*request    // READs the reader served, replies not yet sent; reader only
+	noCached bool          // the host file refused RWF_NOWAIT; reader only
 
 	// sendMu is held by whoever writes replies to the socket: the reply
 	// writer, or the reader sending what it served itself. Both send
