@@ -16,11 +16,18 @@ import (
 // 1/512 of the span touched, so at most 128 MiB.
 const storeWindow = 64 << 30
 
+// maxStore is the largest write that may be a store. A store faults on
+// each page it touches for the first time since the page was cleaned,
+// where a pwrite pays once per folio; only writes of a few pages into
+// large folios come out ahead by store (BenchmarkWritePaths, and
+// docs/performance.md on 1 MiB writes over NBD).
+const maxStore = 16 << 10
+
 var pageSize = int64(os.Getpagesize())
 
 // A writeMapping is a shared mapping of an image file through which
-// writes go into the file's page cache where the pages they cover are
-// already cached. Such a write (a "store") is a memory copy: no system call and no inode lock, which on ext4
+// small writes (maxStore) go into the file's page cache where the pages
+// they cover are already cached. Such a write (a "store") is a memory copy: no system call and no inode lock, which on ext4
 // with large folios is what makes small buffered pwrites slow (see
 // docs/performance.md). A write to pages that are not cached goes to
 // pwrite instead, because a store into a missing page would read it from
@@ -71,7 +78,7 @@ func (s *writeMapping) storable(off, n int64) bool {
 // covers reports whether [off, off+n) lies in the mapping and in the page
 // cache; s.mu must be held.
 func (s *writeMapping) covers(off, n int64) bool {
-	return s.mem != nil && off <= storeWindow-n && s.cached(off, n)
+	return s.mem != nil && n <= maxStore && off <= storeWindow-n && s.cached(off, n)
 }
 
 // cached reports whether every page of [off, off+n) is in the page cache,

@@ -22,9 +22,9 @@
 // # Concurrency
 //
 // Every method may be called concurrently, as [diskserve.DiskFile] requires;
-// reads are single pread calls. Writes to a regular file are memory copies
-// into a shared mapping of it where the pages they cover are in the page
-// cache, and single pwrite calls otherwise. Resize must not race
+// reads are single pread calls. Writes of up to 16 KiB to a regular file
+// are memory copies into a shared mapping of it where the pages they cover
+// are in the page cache, and single pwrite calls otherwise. Resize must not race
 // with I/O at the offsets it removes.
 //
 // # Direct I/O

@@ -132,10 +132,22 @@ func writeSpans(path string, size int64, spans [][2]int64, fill func([]byte)) {
 	}
 }
 
+// peerMalloc keeps the memory a C program frees in the program (glibc
+// neither unmaps large blocks nor trims its heaps), for every process a
+// harness starts: the peers, fio and nbdcopy. On these VMs freed memory
+// goes back to the host (see BackFreeMemory), and a program that frees a
+// buffer per request, as qemu-nbd does for each 1 MiB read, then faults
+// at the host on every new one and runs several times slower than it
+// would on a machine without a balloon (docs/performance.md). diskserve,
+// a Go program that pools its buffers, is not affected either way.
+const peerMalloc = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+
 // Setup makes a temporary directory for a harness called name and builds
 // ./cmd/diskserve into it (run from the module root). It returns the
-// directory and the binary; the caller removes the directory.
+// directory and the binary; the caller removes the directory. It sets
+// GLIBC_TUNABLES (peerMalloc) for the processes the harness starts.
 func Setup(name string) (dir, bin string) {
+	os.Setenv("GLIBC_TUNABLES", peerMalloc)
 	dir, err := os.MkdirTemp("", name)
 	if err != nil {
 		log.Fatal(err)
