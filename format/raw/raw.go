@@ -22,9 +22,10 @@
 // # Concurrency
 //
 // Every method may be called concurrently, as [diskserve.DiskFile] requires;
-// reads are single pread calls. Writes of up to 16 KiB to a regular file
-// are memory copies into a shared mapping of it where the pages they cover
-// are in the page cache, and single pwrite calls otherwise. Resize must not race
+// reads are single pread calls. A write of up to 16 KiB to a regular file
+// into pages in the page cache is a memory copy into a shared mapping of
+// the file or a pwrite, whichever has been faster in its region of the
+// file lately (see wayChooser); other writes are single pwrite calls. Resize must not race
 // with I/O at the offsets it removes.
 //
 // # Direct I/O
@@ -42,6 +43,7 @@ import (
 	"io/fs"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"github.com/diskserve/diskserve"
 	"golang.org/x/sys/unix"
@@ -122,6 +124,7 @@ type Disk struct {
 	readOnly bool
 	size     atomic.Int64
 	mapping  *writeMapping // nil for block devices, read-only and direct disks
+	ways     *wayChooser   // with mapping: store or pwrite, per region
 	dio      *directIO     // with O_DIRECT
 
 	writeBehind atomic.Bool  // see SetWriteBehind
@@ -198,11 +201,29 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if d.dio != nil {
 		return d.writeDirect(p, off)
 	}
-	if d.mapping.write(p, off) {
+	if d.mapping != nil && int64(len(p)) <= maxStore && off <= storeWindow-int64(len(p)) {
+		return d.writeSmall(p, off)
+	}
+	n, err := d.f.WriteAt(p, off)
+	d.wrote(n)
+	return n, err
+}
+
+// writeSmall writes p, at most maxStore bytes inside the store window, by
+// store or by pwrite: the way d.ways picks, timed for it. A store the
+// mapping refuses (pages not cached) is a pwrite, and not timed.
+func (d *Disk) writeSmall(p []byte, off int64) (int, error) {
+	w := d.ways.pick(off)
+	start := time.Now()
+	if w == byStore && d.mapping.write(p, off) {
+		d.ways.record(off, byStore, time.Since(start))
 		d.wrote(len(p))
 		return len(p), nil
 	}
 	n, err := d.f.WriteAt(p, off)
+	if err == nil && w == byPwrite {
+		d.ways.record(off, byPwrite, time.Since(start))
+	}
 	d.wrote(n)
 	return n, err
 }

@@ -115,7 +115,9 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 			return nil, err
 		}
 	case !readOnly && !d.blockDev:
-		d.mapping = mapForWrites(d.fd)
+		if d.mapping = mapForWrites(d.fd); d.mapping != nil {
+			d.ways = new(wayChooser)
+		}
 	}
 	return d, nil
 }
