@@ -23,8 +23,8 @@ const (
 // a while) the store's page fault costs more than the whole pwrite. A
 // region's first learnWrites writes take turns; after them the other way
 // is tried now and then (once in exploreEvery writes, times the ratio of
-// the two ways' costs), so that a region whose folios change is noticed. The region is 2 MiB because that is the
-// largest folio of the page cache.
+// the two ways' costs), so that a region whose folios change is noticed.
+// Regions are 2 MiB, the page cache's largest folio on x86-64.
 //
 // The table covers the store window in blocks of a GiB of regions,
 // allocated as writes reach them. Its counters are updated without locks:
