@@ -623,6 +623,22 @@ func (d *Disk) backingExtents(dst []diskserve.Extent, off, n int64) ([]diskserve
 	return dst, nil
 }
 
+// MapHost maps a read that lies in one run of stored blocks, one after
+// another in the image file, onto that file (through the file's own
+// mapping), so that an exporter sends it with sendfile and the io_uring
+// engine reads it itself. Writes are not mapped: the table must see them.
+// A stored block never moves, and its place is never given to another, so
+// a mapping stays good for its one I/O.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	bs := d.cfg.BlockSize
+	i, in := off/bs, off%bs
+	b := d.Lookup(i)
+	if write || b.State != Data || in+n > bs && d.dataRun(i, b, (in+n+bs-1)/bs)*bs < in+n {
+		return diskserve.HostRange{}, false
+	}
+	return diskserve.MapHost(d.cfg.File, b.Host+in, n, false)
+}
+
 // LocateHost locates the run from off: blocks stored one after another in
 // the image file, or what the backing disk says of unallocated blocks.
 // Zero and special blocks (compressed grains, blocks present in part) are

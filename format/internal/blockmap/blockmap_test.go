@@ -208,3 +208,47 @@ func TestStoredRunReadInOneCall(t *testing.T) {
 		t.Fatalf("the read of blocks 0-3 made %s, want blocks 0-2 in one read and block 3 in another", got)
 	}
 }
+
+// mappedFile is a logFile that maps every range onto itself, as a raw
+// file does.
+type mappedFile struct{ *logFile }
+
+func (f mappedFile) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	return diskserve.HostRange{FD: 99, Off: off}, true
+}
+
+// TestMapHost maps reads inside a stored block or a run of them onto the
+// file, and nothing else: not a write, not an unallocated block, not a
+// range across blocks stored apart.
+func TestMapHost(t *testing.T) {
+	f := mappedFile{&logFile{b: make([]byte, 4096)}}
+	tab := &testTable{f: f.logFile, entries: make([]int64, 6), free: 4096}
+	d := New(Config{Format: "test", Path: "test.img", File: f, Size: 6 * 4096, BlockSize: 4096, Table: tab})
+	for _, i := range []int64{0, 1, 2, 5, 3} { // block 3 lands after block 5
+		if _, err := d.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), i*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		off, n int64
+		write  bool
+		host   int64 // -1: not mapped
+	}{
+		{100, 200, false, 4096 + 100},        // inside block 0
+		{4000, 2 * 4096, false, 4096 + 4000}, // blocks 0-2, stored in a row
+		{4000, 3 * 4096, false, -1},          // on into block 3, stored apart
+		{2*4096 + 10, 3000, false, 3*4096 + 10},
+		{2*4096 + 10, 4096, false, -1}, // block 2 into block 3, stored apart
+		{3 * 4096, 4096, false, 5 * 4096},
+		{4 * 4096, 10, false, -1}, // unallocated
+		{100, 200, true, -1},      // a write
+	} {
+		r, ok := d.MapHost(c.off, c.n, c.write)
+		switch {
+		case c.host < 0 && ok:
+			t.Errorf("%d+%d (write %v) mapped to %d, want no mapping", c.off, c.n, c.write, r.Off)
+		case c.host >= 0 && (!ok || r.Off != c.host):
+			t.Errorf("%d+%d mapped to %d (%v), want %d", c.off, c.n, r.Off, ok, c.host)
+		}
+	}
+}
