@@ -27,8 +27,9 @@ var pageSize = int64(os.Getpagesize())
 
 // A writeMapping is a shared mapping of an image file through which
 // small writes (maxStore) go into the file's page cache where the pages
-// they cover are already cached. Such a write (a "store") is a memory copy: no system call and no inode lock, which on ext4
-// with large folios is what makes small buffered pwrites slow (see
+// they cover are already cached. Such a write (a "store") is a memory
+// copy: no write system call and no inode lock, which on ext4 with large
+// folios is what makes small buffered pwrites slow (see
 // docs/performance.md). A write to pages that are not cached goes to
 // pwrite instead, because a store into a missing page would read it from
 // disk before overwriting it.

@@ -25,8 +25,8 @@
 // reads are single pread calls. A write of up to 16 KiB to a regular file
 // into pages in the page cache is a memory copy into a shared mapping of
 // the file or a pwrite, whichever has been faster in its region of the
-// file lately (see wayChooser); other writes are single pwrite calls. Resize must not race
-// with I/O at the offsets it removes.
+// file lately (see wayChooser); other writes are single pwrite calls.
+// Resize must not race with I/O at the offsets it removes.
 //
 // # Direct I/O
 //
