@@ -24,6 +24,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -257,11 +258,21 @@ func withServer(p peer, url, dir string, fn func(uri, sock string) float64) floa
 	return fn(uri, sock)
 }
 
+// onceLimit bounds one read of the whole image: a server that stops
+// answering (qemu-nbd over curl has, with its connections to the proxy
+// idle) would otherwise hold the run for ever.
+const onceLimit = 5 * time.Minute
+
 // fioOnce reads the whole export once with fio's nbd engine and returns
 // MiB/s.
 func fioOnce(uri string, args ...string) float64 {
-	cmd := exec.Command("fio", append([]string{"--name=once", "--ioengine=nbd", "--uri=" + uri, "--size=" + strconv.Itoa(imageSize), "--output-format=json"}, args...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), onceLimit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "fio", append([]string{"--name=once", "--ioengine=nbd", "--uri=" + uri, "--size=" + strconv.Itoa(imageSize), "--output-format=json"}, args...)...)
 	out, err := cmd.Output()
+	if ctx.Err() != nil {
+		log.Fatalf("fio: the image not read in %v: the server stopped answering", onceLimit)
+	}
 	if err != nil {
 		log.Fatalf("fio: %v\n%s", err, out)
 	}
