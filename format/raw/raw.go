@@ -213,16 +213,17 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 // store or by pwrite: the way d.ways picks, timed for it. A store the
 // mapping refuses (pages not cached) is a pwrite, and not timed.
 func (d *Disk) writeSmall(p []byte, off int64) (int, error) {
-	w := d.ways.pick(off)
+	r := d.ways.region(off)
+	w := r.pick()
 	start := time.Now()
 	if w == byStore && d.mapping.write(p, off) {
-		d.ways.record(off, byStore, time.Since(start))
+		r.record(byStore, time.Since(start))
 		d.wrote(len(p))
 		return len(p), nil
 	}
 	n, err := d.f.WriteAt(p, off)
 	if err == nil && w == byPwrite {
-		d.ways.record(off, byPwrite, time.Since(start))
+		r.record(byPwrite, time.Since(start))
 	}
 	d.wrote(n)
 	return n, err

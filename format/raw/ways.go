@@ -55,6 +55,8 @@ type regionCost struct {
 	writes atomic.Uint32
 }
 
+// region returns the costs of the region holding off, which lies in the
+// store window.
 func (c *wayChooser) region(off int64) *regionCost {
 	slot := &c.blocks[off>>blockShift]
 	b := slot.Load()
@@ -65,33 +67,30 @@ func (c *wayChooser) region(off int64) *regionCost {
 	return &b[off>>regionShift&(1<<(blockShift-regionShift)-1)]
 }
 
-// pick returns the way for a write at off, which lies in the store window.
-func (c *wayChooser) pick(off int64) way {
-	r := c.region(off)
+// pick returns the way for the region's next write.
+func (r *regionCost) pick() way {
 	n := r.writes.Add(1)
 	if n <= learnWrites { // learning: take turns
 		return way(n % 2)
 	}
 	store, pwrite := r.mean[byStore].Load(), r.mean[byPwrite].Load()
-	best, other := byStore, byPwrite
+	best, other, ratio := byStore, byPwrite, pwrite/max(store, 1)
 	if pwrite < store {
-		best, other = other, best
+		best, other, ratio = byPwrite, byStore, store/max(pwrite, 1)
 	}
 	// The dearer the other way, the less often it is tried: a try costs
 	// the difference.
-	cost := min(max(r.mean[other].Load()/max(r.mean[best].Load(), 1), 1), maxExploreScale)
-	if n%(exploreEvery*uint32(cost)) == 0 {
+	if n%(exploreEvery*uint32(min(max(ratio, 1), maxExploreScale))) == 0 {
 		return other
 	}
 	return best
 }
 
-// record enters a write at off by w that took d into the region's mean:
-// an exponential moving average, of weight 1/2 while the region learns
-// and 1/4 after.
-func (c *wayChooser) record(off int64, w way, d time.Duration) {
+// record enters a write by w that took d into the region's mean: an
+// exponential moving average, of weight 1/2 while the region learns and
+// 1/4 after.
+func (r *regionCost) record(w way, d time.Duration) {
 	ns := int32(min(d, time.Duration(maxSample)))
-	r := c.region(off)
 	m := &r.mean[w]
 	old := m.Load()
 	if old == 0 {

@@ -18,9 +18,10 @@ func TestWayChooserFollowsCosts(t *testing.T) {
 	}
 	run := func(off int64, writes int) (picks [2]int) {
 		for range writes {
-			w := c.pick(off)
+			r := c.region(off)
+			w := r.pick()
 			picks[w]++
-			c.record(off, w, cost[off][w])
+			r.record(w, cost[off][w])
 		}
 		return picks
 	}
@@ -36,13 +37,13 @@ func TestWayChooserFollowsCosts(t *testing.T) {
 		t.Errorf("after its costs swapped, the region picks %v (store, pwrite)", picks)
 	}
 	// One slow outlier does not flip a region.
-	c.record(settled, byPwrite, time.Second)
+	c.region(settled).record(byPwrite, time.Second)
 	if picks := run(settled, 32); picks[byPwrite] < 32-2*32/exploreEvery {
 		t.Errorf("an outlier flipped the region: %v (store, pwrite)", picks)
 	}
 	// Offsets across the window land in their own regions.
 	last := int64(storeWindow - 4096)
-	c.record(last, byStore, time.Microsecond)
+	c.region(last).record(byStore, time.Microsecond)
 	if got := c.region(last).mean[byStore].Load(); got != int32(time.Microsecond) {
 		t.Errorf("the last region's store mean is %d", got)
 	}
