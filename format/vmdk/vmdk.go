@@ -116,6 +116,7 @@ var (
 	_ diskserve.ExtentMapper = (*Disk)(nil)
 	_ diskserve.DepthMapper  = (*Disk)(nil)
 	_ diskserve.HostLocator  = (*Disk)(nil)
+	_ diskserve.HostMapper   = (*Disk)(nil)
 	_ diskserve.ZeroWriter   = (*Disk)(nil)
 	_ diskserve.HolePuncher  = (*Disk)(nil)
 	_ diskserve.Flusher      = (*Disk)(nil)
@@ -448,6 +449,23 @@ func (d *Disk) LocateHost(off, n int64) (diskserve.HostLocation, error) {
 	e := &d.extents[d.at(off)]
 	in := off - e.start
 	return diskserve.LocateHost(e.d, in, min(n, e.n-in))
+}
+
+// MapHost maps a read that lies inside one extent onto that extent's
+// mapping: a flat extent's file, or a sparse extent's stored grains.
+// Writes are not mapped: the first write of a session renews the CID.
+func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
+	if write {
+		return diskserve.HostRange{}, false
+	}
+	e := &d.extents[d.at(off)]
+	in := off - e.start
+	if in+n > e.n {
+		return diskserve.HostRange{}, false
+	}
+	r, ok := diskserve.MapHost(e.d, in, n, false)
+	r.Whole = false // the descriptor and other extents are the disk too
+	return r, ok
 }
 
 // Flush flushes every extent.

@@ -1,6 +1,7 @@
 package vmdk_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/diskserve/diskserve/internal/formattest"
 	"github.com/diskserve/diskserve/internal/newimage"
 	"github.com/diskserve/diskserve/internal/testtool"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -414,5 +416,62 @@ func TestCreateDelta(t *testing.T) {
 		if err := newimage.Create(filepath.Join(dir, "refused.vmdk"), f, a); err == nil {
 			t.Errorf("create %+v: no error", a)
 		}
+	}
+}
+
+// TestMapHost: a read inside one extent maps onto that extent's file, at
+// the flat extent's offset or where a sparse extent stores the grain; a
+// read across extents and any write are not mapped.
+func TestMapHost(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "two.vmdk")
+	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n" +
+		"RW 16 FLAT \"a-flat.vmdk\" 0\nRW 16 FLAT \"b-flat.vmdk\" 2\n"
+	if err := os.WriteFile(img, []byte(desc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string]byte{"a-flat.vmdk": 'a', "b-flat.vmdk": 'b'} {
+		content := []byte(strings.Repeat(string(b), 9216))
+		for i := range content {
+			content[i] += byte(i / 512 % 7)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), content, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sparseImg := filepath.Join(dir, "sparse.vmdk")
+	testtool.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "../../testdata/raw/pattern.img", sparseImg)
+	for _, c := range []struct {
+		img    string
+		off, n int64
+		write  bool
+		mapped bool
+	}{
+		{img, 100, 4000, false, true},      // inside a
+		{img, 8192 + 10, 500, false, true}, // inside b, past its 2-sector offset
+		{img, 8000, 400, false, false},     // across a and b
+		{img, 100, 4000, true, false},      // a write
+		{sparseImg, 4096, 4096, false, true},
+	} {
+		d, err := format.Open(c.img, diskserve.Options{Format: "vmdk"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, ok := diskserve.MapHost(d, c.off, c.n, c.write)
+		if ok != c.mapped {
+			t.Errorf("%s %d+%d (write %v): mapped %v, want %v", filepath.Base(c.img), c.off, c.n, c.write, ok, c.mapped)
+		}
+		if ok {
+			want := make([]byte, c.n)
+			if _, err := d.ReadAt(want, c.off); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, c.n)
+			if _, err := unix.Pread(r.FD, got, r.Off); err != nil || !bytes.Equal(got, want) {
+				t.Errorf("%s %d+%d: the mapped bytes at %d differ from the disk's (%v)", filepath.Base(c.img), c.off, c.n, r.Off, err)
+			}
+			r.Done()
+		}
+		d.Close()
 	}
 }
