@@ -134,7 +134,6 @@ type Disk struct {
 	inflight map[int64]*fetch // chunks being fetched or fetched and not yet committed
 	pending  []run            // fetched runs not yet committed
 	pendingN int64            // their bytes
-	writing  int64            // bytes of ended GETs whose chunks are still being stored
 	drained  *sync.Cond       // on mu: a commit took the pending runs
 	resident atomic.Int64     // bytes of present chunks, as this process counts them
 
@@ -520,7 +519,7 @@ func (d *Disk) claim(first, end int64) (int64, *stream) {
 func (d *Disk) fetchRun(ctx context.Context, st *stream, first, end int64) {
 	defer d.release(st)
 	d.mu.Lock()
-	for d.pendingN+d.writing >= maxPending && ctx.Err() == nil { // the disk is behind: wait for it
+	for d.pendingN >= maxPending && ctx.Err() == nil { // the disk is behind: wait for it
 		d.drained.Wait()
 	}
 	d.mu.Unlock()
@@ -550,10 +549,7 @@ func (d *Disk) fetchRun(ctx context.Context, st *stream, first, end int64) {
 }
 
 // get fetches chunks [first, end), which are claimed and locked, with one
-// GET, handing each chunk out as it arrives. A writer goroutine stores
-// the chunks that are in while the body goes on arriving: writing a chunk
-// in the loop that reads the body would stall the connection for as long
-// as the write takes.
+// GET, handing each chunk out as it arrives.
 func (d *Disk) get(ctx context.Context, first, end int64) {
 	off := first * d.chunk
 	n := min(end*d.chunk, d.size) - off
@@ -576,10 +572,9 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 		f.split = len(f.buf)
 		st.mu.Unlock()
 	}
+	kinds := make([]uint32, 0, end-first)
 	sums := make([]uint32, end-first)
-	w := d.startWriter(first, p, fs, sums)
-	summed := 0  // bytes of p summed
-	arrived := 0 // chunks whole, handed to the writer
+	summed := 0 // bytes of p summed
 	deliver := func(upto int) {
 		// Sum the bytes that just arrived while the CPU's cache has them.
 		for summed < upto {
@@ -589,81 +584,42 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 			summed = hi
 		}
 		st.mu.Lock()
-		for i, f := range fs[arrived:] {
-			f.filled = int(min(max(int64(upto)-int64(arrived+i)*d.chunk, 0), int64(len(f.buf))))
+		for i, f := range fs[len(kinds):] {
+			f.filled = int(min(max(int64(upto)-int64(len(kinds)+i)*d.chunk, 0), int64(len(f.buf))))
 		}
 		st.cond.Broadcast()
 		st.mu.Unlock()
-		for ; arrived < len(fs); arrived++ {
-			if hi := min(int64(arrived+1)*d.chunk, n); hi > int64(upto) {
+		for i := first + int64(len(kinds)); i < end; i++ {
+			lo := (i - first) * d.chunk
+			hi := min(lo+d.chunk, n)
+			if hi > int64(upto) {
 				return
 			}
-			w.whole <- arrived
+			k, err := d.store(i, p[lo:hi], sums[i-first])
+			if err != nil {
+				d.fail(i, end, err)
+				end = i
+				return
+			}
+			kinds = append(kinds, k)
+			fs[i-first].finish(nil)
 		}
 	}
 	start := time.Now()
 	d.stats.gets.Add(1)
-	w.fetchErr = d.src.Fetch(ctx, p, off, deliver)
+	err := d.src.Fetch(ctx, p, off, deliver)
 	d.stats.observe(time.Since(start))
-	d.mu.Lock()
-	d.writing += n // until the writer has stored the chunks
-	d.mu.Unlock()
-	close(w.whole)
-}
-
-// A chunkWriter stores the chunks of one GET in order as they arrive,
-// and ends the GET once the last is stored: the GET's slot is free for
-// another GET while the disk catches up.
-type chunkWriter struct {
-	whole    chan int // index in the run of the next chunk whole in the buffer
-	fetchErr error    // the GET's error, set before whole is closed
-}
-
-// startWriter starts the writer of a GET of the chunks from first, whose
-// bytes arrive in p, with fetches fs and CRC-32Cs sums (complete for a
-// chunk when the GET hands it over). A chunk's fetch finishes once the
-// chunk is in the data file; after a failure the writer stores no more,
-// and the chunks not stored fail.
-func (d *Disk) startWriter(first int64, p []byte, fs []*fetch, sums []uint32) *chunkWriter {
-	w := &chunkWriter{whole: make(chan int, len(fs))}
-	d.bg.Add(1)
-	go func() {
-		defer d.bg.Done()
-		kinds := make([]uint32, 0, len(fs))
-		var err error
-		for c := range w.whole {
-			if err != nil {
-				continue
-			}
-			lo := int64(c) * d.chunk
-			hi := min(lo+d.chunk, int64(len(p)))
-			var k uint32
-			if k, err = d.store(first+int64(c), p[lo:hi], sums[c]); err == nil {
-				kinds = append(kinds, k)
-				fs[c].finish(nil)
-			}
+	got := int64(len(kinds))
+	d.stats.fetched.Add(min(got*d.chunk, n))
+	if got > 0 {
+		d.addPending(run{first, kinds}, got*d.chunk)
+	}
+	if first+got < end {
+		if err == nil {
+			err = errors.New("fetch ended early")
 		}
-		got := int64(len(kinds))
-		end := first + int64(len(fs))
-		d.stats.fetched.Add(min(got*d.chunk, int64(len(p))))
-		d.mu.Lock()
-		d.writing -= int64(len(p))
-		d.drained.Broadcast()
-		d.mu.Unlock()
-		if got > 0 {
-			d.addPending(run{first, kinds}, got*d.chunk)
-		}
-		if first+got < end {
-			if err == nil {
-				err = w.fetchErr
-			}
-			if err == nil {
-				err = errors.New("fetch ended early")
-			}
-			d.fail(first+got, end, err)
-		}
-	}()
-	return w
+		d.fail(first+got, end, err)
+	}
 }
 
 // getSplit fetches chunk i, which is claimed and locked, with two GETs
