@@ -29,6 +29,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -143,8 +144,12 @@ func main() {
 						replay(sock, trace, content)
 						return time.Since(start).Seconds()
 					})
+					got := float64(proxy.Bytes.Load() - before)
+					if math.IsNaN(v) { // a run that hung fetched only part of the image
+						got = math.NaN()
+					}
 					results[k] = append(results[k], v)
-					fetched[k] = append(fetched[k], float64(proxy.Bytes.Load()-before))
+					fetched[k] = append(fetched[k], got)
 					log.Printf("latency %v round %d %-14s %-36s %10.2f, %6.0f MiB fetched", lat, round+1, p.name, job, v, float64(proxy.Bytes.Load()-before)/(1<<20))
 				}
 			}
@@ -168,18 +173,28 @@ func main() {
 	}
 	rows(results, func(job, name string) {
 		fmt.Printf("| %s |", name)
-		var vs []float64
-		for _, p := range ps {
-			vs = append(vs, fio.Median(results[key{name, p.name}]))
-			fmt.Printf(" %.1f |", vs[len(vs)-1])
+		var first float64
+		var others []float64 // the other servers' medians, hung ones left out
+		for i, p := range ps {
+			v := median(results[key{name, p.name}])
+			if math.IsNaN(v) {
+				fmt.Print(" hung |")
+			} else {
+				fmt.Printf(" %.1f |", v)
+			}
+			if i == 0 {
+				first = v
+			} else if !math.IsNaN(v) {
+				others = append(others, v)
+			}
 		}
-		if len(vs) < 2 {
+		if len(others) == 0 || math.IsNaN(first) {
 			fmt.Println(" |")
 			return
 		}
-		ratio := vs[0] / slices.Max(vs[1:])
+		ratio := first / slices.Max(others)
 		if strings.HasSuffix(job, "(s)") { // a time: the better peer's over ours
-			ratio = slices.Min(vs[1:]) / vs[0]
+			ratio = slices.Min(others) / first
 		}
 		fmt.Printf(" %.2f |\n", ratio)
 	})
@@ -189,7 +204,11 @@ func main() {
 	rows(fetched, func(_, name string) {
 		fmt.Printf("| %s |", name)
 		for _, p := range ps {
-			fmt.Printf(" %.0f |", fio.Median(fetched[key{name, p.name}])/(1<<20))
+			if v := median(fetched[key{name, p.name}]); math.IsNaN(v) {
+				fmt.Print(" hung |")
+			} else {
+				fmt.Printf(" %.0f |", v/(1<<20))
+			}
 		}
 		fmt.Println()
 	})
@@ -263,15 +282,26 @@ func withServer(p peer, url, dir string, fn func(uri, sock string) float64) floa
 // idle) would otherwise hold the run for ever.
 const onceLimit = 5 * time.Minute
 
+// median is the median of the rounds that did not hang, or NaN if all
+// did.
+func median(vs []float64) float64 {
+	vs = slices.DeleteFunc(slices.Clone(vs), math.IsNaN)
+	if len(vs) == 0 {
+		return math.NaN()
+	}
+	return fio.Median(vs)
+}
+
 // fioOnce reads the whole export once with fio's nbd engine and returns
-// MiB/s.
+// MiB/s, or NaN when the server stopped answering: the run goes on, and
+// the tables say "hung".
 func fioOnce(uri string, args ...string) float64 {
 	ctx, cancel := context.WithTimeout(context.Background(), onceLimit)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "fio", append([]string{"--name=once", "--ioengine=nbd", "--uri=" + uri, "--size=" + strconv.Itoa(imageSize), "--output-format=json"}, args...)...)
-	out, err := cmd.Output()
+	out, err := fio.Command(ctx, append([]string{"--name=once", "--ioengine=nbd", "--uri=" + uri, "--size=" + strconv.Itoa(imageSize), "--output-format=json"}, args...)...).Output()
 	if ctx.Err() != nil {
-		log.Fatalf("fio: the image not read in %v: the server stopped answering", onceLimit)
+		log.Printf("fio: the image not read in %v: the server stopped answering", onceLimit)
+		return math.NaN()
 	}
 	if err != nil {
 		log.Fatalf("fio: %v\n%s", err, out)

@@ -31,6 +31,17 @@ type Job struct {
 // the server hung.
 const hangGrace = 2 * time.Minute
 
+// Command is fio with args, killed with the processes it forks when ctx
+// ends: fio runs each job in a child process, which a kill of fio alone
+// would leave holding the output pipe, and Output waiting for ever.
+func Command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "fio", args...)
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
+	cmd.WaitDelay = 10 * time.Second
+	return cmd
+}
+
 // Run runs j for runtime over size bytes of the target that target names
 // (--filename=... or --ioengine=nbd --uri=...) and returns its IOPS or
 // MiB/s, summed over its jobs (--numjobs). A failure, or a server that
@@ -42,7 +53,7 @@ func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 	// for ever.
 	ctx, cancel := context.WithTimeout(context.Background(), runtime+hangGrace)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "fio", append(args, j.Args...)...).Output()
+	out, err := Command(ctx, append(args, j.Args...)...).Output()
 	if ctx.Err() != nil {
 		log.Fatalf("fio %s: no result %v after its runtime: the server stopped answering", j.Name, hangGrace)
 	}
