@@ -628,8 +628,7 @@ func (d *Disk) backingExtents(dst []diskserve.Extent, off, n int64) ([]diskserve
 // mapping), so that an exporter sends it with sendfile and the io_uring
 // engine reads it itself. Writes are not mapped: the table must see them.
 // A stored block never moves, and its place is never given to another, so
-// a mapping stays good for its one I/O. (VMDK's Disk, which joins extents,
-// does not forward its sparse extents' mappings yet.)
+// a mapping stays good for its one I/O.
 func (d *Disk) MapHost(off, n int64, write bool) (diskserve.HostRange, bool) {
 	bs := d.cfg.BlockSize
 	i, in := off/bs, off%bs
