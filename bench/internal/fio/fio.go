@@ -47,6 +47,16 @@ func Command(ctx context.Context, args ...string) *exec.Cmd {
 // MiB/s, summed over its jobs (--numjobs). A failure, or a server that
 // stops answering, ends the benchmark.
 func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
+	v, ok := TryRun(j, target, runtime, size)
+	if !ok {
+		log.Fatalf("fio %s: no result %v after its runtime: the server stopped answering", j.Name, hangGrace)
+	}
+	return v
+}
+
+// TryRun is [Run] for a benchmark that goes on past a server that stops
+// answering: it reports false then. Any other failure ends the benchmark.
+func TryRun(j Job, target []string, runtime time.Duration, size int64) (float64, bool) {
 	args := append([]string{"--name=bench", fmt.Sprintf("--size=%d", size), "--time_based", "--group_reporting",
 		fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())), "--output-format=json"}, target...)
 	// A server that stops answering would hold fio, and the whole run,
@@ -55,7 +65,7 @@ func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 	defer cancel()
 	out, err := Command(ctx, append(args, j.Args...)...).Output()
 	if ctx.Err() != nil {
-		log.Fatalf("fio %s: no result %v after its runtime: the server stopped answering", j.Name, hangGrace)
+		return 0, false
 	}
 	if err != nil {
 		log.Fatalf("fio %s: %v\n%s", j.Name, err, out)
@@ -76,9 +86,9 @@ func Run(j Job, target []string, runtime time.Duration, size int64) float64 {
 		r = res.Jobs[0].Write
 	}
 	if j.Unit == "IOPS" {
-		return r.IOPS
+		return r.IOPS, true
 	}
-	return r.BWKiB / 1024
+	return r.BWKiB / 1024, true
 }
 
 // Median returns the median of vs (the upper one of an even count).
