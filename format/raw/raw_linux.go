@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -83,6 +84,27 @@ func checkMode(m fs.FileMode) error {
 // errLocked is the cause given when another process holds the image's lock.
 var errLocked = errors.New("image is in use by another process (it holds the flock lock)")
 
+// lockWait is how long an open waits for a conflicting lock to go before
+// it calls the image in use. A lock belongs to the open file, and a child
+// that this process forks shares every open file until it executes its
+// program (Go marks descriptors close-on-exec, but fork copies them
+// first): an image closed while another goroutine starts a command stays
+// locked for that moment after its Close.
+const lockWait = time.Second
+
+// lock takes the flock how on fd, waiting up to lockWait for a
+// conflicting one to be released.
+func lock(fd, how int) error {
+	deadline := time.Now().Add(lockWait)
+	for pause := time.Millisecond; ; pause = min(2*pause, 50*time.Millisecond) {
+		err := unix.Flock(fd, how|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(pause)
+	}
+}
+
 func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 	st, err := f.Stat()
 	if err != nil {
@@ -96,7 +118,7 @@ func newDisk(f *os.File, path string, readOnly bool) (*Disk, error) {
 	if readOnly {
 		how = unix.LOCK_SH
 	}
-	if err := unix.Flock(d.fd, how|unix.LOCK_NB); err != nil {
+	if err := lock(d.fd, how); err != nil {
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return nil, errLocked
 		}

@@ -164,6 +164,62 @@ func TestLock(t *testing.T) {
 	}
 }
 
+// TestLockOutlivesClose: a child that shares the open file of an image
+// (as any child forked while the image is open does, until it executes
+// its program) keeps the image's lock after the image's Close; an open
+// then waits for the child rather than failing at once, and still fails
+// while the child holds on.
+func TestLockOutlivesClose(t *testing.T) {
+	path, _ := makeImage(t, t.TempDir(), 2<<20)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := raw.FromFile(f, path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, hold := range []string{"0.3", "5"} {
+		child := exec.Command("sleep", hold)
+		child.ExtraFiles = []*os.File{f} // the child shares the locked open file
+		if err := child.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if hold == "0.3" {
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			again, err := raw.OpenFile(path, true)
+			if err != nil {
+				t.Fatalf("open after Close, while a child held the lock for %s s: %v", hold, err)
+			}
+			if waited := time.Since(start); waited < 100*time.Millisecond {
+				t.Errorf("the open waited %v for a lock held 0.3 s", waited)
+			}
+			child.Wait()
+			f, err = os.OpenFile(path, os.O_RDWR, 0)
+			if err == nil {
+				again.Close()
+				d, err = raw.FromFile(f, path, false)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		d.Close()
+		if again, err := raw.OpenFile(path, true); err == nil || !strings.Contains(err.Error(), "in use by another process") {
+			if again != nil {
+				again.Close()
+			}
+			t.Errorf("open while a child held the lock for %s s: %v, want a lock error", hold, err)
+		}
+		child.Process.Kill()
+		child.Wait()
+	}
+}
+
 func TestOpenSpecialFiles(t *testing.T) {
 	dir := t.TempDir()
 	fifo := filepath.Join(dir, "fifo")
