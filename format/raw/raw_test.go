@@ -171,52 +171,49 @@ func TestLock(t *testing.T) {
 // while the child holds on.
 func TestLockOutlivesClose(t *testing.T) {
 	path, _ := makeImage(t, t.TempDir(), 2<<20)
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := raw.FromFile(f, path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, hold := range []string{"0.3", "5"} {
-		child := exec.Command("sleep", hold)
-		child.ExtraFiles = []*os.File{f} // the child shares the locked open file
+	// closeShared opens the image read-write, lets a child share its
+	// open file for seconds, and closes it.
+	closeShared := func(seconds string) *exec.Cmd {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := raw.FromFile(f, path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		child := exec.Command("sleep", seconds)
+		child.ExtraFiles = []*os.File{f}
 		if err := child.Start(); err != nil {
 			t.Fatal(err)
 		}
-		if hold == "0.3" {
-			if err := d.Close(); err != nil {
-				t.Fatal(err)
-			}
-			start := time.Now()
-			again, err := raw.OpenFile(path, true)
-			if err != nil {
-				t.Fatalf("open after Close, while a child held the lock for %s s: %v", hold, err)
-			}
-			if waited := time.Since(start); waited < 100*time.Millisecond {
-				t.Errorf("the open waited %v for a lock held 0.3 s", waited)
-			}
+		t.Cleanup(func() {
+			child.Process.Kill()
 			child.Wait()
-			f, err = os.OpenFile(path, os.O_RDWR, 0)
-			if err == nil {
-				again.Close()
-				d, err = raw.FromFile(f, path, false)
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			continue
+		})
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
 		}
-		d.Close()
-		if again, err := raw.OpenFile(path, true); err == nil || !strings.Contains(err.Error(), "in use by another process") {
-			if again != nil {
-				again.Close()
-			}
-			t.Errorf("open while a child held the lock for %s s: %v, want a lock error", hold, err)
+		return child
+	}
+
+	closeShared("0.3")
+	start := time.Now()
+	again, err := raw.OpenFile(path, true)
+	if err != nil {
+		t.Fatalf("open after Close, while a child held the lock for 0.3 s: %v", err)
+	}
+	if waited := time.Since(start); waited < 100*time.Millisecond {
+		t.Errorf("the open waited %v for a lock held 0.3 s", waited)
+	}
+	again.Close()
+
+	closeShared("5")
+	if again, err := raw.OpenFile(path, true); err == nil || !strings.Contains(err.Error(), "in use by another process") {
+		if again != nil {
+			again.Close()
 		}
-		child.Process.Kill()
-		child.Wait()
+		t.Errorf("open while a child held the lock for 5 s: %v, want a lock error", err)
 	}
 }
 
