@@ -148,12 +148,12 @@ func main() {
 						return replay(sock, trace, content)
 					})
 					got := float64(proxy.Bytes.Load() - before)
-					if math.IsNaN(v) { // a run that hung fetched only part of the image
+					log.Printf("latency %v round %d %-14s %-36s %10.2f, %6.0f MiB fetched", lat, round+1, p.name, job, v, got/(1<<20))
+					if math.IsNaN(v) { // a run that hung fetched only part of what it would have
 						got = math.NaN()
 					}
 					results[k] = append(results[k], v)
 					fetched[k] = append(fetched[k], got)
-					log.Printf("latency %v round %d %-14s %-36s %10.2f, %6.0f MiB fetched", lat, round+1, p.name, job, v, float64(proxy.Bytes.Load()-before)/(1<<20))
 				}
 			}
 		}
