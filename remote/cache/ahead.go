@@ -2,6 +2,7 @@ package cache
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -53,7 +54,7 @@ func (d *Disk) readahead(first, last int64) {
 	ra.mu.Unlock()
 	for from < to {
 		end := min(to, from+d.maxRun)
-		if !d.fetchAhead(from, end) {
+		if !d.fetchAhead(from, end, &d.stats.readahead) {
 			// No GET slot was free: the next step asks again from here.
 			ra.mu.Lock()
 			ra.ahead = min(ra.ahead, from)
@@ -65,9 +66,10 @@ func (d *Disk) readahead(first, last int64) {
 }
 
 // fetchAhead starts, in the background, fetches of the chunks of [first,
-// end) that are neither present nor being fetched, if a GET slot is free.
-// It reports false when none was.
-func (d *Disk) fetchAhead(first, end int64) bool {
+// end) that are neither present nor being fetched, if a GET slot is free,
+// and counts a fetch it starts in started (if not nil). It reports false
+// when no slot was free.
+func (d *Disk) fetchAhead(first, end int64, started *atomic.Int64) bool {
 	for first < end && d.s.state(first)&kindMask != absent {
 		first++
 	}
@@ -83,10 +85,12 @@ func (d *Disk) fetchAhead(first, end int64) bool {
 		d.sem.Release(1)
 		return true
 	}
-	end, st := d.claim(first, end)
+	end, st := d.claim(first, min(end, first+d.maxRun))
 	d.bg.Add(1)
 	d.mu.Unlock()
-	d.stats.readahead.Add(1)
+	if started != nil {
+		started.Add(1)
+	}
 	go func() {
 		defer d.bg.Done()
 		defer d.sem.Release(1)

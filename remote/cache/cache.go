@@ -71,12 +71,28 @@ const (
 	DefaultFetches      = 8
 	DefaultMaxFetch     = 4 << 20
 	DefaultPrefetchRate = 256 << 20
-	commitInterval      = 200 * time.Millisecond
-	commitBytes         = 16 << 20 // fetched bytes that make a commit start early
-	splitMin            = 8        // a read that misses a chunk past its first 1/splitMin gets its own GET (getSplit)
-	splitAlign          = 4096
-	maxPending          = 2 * commitBytes // fetched bytes at most awaiting a commit: new GETs wait
-	prefetchStreams     = 2
+)
+
+const (
+	commitInterval  = 200 * time.Millisecond
+	commitBytes     = 16 << 20        // fetched bytes that make a commit start early
+	maxPending      = 3 * commitBytes // fetched bytes at most not yet resident (a commit marks a batch while the next gathers): new GETs wait
+	splitMin        = 8               // a read that misses a chunk past its first 1/splitMin gets its own GET (getSplit)
+	splitAlign      = 4096
+	splitChunk      = 256 << 10 // chunks smaller than this are fetched whole: a second GET costs more than their transfer
+	storeBatch      = 1 << 20   // fetched chunks are written to the data file this many bytes at a time
+	prefetchStreams = 2
+
+	// A miss that finds crowdMisses others on their way fetches the
+	// whole groupBytes-aligned group around its chunk (with chunks
+	// smaller than that). Many misses at once are a client reading much
+	// of the object at random (a scan, a copy, several guests): the link
+	// bounds it, and whole groups fill the cache in the fewest GETs. A
+	// lone miss is on a client's critical path (a boot reads one small
+	// piece after another): it fetches its own chunk, the fewest bytes
+	// and the shortest transfer.
+	crowdMisses = 4
+	groupBytes  = 1 << 20
 )
 
 // Config configures [Open]. Zero fields take the defaults.
@@ -114,6 +130,7 @@ type Disk struct {
 	n       int64 // chunks
 	limit   int64
 	maxRun  int64 // chunks one GET fetches at most
+	fetches int64 // GETs in flight at most
 	log     *slog.Logger
 	temp    bool // the directory goes at Close: the object had no validator
 	stats   *Stats
@@ -133,9 +150,10 @@ type Disk struct {
 	mu       sync.Mutex
 	inflight map[int64]*fetch // chunks being fetched or fetched and not yet committed
 	pending  []run            // fetched runs not yet committed
-	pendingN int64            // their bytes
-	drained  *sync.Cond       // on mu: a commit took the pending runs
+	pendingN int64            // their bytes, and those of the runs a commit is marking
+	drained  *sync.Cond       // on mu: a commit marked runs
 	resident atomic.Int64     // bytes of present chunks, as this process counts them
+	missing  atomic.Int64     // fetches that reads started (not readahead) on their way
 
 	refs   []atomic.Uint64 // a bit per chunk: read since the clock hand passed
 	pinned []atomic.Uint64 // a bit per chunk: never evicted
@@ -204,10 +222,11 @@ func (f *fetch) finish(err error) {
 }
 
 // A run is fetched chunks [first, first+len(kinds)) waiting to be
-// committed, with the state each gets.
+// committed, with the state each gets, and their bytes.
 type run struct {
 	first int64
 	kinds []uint32
+	bytes int64
 }
 
 // Open opens src through its cache under cfg.Dir, reusing what an earlier
@@ -263,6 +282,7 @@ func Open(src Source, cfg Config) (*Disk, error) {
 		src: src, s: s, id: id, size: size, chunk: chunk, n: n,
 		limit:    cfg.Limit,
 		maxRun:   max(1, cfg.MaxFetch/chunk),
+		fetches:  int64(cfg.Fetches),
 		log:      cfg.Logger,
 		temp:     temp,
 		stats:    newStats(src),
@@ -445,22 +465,33 @@ func (d *Disk) await(first, last, in, need int64) (f *fetch, inMemory, waited bo
 			d.mu.Unlock()
 			return nil, false, false, nil
 		}
-		end, st := d.claim(first, min(last+1, first+d.maxRun))
+		want := min(last+1, first+d.maxRun)
+		lo, hi := d.group(first)
+		crowd := d.missing.Load() >= crowdMisses && hi > first+1
+		if crowd {
+			want = max(want, min(hi, first+d.maxRun))
+		}
+		end, st := d.claim(first, want)
 		f = d.inflight[first]
-		if end == first+1 && in >= d.chunk/splitMin {
+		if end == first+1 && d.chunk >= splitChunk && in >= d.chunk/splitMin {
 			f.split = int(in &^ (splitAlign - 1))
 		}
 		f.st.hold()
 		d.bg.Add(1)
+		d.missing.Add(1)
 		d.mu.Unlock()
 		// The GET goes on in the background once the bytes this read
 		// needs are in: the rest of the run may be read next.
 		go func() {
 			defer d.bg.Done()
+			defer d.missing.Add(-1)
 			d.sem.Acquire(context.Background(), 1) // cannot fail: no deadline
 			d.fetchRun(d.demand, st, first, end)
 			d.sem.Release(1)
 		}()
+		if crowd && lo < first {
+			d.fetchAhead(lo, first, nil) // the group's head, if a GET slot is free
+		}
 		waited = true
 	} else {
 		f.st.hold()
@@ -478,6 +509,14 @@ func (d *Disk) await(first, last, in, need int64) (f *fetch, inMemory, waited bo
 	}
 	<-f.done
 	return f, false, waited, f.err
+}
+
+// group returns the chunks [lo, hi) of the fill group holding chunk i:
+// the groupBytes-aligned span a crowd of misses fetches whole.
+func (d *Disk) group(i int64) (lo, hi int64) {
+	per := max(1, groupBytes/d.chunk)
+	lo = i &^ (per - 1)
+	return lo, min(lo+per, d.n)
 }
 
 func isClosed(c chan struct{}) bool {
@@ -589,19 +628,24 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 		}
 		st.cond.Broadcast()
 		st.mu.Unlock()
-		for i := first + int64(len(kinds)); i < end; i++ {
-			lo := (i - first) * d.chunk
-			hi := min(lo+d.chunk, n)
-			if hi > int64(upto) {
-				return
-			}
-			k, err := d.store(i, p[lo:hi], sums[i-first])
-			if err != nil {
-				d.fail(i, end, err)
-				end = i
-				return
-			}
-			kinds = append(kinds, k)
+		// Store the chunks that have arrived whole, a batch at a time
+		// (readers take their bytes from the buffer meanwhile).
+		from := first + int64(len(kinds))
+		to := min(first+int64(upto)/d.chunk, end)
+		if int64(upto) == n {
+			to = end
+		}
+		if to <= from || to < end && (to-from)*d.chunk < storeBatch {
+			return
+		}
+		ks, err := d.store(from, p[(from-first)*d.chunk:min((to-first)*d.chunk, n)], sums[from-first:to-first])
+		if err != nil {
+			d.fail(from, end, err)
+			end = from
+			return
+		}
+		kinds = append(kinds, ks...)
+		for i := from; i < to; i++ {
 			fs[i-first].finish(nil)
 		}
 	}
@@ -612,7 +656,7 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 	got := int64(len(kinds))
 	d.stats.fetched.Add(min(got*d.chunk, n))
 	if got > 0 {
-		d.addPending(run{first, kinds}, got*d.chunk)
+		d.addPending(run{first, kinds, got * d.chunk})
 	}
 	if first+got < end {
 		if err == nil {
@@ -647,9 +691,9 @@ func (d *Disk) getSplit(ctx context.Context, i int64, f *fetch) {
 	err := d.src.Fetch(ctx, f.buf[:f.split], i*d.chunk, arrived(&f.filled))
 	tail.Wait()
 	d.stats.observe(time.Since(start))
-	var k uint32
+	var kinds []uint32
 	if err = errors.Join(err, tailErr); err == nil {
-		k, err = d.store(i, f.buf, crc32.Checksum(f.buf, castagnoli))
+		kinds, err = d.store(i, f.buf, []uint32{crc32.Checksum(f.buf, castagnoli)})
 	}
 	if err != nil {
 		d.fail(i, i+1, err)
@@ -657,15 +701,15 @@ func (d *Disk) getSplit(ctx context.Context, i int64, f *fetch) {
 	}
 	d.stats.fetched.Add(int64(len(f.buf)))
 	f.finish(nil)
-	d.addPending(run{i, []uint32{k}}, int64(len(f.buf)))
+	d.addPending(run{i, kinds, int64(len(f.buf))})
 }
 
 // addPending enters fetched chunks for the next commit, and wakes the
 // committer early once many wait.
-func (d *Disk) addPending(r run, n int64) {
+func (d *Disk) addPending(r run) {
 	d.mu.Lock()
 	d.pending = append(d.pending, r)
-	d.pendingN += n
+	d.pendingN += r.bytes
 	early := d.pendingN >= commitBytes
 	d.mu.Unlock()
 	if early {
@@ -676,17 +720,46 @@ func (d *Disk) addPending(r run, n int64) {
 	}
 }
 
-// store writes one fetched chunk into the data file (a hole when it is
-// all zeroes) and its CRC-32C, sum, and returns the state it gets at
-// commit.
-func (d *Disk) store(i int64, b []byte, sum uint32) (uint32, error) {
-	d.s.setSum(i, sum)
-	off := i * d.chunk
-	if diskserve.IsZero(b) {
-		// The file may hold bytes of a fetch cut short by a crash.
-		return zero, d.s.punch(off, int64(len(b)))
+// store writes fetched chunks from first on, whose bytes are b, into the
+// data file with their CRC-32Cs, sums, and returns the state each gets at
+// commit. Chunks of data that follow each other go in one write; a chunk
+// of zeroes becomes a hole.
+func (d *Disk) store(first int64, b []byte, sums []uint32) ([]uint32, error) {
+	kinds := make([]uint32, len(sums))
+	for j, sum := range sums {
+		d.s.setSum(first+int64(j), sum)
+		kinds[j] = present
+		if diskserve.IsZero(d.chunkOf(b, j)) {
+			kinds[j] = zero
+		}
 	}
-	return present, d.s.writeChunk(b, off)
+	for j := 0; j < len(kinds); {
+		off := (first + int64(j)) * d.chunk
+		if kinds[j] == zero {
+			// The file may hold bytes of a fetch cut short by a crash.
+			if err := d.s.punch(off, int64(len(d.chunkOf(b, j)))); err != nil {
+				return nil, err
+			}
+			j++
+			continue
+		}
+		k := j + 1
+		for k < len(kinds) && kinds[k] == present {
+			k++
+		}
+		lo := int64(j) * d.chunk
+		if err := d.s.writeChunk(b[lo:min(int64(k)*d.chunk, int64(len(b)))], off); err != nil {
+			return nil, err
+		}
+		j = k
+	}
+	return kinds, nil
+}
+
+// chunkOf returns the bytes of the j-th chunk of b, a run of chunks.
+func (d *Disk) chunkOf(b []byte, j int) []byte {
+	lo := int64(j) * d.chunk
+	return b[lo:min(lo+d.chunk, int64(len(b)))]
 }
 
 // fail ends the claimed chunks [first, end) with err: their waiters get
@@ -731,16 +804,16 @@ func (d *Disk) committer() {
 func (d *Disk) commit() error {
 	d.mu.Lock()
 	runs := d.pending
-	d.pending, d.pendingN = nil, 0
-	d.drained.Broadcast()
+	d.pending = nil
 	d.mu.Unlock()
 	if len(runs) == 0 {
 		return nil
 	}
 	err := unix.Fdatasync(int(d.s.data.Fd()))
-	var added int64
+	var added, committed int64
 	for _, r := range runs {
 		end := r.first + int64(len(r.kinds))
+		committed += r.bytes
 		if err == nil {
 			for j, k := range r.kinds {
 				i := r.first + int64(j)
@@ -760,11 +833,23 @@ func (d *Disk) commit() error {
 	}
 	d.resident.Add(added)
 	d.stats.cached.Store(d.resident.Load())
-	if d.limit > 0 && d.resident.Load() > d.limit {
+	if d.limit > 0 && d.resident.Load()+d.uncommitted() > d.limit {
 		d.evict()
 	}
+	// Only now do the runs stop counting as pending: until they are
+	// resident and room is made, new GETs must not take their room.
+	d.mu.Lock()
+	d.pendingN -= committed
+	d.drained.Broadcast()
+	d.mu.Unlock()
 	return err
 }
+
+// uncommitted bounds the bytes of fetched chunks in the data file that are
+// not yet committed, and so not counted as resident: those awaiting a
+// commit (new GETs wait past maxPending of them) and what the GETs in
+// flight bring meanwhile.
+func (d *Disk) uncommitted() int64 { return maxPending + d.fetches*d.maxRun*d.chunk }
 
 // chunkLen is the length of chunk i: chunk, or less for the last one.
 func (d *Disk) chunkLen(i int64) int64 { return min(d.chunk, d.size-i*d.chunk) }
@@ -791,7 +876,9 @@ func (d *Disk) Pin(off, n int64) {
 }
 
 // evict drops chunks, least recently read first (an approximation: a
-// clock over read bits), until the cache holds at most 90% of its limit.
+// clock over read bits), until the cache holds at most 90% of its limit
+// less what may arrive before the next commit, so that the data file
+// never holds more than the limit.
 // Chunks another process is fetching, or reading through a shared lock,
 // are passed by.
 func (d *Disk) evict() {
@@ -805,7 +892,7 @@ func (d *Disk) evict() {
 			resident += d.chunkLen(i)
 		}
 	}
-	target := d.limit / 10 * 9
+	target := max(0, d.limit/10*9-d.uncommitted())
 	for scanned := int64(0); resident > target && scanned < 2*d.n; scanned++ {
 		i := d.hand
 		d.hand = (d.hand + 1) % d.n

@@ -220,14 +220,16 @@ func TestConcurrentReaders(t *testing.T) {
 	}
 }
 
-// TestSplitMiss reads 4 KiB near the end of an absent chunk: the chunk
-// comes in two GETs, and the read returns while the one for the chunk's
-// head is held back. The chunk is then cached whole, its sum right.
+// TestSplitMiss reads 4 KiB near the end of an absent chunk of 256 KiB:
+// the chunk comes in two GETs, and the read returns while the one for the
+// chunk's head is held back. The chunk is then cached whole, its sum
+// right.
 func TestSplitMiss(t *testing.T) {
-	src := newSource(8*chunk, 7)
+	const c = 4 * chunk // chunks smaller than 256 KiB are fetched whole
+	src := newSource(8*c, 7)
 	src.heads = make(chan struct{})
-	d := open(t, src, cache.Config{Dir: t.TempDir()})
-	off := int64(3*chunk + 50000)
+	d := open(t, src, cache.Config{Dir: t.TempDir(), ChunkSize: c})
+	off := int64(3*c + 50000)
 	p := make([]byte, 4096)
 	read := make(chan error, 1)
 	go func() {
@@ -250,17 +252,59 @@ func TestSplitMiss(t *testing.T) {
 	var got [][2]int64
 	src.mu.Lock()
 	for _, r := range src.requests {
-		if r[0] >= 3*chunk && r[0] < 4*chunk {
+		if r[0] >= 3*c && r[0] < 4*c {
 			got = append(got, r)
 		}
 	}
 	src.mu.Unlock()
 	slices.SortFunc(got, func(a, b [2]int64) int { return int(b[0] - a[0]) })
-	if want := [][2]int64{{3*chunk + 49152, chunk - 49152}, {3 * chunk, 49152}}; !slices.Equal(got, want) {
+	if want := [][2]int64{{3*c + 49152, c - 49152}, {3 * c, 49152}}; !slices.Equal(got, want) {
 		t.Errorf("requests for chunk 3 %v, want %v", got, want)
 	}
 	if bad, err := cache.Verify(d.Dir()); err != nil || len(bad) != 0 {
 		t.Errorf("verify: %v %v", bad, err)
+	}
+}
+
+// TestCrowdFetchesGroups misses chunks of five 1 MiB groups at once, one
+// after another: the first four misses, with fewer than four others on
+// their way, fetch their own 64 KiB chunk; the fifth, in a crowd, fetches
+// the whole group around its chunk, in a GET from its chunk to the
+// group's end and one for the group's head.
+func TestCrowdFetchesGroups(t *testing.T) {
+	const group = 1 << 20 / chunk // chunks per group
+	src := newSource(8*group*chunk, 8)
+	src.gate = make(chan struct{})
+	d := open(t, src, cache.Config{Dir: t.TempDir()})
+	var wg sync.WaitGroup
+	for g := range int64(5) {
+		i := g*group + g // a chunk inside group g
+		wg.Go(func() {
+			p := make([]byte, 4096)
+			if _, err := d.ReadAt(p, i*chunk); err != nil || !bytes.Equal(p, src.data[i*chunk:i*chunk+4096]) {
+				t.Errorf("read chunk %d: %v", i, err)
+			}
+		})
+		for deadline := time.Now().Add(10 * time.Second); src.fetches.Load() <= g; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("miss %d started no fetch", g)
+			}
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // the fifth miss's head fetch, if it were to wait
+	close(src.gate)
+	wg.Wait()
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	src.mu.Lock()
+	got := slices.Clone(src.requests)
+	src.mu.Unlock()
+	slices.SortFunc(got, func(a, b [2]int64) int { return int(a[0] - b[0]) })
+	want := [][2]int64{{0, chunk}, {(group + 1) * chunk, chunk}, {(2*group + 2) * chunk, chunk}, {(3*group + 3) * chunk, chunk},
+		{4 * group * chunk, 4 * chunk}, {(4*group + 4) * chunk, (group - 4) * chunk}}
+	if !slices.Equal(got, want) {
+		t.Errorf("requests %v, want %v", got, want)
 	}
 }
 

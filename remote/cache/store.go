@@ -324,13 +324,21 @@ func syncDir(dir string) error {
 // lengths.
 const directAlign = aligned.Align
 
-// writeChunk writes b at off: with O_DIRECT where the file system takes
-// it and b is a whole number of aligned blocks, else through the page
-// cache.
+// writeChunk writes b at off: its whole aligned blocks with O_DIRECT where
+// the file system takes it and b and off are aligned, the rest (the
+// object's last bytes) through the page cache.
 func (s *store) writeChunk(b []byte, off int64) error {
-	if s.direct != nil && len(b)%directAlign == 0 && off%directAlign == 0 && uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign == 0 {
-		_, err := s.direct.WriteAt(b, off)
-		return err
+	if s.direct != nil && off%directAlign == 0 && uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign == 0 {
+		n := len(b) &^ (directAlign - 1)
+		if n > 0 {
+			if _, err := s.direct.WriteAt(b[:n], off); err != nil {
+				return err
+			}
+		}
+		b, off = b[n:], off+int64(n)
+		if len(b) == 0 {
+			return nil
+		}
 	}
 	_, err := s.data.WriteAt(b, off)
 	return err
