@@ -291,7 +291,6 @@ func TestCrowdFetchesGroups(t *testing.T) {
 			}
 		}
 	}
-	time.Sleep(50 * time.Millisecond) // the fifth miss's head fetch, if it were to wait
 	close(src.gate)
 	wg.Wait()
 	if err := d.Close(); err != nil {
