@@ -638,13 +638,13 @@ func (d *Disk) get(ctx context.Context, first, end int64) {
 		if to <= from || to < end && (to-from)*d.chunk < storeBatch {
 			return
 		}
-		ks, err := d.store(from, p[(from-first)*d.chunk:min((to-first)*d.chunk, n)], sums[from-first:to-first])
+		var err error
+		kinds, err = d.store(kinds, from, p[(from-first)*d.chunk:min((to-first)*d.chunk, n)], sums[from-first:to-first])
 		if err != nil {
 			d.fail(from, end, err)
 			end = from
 			return
 		}
-		kinds = append(kinds, ks...)
 		for i := from; i < to; i++ {
 			fs[i-first].finish(nil)
 		}
@@ -693,7 +693,7 @@ func (d *Disk) getSplit(ctx context.Context, i int64, f *fetch) {
 	d.stats.observe(time.Since(start))
 	var kinds []uint32
 	if err = errors.Join(err, tailErr); err == nil {
-		kinds, err = d.store(i, f.buf, []uint32{crc32.Checksum(f.buf, castagnoli)})
+		kinds, err = d.store(nil, i, f.buf, []uint32{crc32.Checksum(f.buf, castagnoli)})
 	}
 	if err != nil {
 		d.fail(i, i+1, err)
@@ -721,35 +721,37 @@ func (d *Disk) addPending(r run) {
 }
 
 // store writes fetched chunks from first on, whose bytes are b, into the
-// data file with their CRC-32Cs, sums, and returns the state each gets at
-// commit. Chunks of data that follow each other go in one write; a chunk
-// of zeroes becomes a hole.
-func (d *Disk) store(first int64, b []byte, sums []uint32) ([]uint32, error) {
-	kinds := make([]uint32, len(sums))
+// data file with their CRC-32Cs, sums, and appends to kinds the state each
+// gets at commit. Chunks of data that follow each other go in one write; a
+// chunk of zeroes becomes a hole. On an error kinds comes back as given.
+func (d *Disk) store(kinds []uint32, first int64, b []byte, sums []uint32) ([]uint32, error) {
+	given := len(kinds)
 	for j, sum := range sums {
 		d.s.setSum(first+int64(j), sum)
-		kinds[j] = present
+		k := uint32(present)
 		if diskserve.IsZero(d.chunkOf(b, j)) {
-			kinds[j] = zero
+			k = zero
 		}
+		kinds = append(kinds, k)
 	}
-	for j := 0; j < len(kinds); {
+	added := kinds[given:]
+	for j := 0; j < len(added); {
 		off := (first + int64(j)) * d.chunk
-		if kinds[j] == zero {
+		if added[j] == zero {
 			// The file may hold bytes of a fetch cut short by a crash.
 			if err := d.s.punch(off, int64(len(d.chunkOf(b, j)))); err != nil {
-				return nil, err
+				return kinds[:given], err
 			}
 			j++
 			continue
 		}
 		k := j + 1
-		for k < len(kinds) && kinds[k] == present {
+		for k < len(added) && added[k] == present {
 			k++
 		}
 		lo := int64(j) * d.chunk
 		if err := d.s.writeChunk(b[lo:min(int64(k)*d.chunk, int64(len(b)))], off); err != nil {
-			return nil, err
+			return kinds[:given], err
 		}
 		j = k
 	}
